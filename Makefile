@@ -1,0 +1,121 @@
+# projkd pipeline: teacher pretraining -> distillation for each pair, method and seed -> tables, all files.
+# Every knob is in params.mk and can be overridden on the command line (make cifar-all EPOCHS=2 SEEDS=1).
+# `make help` lists the targets; `make -n cifar-all` prints the whole plan, each command in full.
+#
+#   $(TEACHERS)/<arch>.pt                          teacher checkpoint; one that exists is used as is
+#   $(RUNS)/<arch>/ce-seed<N>/                     a model trained alone: a teacher, or the Student row
+#   $(RUNS)/<teacher>-<student>/<method>-seed<N>/  a distillation run (pefd-q2-seed1: an ablation variant)
+#   $(RESULTS)/<dataset>.md, .csv, ablations.md   the tables
+# A run is finished when its metrics.json exists. Every run is started with --resume, so an interrupted
+# make continues interrupted runs from their last.pt and redoes nothing that finished.
+include params.mk
+
+# Full-length runs live where projkd.py puts them by default; other lengths get folders of their own.
+TAG := $(DATASET)$(if $(filter 240,$(EPOCHS)),,-e$(EPOCHS))
+RUNS := runs/$(TAG)
+TEACHERS := checkpoints/$(TAG)
+RESULTS := results$(if $(filter cifar100,$(TAG)),,/$(TAG))
+# Stamp of `pip install -r requirements.txt` into $(PY), and the data every cifar100 run needs.
+DEPS := .deps-installed
+DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)
+RUN := $(PY) projkd.py --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
+
+.DELETE_ON_ERROR:
+# Teacher checkpoints and runs can be intermediates of the tables: Make must never delete them. (Not a
+# blanket .SECONDARY:, under which a deleted run would not be redone while the tables are up to date.)
+.PRECIOUS: $(TEACHERS)/%.pt $(RUNS)/%/metrics.json
+.SECONDEXPANSION:
+.PHONY: help cifar-all teachers pair ablations tables smoke test clean
+
+# --- names: what a path says about its run -----------------------------------------------------------
+teacher_of = $(word 1,$(subst :, ,$1))
+student_of = $(word 2,$(subst :, ,$1))
+pair_dir = $(call teacher_of,$1)-$(call student_of,$1)
+# A run's stem (its path under $(RUNS)) is <teacher>-<student>/<method>[-<variant>...]-seed<N> or <arch>/ce-seed<N>.
+stem_pair = $(firstword $(subst /, ,$1))
+stem_words = $(subst -, ,$(lastword $(subst /, ,$1)))
+stem_teacher = $(if $(findstring -,$(call stem_pair,$1)),$(firstword $(subst -, ,$(call stem_pair,$1))))
+stem_student = $(lastword $(subst -, ,$(call stem_pair,$1)))
+stem_method = $(firstword $(call stem_words,$1))
+stem_seed = $(patsubst seed%,%,$(lastword $(call stem_words,$1)))
+stem_variant = $(filter-out $(call stem_method,$1) seed%,$(call stem_words,$1))
+# Variant words as projkd.py names them (run_name): qN, depthN, or an activation.
+variant_flags = $(foreach v,$1,$(if $(filter q%,$v),--q $(v:q%=%),$(if $(filter depth%,$v),--proj-depth $(v:depth%=%),--proj-act $v)))
+
+# --- what each target needs ------------------------------------------------------------------------------
+TEACHER_ARCHS = $(sort $(foreach p,$(PAIRS),$(call teacher_of,$p)))
+STUDENT_ARCHS = $(sort $(foreach p,$(PAIRS),$(call student_of,$p)))
+# The Student row: one ce run per student architecture and seed, shared by the pairs with that student.
+student_runs = $(if $(filter ce,$(METHODS)),$(foreach a,$1,$(foreach s,$(SEEDS),$(RUNS)/$a/ce-seed$s/metrics.json)))
+pair_runs = $(foreach p,$1,$(foreach m,$(filter-out ce,$(METHODS)),$(foreach s,$(SEEDS),$(RUNS)/$(call pair_dir,$p)/$m-seed$s/metrics.json)))
+ablation_runs = $(foreach p,$1,$(foreach v,pefd $(addprefix pefd-,$(ABLATION_VARIANTS)),$(foreach s,$(SEEDS),$(RUNS)/$(call pair_dir,$p)/$v-seed$s/metrics.json)))
+MAIN_RUNS = $(call student_runs,$(STUDENT_ARCHS)) $(call pair_runs,$(PAIRS))
+TABLES = $(RESULTS)/$(DATASET).md $(RESULTS)/$(DATASET).csv
+
+## help: list the targets
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
+
+## cifar-all: everything for the paper's Table 4 -> $(RESULTS)/$(DATASET).md and .csv
+cifar-all: $(MAIN_RUNS) $(TABLES)
+
+## teachers: pretrain the teachers of PAIRS (a checkpoint that exists is kept)
+teachers: $(foreach a,$(TEACHER_ARCHS),$(TEACHERS)/$a.pt)
+
+## pair T=vgg13 S=vgg8: every method and seed of one pair
+pair:
+	@test -n "$(T)" -a -n "$(S)" || { echo "usage: make pair T=<teacher> S=<student>" >&2; exit 2; }
+	$(MAKE) $(call student_runs,$(S)) $(call pair_runs,$(T):$(S))
+
+## ablations: number, depth and activation of the projectors on ABLATION_PAIRS -> $(RESULTS)/ablations.md
+ablations: $(RESULTS)/ablations.md
+
+## tables: write the tables from whatever has finished so far (unfinished runs show as missing); trains nothing
+tables: | $(RESULTS) $(DEPS)
+	$(PY) tables.py --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)"
+	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $(RESULTS)/ablations.md
+
+## smoke: the whole chain (teacher, students, every method, 2 seeds, 3 ablations, tables) on generated data on the CPU
+smoke:
+	OMP_NUM_THREADS=1 $(MAKE) -j2 cifar-all ablations DATASET=synthetic EPOCHS=2 SEEDS="1 2" DEVICE=cpu \
+	  PAIRS=resnet20:resnet8 ABLATION_PAIRS=resnet20:resnet8 ABLATION_VARIANTS="q0 depth2 gelu" \
+	  EXTRA="--synthetic-size 512 --batch-size 32"
+
+## test: install requirements.txt into $(PY) if needed, then run the test suite (CPU)
+test: | $(DEPS)
+	$(PY) -m pytest -q test_projkd.py
+
+## clean: remove the smoke pipeline's files (runs/synthetic*, ...); real runs are only removed by hand
+clean:
+	rm -rf runs/synthetic* checkpoints/synthetic* results/synthetic* .pytest_cache __pycache__
+
+# --- rules ---------------------------------------------------------------------------------------------
+
+# One pattern rule with two targets: a single run of its recipe writes both. (Naming the runs in an explicit
+# rule too, as cifar-all does, keeps Make from treating them as intermediates that need not exist.)
+$(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) | $(RESULTS) $(DEPS)
+	$(PY) tables.py --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv"
+
+$(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) | $(RESULTS) $(DEPS)
+	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@
+
+# A teacher checkpoint that exists is used as is (RepDistiller's, say: README); otherwise it is the model.pt
+# of that architecture's ce run with TEACHER_SEED.
+$(TEACHERS)/%.pt: $$(if $$(wildcard $$@),,$(RUNS)/%/ce-seed$(TEACHER_SEED)/metrics.json) | $(TEACHERS)
+	cp $(RUNS)/$*/ce-seed$(TEACHER_SEED)/model.pt $@.tmp
+	mv $@.tmp $@
+
+# Every run, from its stem; a distillation run depends on its teacher's checkpoint.
+$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $(DEPS) $(DATA)
+	$(RUN) $(if $(call stem_teacher,$*),--teacher $(call stem_teacher,$*) --teacher-ckpt $(TEACHERS)/$(call stem_teacher,$*).pt) --student $(call stem_student,$*) --method $(call stem_method,$*) $(call variant_flags,$(call stem_variant,$*)) --seed $(call stem_seed,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
+
+# Only where the data is missing: torchvision's download of the official archive (needs internet).
+$(DATA_DIR)/cifar-100-python/test: | $(DEPS)
+	$(PY) -c "import projkd; projkd.load_cifar100('$(DATA_DIR)', download=True)"
+
+$(DEPS): requirements.txt
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(TEACHERS) $(RESULTS):
+	mkdir -p $@

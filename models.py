@@ -1,0 +1,400 @@
+"""CIFAR model zoo for projkd: VGG, ResNet (CIFAR and ResNet50), WideResNet, MobileNetV2, ShuffleNet V1/V2.
+
+These reproduce RepDistiller's CIFAR zoo (github.com/HobbitLong/RepDistiller, models/): the same state_dict
+key names, order, shapes and forward computation, so its teacher checkpoints (`<arch>_vanilla/ckpt_epoch_240.pth`,
+`torch.load(...)['model']`) load unchanged with `load_state_dict(..., strict=True)`. Each architecture also uses
+RepDistiller's own weight initialisation, so training from scratch reproduces the published accuracies.
+
+Every model follows one interface that projkd.py relies on:
+- forward(x) returns logits only;
+- the classifier is the last nn.Linear in module order, and its input is the pooled penultimate feature;
+- `map_layer` names the submodule whose output is the last stage's activation map (the tap used by
+  similarity-preserving KD), for `model.get_submodule(model.map_layer)`.
+
+Global pooling is a mean over H and W. On 32x32 inputs this equals RepDistiller's fixed-size avg_pool2d
+(up to float rounding), and unlike it, it also works on other input sizes.
+"""
+from collections import OrderedDict
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# shared building blocks
+
+def conv_bn(cin, cout, kernel_size=1, stride=1, groups=1, bias=False, relu=False):
+    """Conv -> BN (-> ReLU) as a list of layers, so callers can splice them into one flat nn.Sequential and
+    keep RepDistiller's integer key names (block0.0, block0.1, conv.3, ...)."""
+    layers = [nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias),
+              nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU(inplace=True)] if relu else layers
+
+
+def projection(cin, cout, stride):
+    """1x1 conv + BN shortcut where the residual changes shape, identity otherwise (no keys, like
+    RepDistiller's `None` / empty nn.Sequential)."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(*conv_bn(cin, cout, 1, stride))
+
+
+def stage(block, cin, cout, n, stride):
+    """n blocks; the first one changes width and resolution."""
+    return nn.Sequential(block(cin, cout, stride), *(block(cout, cout, 1) for _ in range(n - 1)))
+
+
+def channel_shuffle(x, groups):
+    # [N, C, H, W] -> [N, g, C/g, H, W] -> swap the two channel axes -> [N, C, H, W]
+    return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
+
+
+def init_weights(model, linear_std=None, zero_linear_bias=False):
+    """RepDistiller's He init: convs ~ N(0, 2 / (k*k*out_channels)) (kaiming_normal_, fan_out) with zero bias.
+    BatchNorm's PyTorch default (weight 1, bias 0) is what RepDistiller sets explicitly. The Linear is left at
+    the PyTorch default unless asked otherwise, because that differs between RepDistiller's files."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0.0, linear_std)
+            if zero_linear_bias:
+                nn.init.zeros_(m.bias)
+
+
+# -----------------------------------------------------------------------------
+# VGG with BatchNorm (RepDistiller's vgg*_bn): five conv blocks, no FC layers but the classifier
+
+VGG_CFGS = {
+    8: [[64], [128], [256], [512], [512]],
+    11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+    13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+    16: [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],
+    19: [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512], [512, 512, 512, 512]],
+}
+
+
+class VGG(nn.Module):
+    map_layer = "block4"
+
+    def __init__(self, cfg, num_classes=100):
+        super().__init__()
+        # RepDistiller drops each block's final ReLU from the Sequential and applies it in forward. Keeping it
+        # in the block changes no key (it is last and has no parameters) and makes block4's output the map.
+        def block(cin, widths):
+            layers = []
+            for w in widths:
+                layers += conv_bn(cin, w, 3, bias=True, relu=True)
+                cin = w
+            return nn.Sequential(*layers)
+
+        cins = [3] + [widths[-1] for widths in cfg[:-1]]
+        self.block0, self.block1, self.block2, self.block3, self.block4 = map(block, cins, cfg)
+        self.pool = nn.MaxPool2d(2)
+        self.classifier = nn.Linear(512, num_classes)
+        init_weights(self, linear_std=0.01, zero_linear_bias=True)
+
+    def forward(self, x):
+        x = self.pool(self.block0(x))
+        x = self.pool(self.block1(x))
+        x = self.pool(self.block2(x))
+        x = self.block4(self.block3(x))  # no pooling between block3 and block4 on CIFAR: both run at 4x4
+        return self.classifier(x.mean((2, 3)))
+
+
+# -----------------------------------------------------------------------------
+# ResNets: RepDistiller's CIFAR resnet.py (resnet8..110, resnet8x4/32x4) and resnetv2.py (ResNet50)
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = projection(cin, cout, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet, depth 6n+2, three stages at 32, 16 and 8 pixels."""
+    map_layer = "layer3"
+
+    def __init__(self, depth, widths, num_classes=100):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.layer1 = stage(BasicBlock, widths[0], widths[1], n, 1)
+        self.layer2 = stage(BasicBlock, widths[1], widths[2], n, 2)
+        self.layer3 = stage(BasicBlock, widths[2], widths[3], n, 2)
+        self.fc = nn.Linear(widths[3], num_classes)
+        init_weights(self)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        mid = cout // 4
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut = projection(cin, cout, stride)  # resnetv2.py calls it `shortcut`, resnet.py `downsample`
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    """ImageNet-width bottleneck ResNet with a 3x3 stride-1 stem and no max-pool, four stages down to 4x4.
+    RepDistiller's zero_init_residual flag defaults to False and its ResNet50 never sets it, so it is omitted."""
+    map_layer = "layer4"
+
+    def __init__(self, num_classes=100, depths=(3, 4, 6, 3)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = stage(Bottleneck, 64, 256, depths[0], 1)
+        self.layer2 = stage(Bottleneck, 256, 512, depths[1], 2)
+        self.layer3 = stage(Bottleneck, 512, 1024, depths[2], 2)
+        self.layer4 = stage(Bottleneck, 1024, 2048, depths[3], 2)
+        self.linear = nn.Linear(2048, num_classes)
+        init_weights(self)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.linear(x.mean((2, 3)))
+
+
+# -----------------------------------------------------------------------------
+# Wide ResNet (pre-activation blocks), depth 6n+4
+
+class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.convShortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        # a projection shortcut takes the pre-activated input, an identity shortcut the raw one
+        shortcut = x if self.convShortcut is None else self.convShortcut(out)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return shortcut + out
+
+
+class WideResNet(nn.Module):
+    # the map is block3's raw output: the final bn1 + ReLU belong to the head, as in RepDistiller's features
+    map_layer = "block3"
+
+    def __init__(self, depth, widen, num_classes=100):
+        super().__init__()
+        n = (depth - 4) // 6
+        w = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        # RepDistiller wraps each stage in a module whose only child is `layer`, hence keys "block1.layer.0..."
+        self.block1, self.block2, self.block3 = (
+            nn.Sequential(OrderedDict(layer=stage(WideBlock, w[i], w[i + 1], n, 1 if i == 0 else 2)))
+            for i in range(3))
+        self.bn1 = nn.BatchNorm2d(w[3])
+        self.fc = nn.Linear(w[3], num_classes)
+        init_weights(self, zero_linear_bias=True)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(F.relu(self.bn1(x)).mean((2, 3)))
+
+
+# -----------------------------------------------------------------------------
+# MobileNetV2 (RepDistiller's mobile_half: expansion 6, width 0.5)
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        self.residual = stride == 1 and cin == cout
+        # the expansion conv is kept even when expand == 1, as in RepDistiller (keys conv.0 ... conv.7)
+        self.conv = nn.Sequential(*conv_bn(cin, mid, relu=True),
+                                  *conv_bn(mid, mid, 3, stride, groups=mid, relu=True),
+                                  *conv_bn(mid, cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    map_layer = "blocks.6"  # the last inverted-residual stage (linear bottleneck output, not ReLU'd)
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),  # expansion, width, blocks, stride
+                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, num_classes=100, width=0.5):
+        super().__init__()
+        cin = int(32 * width)
+        self.conv1 = nn.Sequential(*conv_bn(3, cin, 3, 2, relu=True))
+        self.blocks = nn.ModuleList()
+        for t, c, n, s in self.SETTINGS:
+            self.blocks.append(stage(partial(InvertedResidual, expand=t), cin, int(c * width), n, s))
+            cin = int(c * width)
+        last = max(1280, int(1280 * width))  # the head never shrinks below 1280 channels
+        self.conv2 = nn.Sequential(*conv_bn(cin, last, relu=True))
+        self.classifier = nn.Sequential(nn.Linear(last, num_classes))  # a Sequential: the key is classifier.0
+        init_weights(self, linear_std=0.01, zero_linear_bias=True)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(self.conv2(x).mean((2, 3)))
+
+
+# -----------------------------------------------------------------------------
+# ShuffleNet V1 (groups 3) and V2 (1x). RepDistiller leaves both at PyTorch's default init.
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, cin, cout, stride, groups):
+        super().__init__()
+        self.stride = stride
+        branch = cout - cin if stride == 2 else cout  # stride-2 units concatenate the pooled input
+        mid = branch // 4
+        # no grouped 1x1 conv on the 24-channel stem output (as in the paper and RepDistiller)
+        self.groups1 = 1 if cin == 24 else groups
+        self.conv1 = nn.Conv2d(cin, mid, 1, groups=self.groups1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, branch, 1, groups=groups, bias=False)
+        self.bn3 = nn.BatchNorm2d(branch)
+
+    def forward(self, x):
+        out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.groups1)
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.stride == 2:
+            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
+        return F.relu(out + x)
+
+
+class ShuffleNetV1(nn.Module):
+    map_layer = "layer3"
+
+    def __init__(self, num_classes=100, widths=(240, 480, 960), depths=(4, 8, 4), groups=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)  # 1x1 stem, no downsampling on CIFAR
+        self.bn1 = nn.BatchNorm2d(24)
+        unit = partial(ShuffleUnit, groups=groups)
+        self.layer1 = stage(unit, 24, widths[0], depths[0], 2)
+        self.layer2 = stage(unit, widths[0], widths[1], depths[1], 2)
+        self.layer3 = stage(unit, widths[1], widths[2], depths[2], 2)
+        self.linear = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(x.mean((2, 3)))
+
+
+class SplitUnit(nn.Module):
+    """V2 basic unit: half the channels pass through, the other half go through the branch."""
+
+    def __init__(self, channels):
+        super().__init__()
+        c = channels // 2
+        self.conv1 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, 1)
+        out = F.relu(self.bn1(self.conv1(x2)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return channel_shuffle(torch.cat([x1, out], 1), 2)
+
+
+class DownUnit(nn.Module):
+    """V2 stride-2 unit: two branches on the full input, each giving half the output channels."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        self.conv1 = nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False)  # left branch
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv2 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(cin, mid, 1, bias=False)  # right branch
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = F.relu(self.bn3(self.conv3(x)))
+        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
+        return channel_shuffle(torch.cat([left, right], 1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+    map_layer = "layer3"  # before the 1x1 head conv2
+
+    def __init__(self, num_classes=100, widths=(116, 232, 464, 1024), depths=(3, 7, 3)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        # each stage is a DownUnit followed by `depth` SplitUnits (depth + 1 units in all)
+        self.layer1, self.layer2, self.layer3 = (
+            nn.Sequential(DownUnit(cin, cout), *(SplitUnit(cout) for _ in range(n)))
+            for cin, cout, n in zip((24,) + widths[:2], widths[:3], depths))
+        self.conv2 = nn.Conv2d(widths[2], widths[3], 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(widths[3])
+        self.linear = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.linear(x.mean((2, 3)))
+
+
+# -----------------------------------------------------------------------------
+# architecture name (as in RepDistiller's model_dict) -> constructor(num_classes=100)
+
+_CIFAR_WIDTHS, _X4_WIDTHS = (16, 16, 32, 64), (32, 64, 128, 256)
+
+MODELS = {
+    **{f"vgg{d}": partial(VGG, VGG_CFGS[d]) for d in VGG_CFGS},
+    **{f"resnet{d}": partial(ResNet, d, _CIFAR_WIDTHS) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": partial(ResNet, 8, _X4_WIDTHS),
+    "resnet32x4": partial(ResNet, 32, _X4_WIDTHS),
+    "ResNet50": ResNet50,
+    **{f"wrn_{d}_{w}": partial(WideResNet, d, w) for d, w in ((16, 1), (16, 2), (40, 1), (40, 2))},
+    "MobileNetV2": MobileNetV2,
+    "ShuffleV1": ShuffleNetV1,
+    "ShuffleV2": ShuffleNetV2,
+}

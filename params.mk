@@ -1,0 +1,39 @@
+# Every knob of the pipeline, one comment each. Override any of them on the command line:
+#   make cifar-all EPOCHS=2 SEEDS=1        make -j4 cifar-all DEVICE=cuda:1
+# (Comments sit above the values: a trailing comment would put spaces into the value.)
+
+# The Python that runs projkd.py (the one `make install` filled from requirements.txt).
+PY ?= python3
+
+# Teacher:student pairs of the paper's CIFAR-100 Table 4, the columns of results/cifar100.md.
+PAIRS ?= wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2
+
+# Methods per pair (projkd.py --method): the paper's PEFD, the baselines, and ce, the Student row.
+METHODS ?= pefd kd sp crd ce
+
+# Seeds of every student run; the tables report mean ± std over them.
+SEEDS ?= 1 2 3
+
+# Seed of each teacher's pretraining (one teacher per architecture, shared by all its pairs).
+TEACHER_SEED ?= 1
+
+# Training epochs of every run, teachers included (the paper: 240). Other values get their own
+# runs/, checkpoints/ and results/ folders (suffix -e<EPOCHS>), so a short trial never mixes with real runs.
+EPOCHS ?= 240
+
+# cifar100, or synthetic (generated data; `make smoke` uses it).
+DATASET ?= cifar100
+
+# Folder holding cifar-100-python/{train,test} (see README: how to get CIFAR-100).
+DATA_DIR ?= data
+
+# Where runs execute: auto (CUDA if present, else CPU), cuda, cuda:N, cpu.
+DEVICE ?= auto
+
+# Pairs and projector variants of the ablations (paper Figures 3 and 4, Table 5): q0 = no projector
+# (MDA on the raw student feature), qN = N projectors, depthN = N layers each, gelu/none = activation.
+ABLATION_PAIRS ?= vgg13:vgg8 resnet32x4:resnet8x4
+ABLATION_VARIANTS ?= q0 q1 q2 q4 depth2 depth3 depth4 gelu none
+
+# Further projkd.py options for every run, e.g. EXTRA="--amp fp16" or EXTRA="--compile".
+EXTRA ?=

@@ -1,0 +1,213 @@
+"""Result tables from run directories: the paper's Table 4 layout, and its projector ablations.
+
+    python tables.py --runs runs/cifar100 --out results/cifar100.md        # Teacher/Student/KD/SP/CRD-lite/PEFD
+    python tables.py --runs runs/cifar100 --out results/cifar100.csv       # the same numbers, one row per cell
+    python tables.py --kind ablations --pairs "vgg13:vgg8 resnet32x4:resnet8x4" --out results/ablations.md
+
+The Makefile calls these; run them by hand to see a table of whatever has finished so far. Each cell is the
+mean ± sample std over the seeds whose run has finished, with n; a cell without any finished run says
+"missing", never 0. Runs are found where projkd.py puts them by default (projkd.run_path).
+"""
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from projkd import UserError, cli_help, parse_args, run_name, run_path, save_text
+
+
+@dataclass
+class TableConfig:
+    runs: str = "runs/cifar100"  # the folder that holds the run directories (make's RUNS)
+    pairs: str = "wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2"  # teacher:student columns
+    methods: str = "ce kd sp crd pefd"  # rows of the main table, besides the teacher
+    variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD itself (make's ABLATION_VARIANTS)
+    seeds: str = "1 2 3"  # the seeds every cell should have
+    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4 and Table 5: projector number, depth, activation)
+    out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
+
+
+ROW_NAMES = {"teacher": "Teacher", "ce": "Student", "kd": "KD", "sp": "SP", "crd": "CRD-lite", "pefd": "PEFD"}
+# The paper's top-1 (%) as (mean, std); Table 4, and Table 5 for the activations. Its CRD is full CRD.
+PAPER = {
+    "wrn_40_2:wrn_16_2": {"teacher": (75.61, None), "ce": (73.22, 0.13), "kd": (74.92, 0.28), "sp": (73.83, 0.12),
+                          "crd": (75.48, 0.09), "pefd": (76.02, 0.10)},
+    "vgg13:vgg8": {"teacher": (74.64, None), "ce": (70.74, 0.31), "kd": (72.98, 0.19), "sp": (72.68, 0.19),
+                   "crd": (73.94, 0.22), "pefd": (74.35, 0.12), "pefd-gelu": (74.39, 0.18), "pefd-none": (73.46, 0.42)},
+    "resnet32x4:resnet8x4": {"teacher": (79.42, None), "ce": (72.93, 0.28), "kd": (73.33, 0.25), "sp": (72.94, 0.23),
+                             "crd": (75.51, 0.18), "pefd": (76.08, 0.33), "pefd-gelu": (76.32, 0.27),
+                             "pefd-none": (75.04, 0.37)},
+    "ResNet50:vgg8": {"teacher": (79.34, None), "ce": (70.74, 0.31), "kd": (73.81, 0.13), "sp": (73.34, 0.34),
+                      "crd": (74.30, 0.14), "pefd": (74.58, 0.22)},
+    "ResNet50:MobileNetV2": {"teacher": (79.34, None), "ce": (65.03, 0.09), "kd": (67.35, 0.32), "sp": (68.08, 0.38),
+                             "crd": (69.11, 0.28), "pefd": (69.81, 0.42)},
+}
+
+
+def ablation_rows(variants):
+    """(label, projector options) per ablation row, in the paper's order: number of projectors (q0 = none: MDA
+    on the raw student feature), then depth, then activation. Variant words are those of run_name: q2, depth3, gelu."""
+    rows = [("q=3 (PEFD)", {})]
+    for word in variants.split():
+        if word.startswith("q") and word[1:].isdigit():
+            rows.append(("no projector" if word == "q0" else f"q={word[1:]}", {"q": int(word[1:])}))
+        elif word.startswith("depth") and word[5:].isdigit():
+            rows.append((f"depth {word[5:]}", {"proj_depth": int(word[5:])}))
+        elif word in ("gelu", "none", "relu"):
+            rows.append(({"gelu": "GELU", "none": "no activation", "relu": "ReLU"}[word], {"proj_act": word}))
+        else:
+            raise UserError(f"unknown ablation variant {word!r}; use qN, depthN, gelu or none")
+    order = ("q", "proj_depth", "proj_act")
+    return sorted(rows, key=lambda r: next((i for i, k in enumerate(order) if k in r[1]), 0) * 100
+                  + r[1].get("q", 3) + r[1].get("proj_depth", 0))
+
+
+def summarize(values):
+    """mean, sample std (None for fewer than 2 values) and n; mean None for no values: missing, never 0."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pairs(tc):
+    pairs = tc.pairs.split()
+    bad = [p for p in pairs if p.count(":") != 1]
+    if bad:
+        raise UserError(f"--pairs takes teacher:student words, e.g. vgg13:vgg8; got {' '.join(bad)}")
+    return pairs
+
+
+def collect(tc):
+    """Every cell of the table as a row: (table, row, pair) with the summary of our runs and the paper's value."""
+    seeds = tc.seeds.split()
+    cells, found = [], []
+    for pair in _pairs(tc):
+        teacher, student = pair.split(":")
+        if tc.kind == "main":
+            rows = [(r, ROW_NAMES[r], [run_path(tc.runs, teacher, student, r, s) for s in seeds])
+                    for r in ROW_NAMES if r in tc.methods.split()]  # in the paper's row order
+        else:
+            rows = [(run_name("pefd", **variant), label, [run_path(tc.runs, teacher, student, "pefd", s, **variant)
+                                                          for s in seeds]) for label, variant in ablation_rows(tc.variants)]
+        runs = {key: [m for m in map(read_metrics, dirs) if m is not None] for key, _, dirs in rows}
+        found += [m for ms in runs.values() for m in ms]
+        if tc.kind == "main":
+            # The teacher row is the checkpoint the pair's students were distilled from, as they measured it.
+            teacher_top1 = [m["teacher_top1"] for ms in runs.values() for m in ms if m.get("teacher_top1") is not None]
+            for table in ("last", "best"):
+                cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_top1[:1]),
+                              "paper": PAPER.get(pair, {}).get("teacher")})
+        for key, label, _ in rows:
+            for table, metric in [("last", "last_top1"), ("best", "best_top1")] + \
+                    [("cosine", "between_class_cosine")] * (tc.kind == "ablations"):
+                paper = PAPER.get(pair, {}).get(key) if table != "cosine" else None
+                cells.append({"table": table, "row": label, "pair": pair,
+                              **summarize([m[metric] for m in runs[key]]), "paper": paper})
+    return cells, found
+
+
+def _fmt(mean, std, n=None, digits=2):
+    if mean is None:
+        return "missing"
+    text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return text + (f" (n={n})" if n is not None else "")
+
+
+def conditions(found):
+    """What the numbers were measured with, read from the runs themselves."""
+    def values(get):
+        return ", ".join(sorted({str(get(m)) for m in found})) or "–"
+    return (f"epochs: {values(lambda m: m['epochs'])}; dataset: {values(lambda m: m['config']['dataset'])}; "
+            f"devices: {values(lambda m: m['device'])}; torch: {values(lambda m: m['torch'])}; "
+            f"code: {values(lambda m: m['code'])}; finished runs: {len(found)}")
+
+
+TITLES = {
+    "last": "Top-1 accuracy (%) at the last epoch",
+    "best": "Top-1 accuracy (%) at the best epoch (chosen on the test set: optimistic, shown for comparison)",
+    "cosine": "Between-class cosine similarity of the student's penultimate features (lower is more separable)",
+}
+
+
+def render_markdown(tc, cells, found):
+    pairs = _pairs(tc)
+    heading = "Distillation results" if tc.kind == "main" else "Projector ablations (PEFD)"
+    lines = [f"# {heading}: `{tc.runs}`", "",
+             f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
+             f"'paper' = the PEFD paper's value (Table 4{', Table 5' if tc.kind == 'ablations' else ''}); "
+             "its CRD column is full CRD, ours CRD-lite.", "", conditions(found), ""]
+    for table in [t for t in ("last", "best", "cosine") if any(c["table"] == t for c in cells)]:
+        with_paper = table != "cosine"
+        lines += [f"## {TITLES[table]}", ""]
+        header = ["", *(f"{p.replace(':', ' → ')}{' | paper' if with_paper else ''}" for p in pairs)]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * (1 + len(pairs) * (2 if with_paper else 1)))
+        labels = list(dict.fromkeys(c["row"] for c in cells if c["table"] == table))
+        for label in labels:
+            row = [label]
+            for pair in pairs:
+                c = next(c for c in cells if c["table"] == table and c["row"] == label and c["pair"] == pair)
+                digits = 4 if table == "cosine" else 2
+                row.append(_fmt(c["mean"], c["std"], c["n"] if label != "Teacher" else None, digits))
+                if with_paper:
+                    row.append(_fmt(*c["paper"]) if c["paper"] else "–")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_csv(cells):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["table", "row", "teacher", "student", "mean", "std", "n", "paper_mean", "paper_std"])
+    for c in cells:
+        teacher, student = c["pair"].split(":")
+        paper = c["paper"] or (None, None)
+        writer.writerow([c["table"], c["row"], teacher, student, *("" if v is None else round(v, 4) for v in
+                         (c["mean"], c["std"])), c["n"], *("" if v is None else v for v in paper)])
+    return out.getvalue()
+
+
+def write_tables(tc):
+    if tc.kind not in ("main", "ablations"):
+        raise UserError(f"unknown --kind {tc.kind!r}; choose main or ablations")
+    bad = [path for path in tc.out.split() if not path.endswith((".md", ".csv"))]
+    if bad:
+        raise UserError(f"--out {bad[0]!r} must end in .md or .csv")
+    cells, found = collect(tc)
+    if not tc.out:
+        print(render_markdown(tc, cells, found))
+    for path in tc.out.split():
+        text = render_csv(cells) if path.endswith(".csv") else render_markdown(tc, cells, found)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save_text(text, path)
+        missing = sum(c["n"] == 0 for c in cells)
+        print(f"wrote {path} from {len(found)} finished runs" + (f"; {missing} cells missing" if missing else ""))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(cli_help(TableConfig, __doc__, "python tables.py [--option value ...]"))
+        return 0
+    try:
+        write_tables(parse_args(argv, TableConfig))
+    except UserError as e:
+        print(f"tables: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

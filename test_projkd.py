@@ -1,0 +1,627 @@
+"""Tests for projkd.py and models.py. CPU only, seconds each: python -m pytest -q"""
+import csv
+import importlib.util
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import projkd
+from models import MODELS
+from projkd import (CRDLite, ProjectorEnsemble, UserError, crop_flip, features_and_logits, kd_loss, load_cifar100,
+                    mda_loss, sp_loss)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+COMPAT = os.path.join(HERE, "testdata", "repdistiller")
+# The two smallest architectures keep the end-to-end runs at a few seconds on two CPU cores.
+SMALL_TEACHER, SMALL_STUDENT = "resnet20", "resnet8"
+
+
+# --- losses, against hand-computed values -------------------------------------------------------------------
+
+def test_mda_loss_hand_computed():
+    f = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    # cos = 1 and 1/sqrt(2): loss = 1 - (1 + 0.70710678) / 2
+    assert mda_loss(f, t).item() == pytest.approx(1 - (1 + 2 ** -0.5) / 2, abs=1e-6)
+    assert mda_loss(5 * f, 0.1 * t).item() == pytest.approx(mda_loss(f, t).item(), abs=1e-6)  # directions only
+    assert mda_loss(-t, t).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_mda_loss_is_float32_and_finite_at_zero_vectors():
+    f = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+    loss = mda_loss(f, t)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)  # cos 0 for the zero row, 1 for the other
+    assert torch.isfinite(f.grad).all()
+    assert mda_loss(f.detach().bfloat16(), t.bfloat16()).dtype == torch.float32
+
+
+def test_kd_loss_hand_computed():
+    T = 2.0
+    student = torch.zeros(1, 2)
+    teacher = torch.tensor([[T * math.log(3.0), 0.0]])  # softmax(t / T) = (0.75, 0.25)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kd_loss(student, teacher, T=T).item() == pytest.approx(kl * T * T, rel=1e-5)
+    # averaged over the batch: a second, perfectly matched row halves it
+    both = kd_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]), T=T)
+    assert both.item() == pytest.approx(kl * T * T / 2, rel=1e-5)
+
+
+def test_sp_loss_hand_computed():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 1, 1, 2)  # Gram = I
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(2, 1, 1, 2)  # Gram rows normalise to (1, 1)/sqrt(2)
+    r = 2 ** -0.5
+    expected = 2 * ((1 - r) ** 2 + r ** 2) / 4
+    assert sp_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    assert sp_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # maps of different widths and spatial sizes compare fine: only the b x b similarities matter
+    assert sp_loss(torch.randn(4, 8, 2, 2), torch.randn(4, 3, 4, 4)).shape == ()
+
+
+def crd_reference_loss(anchor, positive, negatives, log_z, T, n_data=50000):
+    """CRD's eq. 18 written as CRD writes it: P = exp(v.u/T) / Z with Z = exp(log_z) * n_data, noise 1/n_data."""
+    m = negatives.shape[0]
+    p_pos = torch.exp((anchor * positive).sum(1) / T) / (math.exp(log_z) * n_data)
+    p_neg = torch.exp(anchor @ negatives.t() / T) / (math.exp(log_z) * n_data)
+    pn = 1.0 / n_data
+    log_d1 = torch.log(p_pos / (p_pos + m * pn))
+    log_d0 = torch.log(m * pn / (p_neg + m * pn))
+    return -(log_d1.sum() + log_d0.sum()) / anchor.shape[0]
+
+
+def test_crd_lite_matches_crd_nce_and_updates_its_queue():
+    torch.manual_seed(0)
+    crd = CRDLite(6, 10, dim=4, negatives=5, T=0.5)
+    queue_s, queue_t = crd.queue_student.clone(), crd.queue_teacher.clone()
+    fs, ft = torch.randn(3, 6, requires_grad=True), torch.randn(3, 10)
+    loss = crd(fs, ft)
+    v_s = F.normalize(crd.embed_student(fs), dim=1).detach()
+    v_t = F.normalize(crd.embed_teacher(ft), dim=1).detach()
+    # Z is CRD's: the mean of exp(logit) over the first batch's scores, per anchor side
+    for side, (anchor, pos, queue) in enumerate([(v_t, v_s, queue_s), (v_s, v_t, queue_t)]):
+        logits = torch.cat([(anchor * pos).sum(1, keepdim=True), anchor @ queue.t()], 1) / crd.T
+        assert crd.log_z[side].item() == pytest.approx(torch.exp(logits).mean().log().item(), rel=1e-5)
+    expected = (crd_reference_loss(v_t, v_s, queue_s, crd.log_z[0].item(), crd.T)
+                + crd_reference_loss(v_s, v_t, queue_t, crd.log_z[1].item(), crd.T))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    assert fs.grad.abs().sum() > 0 and crd.embed_student.weight.grad.abs().sum() > 0
+    # the batch went into the queue slots 0..2, the pointer moved on and wraps around
+    assert torch.allclose(crd.queue_student[:3], v_s) and torch.equal(crd.queue_student[3:], queue_s[3:])
+    assert crd.queue_next.item() == 3
+    z_before = crd.log_z.clone()
+    crd(torch.randn(3, 6), torch.randn(3, 10))
+    assert crd.queue_next.item() == 1 and torch.equal(crd.log_z, z_before)  # Z is fixed after the first batch
+
+
+# --- projector ensemble ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("act,depth", [("relu", 1), ("gelu", 2), ("none", 3)])
+def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
+    torch.manual_seed(0)
+    ens = ProjectorEnsemble(8, 5, q=3, act=act, depth=depth)
+    s = torch.randn(4, 8)
+    out = ens(s)
+    assert out.shape == (4, 5)
+    by_hand = torch.stack([ens.projector(k)(s) for k in range(3)]).mean(0)
+    assert torch.allclose(out, by_hand, atol=1e-6)
+    projectors = [ens.projector(k) for k in range(3)]
+    assert len(projectors[0]) == 2 * depth and isinstance(projectors[0][1], projkd.PROJECTOR_ACTIVATIONS[act])
+    assert not torch.equal(projectors[0][0].weight, projectors[1][0].weight)  # independently initialised
+
+
+def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
+    torch.manual_seed(7)
+    ens = ProjectorEnsemble(6, 4, q=2, depth=2)
+    torch.manual_seed(7)
+    stacks = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()) for _ in range(2)]
+    for k, stack in enumerate(stacks):
+        for ours, theirs in zip(ens.projector(k).state_dict().values(), stack.state_dict().values()):
+            assert torch.equal(ours, theirs)
+    assert [tuple(p.shape) for p in ens.parameters()] == [(2, 4, 6), (2, 4, 4), (2, 4), (2, 4)]
+
+
+def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
+    assert (ProjectorEnsemble(8, 5)(torch.randn(16, 8)) >= 0).all()
+    with pytest.raises(ValueError):
+        ProjectorEnsemble(8, 5, q=0)
+    with pytest.raises(ValueError):
+        ProjectorEnsemble(8, 5, act="tanh")
+
+
+def test_gradients_reach_student_and_projectors_but_not_the_teacher():
+    torch.manual_seed(0)
+    cfg, _ = projkd.resolve_config(projkd.Config(teacher=SMALL_TEACHER, student=SMALL_STUDENT, device="cpu"))
+    student = MODELS[SMALL_STUDENT](num_classes=10)
+    teacher = MODELS[SMALL_TEACHER](num_classes=10).eval().requires_grad_(False)
+    aux = projkd.build_aux(cfg, 64, 64)
+    student_taps, teacher_taps = projkd.Taps(student), projkd.Taps(teacher)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits = student(x)
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    loss = projkd.method_loss(cfg, aux, student_taps, logits, teacher_taps, teacher_logits, y)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher_taps.feature.requires_grad
+
+
+# --- feature taps ---------------------------------------------------------------------------------------------
+
+def test_features_and_logits_on_a_torchvision_model():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feature, logits = features_and_logits(model, x)
+    assert feature.shape == (2, 512) and logits.shape == (2, 7)
+    assert torch.allclose(model.fc(feature), logits, atol=1e-6)
+    assert not model.fc._forward_pre_hooks  # the hook is gone afterwards
+
+
+def test_between_class_cosine_hand_computed():
+    sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
+    # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
+    assert projkd.between_class_cosine(sums) == pytest.approx(2 * 2 ** -0.5 / 3, rel=1e-9)
+
+
+# --- RepDistiller compatibility: every architecture against the fixtures --------------------------------------
+
+def _fill():
+    spec = importlib.util.spec_from_file_location("compat_fill", os.path.join(COMPAT, "fill.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fill
+
+
+@pytest.fixture(scope="module")
+def compat():
+    with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
+        spec = json.load(f)
+    ref = torch.load(os.path.join(COMPAT, "repdistiller_ref_seed1.pt"), weights_only=True)
+    return spec, ref["ref"], _fill()
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", json.load(open(os.path.join(COMPAT, "repdistiller_spec.json"))))
+def test_architecture_matches_the_repdistiller_zoo(arch, compat):
+    spec, ref, fill = compat
+    model = MODELS[arch](num_classes=100)
+    ours = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    assert ours == spec[arch]  # names, order, shapes, dtypes
+    sd = fill(spec[arch], 1)
+    sd.update(ref[arch]["bn_buffers"])
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    taps = projkd.Taps(model, model.map_layer)
+    with torch.no_grad():
+        logits = model(ref[arch]["input"])
+    taps.remove()
+    assert _rel_err(logits, ref[arch]["logits"]) < 1e-4
+    assert _rel_err(taps.feature, ref[arch]["pooled"]) < 1e-4
+    assert _rel_err(taps.map, ref[arch]["map"]) < 1e-4
+
+
+def test_every_architecture_takes_num_classes_and_channels_last():
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for arch, build in MODELS.items():
+        model = build(num_classes=10).to(memory_format=torch.channels_last)
+        feature, logits = features_and_logits(model, x)
+        assert logits.shape == (2, 10), arch
+        assert feature.shape == (2, projkd.classifier_of(model).in_features), arch
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def write_cifar_pickles(root, n_train=200, n_test=100, bytes_keys=True, seed=0):
+    """A small data set in the official cifar-100-python layout (pickled dicts; the official archive was
+    written by Python 2, so its keys read back as bytes)."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [i % 100 for i in range(n)]
+        d = {"data": data, "fine_labels": labels, "coarse_labels": [lab // 5 for lab in labels],
+             "filenames": [f"img{i}.png" for i in range(n)], "batch_label": split}
+        if bytes_keys:
+            d = {k.encode(): v for k, v in d.items()}
+        with open(os.path.join(folder, split), "wb") as f:
+            pickle.dump(d, f, protocol=2)
+        out[split] = (data, labels)
+    return out
+
+
+@pytest.mark.parametrize("bytes_keys", [True, False])
+def test_load_cifar100_reads_the_official_layout(tmp_path, bytes_keys):
+    written = write_cifar_pickles(tmp_path, bytes_keys=bytes_keys)
+    train_x, train_y, test_x, test_y = load_cifar100(str(tmp_path))
+    assert train_x.shape == (200, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert test_x.shape == (100, 3, 32, 32) and test_y.dtype == torch.int64
+    # pixel (c, h, w) of image i is data[i, c * 1024 + h * 32 + w]: channel-major rows, as in the archive
+    data, labels = written["train"]
+    assert train_x[5, 1, 2, 3].item() == data[5, 1 * 1024 + 2 * 32 + 3]
+    assert train_y.tolist() == labels
+
+
+def test_load_cifar100_missing_says_where_it_looked(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "cifar-100-python")):
+        load_cifar100(str(tmp_path))
+
+
+def test_load_cifar100_refuses_pickles_that_run_code(tmp_path):
+    write_cifar_pickles(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({"data": Evil()}, f)
+    with pytest.raises(UserError, match="unexpected object"):
+        load_cifar100(str(tmp_path))
+
+
+def test_crop_flip_offsets_padding_and_flips():
+    g = torch.Generator().manual_seed(0)
+    dy, dx, flip = projkd.augmentation_draws(10000, g)
+    assert dy.min() == 0 and dy.max() == 8 and dx.min() == 0 and dx.max() == 8  # every offset occurs
+    assert 0.45 < flip.float().mean() < 0.55
+    images = torch.randint(1, 256, (3, 3, 32, 32), dtype=torch.uint8)  # no zero pixels of their own
+    same = torch.tensor([4, 4, 4])
+    no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    assert torch.equal(crop_flip(images, same, same, no), images)  # the centre crop is the image
+    assert torch.equal(crop_flip(images, same, same, yes), images.flip(3))
+    corner = crop_flip(images, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), no)
+    assert (corner[:, :, :4, :] == 0).all() and (corner[:, :, :, :4] == 0).all()  # zero padding
+    assert torch.equal(corner[:, :, 4:, 4:], images[:, :, :28, :28])
+    # against a per-image reference: pad, slice, flip
+    dy, dx, flip = projkd.augmentation_draws(3, g)
+    out = crop_flip(images, dy, dx, flip)
+    for i in range(3):
+        ref = F.pad(images[i], (4, 4, 4, 4))[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], ref.flip(2) if flip[i] else ref)
+
+
+def test_synthetic_data_is_deterministic_and_balanced():
+    a = projkd.make_synthetic(200, 10)
+    b = projkd.make_synthetic(200, 10)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert a[0].shape == (200, 3, 32, 32) and a[0].dtype == torch.uint8
+    assert torch.bincount(a[1]).tolist() == [20] * 10
+
+
+def test_lr_schedule_steps_after_the_milestones():
+    cfg = projkd.Config(lr=0.05)
+    lrs = [projkd.lr_at(cfg, e) for e in (0, 149, 150, 179, 180, 210, 239)]
+    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
+
+
+# --- CLI: options and errors ---------------------------------------------------------------------------------
+
+def test_parse_args_types_flags_and_spellings():
+    cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth", "2",
+                             "--deterministic", "--no-resume"])
+    assert (cfg.student, cfg.epochs, cfg.kd_T, cfg.proj_depth, cfg.deterministic, cfg.resume) == \
+        ("vgg8", 3, 2.5, 2, True, False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--studnet", "vgg8"], "unknown option --studnet (did you mean --student?)"),
+    (["--epochs", "ten"], "--epochs expects int, got 'ten'"),
+    (["--epochs"], "--epochs needs a value"),
+    (["vgg8"], "unexpected argument 'vgg8'"),
+    (["--deterministic=maybe"], "is a flag"),
+])
+def test_parse_args_errors(argv, message):
+    with pytest.raises(UserError, match=re_escape(message)):
+        projkd.parse_args(argv)
+
+
+def re_escape(text):
+    import re
+    return re.escape(text)
+
+
+def synthetic_args(tmp_path, *extra):
+    return ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "32", "--epochs", "1",
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--student", "vgg99", "--method", "ce"], "unknown architecture 'vgg99' for --student"),
+    (["--student", "vgg8", "--method", "fitnet"], "unknown --method 'fitnet'"),
+    (["--student", "vgg8"], "--method pefd needs --teacher"),
+    (["--student", "vgg8", "--method", "ce", "--epochs", "0"], "--epochs must be positive"),
+    (["--student", "vgg8", "--method", "ce", "--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--student", "vgg8", "--method", "ce", "--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--student", "vgg8", "--method", "ce", "--amp", "fp8"], "unknown --amp 'fp8'"),
+    (["--student", "vgg8", "--method", "ce", "--lr-decay-epochs", "150;180"], "--lr-decay-epochs must be"),
+    (["--student", "vgg8", "--teacher", "vgg13", "--proj-act", "tanh"], "unknown --proj-act 'tanh'"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    assert projkd.main(synthetic_args(tmp_path, "--run-dir", str(run_dir), *argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("projkd: error: ") and message in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+# --- CLI end to end -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def synthetic_teacher(tmp_path_factory):
+    """A small teacher trained with --method ce on synthetic data through the CLI."""
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    args = ["--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--epochs", "3",
+            "--device", "cpu", "--deterministic", "--student", SMALL_TEACHER, "--method", "ce", "--run-dir", str(run_dir)]
+    assert projkd.main(args) == 0
+    return run_dir
+
+
+def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
+    files = sorted(os.listdir(synthetic_teacher))
+    assert files == ["last.pt", "log.csv", "metrics.json", "model.pt"]  # and no temporary leftovers
+    metrics = json.loads((synthetic_teacher / "metrics.json").read_text())
+    for key in ("config", "seed", "best_top1", "last_top1", "best_top5", "last_top5", "history", "wall_seconds",
+                "images_per_s", "device", "torch", "code", "between_class_cosine"):
+        assert key in metrics, key
+    assert metrics["config"]["lr"] == 0.05 and metrics["config"]["student"] == SMALL_TEACHER
+    assert len(metrics["history"]) == 3 and metrics["last_top1"] == metrics["history"][-1]["test_top1"]
+    assert metrics["last_top1"] > 30  # learnable: 10 classes, chance is 10%
+    rows = list(csv.DictReader(open(synthetic_teacher / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
+    MODELS[SMALL_TEACHER](num_classes=10).load_state_dict(state, strict=True)  # plain state_dict, nothing else
+
+
+@pytest.mark.parametrize("method", ["pefd", "kd", "sp", "crd"])
+def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsys):
+    run_dir = tmp_path / method
+    args = synthetic_args(tmp_path, "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", method,
+                          "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--run-dir", str(run_dir),
+                          "--crd-negatives", "64", "--synthetic-size", "512")  # the teacher's data set
+    assert projkd.main(args) == 0
+    out = capsys.readouterr().out
+    teacher_top1 = json.loads((synthetic_teacher / "metrics.json").read_text())["last_top1"]
+    assert f"test top-1 {teacher_top1:.2f}%" in out  # the teacher's accuracy is announced before distilling
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    MODELS[SMALL_STUDENT](num_classes=10).load_state_dict(state, strict=True)  # no projectors or embeddings
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and (len(last["aux"]) > 0) == (method in ("pefd", "crd"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["teacher_top1"] == pytest.approx(teacher_top1)
+    assert math.isfinite(metrics["history"][0]["train_loss"])
+
+
+def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher, capsys):
+    """RepDistiller's {'model': state_dict} with DataParallel's 'module.' prefixes loads like our model.pt."""
+    state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
+    repdistiller_style = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": {"module." + k: v for k, v in state.items()}, "accuracy": 1.0},
+               repdistiller_style)
+    teacher = projkd.load_teacher(SMALL_TEACHER, str(repdistiller_style), 10)
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", "no teacher checkpoint at"),
+    ("corrupt", "cannot read teacher checkpoint"),
+    ("wrong_arch", "does not fit resnet20 with 10 classes"),
+    ("not_a_state_dict", "holds no state_dict"),
+])
+def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsys, problem, message):
+    path = tmp_path / "teacher.pt"
+    if problem == "corrupt":
+        path.write_bytes((synthetic_teacher / "model.pt").read_bytes()[:1000])
+    elif problem == "wrong_arch":
+        torch.save(MODELS["resnet8"](num_classes=10).state_dict(), path)
+    elif problem == "not_a_state_dict":
+        torch.save({"model": [1, 2, 3]}, path)
+    run_dir = tmp_path / "run"
+    args = synthetic_args(tmp_path, "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
+                          "--teacher-ckpt", str(path), "--run-dir", str(run_dir))
+    assert projkd.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (run_dir / "model.pt").exists()
+
+
+def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert projkd.main(synthetic_args(tmp_path, "--teacher", "vgg13", "--student", "vgg8")) == 2
+    err = capsys.readouterr().err
+    assert os.path.join("checkpoints", "synthetic", "vgg13.pt") in err and "--method ce" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = synthetic_args(tmp_path, "--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir))
+    assert projkd.main(args) == 0
+    assert projkd.main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert projkd.main(args + ["--resume", "--method", "kd", "--teacher", SMALL_TEACHER]) == 2
+    assert "holds a run with other settings (teacher" in capsys.readouterr().err
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher):
+    common = synthetic_args(tmp_path, "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
+                            "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--method", "crd",
+                            "--crd-negatives", "64", "--lr-decay-epochs", "1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert projkd.main(common + ["--epochs", "2", "--run-dir", str(straight)]) == 0
+    assert projkd.main(common + ["--epochs", "1", "--run-dir", str(resumed)]) == 0  # as if killed after epoch 1
+    os.remove(resumed / "model.pt")
+    os.remove(resumed / "metrics.json")
+    assert projkd.main(common + ["--epochs", "2", "--run-dir", str(resumed), "--resume"]) == 0
+    for name in ("model.pt", "last.pt"):
+        a = torch.load(straight / name, weights_only=True)
+        b = torch.load(resumed / name, weights_only=True)
+        if name == "last.pt":  # projectors/embeddings, the CRD queue and the optimizer state too
+            assert all(torch.equal(a["aux"][k], b["aux"][k]) for k in a["aux"])
+            a, b = a["student"], b["student"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    keys = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
+    assert [{k: h[k] for k in keys} for h in ma["history"]] == [{k: h[k] for k in keys} for h in mb["history"]]
+
+
+def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "projkd.py"), "--student", "nope", "--method", "ce"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; choose one of "
+                                     + ", ".join(MODELS))
+    assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
+
+
+def test_importing_projkd_has_no_side_effects(tmp_path):
+    code = "import os, sys; sys.path.insert(0, sys.argv[1]); import projkd; print(sorted(os.listdir('.')))"
+    result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "[]" and result.stderr == ""
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
+    assert projkd.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    import dataclasses
+    for f in dataclasses.fields(projkd.Config):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "weight of the MDA loss" in out
+
+
+# --- result tables (tables.py) --------------------------------------------------------------------------
+
+def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5):
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
+               "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
+               "config": {"dataset": "cifar100"}}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
+def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
+    import tables
+
+    runs = tmp_path / "runs"
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 70.0, best=71.0, teacher=74.5)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed2", 72.0, best=72.5, teacher=74.5)
+    for seed, acc in ((1, 69.0), (2, 70.0), (3, 71.0)):
+        write_metrics(runs / "vgg8" / f"ce-seed{seed}", acc)  # the Student row: the student trained alone
+    write_metrics(runs / "other-vgg8" / "kd-seed1", 99.0)  # another pair's run must not leak in
+    md, csv_path = tmp_path / "out" / "t.md", tmp_path / "out" / "t.csv"
+    assert tables.main(["--runs", str(runs), "--pairs", "vgg13:vgg8", "--out", f"{md} {csv_path}"]) == 0
+    text = md.read_text()
+    last = text.split("## ")[1]  # the last-epoch table comes first
+    assert "| PEFD | 71.00 ± 1.41 (n=2) | 74.35 ± 0.12 |" in last  # sample std of 70 and 72; the paper beside
+    assert "| Student | 70.00 ± 1.00 (n=3) | 70.74 ± 0.31 |" in last
+    assert "| Teacher | 74.50 | 74.64 |" in last
+    assert "| KD | missing | 72.98 ± 0.19 |" in last and "| SP | missing |" in last
+    assert "| PEFD | 71.75 ± 1.06 (n=2) |" in text.split("## ")[2]  # best epoch: 71 and 72.5
+    rows = list(csv.DictReader(open(csv_path)))
+    kd = next(r for r in rows if r["table"] == "last" and r["row"] == "KD")
+    assert (kd["mean"], kd["std"], kd["n"], kd["paper_mean"]) == ("", "", "0", "72.98")
+    pefd = next(r for r in rows if r["table"] == "last" and r["row"] == "PEFD")
+    assert (float(pefd["mean"]), float(pefd["std"]), pefd["n"]) == (71.0, pytest.approx(1.4142, abs=1e-4), "2")
+
+
+def test_ablation_table_finds_the_variant_runs(tmp_path):
+    import tables
+
+    runs = tmp_path / "runs"
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 74.0, cosine=0.2)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-q0-seed1", 73.0, cosine=0.4)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-depth3-seed1", 72.0)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-gelu-seed1", 74.5)
+    out = tmp_path / "ablations.md"
+    assert tables.main(["--kind", "ablations", "--runs", str(runs), "--pairs", "vgg13:vgg8", "--seeds", "1",
+                        "--variants", "gelu q0 depth3 none", "--out", str(out)]) == 0
+    last, _, cosine = out.read_text().split("## ")[1:]
+    labels = [line.split("|")[1].strip() for line in last.splitlines() if line.startswith("| ") and "→" not in line]
+    assert labels == ["no projector", "q=3 (PEFD)", "depth 3", "GELU", "no activation"]  # the paper's order
+    assert "| no projector | 73.00 (n=1) | – |" in last and "| GELU | 74.50 (n=1) | 74.39 ± 0.18 |" in last
+    assert "| no activation | missing | 73.46 ± 0.42 |" in last
+    assert "| no projector | 0.4000 (n=1) |" in cosine and "| q=3 (PEFD) | 0.2000 (n=1) |" in cosine
+    assert tables.main(["--kind", "ablations", "--variants", "q0 wide"]) == 2
+
+
+# --- the Make pipeline --------------------------------------------------------------------------------
+
+def make(*args, cwd=HERE):
+    return subprocess.run(["make", "--no-print-directory", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_make_plan_for_cifar_all_trains_each_teacher_once():
+    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}").stdout
+    commands = [line for line in plan.splitlines() if "projkd.py" in line]
+    teachers = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
+    assert sorted(t.split("/")[2] for t in teachers) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
+    alone = [c for c in commands if "--method ce" in c]
+    distill = [c for c in commands if "--method ce" not in c]
+    assert len(alone) == 4 + 4 * 3  # 4 teachers; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
+    assert len(distill) == 5 * 4 * 3  # 5 pairs x (pefd kd sp crd) x 3 seeds
+    assert len(set(commands)) == len(commands)
+    # every parameter of the pipeline is spelled out in the echoed command
+    one = next(c for c in distill if "--run-dir runs/cifar100/vgg13-vgg8/pefd-seed2" in c)
+    for flag in ("--dataset cifar100", "--data-dir data", "--device auto", "--epochs 240", "--teacher vgg13",
+                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--student vgg8", "--method pefd", "--seed 2",
+                 "--resume"):
+        assert flag in one
+    assert plan.count("tables.py") == 1 and "results/cifar100.md results/cifar100.csv" in plan
+
+
+def test_make_plan_for_ablations_and_short_runs():
+    plan = make("-n", "ablations", "DEPS=", "DATA=", "EPOCHS=2", "SEEDS=1", f"PY={sys.executable}").stdout
+    runs = [line for line in plan.splitlines() if "projkd.py" in line and "--teacher " in line]
+    assert len(runs) == 2 * 10  # 2 pairs x (PEFD + 9 variants)
+    assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
+    assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
+    assert all("runs/cifar100-e2/" in r and "checkpoints/cifar100-e2/" in r for r in runs)  # apart from real runs
+    assert "results/cifar100-e2/ablations.md" in plan
+
+
+def test_make_pipeline_end_to_end_resumes_and_redoes_nothing(tmp_path):
+    knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
+             "PAIRS=resnet20:resnet8", "METHODS=pefd ce", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt",
+             f"RESULTS={tmp_path}/results", "EXTRA=--synthetic-size 256 --batch-size 32"]
+    first = make("cifar-all", *knobs)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "ckpt" / "resnet20.pt").exists()
+    table = (tmp_path / "results" / "synthetic.md").read_text()
+    assert "| PEFD |" in table and "(n=1)" in table and "missing" not in table.split("## ")[1]
+    assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run again
+    # an interrupted run (last.pt but no metrics.json) is continued, and nothing else is redone
+    pefd = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1"
+    os.remove(pefd / "metrics.json")
+    again = make("cifar-all", *knobs)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("projkd.py") == 1 and f"resuming {pefd} after epoch 1" in again.stdout
+
+
+def test_the_readme_example_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("## PEFD in your own code")[1].split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    projectors = namespace["projectors"]
+    assert all(p.grad is not None for p in projectors.parameters())  # the example's step trained them
