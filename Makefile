@@ -56,7 +56,7 @@ TABLES = $(RESULTS)/$(DATASET).md $(RESULTS)/$(DATASET).csv
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
-## cifar-all: everything for the paper's Table 4 -> $(RESULTS)/$(DATASET).md and .csv
+## cifar-all: everything for the paper's Table 4 -> results/cifar100.md and .csv
 cifar-all: $(MAIN_RUNS) $(TABLES)
 
 ## teachers: pretrain the teachers of PAIRS (a checkpoint that exists is kept)
@@ -67,7 +67,7 @@ pair:
 	@test -n "$(T)" -a -n "$(S)" || { echo "usage: make pair T=<teacher> S=<student>" >&2; exit 2; }
 	$(MAKE) $(call student_runs,$(S)) $(call pair_runs,$(T):$(S))
 
-## ablations: number, depth and activation of the projectors on ABLATION_PAIRS -> $(RESULTS)/ablations.md
+## ablations: number, depth and activation of the projectors on ABLATION_PAIRS -> results/ablations.md
 ablations: $(RESULTS)/ablations.md
 
 ## tables: write the tables from whatever has finished so far (unfinished runs show as missing); trains nothing

@@ -35,6 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -190,8 +191,6 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_pickle(path):
-    import numpy as np  # torch needs numpy for from_numpy; imported here to keep the top light
-
     with open(path, "rb") as f:
         raw = _ArrayUnpickler(f, encoding="bytes").load()
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
@@ -233,8 +232,8 @@ def load_cifar100(root, download=False):
 
 
 def make_synthetic(n_train, num_classes, seed=0):
-    """A small learnable data set of CIFAR shape: each class is a smooth random colour pattern, each image
-    that pattern shifted by up to 2 pixels plus noise. Deterministic in (n_train, num_classes, seed)."""
+    """A small learnable data set of CIFAR shape: each class is a smooth random colour pattern, each image a
+    32-pixel window of it at a random offset of up to 4 pixels, plus noise. Deterministic in its arguments."""
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=36, mode="bilinear",
                              align_corners=False) * 200 + 28

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -46,22 +47,25 @@ PAPER = {
 }
 
 
+ACTIVATION_LABELS = {"relu": "ReLU", "gelu": "GELU", "none": "no activation"}
+
+
 def ablation_rows(variants):
-    """(label, projector options) per ablation row, in the paper's order: number of projectors (q0 = none: MDA
-    on the raw student feature), then depth, then activation. Variant words are those of run_name: q2, depth3, gelu."""
-    rows = [("q=3 (PEFD)", {})]
+    """(label, projector options) per ablation row, in the paper's order: the number of projectors (q0 = none:
+    MDA on the raw student feature), then depth, then activation. The words are run_name's: q2, depth3, gelu."""
+    rows = [("q=3 (PEFD)", {}, (0, 3))]
     for word in variants.split():
-        if word.startswith("q") and word[1:].isdigit():
-            rows.append(("no projector" if word == "q0" else f"q={word[1:]}", {"q": int(word[1:])}))
-        elif word.startswith("depth") and word[5:].isdigit():
-            rows.append((f"depth {word[5:]}", {"proj_depth": int(word[5:])}))
-        elif word in ("gelu", "none", "relu"):
-            rows.append(({"gelu": "GELU", "none": "no activation", "relu": "ReLU"}[word], {"proj_act": word}))
+        if re.fullmatch(r"q\d+", word):
+            n = int(word[1:])
+            rows.append(("no projector" if n == 0 else f"q={n}", {"q": n}, (0, n)))
+        elif re.fullmatch(r"depth\d+", word):
+            n = int(word[5:])
+            rows.append((f"depth {n}", {"proj_depth": n}, (1, n)))
+        elif word in ACTIVATION_LABELS:
+            rows.append((ACTIVATION_LABELS[word], {"proj_act": word}, (2, list(ACTIVATION_LABELS).index(word))))
         else:
             raise UserError(f"unknown ablation variant {word!r}; use qN, depthN, gelu or none")
-    order = ("q", "proj_depth", "proj_act")
-    return sorted(rows, key=lambda r: next((i for i, k in enumerate(order) if k in r[1]), 0) * 100
-                  + r[1].get("q", 3) + r[1].get("proj_depth", 0))
+    return [(label, options) for label, options, _ in sorted(rows, key=lambda row: row[2])]
 
 
 def summarize(values):
