@@ -881,7 +881,7 @@ def train(cfg):
     teacher_forward = (torch.compile(teacher) if cfg.compile else teacher) if teacher is not None else None
 
     def train_step(images, labels):
-        x = normalize(images, mean, std).contiguous(memory_format=memory_format)
+        x = normalize(images, mean, std)  # elementwise: keeps the images' channels_last layout
         with autocast:
             logits = student_forward(x)
             teacher_logits = None
@@ -905,15 +905,18 @@ def train(cfg):
         lr = lr_at(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # The whole epoch is shuffled, cropped and flipped at once, in the memory format the models use: a
+        # step then only slices its batch, with no gather and no layout copy of its own.
         g = epoch_generator(cfg.seed, epoch)
         order = torch.randperm(n_train, generator=g).to(device)
         dy, dx, flip = (t.to(device) for t in augmentation_draws(n_train, g))
+        epoch_images = crop_flip(data["train_x"][order], dy, dx, flip).contiguous(memory_format=memory_format)
+        epoch_labels = data["train_y"][order]
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for step in range(steps):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            images = crop_flip(data["train_x"][idx], dy[idx], dx[idx], flip[idx])
-            loss, n_correct = train_step(images, data["train_y"][idx])
+            batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+            loss, n_correct = train_step(epoch_images[batch], epoch_labels[batch])
             loss_sum += loss
             correct += n_correct
         train_loss = loss_sum.item() / steps  # the epoch's one host sync for training metrics
