@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -330,16 +331,11 @@ def test_parse_args_types_flags_and_spellings():
     (["--deterministic=maybe"], "is a flag"),
 ])
 def test_parse_args_errors(argv, message):
-    with pytest.raises(UserError, match=re_escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         projkd.parse_args(argv)
 
 
-def re_escape(text):
-    import re
-    return re.escape(text)
-
-
-def synthetic_args(tmp_path, *extra):
+def synthetic_args(*extra):
     return ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "32", "--epochs", "1",
             "--device", "cpu", *extra]
 
@@ -357,7 +353,7 @@ def synthetic_args(tmp_path, *extra):
 ])
 def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv, message):
     run_dir = tmp_path / "run"
-    assert projkd.main(synthetic_args(tmp_path, "--run-dir", str(run_dir), *argv)) == 2
+    assert projkd.main(synthetic_args("--run-dir", str(run_dir), *argv)) == 2
     err = capsys.readouterr().err
     assert err.startswith("projkd: error: ") and message in err and err.count("\n") == 1
     assert not run_dir.exists()
@@ -394,7 +390,7 @@ def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
 @pytest.mark.parametrize("method", ["pefd", "kd", "sp", "crd"])
 def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsys):
     run_dir = tmp_path / method
-    args = synthetic_args(tmp_path, "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", method,
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", method,
                           "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--run-dir", str(run_dir),
                           "--crd-negatives", "64", "--synthetic-size", "512")  # the teacher's data set
     assert projkd.main(args) == 0
@@ -410,7 +406,7 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     assert math.isfinite(metrics["history"][0]["train_loss"])
 
 
-def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher, capsys):
+def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     """RepDistiller's {'model': state_dict} with DataParallel's 'module.' prefixes loads like our model.pt."""
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
     repdistiller_style = tmp_path / "ckpt_epoch_240.pth"
@@ -436,7 +432,7 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
     elif problem == "not_a_state_dict":
         torch.save({"model": [1, 2, 3]}, path)
     run_dir = tmp_path / "run"
-    args = synthetic_args(tmp_path, "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
                           "--teacher-ckpt", str(path), "--run-dir", str(run_dir))
     assert projkd.main(args) == 2
     err = capsys.readouterr().err
@@ -446,7 +442,7 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
 
 def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert projkd.main(synthetic_args(tmp_path, "--teacher", "vgg13", "--student", "vgg8")) == 2
+    assert projkd.main(synthetic_args("--teacher", "vgg13", "--student", "vgg8")) == 2
     err = capsys.readouterr().err
     assert os.path.join("checkpoints", "synthetic", "vgg13.pt") in err and "--method ce" in err
     assert not (tmp_path / "runs").exists()
@@ -454,7 +450,7 @@ def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkey
 
 def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = synthetic_args(tmp_path, "--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir))
+    args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir))
     assert projkd.main(args) == 0
     assert projkd.main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
@@ -463,7 +459,7 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher):
-    common = synthetic_args(tmp_path, "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
+    common = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
                             "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--method", "crd",
                             "--crd-negatives", "64", "--lr-decay-epochs", "1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -503,8 +499,7 @@ def test_importing_projkd_has_no_side_effects(tmp_path):
 def test_help_lists_every_option_with_its_comment(capsys):
     assert projkd.main(["--help"]) == 0
     out = capsys.readouterr().out
-    import dataclasses
-    for f in dataclasses.fields(projkd.Config):
+    for f in projkd.dataclasses.fields(projkd.Config):
         assert "--" + f.name.replace("_", "-") in out
     assert "weight of the MDA loss" in out
 
