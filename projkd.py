@@ -641,14 +641,16 @@ def load_teacher(arch, path, num_classes):
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
         raise UserError(f"teacher checkpoint {path} holds no state_dict (expected a dict of tensors or {{'model': ...}})")
     model = MODELS[arch](num_classes=num_classes)
-    result = model.load_state_dict(_strip_prefixes(ckpt), strict=False)
-    mismatched = [k for k, v in _strip_prefixes(ckpt).items()
-                  if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or mismatched:
+    ours, theirs = model.state_dict(), _strip_prefixes(ckpt)
+    # Compared before loading: load_state_dict raises a bare RuntimeError on a shape mismatch, strict or not.
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    misshaped = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if missing or unexpected or misshaped:
         raise UserError(f"teacher checkpoint {path} does not fit {arch} with {num_classes} classes "
-                        f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
-                        f"{len(mismatched)} mis-shaped tensors, e.g. "
-                        f"{(result.missing_keys + result.unexpected_keys + mismatched)[0]}); wrong --teacher or --teacher-ckpt?")
+                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, "
+                        f"e.g. {(missing + unexpected + misshaped)[0]}); wrong --teacher or --teacher-ckpt?")
+    model.load_state_dict(theirs, strict=True)
     model.eval().requires_grad_(False)
     return model
 

@@ -421,6 +421,7 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     ("missing", "no teacher checkpoint at"),
     ("corrupt", "cannot read teacher checkpoint"),
     ("wrong_arch", "does not fit resnet20 with 10 classes"),
+    ("wrong_classes", "2 mis-shaped tensors, e.g. fc.weight"),
     ("not_a_state_dict", "holds no state_dict"),
 ])
 def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsys, problem, message):
@@ -429,6 +430,9 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
         path.write_bytes((synthetic_teacher / "model.pt").read_bytes()[:1000])
     elif problem == "wrong_arch":
         torch.save(MODELS["resnet8"](num_classes=10).state_dict(), path)
+    elif problem == "wrong_classes":  # e.g. a 100-class RepDistiller teacher on 10-class data
+        state = MODELS[SMALL_TEACHER](num_classes=100).state_dict()
+        torch.save({"model": state}, path)
     elif problem == "not_a_state_dict":
         torch.save({"model": [1, 2, 3]}, path)
     run_dir = tmp_path / "run"
