@@ -1,6 +1,7 @@
-"""CIFAR model zoo for projkd: VGG, ResNet (CIFAR and ResNet50), WideResNet, MobileNetV2, ShuffleNet V1/V2.
+"""Model zoo for projkd: the CIFAR zoo (VGG, ResNet (CIFAR and ResNet50), WideResNet, MobileNetV2, ShuffleNet
+V1/V2) and the paper's ImageNet architectures (torchvision's ResNet-18/34/50 and DenseNet-201, MobileNet v1).
 
-These reproduce RepDistiller's CIFAR zoo (github.com/HobbitLong/RepDistiller, models/): the same state_dict
+The CIFAR models reproduce RepDistiller's CIFAR zoo (github.com/HobbitLong/RepDistiller, models/): the same state_dict
 key names, order, shapes and forward computation, so its teacher checkpoints (`<arch>_vanilla/ckpt_epoch_240.pth`,
 `torch.load(...)['model']`) load unchanged with `load_state_dict(..., strict=True)`. Each architecture also uses
 RepDistiller's own weight initialisation, so training from scratch reproduces the published accuracies.
@@ -13,6 +14,9 @@ Every model follows one interface that projkd.py relies on:
 
 Global pooling is a mean over H and W. On 32x32 inputs this equals RepDistiller's fixed-size avg_pool2d
 (up to float rounding), and unlike it, it also works on other input sizes.
+
+The ImageNet architectures are the names in IMAGENET_ARCHS; every other key of MODELS is a CIFAR (32x32) one.
+TORCHVISION_WEIGHTS names the published torchvision ImageNet file of each pretrained teacher.
 """
 from collections import OrderedDict
 from functools import partial
@@ -383,7 +387,57 @@ class ShuffleNetV2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# architecture name (as in RepDistiller's model_dict) -> constructor(num_classes=100)
+# ImageNet (224x224): torchvision's ResNets and DenseNet-201 unchanged, so their published files load as they are;
+# MobileNet v1, which torchvision lacks, in the layout of the PEFD authors' ImageNet code.
+
+def torchvision_model(name, map_layer, num_classes=1000):
+    """torchvision's own model, untouched, with the instance attribute `map_layer` set."""
+    import torchvision  # here, not at the top: importing it adds seconds to the start of every CIFAR run
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    model.map_layer = map_layer
+    return model
+
+
+# DenseNet.forward is `F.relu(self.features(x), inplace=True)`, then pooling, and `features` ends with norm5, so a
+# hook on features.norm5 sees the pre-ReLU map. There is no ReLU module to hook, but the ReLU runs in place on the
+# very tensor the hook kept: by the time forward returns, Taps.map holds relu(norm5), with the ReLU in its autograd
+# history, which is the map PEFD's code reads (f1 = relu(features)) and the one pooled into the feature.
+DENSENET_MAP_LAYER = "features.norm5"
+
+
+def depthwise_separable(cin, cout, stride):
+    """3x3 depthwise conv-BN-ReLU then 1x1 pointwise conv-BN-ReLU, flat: keys 0, 1 (depthwise) and 3, 4 (pointwise)."""
+    return nn.Sequential(*conv_bn(cin, cin, 3, stride, groups=cin, relu=True), *conv_bn(cin, cout, relu=True))
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet v1 (Howard et al. 2017), width 1.0: 4,231,976 parameters with 1000 classes.
+
+    Same state_dict as the MobileNet of the PEFD authors' ImageNet code (github.com/chenyd7/PEFD, models/MobileNet.py,
+    taken from SRRL's github.com/jingyang2017/KD_SRRL): `model1` holds the stem and the blocks down to stride 16
+    (model1.0 ... model1.11), `model2` the two 1024-wide blocks at stride 32 (model2.0, model2.1), then `fc`.
+    mdistiller (megvii-research/mdistiller, mdistiller/models/imagenet/mobilenetv1.py) keeps the same tensors in one
+    flat Sequential: its `model.{i}` is our `model1.{i}` for i < 12 and `model2.{i - 12}` after, `fc` is `fc`.
+    Both leave PyTorch's default init, and so does this. Their AvgPool2d(7) is a mean over H, W at 224x224.
+    """
+    map_layer = "model2"  # the ReLU'd 1024-channel last stage (7x7 at 224), PEFD's `fea`
+    # (width, stride) of the 13 depthwise-separable blocks; the last two form model2
+    BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2), (1024, 1)]
+
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        cins = [32] + [w for w, _ in self.BLOCKS[:-1]]
+        blocks = [depthwise_separable(cin, w, s) for cin, (w, s) in zip(cins, self.BLOCKS)]
+        self.model1 = nn.Sequential(nn.Sequential(*conv_bn(3, 32, 3, 2, relu=True)), *blocks[:-2])
+        self.model2 = nn.Sequential(*blocks[-2:])
+        self.fc = nn.Linear(1024, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.model2(self.model1(x)).mean((2, 3)))
+
+
+# -----------------------------------------------------------------------------
+# architecture name (RepDistiller's model_dict names, torchvision's for ImageNet) -> constructor(num_classes=...)
 
 _CIFAR_WIDTHS, _X4_WIDTHS = (16, 16, 32, 64), (32, 64, 128, 256)
 
@@ -397,4 +451,20 @@ MODELS = {
     "MobileNetV2": MobileNetV2,
     "ShuffleV1": ShuffleNetV1,
     "ShuffleV2": ShuffleNetV2,
+    # ImageNet (constructor(num_classes=1000)); torchvision's names, which no CIFAR name collides with
+    **{f"resnet{d}": partial(torchvision_model, f"resnet{d}", "layer4") for d in (18, 34, 50)},  # ReLU'd block output
+    "densenet201": partial(torchvision_model, "densenet201", DENSENET_MAP_LAYER),
+    "mobilenet_v1": MobileNetV1,
 }
+
+IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50", "densenet201", "mobilenet_v1")  # every other key is CIFAR
+
+# arch -> (file, url) of torchvision's IMAGENET1K_V1 weights (top-1 by torchvision: 69.758, 73.314, 76.13, 76.896),
+# the paper's teachers. Plain state_dicts, but the densenet file (2017) has old-style keys (denselayer1.norm.1.weight
+# for norm1.weight; torchvision's _load_state_dict renames them) and no num_batches_tracked entries.
+TORCHVISION_WEIGHTS = {arch: (file, "https://download.pytorch.org/models/" + file) for arch, file in (
+    ("resnet18", "resnet18-f37072fd.pth"),
+    ("resnet34", "resnet34-b627a593.pth"),
+    ("resnet50", "resnet50-0676ba61.pth"),
+    ("densenet201", "densenet201-c1103571.pth"),
+)}
