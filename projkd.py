@@ -9,6 +9,11 @@ CE + 25 * MDA. The projectors are thrown away after training, so the deployed st
     python projkd.py --teacher vgg13 --student vgg8 --method kd      # the same pair with a baseline
     python projkd.py --student vgg13 --method ce                     # train a model alone (teacher pretraining)
     python projkd.py --dataset synthetic --student resnet20 --method ce --epochs 2   # a CPU smoke run
+    torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet \\
+        --teacher resnet34 --student resnet18                        # ImageNet, the paper's protocol, 8 GPUs
+    python projkd.py eval --arch vgg8 --ckpt runs/cifar100/vgg13-vgg8/pefd-seed1/model.pt   # a checkpoint alone
+    python projkd.py cache --teacher vgg13                           # a teacher's output cache (make builds it)
+    python projkd.py bench                                           # the classic KD loop against ours, images/s
     python projkd.py --help                                          # every option, its default and meaning
 
 Each run writes into its --run-dir: model.pt (the trained student's plain state_dict, strict-loadable into
@@ -16,11 +21,12 @@ models.MODELS[arch]), metrics.json (resolved config, accuracies, per-epoch histo
 log.csv, and last.pt (everything needed to --resume exactly).
 
 Importing this file runs nothing; its pieces (ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite,
-features_and_logits, load_cifar100) can be copied or called on their own.
+features_and_logits, load_cifar100, load_imagenet) can be copied or called on their own.
 """
 import csv
 import dataclasses
 import difflib
+import hashlib
 import inspect
 import io
 import json
@@ -29,21 +35,26 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import MODELS
+from models import IMAGENET_ARCHS, MODELS, TORCHVISION_WEIGHTS
 
 # ---------------------------------------------------------------------------------------------------------
-# Config: one dataclass, the paper's CIFAR-100 protocol as defaults. The CLI is generated from it.
+# Config: one dataclass; None means "the paper's protocol for --dataset". The CLI is generated from it.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -53,21 +64,24 @@ class Config:
     teacher: str = ""  # teacher architecture (a key of models.MODELS); unused by --method ce
     student: str = ""  # student architecture (a key of models.MODELS)
     method: str = "pefd"  # pefd | kd | sp | crd | ce (ce: the student alone, e.g. to pretrain a teacher)
-    teacher_ckpt: str = ""  # teacher weights (ours, RepDistiller's or mdistiller's); default checkpoints/<dataset>/<teacher>.pt
+    teacher_ckpt: str = ""  # teacher weights (ours, RepDistiller's, mdistiller's or torchvision's); default checkpoints/<dataset>/<teacher>.pt
+    teacher_weights: str = ""  # instead of a file, torchvision's ImageNet weights by name, e.g. IMAGENET1K_V1 (downloads: online only)
     # data
-    dataset: str = "cifar100"  # cifar100 | synthetic (small, generated, learnable: for smoke runs and tests)
-    data_dir: str = "data"  # folder that holds cifar-100-python/ (the official archive's layout)
+    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for smoke runs and tests)
+    data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet: the folder holding train/ and val/
     download: bool = False  # download CIFAR-100 with torchvision if it is not in --data-dir
     synthetic_size: int = 2048  # training images of --dataset synthetic; its test set is a quarter of that
     synthetic_classes: int = 10  # classes of --dataset synthetic
-    # optimisation: SGD with step decay, as in the paper and RepDistiller
-    epochs: int = 240  # training epochs
-    batch_size: int = 64  # training batch; the last incomplete batch of an epoch is dropped (static shapes)
-    lr: float = 0.0  # learning rate; 0 means the paper's: 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students
-    lr_decay_epochs: str = "150,180,210"  # comma-separated epochs after which lr is multiplied by lr_decay_rate
+    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to 256/224 of it
+    workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its GPUs in use
+    # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's protocol
+    epochs: int = None  # training epochs: 240 on CIFAR-100, 100 on ImageNet
+    batch_size: int = None  # global batch (all GPUs together): 64 on CIFAR-100, 256 on ImageNet; the last incomplete batch is dropped
+    lr: float = None  # 0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), 0.1 on ImageNet; never rescaled by batch size
+    lr_decay_epochs: str = None  # comma-separated epochs after which lr is multiplied by lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on ImageNet
     lr_decay_rate: float = 0.1  # factor applied at each of lr_decay_epochs
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # on every trained parameter, projectors and CRD embeddings included
+    weight_decay: float = None  # on every trained parameter, projectors and CRD embeddings included: 5e-4 on CIFAR-100, 1e-4 on ImageNet
     # PEFD (method pefd)
     alpha: float = 25.0  # weight of the MDA loss: loss = CE + alpha * MDA
     q: int = 3  # number of projectors; 0 = none (MDA on the raw student feature; needs equal widths)
@@ -82,25 +96,45 @@ class Config:
     crd_dim: int = 128  # CRD embedding width
     crd_T: float = 0.07  # CRD temperature
     crd_negatives: int = 16384  # CRD negatives per anchor (size of CRD-lite's queue)
+    # speed: neither changes what is computed beyond float rounding
+    graph: str = "auto"  # capture the whole training step as one CUDA graph: auto (on for one CUDA process on CIFAR-style data, amp bf16 or off) | on | off
+    teacher_cache: str = "auto"  # compute the teacher's outputs for all 162 crop/flip views of each image once and reuse them: auto (on CUDA for pefd/kd/crd on CIFAR-style data) | on | off
+    teacher_cache_file: str = ""  # the cache of --teacher-ckpt; default: that path with the suffix .tcache
     # running
     seed: int = 1  # seeds initialisation, data order and augmentation
     deterministic: bool = False  # bit-identical reruns (on CPU; on CUDA as far as cuDNN allows), slower
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with gradient scaling) | off; always off on CPU
     compile: bool = False  # torch.compile the student and teacher
-    eval_batch_size: int = 1000  # batch size of the test-set evaluation
+    sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global batch (SyncBatchNorm)
+    eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250 on ImageNet
+    checkpoint_seconds: float = 60.0  # write last.pt after an epoch once this long has passed since the last one (always after the final epoch)
+    progress_seconds: float = 30.0  # within an epoch, print a progress line this often
     run_dir: str = ""  # where the run's files go; default runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
     resume: bool = False  # continue the run in --run-dir from its last.pt (starts fresh if there is none)
     overwrite: bool = False  # start over even if --run-dir already holds a run
 
 
+# The paper's protocols (Section 4, "Training"; on CIFAR-100 they are RepDistiller's). A Config field left at None
+# takes its dataset's value here; nothing of one dataset's protocol is ever applied to another.
+PROTOCOLS = {
+    "cifar100": {"epochs": 240, "batch_size": 64, "lr": 0.05, "lr_decay_epochs": "150,180,210", "weight_decay": 5e-4,
+                 "eval_batch_size": 1000},
+    "imagenet": {"epochs": 100, "batch_size": 256, "lr": 0.1, "lr_decay_epochs": "30,60,90", "weight_decay": 1e-4,
+                 "eval_batch_size": 250},
+}
+PROTOCOLS["synthetic"] = PROTOCOLS["cifar100"]
 METHODS = ("pefd", "kd", "sp", "crd", "ce")
+CACHED_TEACHER_METHODS = ("pefd", "kd", "crd")  # those that need only the teacher's feature and logits, not its maps
+RESIDENT_DATASETS = ("cifar100", "synthetic")  # small enough to live on the GPU as uint8, augmented there
 PROJECTOR_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+SWITCHES = ("auto", "on", "off")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
 # Fields that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download", "eval_batch_size",
-                     "resume", "overwrite")
+                     "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file", "workers",
+                     "checkpoint_seconds", "progress_seconds")
 
 
 class UserError(Exception):
@@ -122,7 +156,8 @@ def cli_help(schema, doc, usage):
     lines = [doc.strip().split("\n\n")[0], "", f"usage: {usage}", ""]
     for f in dataclasses.fields(schema):
         flag = "--" + f.name.replace("_", "-")
-        kind = "flag" if f.type is bool else f"{f.type.__name__} = {f.default!r}"
+        default = "auto" if f.default is None else repr(f.default)
+        kind = "flag" if f.type is bool else f"{f.type.__name__} = {default}"
         lines.append(f"  {flag:<22} {kind:<28} {comments.get(f.name, '')}")
     return "\n".join(lines)
 
@@ -168,12 +203,15 @@ def parse_args(argv, schema=Config):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: CIFAR-100 from the official pickles, a synthetic stand-in, and GPU-side augmentation.
-# The uint8 data set lives on the device; crop and flip happen there in batches, no loader workers.
+# Data: CIFAR-100 from the official pickles, a synthetic stand-in, and GPU-side augmentation; ImageNet from
+# class folders. The uint8 CIFAR-style sets live on the device and are cropped and flipped there, a whole
+# epoch at once, with no loader workers; ImageNet is decoded and augmented by DataLoader workers.
 # ---------------------------------------------------------------------------------------------------------
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PADDING = 4
 
 
@@ -217,8 +255,9 @@ def load_cifar100(root, download=False):
             for train in (True, False):
                 torchvision.datasets.CIFAR100(root, train=train, download=True)
         except Exception as e:  # offline, a proxy, a full disk: all end the same way for the user
-            raise UserError(f"downloading CIFAR-100 into {root} failed ({e}); put a copy of cifar-100-python/ "
-                            f"there by hand") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"downloading CIFAR-100 into {root} failed ({reason}); put a copy of cifar-100-python/ "
+                            f"there by hand (README: Getting CIFAR-100)") from None
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"CIFAR-100 not found: no {' or '.join(missing)}; pass --download, or --data-dir pointing "
@@ -250,6 +289,73 @@ def make_synthetic(n_train, num_classes, seed=0):
     train_x, train_y = draw(n_train)
     test_x, test_y = draw(max(n_train // 4, num_classes))
     return train_x, train_y, test_x, test_y
+
+
+def load_imagenet(root, image_size=224):
+    """(train_set, val_set): torchvision ImageFolders of root/train and root/val (one folder per class, the class
+    folders' sorted names being the labels) yielding uint8 C x H x W tensors, with the paper's augmentation:
+    RandomResizedCrop + horizontal flip for training, Resize(256/224 of the crop) + CenterCrop for evaluation.
+    Normalisation is left to the GPU."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    layout = (f"{os.path.join(root, 'train', '<class>', '<image>')} and {os.path.join(root, 'val', '<class>', '<image>')}"
+              f" with the same class folders in both (README: ImageNet)")
+    sets = {}
+    for split in ("train", "val"):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise UserError(f"ImageNet not found: no folder {folder}; --data-dir must hold {layout}")
+        try:
+            sets[split] = ImageFolder(folder)
+        except (FileNotFoundError, OSError) as e:
+            raise UserError(f"{folder} is not an image class folder ({str(e).splitlines()[0]}); expected {layout}") \
+                from None
+    if sets["train"].classes != sets["val"].classes:
+        raise UserError(f"{root}: train/ has {len(sets['train'].classes)} class folders and val/ "
+                        f"{len(sets['val'].classes)}, or they differ in name; expected {layout}")
+    sets["train"].transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    sets["val"].transform = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size),
+                                       T.PILToTensor()])
+    return sets["train"], sets["val"]
+
+
+@dataclass
+class Data:
+    """A data set as training reads it: CIFAR-style sets as uint8/int64 tensors on the device (train_x ...),
+    ImageNet as ImageFolders (train_set, val_set); mean and std are (1, 3, 1, 1) tensors on the device."""
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    train_x: Optional[torch.Tensor] = None
+    train_y: Optional[torch.Tensor] = None
+    test_x: Optional[torch.Tensor] = None
+    test_y: Optional[torch.Tensor] = None
+    train_set: Optional[object] = None
+    val_set: Optional[object] = None
+
+
+def load_data(cfg, device):
+    """The data set of cfg.dataset for `device`."""
+    if cfg.dataset == "imagenet":
+        train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size)
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        return Data(len(train_set.classes), mean, std, train_set=train_set, val_set=val_set)
+    if cfg.dataset == "cifar100":
+        train_x, train_y, test_x, test_y = load_cifar100(cfg.data_dir, download=cfg.download)
+        num_classes, mean, std = 100, CIFAR100_MEAN, CIFAR100_STD
+    else:
+        train_x, train_y, test_x, test_y = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
+        num_classes, mean, std = cfg.synthetic_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    return Data(num_classes, mean, std, *(t.to(device) for t in (train_x, train_y, test_x, test_y)))
+
+
+def image_loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
+    """A DataLoader of uint8 image batches: worker processes decode and augment, pinned memory for the copy."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=drop_last,
+                                       persistent_workers=workers > 0)
 
 
 def normalize(images, mean, std):
@@ -366,6 +472,10 @@ def sp_loss(student_map, teacher_map):
     return (gram(teacher_map) - gram(student_map)).pow(2).sum() / (b * b)
 
 
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class CRDLite(nn.Module):
     """CRD's contrastive objective with a fixed-size queue of negatives instead of CRD's memory bank.
 
@@ -383,6 +493,8 @@ class CRDLite(nn.Module):
       - the queue starts as random unit vectors (CRD's bank starts random too) and is full after
         negatives / batch_size steps.
     The NCE noise prior m * P_n and the data-set size in CRD's Z cancel, so neither appears here.
+    Under torchrun every process enqueues the whole global batch (all-gathered) and Z is estimated from it,
+    so the queues and Z are the same in every process and the same as one process with that batch.
     """
 
     def __init__(self, d_student, d_teacher, dim=128, negatives=16384, T=0.07):
@@ -399,6 +511,10 @@ class CRDLite(nn.Module):
     def _nce(self, anchor, positive, queue, side):
         logits = torch.cat([(anchor * positive).sum(1, keepdim=True), anchor @ queue.t()], dim=1) / self.T
         first_log_z = torch.logsumexp(logits.detach().flatten(), 0) - math.log(logits.numel())
+        if _world_size() > 1:  # Z is a mean over equal shares of the global batch: average it in exp space
+            z = first_log_z.exp()
+            dist.all_reduce(z)
+            first_log_z = (z / _world_size()).log()
         log_z = torch.where(torch.isnan(self.log_z[side]), first_log_z, self.log_z[side])
         # log of P / (P + m * P_n) for the positive and of m * P_n / (P + m * P_n) for the negatives, with
         # P = exp(logit) / Z normalised so that m * P_n = m / N cancels N: written with softplus for stability.
@@ -409,17 +525,29 @@ class CRDLite(nn.Module):
     def forward(self, student_feature, teacher_feature):
         v_s = F.normalize(self.embed_student(student_feature.float()), dim=1)
         v_t = F.normalize(self.embed_teacher(teacher_feature.float()), dim=1)
-        loss_t, log_z_t = self._nce(v_t, v_s.detach(), self.queue_student, 0)
-        loss_s, log_z_s = self._nce(v_s, v_t.detach(), self.queue_teacher, 1)
+        # Snapshots: this step's backward needs the negatives as they were, and the queues below are updated
+        # in place, because a CUDA graph replays reads and writes at fixed addresses.
+        queue_student, queue_teacher = self.queue_student.clone(), self.queue_teacher.clone()
+        loss_t, log_z_t = self._nce(v_t, v_s.detach(), queue_student, 0)
+        loss_s, log_z_s = self._nce(v_s, v_t.detach(), queue_teacher, 1)
         if self.training:
             with torch.no_grad():
+                keys_s, keys_t = _gather_rows(v_s.detach()), _gather_rows(v_t.detach())
                 self.log_z.copy_(torch.stack([log_z_t, log_z_s]))
-                slots = (self.queue_next + torch.arange(len(v_s), device=v_s.device)) % self.queue_student.shape[0]
-                # Out of place: the old queues are still needed by this step's backward pass.
-                self.queue_student = self.queue_student.index_copy(0, slots, v_s.detach())
-                self.queue_teacher = self.queue_teacher.index_copy(0, slots, v_t.detach())
+                slots = (self.queue_next + torch.arange(len(keys_s), device=v_s.device)) % self.queue_student.shape[0]
+                self.queue_student.index_copy_(0, slots, keys_s)
+                self.queue_teacher.index_copy_(0, slots, keys_t)
                 self.queue_next.copy_(slots[-1] + 1)
         return loss_t + loss_s
+
+
+def _gather_rows(x):
+    """The rows of x from every process, in rank order (x itself when there is one process)."""
+    if _world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 def between_class_cosine(class_sums):
@@ -436,6 +564,13 @@ def between_class_cosine(class_sums):
 # Feature taps: the pooled penultimate feature and the last-stage map, read with hooks, so any classifier
 # whose head is a final nn.Linear works without editing its forward.
 # ---------------------------------------------------------------------------------------------------------
+
+
+class Outputs(NamedTuple):
+    """What the losses read from one network's forward pass."""
+    feature: torch.Tensor  # the pooled penultimate vector, the classifier's input
+    logits: torch.Tensor
+    map: Optional[torch.Tensor] = None  # the last stage's activation map (method sp only)
 
 
 def classifier_of(model):
@@ -484,244 +619,161 @@ def map_layer_of(model, arch):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Train / eval loop
+# Teacher-output cache. A frozen teacher in eval mode is a fixed function of its input, and 4-pixel
+# zero-padded crops with flips give each training image exactly 9 x 9 x 2 = 162 views. So the teacher's
+# feature and logits for every view of every image are computed once per teacher checkpoint, stored in 16
+# bits on disk, and each epoch reads back the row of the view each image drew, instead of running the teacher.
+# ---------------------------------------------------------------------------------------------------------
+
+CACHE_VIEWS = (2 * CROP_PADDING + 1) ** 2 * 2
+CACHE_HEADER_BYTES = 4096  # a JSON header, space-padded; the rows follow
+CACHE_FORMAT = "projkd-teacher-cache-1"
+
+
+def view_index(dy, dx, flip, padding=CROP_PADDING):
+    """The view number in [0, 162) of crop corner (dy, dx) and flip: the cache's first axis."""
+    return (dy * (2 * padding + 1) + dx) * 2 + flip.long()
+
+
+def view_draws(v, n, device, padding=CROP_PADDING):
+    """(dy, dx, flip) of view v for n images, as crop_flip takes them: the inverse of view_index."""
+    corner, flip = divmod(v, 2)
+    dy, dx = divmod(corner, 2 * padding + 1)
+    return (torch.full((n,), dy, device=device), torch.full((n,), dx, device=device),
+            torch.full((n,), bool(flip), device=device))
+
+
+def default_cache_file(teacher_ckpt):
+    return os.path.splitext(teacher_ckpt)[0] + ".tcache"
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_identity(arch, teacher_ckpt, train_x, mean, std, precision):
+    """Everything a cache's contents depend on, and its key: the teacher checkpoint's content (not its name),
+    the training images, the normalisation and the precision the teacher ran at."""
+    identity = {"format": CACHE_FORMAT, "teacher": arch, "checkpoint_sha256": file_sha256(teacher_ckpt),
+                "images_sha256": hashlib.sha256(train_x.cpu().numpy().tobytes()).hexdigest(),
+                "mean": [round(v, 6) for v in mean.flatten().tolist()],
+                "std": [round(v, 6) for v in std.flatten().tolist()], "padding": CROP_PADDING,
+                "precision": precision}
+    identity["key"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return identity
+
+
+def read_cache_header(path):
+    """The header of the cache file at `path`, or None if there is no readable one."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(CACHE_HEADER_BYTES).decode())
+        size = os.path.getsize(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    expected = CACHE_HEADER_BYTES + 2 * CACHE_VIEWS * header.get("images", 0) * header.get("width", 0)
+    return header if header.get("format") == CACHE_FORMAT and size == expected else None
+
+
+class TeacherCache:
+    """An open cache file: rows(images, views) gives, per image index and view number, the teacher's
+    feature followed by its logits, as bfloat16 bit patterns (int16: numpy has no bfloat16)."""
+
+    def __init__(self, path, header):
+        self.path, self.header = path, header
+        self.feature_dim, self.num_classes = header["feature_dim"], header["num_classes"]
+        self.array = np.memmap(path, dtype=np.int16, mode="r", offset=CACHE_HEADER_BYTES,
+                               shape=(CACHE_VIEWS, header["images"], header["width"]))
+
+    def rows(self, images, views):
+        return self.array[np.asarray(views), np.asarray(images)]
+
+
+@torch.inference_mode()
+def build_teacher_cache(path, teacher, images, mean, std, autocast, memory_format, identity, batch_size):
+    """Runs `teacher` (eval mode) on all 162 views of every image and writes the cache file at `path`
+    atomically. The teacher runs exactly as in a training step: same normalisation, layout and autocast."""
+    taps = Taps(teacher)
+    n, (c, h, w) = len(images), images.shape[1:]
+    feature_dim, num_classes = classifier_of(teacher).in_features, classifier_of(teacher).out_features
+    width = feature_dim + num_classes
+    need = CACHE_HEADER_BYTES + 2 * CACHE_VIEWS * n * width
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if shutil.disk_usage(folder).free < need * 1.02:
+        raise UserError(f"the teacher cache needs {need / 1e9:.1f} GB in {folder}, which has "
+                        f"{shutil.disk_usage(folder).free / 1e9:.1f} GB free; use --teacher-cache-file elsewhere "
+                        f"or --teacher-cache off")
+    log(f"building the teacher cache {path}: {CACHE_VIEWS} views x {n} images x {width} values, "
+        f"{need / 1e9:.2f} GB")
+    start = last_report = time.time()
+
+    def write(tmp):
+        nonlocal last_report
+        with open(tmp, "wb") as f:
+            f.write(b" " * CACHE_HEADER_BYTES)  # the header goes in last, once the build time is known
+            rows = torch.empty(n, width, dtype=torch.bfloat16, device=images.device)
+            for v in range(CACHE_VIEWS):
+                dy, dx, flip = view_draws(v, batch_size, images.device)
+                for i in range(0, n, batch_size):
+                    batch = images[i:i + batch_size]
+                    k = len(batch)
+                    x = normalize(crop_flip(batch, dy[:k], dx[:k], flip[:k]), mean, std)
+                    with autocast:
+                        logits = teacher(x.contiguous(memory_format=memory_format))
+                    rows[i:i + k, :feature_dim] = taps.feature
+                    rows[i:i + k, feature_dim:] = logits
+                f.write(rows.view(torch.int16).cpu().numpy().tobytes())
+                if time.time() - last_report > 30:
+                    last_report = time.time()
+                    log(f"  teacher cache: view {v + 1}/{CACHE_VIEWS}, "
+                        f"{(v + 1) * n / (last_report - start):,.0f} images/s")
+            header = {**identity, "images": n, "views": CACHE_VIEWS, "width": width, "feature_dim": feature_dim,
+                      "num_classes": num_classes, "dtype": "bfloat16", "image_shape": [c, h, w],
+                      "layout": "view, image, feature then logits; view = (dy * 9 + dx) * 2 + flip",
+                      "build_seconds": round(time.time() - start, 1), "device": device_name(images.device),
+                      "torch": torch.__version__}
+            encoded = json.dumps(header).encode()
+            assert len(encoded) < CACHE_HEADER_BYTES, "the cache header outgrew its space"
+            f.seek(0)
+            f.write(encoded)
+
+    try:
+        atomic_write(path, write)
+    finally:
+        taps.remove()
+    header = read_cache_header(path)
+    log(f"built the teacher cache in {header['build_seconds']:.0f} s "
+        f"({CACHE_VIEWS * n / max(header['build_seconds'], 1e-9):,.0f} images/s)")
+    return TeacherCache(path, header)
+
+
+def open_teacher_cache(path, identity):
+    """The cache at `path` if it was built from exactly this identity (key), else None."""
+    header = read_cache_header(path)
+    if header is None or header.get("key") != identity["key"]:
+        return None
+    return TeacherCache(path, header)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train / eval loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is train_step),
+# evaluate, record_epoch, save_checkpoint; then finish_run. On CUDA the step runs as one captured graph.
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def log(*args):
-    print(*args, flush=True)
-
-
-def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.proj_act):
-    """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off the paper's."""
-    parts = [method]
-    if method == "pefd":
-        parts += [f"q{q}"] * (q != Config.q) + [f"depth{proj_depth}"] * (proj_depth != Config.proj_depth)
-        parts += [proj_act] * (proj_act != Config.proj_act)
-    return "-".join(parts)
-
-
-def run_path(runs, teacher, student, method, seed, **projector):
-    """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N> for a model
-    trained alone (shared by every pair with that student, and also how teachers are trained)."""
-    folder = student if method == "ce" else f"{teacher}-{student}"
-    return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
-
-
-def resolve_config(cfg):
-    """Check every option and fill in the defaults that depend on others. Returns (config, notes to print)."""
-    notes = []
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if not cfg.student:
-        raise UserError("--student is required, e.g. --student vgg8 (architectures: " + ", ".join(MODELS) + ")")
-    needs_teacher = cfg.method != "ce"
-    for role in ("student", "teacher") if needs_teacher else ("student",):
-        arch = getattr(cfg, role)
-        if not arch:
-            raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student vgg8")
-        if arch not in MODELS:
-            raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(MODELS)}")
-    if cfg.dataset not in ("cifar100", "synthetic"):
-        raise UserError(f"unknown --dataset {cfg.dataset!r}; choose cifar100 or synthetic")
-    if cfg.amp not in AMP_DTYPES:
-        raise UserError(f"unknown --amp {cfg.amp!r}; choose bf16, fp16 or off")
-    if cfg.proj_act not in PROJECTOR_ACTIVATIONS:
-        raise UserError(f"unknown --proj-act {cfg.proj_act!r}; choose relu, gelu or none")
-    try:
-        milestones = [int(e) for e in cfg.lr_decay_epochs.split(",") if e.strip()]
-    except ValueError:
-        raise UserError(f"--lr-decay-epochs must be comma-separated integers, got {cfg.lr_decay_epochs!r}") from None
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size,
-                "proj_depth": cfg.proj_depth, "kd_T": cfg.kd_T, "crd_T": cfg.crd_T, "crd_dim": cfg.crd_dim,
-                "crd_negatives": cfg.crd_negatives, "synthetic_size": cfg.synthetic_size}
-    non_negative = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "alpha": cfg.alpha,
-                    "q": cfg.q, "kd_weight": cfg.kd_weight, "kd_ce_weight": cfg.kd_ce_weight,
-                    "sp_weight": cfg.sp_weight, "crd_weight": cfg.crd_weight, "lr_decay_rate": cfg.lr_decay_rate,
-                    "seed": cfg.seed}
-    for name, v in positive.items():
-        if not v > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    for name, v in non_negative.items():
-        if not (v >= 0 and math.isfinite(v)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if cfg.synthetic_classes < 2:
-        raise UserError(f"--synthetic-classes must be at least 2, got {cfg.synthetic_classes}")
-    if any(m < 0 for m in milestones):
-        raise UserError(f"--lr-decay-epochs must be >= 0, got {cfg.lr_decay_epochs!r}")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
-
-    changes = {}
-    if cfg.lr == 0:
-        changes["lr"] = 0.01 if cfg.student in LOW_LR_STUDENTS else 0.05
-        why = f" (the paper's value for {cfg.student} students)" if cfg.student in LOW_LR_STUDENTS else ""
-        notes.append(f"lr {changes['lr']}{why}")
-    if cfg.device == "auto":
-        changes["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    device = changes.get("device", cfg.device)
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but no CUDA device is visible; use --device cpu")
-    if dev.type not in ("cuda", "cpu"):
-        raise UserError(f"--device {device} is not supported; use cpu or cuda")
-    if dev.type == "cpu" and cfg.amp != "off":
-        changes["amp"] = "off"
-        notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
-    if needs_teacher and not cfg.teacher_ckpt:
-        changes["teacher_ckpt"] = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
-    if not needs_teacher:
-        if cfg.teacher:
-            notes.append(f"--teacher {cfg.teacher} is not used by --method ce")
-        changes["teacher"] = ""
-    if not cfg.run_dir:
-        changes["run_dir"] = run_path(os.path.join("runs", cfg.dataset), cfg.teacher, cfg.student, cfg.method,
-                                      cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
-    return dataclasses.replace(cfg, **changes), notes
-
-
-def setup_torch(cfg):
-    """Backend switches. Deterministic mode is honest: no cudnn.benchmark behind it."""
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-    if cfg.deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: seconds
-        # warn_only: a CUDA op without a deterministic kernel is named in a warning instead of ending the run
-        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = cfg.deterministic
-    # Static shapes: kernels autotuned on the first step are reused by every later one.
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def load_data(cfg, device):
-    """The data set as uint8/int64 tensors on `device`, its class count, and its channel mean and std."""
-    if cfg.dataset == "cifar100":
-        train_x, train_y, test_x, test_y = load_cifar100(cfg.data_dir, download=cfg.download)
-        num_classes, mean, std = 100, CIFAR100_MEAN, CIFAR100_STD
-    else:
-        train_x, train_y, test_x, test_y = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
-        num_classes, mean, std = cfg.synthetic_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    if len(train_x) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(train_x)} training images")
-    data = dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
-    return {k: v.to(device) for k, v in data.items()}, num_classes, mean, std
-
-
-def _strip_prefixes(state_dict):
-    # DataParallel/DDP save "module.", torch.compile "_orig_mod."; the weights are the same.
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def load_teacher(arch, path, num_classes):
-    """A frozen teacher from our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}) or a plain state_dict."""
-    if not os.path.isfile(path):
-        raise UserError(f"no teacher checkpoint at {path}: pass --teacher-ckpt PATH (RepDistiller's "
-                        f"{arch}_vanilla/ckpt_epoch_240.pth works), or train one: python projkd.py --student {arch} "
-                        f"--method ce, then copy its model.pt there (make teachers does both)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise UserError(f"cannot read teacher checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise UserError(f"teacher checkpoint {path} holds no state_dict (expected a dict of tensors or {{'model': ...}})")
-    model = MODELS[arch](num_classes=num_classes)
-    ours, theirs = model.state_dict(), _strip_prefixes(ckpt)
-    # Compared before loading: load_state_dict raises a bare RuntimeError on a shape mismatch, strict or not.
-    missing = [k for k in ours if k not in theirs]
-    unexpected = [k for k in theirs if k not in ours]
-    misshaped = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
-    if missing or unexpected or misshaped:
-        raise UserError(f"teacher checkpoint {path} does not fit {arch} with {num_classes} classes "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, "
-                        f"e.g. {(missing + unexpected + misshaped)[0]}); wrong --teacher or --teacher-ckpt?")
-    model.load_state_dict(theirs, strict=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def build_aux(cfg, d_student, d_teacher):
-    """The modules trained alongside the student and dropped after training: projectors, CRD embeddings."""
-    if cfg.method == "pefd":
-        if cfg.q == 0:
-            if d_student != d_teacher:
-                raise UserError(f"--q 0 (no projector) needs equal feature widths, but {cfg.student} has "
-                                f"{d_student} and {cfg.teacher} {d_teacher}")
-            return nn.Identity()
-        return ProjectorEnsemble(d_student, d_teacher, q=cfg.q, act=cfg.proj_act, depth=cfg.proj_depth)
-    if cfg.method == "crd":
-        return CRDLite(d_student, d_teacher, dim=cfg.crd_dim, negatives=cfg.crd_negatives, T=cfg.crd_T)
-    return nn.Identity()
-
-
-def method_loss(cfg, aux, student_taps, student_logits, teacher_taps, teacher_logits, labels):
-    """The training objective of --method, in float32."""
-    ce = F.cross_entropy(student_logits.float(), labels)
-    if cfg.method == "ce":
-        return ce
-    if cfg.method == "pefd":
-        return ce + cfg.alpha * mda_loss(aux(student_taps.feature.float()), teacher_taps.feature)
-    if cfg.method == "kd":
-        return cfg.kd_ce_weight * ce + cfg.kd_weight * kd_loss(student_logits, teacher_logits, cfg.kd_T)
-    if cfg.method == "sp":
-        return ce + cfg.sp_weight * sp_loss(student_taps.map, teacher_taps.map)
-    if cfg.method == "crd":
-        return ce + cfg.crd_weight * aux(student_taps.feature, teacher_taps.feature)
-    raise AssertionError(cfg.method)
-
-
-def lr_at(cfg, epoch):
-    """Step decay: epoch counts from 0, so with milestone 150 the 151st epoch is the first at lr * rate."""
-    milestones = [int(e) for e in cfg.lr_decay_epochs.split(",") if e.strip()]
-    return cfg.lr * cfg.lr_decay_rate ** sum(epoch >= m for m in milestones)
-
-
-def epoch_generator(seed, epoch):
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-@torch.no_grad()
-def evaluate(model, images, labels, num_classes, mean, std, batch_size, memory_format):
-    """Top-1 and top-5 accuracy (%) and the between-class cosine of the penultimate features, in float32."""
-    was_training = model.training
-    model.eval()
-    taps = Taps(model)
-    top1 = torch.zeros((), device=images.device)
-    top5 = torch.zeros((), device=images.device)
-    class_sums = None
-    try:
-        for i in range(0, len(images), batch_size):
-            x = normalize(images[i:i + batch_size], mean, std).contiguous(memory_format=memory_format)
-            y = labels[i:i + batch_size]
-            logits = model(x).float()
-            best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (best5[:, 0] == y).sum()
-            top5 += (best5 == y[:, None]).any(1).sum()
-            feature = taps.feature.float()
-            if class_sums is None:
-                class_sums = torch.zeros(num_classes, feature.shape[1], device=images.device)
-            class_sums.index_add_(0, y, feature)
-    finally:
-        taps.remove()
-        model.train(was_training)
-    n = len(images)
-    return {"top1": 100 * top1.item() / n, "top5": 100 * top5.item() / n,
-            "between_class_cosine": between_class_cosine(class_sums)}
+    """print, by one process only under torchrun."""
+    if _rank() == 0:
+        print(*args, flush=True)
 
 
 def atomic_write(path, write):
@@ -795,163 +847,864 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def check_resumable(saved, cfg, run_dir):
-    current = dataclasses.asdict(cfg)
-    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.proj_act):
+    """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off the paper's."""
+    parts = [method]
+    if method == "pefd":
+        parts += [f"q{q}"] * (q != Config.q) + [f"depth{proj_depth}"] * (proj_depth != Config.proj_depth)
+        parts += [proj_act] * (proj_act != Config.proj_act)
+    return "-".join(parts)
+
+
+def run_path(runs, teacher, student, method, seed, **projector):
+    """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N> for a model
+    trained alone (shared by every pair with that student, and also how teachers are trained)."""
+    folder = student if method == "ce" else f"{teacher}-{student}"
+    return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
+
+
+def check_arch(arch, role, dataset):
+    if arch not in MODELS:
+        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(MODELS)}")
+    if (arch in IMAGENET_ARCHS) != (dataset == "imagenet"):
+        kind, other = ("an ImageNet", "a CIFAR") if arch in IMAGENET_ARCHS else ("a CIFAR (32x32)", "an ImageNet")
+        raise UserError(f"{arch} is {kind} architecture and --dataset {dataset} needs {other} one "
+                        f"(ImageNet: {', '.join(IMAGENET_ARCHS)})")
+
+
+def resolve_device(name, world_size):
+    """The torch.device for --device `name`; under torchrun each process takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {name} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA device is visible; use --device cpu")
+    if dev.type == "cuda" and world_size > 1:
+        if dev.index is not None:
+            raise UserError(f"--device {name} does not go with torchrun, which gives each process its own GPU "
+                            f"(cuda:LOCAL_RANK); use --device cuda")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def resolve_config(cfg, command="train"):
+    """Check every option and fill in the defaults that depend on others. Returns (config, notes to print).
+    command "cache" checks what building a teacher cache needs: a teacher, no student."""
+    notes = []
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.dataset not in PROTOCOLS:
+        raise UserError(f"unknown --dataset {cfg.dataset!r}; choose cifar100, imagenet or synthetic")
+    needs_student, needs_teacher = command == "train", command == "cache" or cfg.method != "ce"
+    if needs_student and not cfg.student:
+        raise UserError("--student is required, e.g. --student vgg8 (architectures: " + ", ".join(MODELS) + ")")
+    if needs_student:
+        check_arch(cfg.student, "student", cfg.dataset)
+    if needs_teacher:
+        if not cfg.teacher:
+            raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student vgg8"
+                            if command == "train" else "the teacher cache needs --teacher, e.g. --teacher vgg13")
+        check_arch(cfg.teacher, "teacher", cfg.dataset)
+    for name, value, choices in (("amp", cfg.amp, AMP_DTYPES), ("proj-act", cfg.proj_act, PROJECTOR_ACTIVATIONS),
+                                 ("graph", cfg.graph, SWITCHES), ("teacher-cache", cfg.teacher_cache, SWITCHES)):
+        if value not in choices:
+            raise UserError(f"unknown --{name} {value!r}; choose {', '.join(choices)}")
+
+    protocol = PROTOCOLS[cfg.dataset]
+    changes = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
+    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
+        changes["lr"] = 0.01
+        notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
+    r = dataclasses.replace(cfg, **changes)  # the values the checks below see
+    try:
+        milestones = [int(e) for e in r.lr_decay_epochs.split(",") if e.strip()]
+    except ValueError:
+        raise UserError(f"--lr-decay-epochs must be comma-separated integers, got {r.lr_decay_epochs!r}") from None
+    positive = {"epochs": r.epochs, "batch_size": r.batch_size, "eval_batch_size": r.eval_batch_size,
+                "proj_depth": r.proj_depth, "kd_T": r.kd_T, "crd_T": r.crd_T, "crd_dim": r.crd_dim,
+                "crd_negatives": r.crd_negatives, "synthetic_size": r.synthetic_size, "image_size": r.image_size}
+    non_negative = {"lr": r.lr, "momentum": r.momentum, "weight_decay": r.weight_decay, "alpha": r.alpha,
+                    "q": r.q, "kd_weight": r.kd_weight, "kd_ce_weight": r.kd_ce_weight, "sp_weight": r.sp_weight,
+                    "crd_weight": r.crd_weight, "lr_decay_rate": r.lr_decay_rate, "seed": r.seed,
+                    "checkpoint_seconds": r.checkpoint_seconds, "progress_seconds": r.progress_seconds,
+                    "workers": 0 if r.workers is None else r.workers}
+    for name, v in positive.items():
+        if not v > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    for name, v in non_negative.items():
+        if not (v >= 0 and math.isfinite(v)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if r.synthetic_classes < 2:
+        raise UserError(f"--synthetic-classes must be at least 2, got {r.synthetic_classes}")
+    if any(m < 0 for m in milestones):
+        raise UserError(f"--lr-decay-epochs must be >= 0, got {r.lr_decay_epochs!r}")
+    if r.resume and r.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    if cfg.lr is None and r.batch_size != protocol["batch_size"]:
+        notes.append(f"lr {r.lr} is the paper's for a global batch of {protocol['batch_size']} and is used unchanged "
+                     f"at {r.batch_size} (the linear scaling rule would give {r.lr * r.batch_size / protocol['batch_size']:g}: "
+                     f"pass --lr to use it)")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(cfg.device, world)
+    changes["device"] = str(dev)
+    if r.batch_size % world:
+        raise UserError(f"--batch-size {r.batch_size} is the global batch and must divide by the {world} processes")
+    if dev.type == "cpu" and cfg.amp != "off":
+        changes["amp"] = "off"
+        notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
+    if cfg.sync_bn and world == 1:
+        notes.append("--sync-bn has no effect in a single process")
+    resident = cfg.dataset in RESIDENT_DATASETS
+    if cfg.dataset == "imagenet" and cfg.workers is None:
+        changes["workers"] = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    elif resident:
+        changes["workers"] = 0  # the data lives on the device: no loader
+    changes["graph"] = resolve_graph(cfg, dev, world, resident, changes.get("amp", cfg.amp), notes)
+    changes["teacher_cache"] = resolve_teacher_cache(cfg, dev, resident, command)
+
+    if cfg.teacher_weights and cfg.teacher_ckpt:
+        raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; pass one")
+    if needs_teacher and not cfg.teacher_ckpt and not cfg.teacher_weights:
+        changes["teacher_ckpt"] = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+    if changes["teacher_cache"] == "on" and not cfg.teacher_cache_file:
+        changes["teacher_cache_file"] = default_cache_file(changes.get("teacher_ckpt", cfg.teacher_ckpt))
+    if not needs_teacher:
+        if cfg.teacher:
+            notes.append(f"--teacher {cfg.teacher} is not used by --method ce")
+        changes["teacher"] = ""
+    if not cfg.run_dir and command == "train":
+        changes["run_dir"] = run_path(os.path.join("runs", cfg.dataset), changes.get("teacher", cfg.teacher),
+                                      cfg.student, cfg.method, cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth,
+                                      proj_act=cfg.proj_act)
+    return dataclasses.replace(cfg, **changes), notes
+
+
+def resolve_graph(cfg, dev, world, resident, amp, notes):
+    """'on' or 'off': the whole step as one CUDA graph needs CUDA, one process, GPU-resident data and no
+    gradient scaler (fp16's scaler steps on the host's say)."""
+    obstacles = [why for why, blocks in (("it needs CUDA", dev.type != "cuda"),
+                                         ("it is single-process (under torchrun the eager step runs)", world > 1),
+                                         ("it needs GPU-resident data (cifar100, synthetic)", not resident),
+                                         ("--amp fp16's gradient scaler runs eagerly; use --amp bf16", amp == "fp16"))
+                 if blocks]
+    if cfg.graph == "on" and obstacles:
+        raise UserError(f"--graph on is not possible here: {obstacles[0]}; use --graph auto or off")
+    if cfg.graph == "auto" and dev.type == "cuda" and obstacles:
+        notes.append(f"CUDA graph off: {obstacles[0]}")
+    return "on" if cfg.graph != "off" and not obstacles else "off"
+
+
+def resolve_teacher_cache(cfg, dev, resident, command):
+    """'on' or 'off': the cache holds the teacher's feature and logits of CIFAR-style crops and flips, so it serves
+    pefd, kd and crd on cifar100/synthetic; sp needs the teacher's maps and ImageNet's crops are not enumerable."""
+    if command == "cache":
+        if not resident:
+            raise UserError(f"the teacher cache is for CIFAR-style data (cifar100, synthetic), not --dataset {cfg.dataset}")
+        return "on"
+    applies = resident and cfg.method in CACHED_TEACHER_METHODS
+    if cfg.teacher_cache == "on" and not applies:
+        raise UserError(f"--teacher-cache on serves pefd, kd and crd on cifar100/synthetic, not --method {cfg.method} "
+                        f"on --dataset {cfg.dataset}; use --teacher-cache auto or off")
+    return "on" if applies and (cfg.teacher_cache == "on" or (cfg.teacher_cache == "auto" and dev.type == "cuda")) \
+        else "off"
+
+
+def setup_torch(cfg):
+    """Backend switches. Deterministic mode is honest: no cudnn.benchmark behind it."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    if cfg.deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: seconds
+        # warn_only: a CUDA op without a deterministic kernel is named in a warning instead of ending the run
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    # Static shapes: kernels autotuned on the first step are reused by every later one.
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def init_distributed(device):
+    """Joins torchrun's process group (NCCL on CUDA, gloo on the CPU). Returns (rank, world size); (0, 1) when
+    the process was not started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def load_checkpoint_file(path, what):
+    """torch.load(path, weights_only=True), with one clear line for a file that is not a safe checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        why = ("it holds Python objects besides tensors and plain containers, which a safe load refuses"
+               if "weights only" in str(e).lower() else "truncated, or not a PyTorch file")
+        raise UserError(f"{what} {path} is not a readable PyTorch checkpoint ({why})") from None
+
+
+# torchvision's published DenseNet files predate its module names: 'denselayer1.norm.1' is 'denselayer1.norm1' now.
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _normalise_keys(state_dict):
+    # DataParallel/DDP save "module.", torch.compile "_orig_mod."; the weights are the same.
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        m = _OLD_DENSENET_KEY.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    return out
+
+
+def read_state_dict(path, what="checkpoint"):
+    """The state_dict in our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision weight
+    file or any plain state_dict, loaded with weights_only=True."""
+    ckpt = load_checkpoint_file(path, what)
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise UserError(f"{what} {path} holds no state_dict (expected a dict of tensors or {{'model': ...}})")
+    return _normalise_keys(ckpt)
+
+
+def frozen_model(arch, state, num_classes, source, what="checkpoint"):
+    """MODELS[arch] with `state` loaded strictly, in eval mode and without gradients."""
+    model = MODELS[arch](num_classes=num_classes)
+    ours = model.state_dict()
+    # Compared before loading: load_state_dict raises a bare RuntimeError on a shape mismatch, strict or not.
+    # torchvision's published files have no BatchNorm num_batches_tracked; loading fills them in
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in ours]
+    misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or misshaped:
+        raise UserError(f"{what} {source} does not fit {arch} with {num_classes} classes "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, "
+                        f"e.g. {(missing + unexpected + misshaped)[0]}); wrong architecture or file?")
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def torchvision_state_dict(arch, weights_name, put_at):
+    """torchvision's published `weights_name` weights of `arch`, downloaded into torch's hub cache (online only)."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch)[weights_name]
+    except (ValueError, KeyError):
+        raise UserError(f"torchvision publishes no weights {weights_name!r} for {arch} "
+                        f"(it has them for {', '.join(TORCHVISION_WEIGHTS)}: e.g. IMAGENET1K_V1)") from None
+    file, url = TORCHVISION_WEIGHTS.get(arch, (os.path.basename(weights.url), weights.url))
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # offline, a proxy, a bad download: all end the same way for the user
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"downloading {url} failed ({reason}); get {file} from there by other means and put it "
+                        f"at {put_at}") from None
+    return _normalise_keys(state)
+
+
+def load_teacher(arch, path, num_classes):
+    """A frozen teacher from our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision
+    weight file or a plain state_dict."""
+    if not os.path.isfile(path):
+        if arch in TORCHVISION_WEIGHTS:
+            file, url = TORCHVISION_WEIGHTS[arch]
+            raise UserError(f"no teacher checkpoint at {path}: get torchvision's {file} from {url} and put it there, "
+                            f"or pass --teacher-weights IMAGENET1K_V1 when online (make imagenet-all fetches it)")
+        raise UserError(f"no teacher checkpoint at {path}: pass --teacher-ckpt PATH (RepDistiller's "
+                        f"{arch}_vanilla/ckpt_epoch_240.pth works), or train one: python projkd.py --student {arch} "
+                        f"--method ce, then copy its model.pt there (make teachers does both)")
+    return frozen_model(arch, read_state_dict(path, "teacher checkpoint"), num_classes, path, "teacher checkpoint")
+
+
+def teacher_for_speed(teacher, amp_dtype, memory_format):
+    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would re-cast
+    the float32 weights every step) and channels_last; BatchNorm stays float32, as autocast runs it."""
+    teacher.to(memory_format=memory_format)
+    if amp_dtype is not None:
+        for m in teacher.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.to(amp_dtype)
+    return teacher
+
+
+def build_aux(cfg, d_student, d_teacher):
+    """The modules trained alongside the student and dropped after training: projectors, CRD embeddings."""
+    if cfg.method == "pefd":
+        if cfg.q == 0:
+            if d_student != d_teacher:
+                raise UserError(f"--q 0 (no projector) needs equal feature widths, but {cfg.student} has "
+                                f"{d_student} and {cfg.teacher} {d_teacher}")
+            return nn.Identity()
+        return ProjectorEnsemble(d_student, d_teacher, q=cfg.q, act=cfg.proj_act, depth=cfg.proj_depth)
+    if cfg.method == "crd":
+        return CRDLite(d_student, d_teacher, dim=cfg.crd_dim, negatives=cfg.crd_negatives, T=cfg.crd_T)
+    return nn.Identity()
+
+
+def method_loss(cfg, aux, student, teacher, labels):
+    """The training objective of --method, in float32; student and teacher are Outputs (teacher None for ce)."""
+    ce = F.cross_entropy(student.logits.float(), labels)
+    if cfg.method == "ce":
+        return ce
+    if cfg.method == "pefd":
+        return ce + cfg.alpha * mda_loss(aux(student.feature.float()), teacher.feature)
+    if cfg.method == "kd":
+        return cfg.kd_ce_weight * ce + cfg.kd_weight * kd_loss(student.logits, teacher.logits, cfg.kd_T)
+    if cfg.method == "sp":
+        return ce + cfg.sp_weight * sp_loss(student.map, teacher.map)
+    if cfg.method == "crd":
+        return ce + cfg.crd_weight * aux(student.feature, teacher.feature)
+    raise AssertionError(cfg.method)
+
+
+class Distiller(nn.Module):
+    """What training updates, as one module: the student, the modules dropped after training (projectors, CRD
+    embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
+    forward(x, labels, teacher Outputs) -> (loss, student logits)."""
+
+    def __init__(self, cfg, student, aux, autocast):
+        super().__init__()
+        self.cfg, self.student, self.aux, self.autocast = cfg, student, aux, autocast
+        self.taps = Taps(student, map_layer_of(student, cfg.student) if cfg.method == "sp" else None)
+
+    def forward(self, x, labels, teacher):
+        with self.autocast:
+            logits = self.student(x)
+        student = Outputs(self.taps.feature, logits, self.taps.map)
+        return method_loss(self.cfg, self.aux, student, teacher, labels), logits
+
+
+def lr_at(cfg, epoch):
+    """Step decay: epoch counts from 0, so with milestone 150 the 151st epoch is the first at lr * rate."""
+    milestones = [int(e) for e in cfg.lr_decay_epochs.split(",") if e.strip()]
+    return cfg.lr * cfg.lr_decay_rate ** sum(epoch >= m for m in milestones)
+
+
+def epoch_generator(seed, epoch):
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+# --- GPU-resident epochs: planned on the CPU, augmented on the device, read by the step through an index ---
+
+
+@dataclass
+class EpochBuffers:
+    """Device tensors that a GPU-resident epoch is written into, allocated once and refilled in place each epoch
+    so that a captured CUDA graph keeps reading the right memory."""
+    images: torch.Tensor  # used images x H x W x C uint8, the epoch's crops in order (NHWC: a row gather keeps channels_last)
+    labels: torch.Tensor  # used images, int64
+    teacher: Optional[torch.Tensor]  # used images x (feature + logits) bfloat16 from the teacher cache; None: live teacher
+    step: torch.Tensor  # int64 scalar: the epoch's next step, advanced by the step itself
+    offsets: torch.Tensor  # this process's positions within a global batch
+
+
+@dataclass
+class EpochPlan:
+    """An epoch's draws, made on the CPU: which image goes where, its crop and flip, and its cached teacher rows."""
+    order: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flip: torch.Tensor
+    teacher_rows: Optional[np.ndarray]  # int16 bit patterns of bfloat16, or None
+
+
+def plan_epoch(seed, epoch, n_train, n_used, cache):
+    g = epoch_generator(seed, epoch)
+    order = torch.randperm(n_train, generator=g)
+    dy, dx, flip = augmentation_draws(n_train, g)
+    order, dy, dx, flip = order[:n_used], dy[:n_used], dx[:n_used], flip[:n_used]  # the last partial batch is dropped
+    rows = cache.rows(order.numpy(), view_index(dy, dx, flip).numpy()) if cache is not None else None
+    return EpochPlan(order, dy, dx, flip, rows)
+
+
+class EpochPlanner:
+    """plan(epoch) returns that epoch's plan and starts the next one's in a background thread, which reads the
+    teacher cache while the GPU trains. The thread touches no CUDA, so graph capture and replay are undisturbed."""
+
+    def __init__(self, seed, n_train, n_used, cache, epochs):
+        self.args, self.epochs = (seed, None, n_train, n_used, cache), epochs
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), {}
+
+    def _submit(self, epoch):
+        seed, _, n_train, n_used, cache = self.args
+        return self.pool.submit(plan_epoch, seed, epoch, n_train, n_used, cache)
+
+    def plan(self, epoch):
+        future = self.pending.pop(epoch, None) or self._submit(epoch)
+        if epoch + 1 < self.epochs:
+            self.pending[epoch + 1] = self._submit(epoch + 1)
+        return future.result()
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def load_epoch(run, plan):
+    """Shuffles, crops and flips the whole epoch at once on the device, in the models' memory format, into the
+    epoch buffers; with the cache, uploads the epoch's teacher rows in one copy."""
+    buffers, device = run.buffers, run.device
+    order = plan.order.to(device)
+    images = crop_flip(run.data.train_x[order], plan.dy.to(device), plan.dx.to(device), plan.flip.to(device))
+    buffers.images.copy_(images.permute(0, 2, 3, 1))
+    buffers.labels.copy_(run.data.train_y[order])
+    if buffers.teacher is not None:
+        buffers.teacher.copy_(torch.from_numpy(plan.teacher_rows).view(torch.bfloat16))
+    buffers.step.zero_()
+
+
+def resident_step(run):
+    """One step on the GPU-resident epoch: this process's part of the next global batch, read through an index
+    computed on the device, so the step is the same every time (and can be a CUDA graph)."""
+    buffers = run.buffers
+    idx = buffers.step * run.cfg.batch_size + buffers.offsets
+    buffers.step += 1
+    images = buffers.images.index_select(0, idx).permute(0, 3, 1, 2)  # N x C x H x W, channels_last strides
+    cached = buffers.teacher.index_select(0, idx) if buffers.teacher is not None else None
+    train_step(run, images, buffers.labels.index_select(0, idx), cached)
+
+
+def teacher_outputs(run, x, cached_rows):
+    """The teacher's Outputs for the normalised batch x: split from its cached rows, or from a live forward pass.
+    no_grad rather than inference_mode: the losses save the teacher's outputs for backward, which inference
+    tensors refuse."""
+    if run.teacher is None:
+        return None
+    if cached_rows is not None:
+        num_classes = run.data.num_classes
+        feature, logits = cached_rows.split([cached_rows.shape[1] - num_classes, num_classes], dim=1)
+        return Outputs(feature, logits)
+    with torch.no_grad(), run.autocast:
+        logits = run.teacher_forward(x)
+    return Outputs(run.teacher_taps.feature, logits, run.teacher_taps.map)
+
+
+def train_step(run, images, labels, cached_teacher=None):
+    """One optimisation step on a batch of uint8 images, entirely on the device, without a host sync: the eager
+    loop calls it, and the CUDA graph is a capture of it, so the two cannot drift apart."""
+    x = normalize(images, run.data.mean, run.data.std).contiguous(memory_format=run.memory_format)
+    teacher = teacher_outputs(run, x, cached_teacher)
+    loss, logits = run.distiller(x, labels, teacher)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)  # fused SGD: reads run.lr on the device, and a scaler's scale without a sync
+    run.scaler.update()
+    run.loss_sum += loss.detach()
+    run.correct += (logits.argmax(1) == labels).sum()
+
+
+class CUDAGraphStep:
+    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
+    whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds of kernel
+    launches, which at batch 64 is what the GPU waits for. step() must read its inputs from, and write its
+    results into, tensors that outlive the graph and are only ever updated in place."""
+
+    def __init__(self, step, warmup_steps=3):
+        self.step, self.warmup_left, self.graph = step, warmup_steps, None
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.warmup_left > 0:
+            # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN and
+            # create what the captured step reuses (the optimizer's momentum buffers, autocast state).
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                self.step()
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            self.warmup_left -= 1
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.step()
+            self.graph.replay()  # capture records the step without running it
+
+
+@dataclass
+class Run:
+    """One training run: made by setup_run, advanced by train_epoch, written by save_checkpoint and finish_run."""
+    cfg: Config
+    device: torch.device
+    world_size: int
+    data: Data
+    student: nn.Module  # the plain student: what model.pt holds
+    aux: nn.Module  # projectors / CRD embeddings, dropped after training
+    distiller: nn.Module  # student + aux + loss, wrapped by DDP or torch.compile when asked
+    teacher: Optional[nn.Module]
+    teacher_forward: Optional[object]  # the teacher, or its torch.compile
+    teacher_taps: Optional[Taps]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr: torch.Tensor  # on the device: set each epoch in place, read by the fused optimizer (and the graph)
+    autocast: object
+    memory_format: torch.memory_format
+    loss_sum: torch.Tensor  # the epoch's sums, accumulated on the device by every step
+    correct: torch.Tensor
+    steps_per_epoch: int = 0
+    local_batch: int = 0
+    cache: Optional[TeacherCache] = None
+    buffers: Optional[EpochBuffers] = None  # GPU-resident data (CIFAR-style)
+    planner: Optional[EpochPlanner] = None
+    step: Optional[object] = None  # one GPU-resident step: resident_step, or its CUDA graph
+    loader: Optional[object] = None  # ImageNet: the training DataLoader and its sampler
+    sampler: Optional[object] = None
+    val_loader: Optional[object] = None
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
+    teacher_eval: Optional[dict] = None
+
+
+def checkpoint_to_resume(cfg):
+    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it should not."""
+    last_path = os.path.join(cfg.run_dir, "last.pt")
+    if not cfg.resume and not cfg.overwrite and any(
+            os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
+        raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, --overwrite to start "
+                        f"over, or another --run-dir")
+    if not (cfg.resume and os.path.isfile(last_path)):
+        return None
+    checkpoint = load_checkpoint_file(last_path, "resume checkpoint")
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
+    saved = checkpoint["config"]
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
              if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if diffs:
-        raise UserError(f"{run_dir} holds a run with other settings ({'; '.join(diffs)}); "
+        raise UserError(f"{cfg.run_dir} holds a run with other settings ({'; '.join(diffs)}); "
                         f"use another --run-dir, or --overwrite to start over")
+    if checkpoint["epoch"] > cfg.epochs:
+        raise UserError(f"{cfg.run_dir} has trained {checkpoint['epoch']} epochs already, more than --epochs {cfg.epochs}")
+    return checkpoint
 
 
-def train(cfg):
-    """Run one training (distillation, or the student alone for --method ce) and write its run directory.
-    Returns the metrics dict that is also saved as metrics.json."""
+def setup_teacher(cfg, data, device, memory_format, amp_dtype):
+    """(teacher, its test accuracy) for a distillation run; the accuracy is measured in float32 before the
+    teacher's weights go to the autocast dtype."""
+    if cfg.method == "ce":
+        return None
+    if cfg.teacher_weights:
+        put_at = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+        state = torchvision_state_dict(cfg.teacher, cfg.teacher_weights, put_at)
+        teacher = frozen_model(cfg.teacher, state, data.num_classes, cfg.teacher_weights, "torchvision weights")
+    else:
+        teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes)
+    return teacher.to(device, memory_format=memory_format)
+
+
+def setup_teacher_cache(run):
+    """The open teacher cache of this run, built first if there is none for this teacher, data and precision.
+    Under torchrun one process builds it while the others wait."""
+    cfg, data, teacher = run.cfg, run.data, run.teacher
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[AMP_DTYPES[cfg.amp]]
+    identity = cache_identity(cfg.teacher, cfg.teacher_ckpt, data.train_x, data.mean, data.std, precision)
+    cache = open_teacher_cache(cfg.teacher_cache_file, identity)
+    if cache is None and _rank() == 0:
+        if os.path.exists(cfg.teacher_cache_file):
+            log(f"note: {cfg.teacher_cache_file} was built from another checkpoint, data set or precision; rebuilding it")
+        build_teacher_cache(cfg.teacher_cache_file, teacher, data.train_x, data.mean, data.std, run.autocast,
+                            run.memory_format, identity, cfg.eval_batch_size)
+    if run.world_size > 1:
+        dist.barrier()
+    cache = cache or open_teacher_cache(cfg.teacher_cache_file, identity)
+    log(f"teacher cache: {cfg.teacher_cache_file} (built in {cache.header['build_seconds']:.0f} s on "
+        f"{cache.header['device']})")
+    return cache
+
+
+def restore(run, checkpoint):
+    run.student.load_state_dict(checkpoint["student"])
+    run.aux.load_state_dict(checkpoint["aux"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in run.optimizer.param_groups:  # load_state_dict replaced the device lr tensor with the saved value
+        group["lr"] = run.lr
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_states(checkpoint["rng"], run.device)
+    run.start_epoch, run.best, run.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
+    run.teacher_eval = checkpoint["teacher_eval"]
+
+
+def setup_data_feed(run):
+    """How the steps get their batches: GPU-resident epoch buffers (and the step, graphed on CUDA), or DataLoaders."""
+    cfg, data, device, rank = run.cfg, run.data, run.device, _rank()
+    run.local_batch = cfg.batch_size // run.world_size
+    if data.train_x is None:
+        run.sampler = torch.utils.data.distributed.DistributedSampler(
+            data.train_set, num_replicas=run.world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        run.loader = image_loader(data.train_set, run.local_batch, cfg.workers, device, run.sampler, drop_last=True)
+        run.steps_per_epoch = len(run.loader)
+        if run.steps_per_epoch == 0:
+            raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_set)} training images")
+        return
+    n_train = len(data.train_x)
+    run.steps_per_epoch = n_train // cfg.batch_size
+    if run.steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
+    n_used = run.steps_per_epoch * cfg.batch_size
+    width = run.cache.feature_dim + run.cache.num_classes if run.cache is not None else 0
+    run.buffers = EpochBuffers(
+        images=torch.empty(n_used, *data.train_x.shape[2:], data.train_x.shape[1], dtype=torch.uint8, device=device),
+        labels=torch.empty(n_used, dtype=torch.long, device=device),
+        teacher=torch.empty(n_used, width, dtype=torch.bfloat16, device=device) if run.cache is not None else None,
+        step=torch.zeros((), dtype=torch.long, device=device),
+        offsets=rank * run.local_batch + torch.arange(run.local_batch, device=device))
+    run.planner = EpochPlanner(cfg.seed, n_train, n_used, run.cache, cfg.epochs)
+    run.step = (CUDAGraphStep(lambda: resident_step(run)) if cfg.graph == "on" else lambda: resident_step(run))
+
+
+def setup_run(cfg):
+    """Everything a run needs, from the resolved config to the first step: data, teacher (and its cache),
+    student, projectors, optimizer, the state of an interrupted run, the data feed."""
     cfg, notes = resolve_config(cfg)
     device = torch.device(cfg.device)
+    rank, world = init_distributed(device)
     setup_torch(cfg)
-    run_dir = cfg.run_dir
-    last_path = os.path.join(run_dir, "last.pt")
-    if not cfg.resume and not cfg.overwrite and any(
-            os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, --overwrite to start "
-                        f"over, or another --run-dir")
-    checkpoint = None
-    if cfg.resume and os.path.isfile(last_path):
-        try:
-            checkpoint = torch.load(last_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read {last_path} to resume ({str(e).splitlines()[0]}); "
-                            f"delete it or use --overwrite") from None
-        check_resumable(checkpoint["config"], cfg, run_dir)
-        if checkpoint["epoch"] > cfg.epochs:
-            raise UserError(f"{run_dir} has trained {checkpoint['epoch']} epochs already, more than --epochs {cfg.epochs}")
-
+    checkpoint = checkpoint_to_resume(cfg)
     log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     for note in notes:
         log("note: " + note)
+    if world > 1 or cfg.dataset == "imagenet":
+        log(f"processes: {world} x batch {cfg.batch_size // world} = global batch {cfg.batch_size}; "
+            f"lr {cfg.lr} as given (never rescaled by batch size)")
 
-    data, num_classes, mean, std = load_data(cfg, device)
-    teacher = None
-    if cfg.method != "ce":
-        teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, num_classes).to(device)
+    data = load_data(cfg, device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    amp_dtype = AMP_DTYPES[cfg.amp]  # None on the CPU: resolve_config turned amp off there
+    autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None else nullcontext()
+    teacher = setup_teacher(cfg, data, device, memory_format, amp_dtype)
     torch.manual_seed(cfg.seed)  # here, after the teacher: the same seed gives every method the same initial student
-    student = MODELS[cfg.student](num_classes=num_classes).to(device)
+    student = MODELS[cfg.student](num_classes=data.num_classes)
+    if classifier_of(student).out_features != data.num_classes:
+        raise UserError(f"{cfg.student} has {classifier_of(student).out_features} outputs for {data.num_classes} classes")
+    if cfg.sync_bn and world > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student.to(device, memory_format=memory_format)
     aux = build_aux(cfg, classifier_of(student).in_features,
                     classifier_of(teacher).in_features if teacher is not None else 0).to(device)
-    if classifier_of(student).out_features != num_classes:
-        raise UserError(f"{cfg.student} has {classifier_of(student).out_features} outputs for {num_classes} classes")
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    student.to(memory_format=memory_format)
-    if teacher is not None:
-        teacher.to(memory_format=memory_format)
-
-    params = list(student.parameters()) + list(aux.parameters())
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=device.type == "cuda")  # fused: no host sync, even with a grad scaler
-    amp_dtype = AMP_DTYPES[cfg.amp]  # None on the CPU: resolve_config turned amp off there
-    autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
-
-    start_epoch, best, history = 0, {"top1": -1.0, "top5": -1.0, "epoch": 0}, []
-    teacher_eval = None
+    lr = torch.tensor(cfg.lr, device=device)
+    optimizer = torch.optim.SGD([*student.parameters(), *aux.parameters()], lr=lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    distiller = Distiller(cfg, student, aux, autocast)
+    run = Run(cfg=cfg, device=device, world_size=world, data=data, student=student, aux=aux, distiller=distiller,
+              teacher=teacher, teacher_forward=teacher, teacher_taps=None, optimizer=optimizer,
+              scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr=lr, autocast=autocast,
+              memory_format=memory_format, loss_sum=torch.zeros((), device=device),
+              correct=torch.zeros((), dtype=torch.long, device=device))
+    if data.test_x is None:
+        run.val_loader = val_loader_for(data, cfg.eval_batch_size, cfg.workers, device)
     if checkpoint is not None:
-        student.load_state_dict(checkpoint["student"])
-        aux.load_state_dict(checkpoint["aux"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_states(checkpoint["rng"], device)
-        start_epoch, best, history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
-        teacher_eval = checkpoint["teacher_eval"]
-        log(f"resuming {run_dir} after epoch {start_epoch}")
+        restore(run, checkpoint)
+        log(f"resuming {cfg.run_dir} after epoch {run.start_epoch}")
     elif cfg.resume:
-        log(f"note: nothing to resume in {run_dir}; starting fresh")
+        log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
 
-    eval_args = (data["test_x"], data["test_y"], num_classes, mean, std, cfg.eval_batch_size, memory_format)
-    if teacher is not None and teacher_eval is None:
-        teacher_eval = evaluate(teacher, *eval_args)
-        log(f"teacher {cfg.teacher} from {cfg.teacher_ckpt}: test top-1 {teacher_eval['top1']:.2f}% "
-            f"top-5 {teacher_eval['top5']:.2f}%")
-        if teacher_eval["top1"] < 2 * 100 / num_classes:
-            log(f"warning: the teacher is near chance ({100 / num_classes:.1f}%): is --teacher-ckpt the right file?")
-    os.makedirs(run_dir, exist_ok=True)
-
-    student_taps = Taps(student, map_layer_of(student, cfg.student) if cfg.method == "sp" else None)
-    teacher_taps = Taps(teacher, map_layer_of(teacher, cfg.teacher) if cfg.method == "sp" else None) \
-        if teacher is not None else None
-    student_forward = torch.compile(student) if cfg.compile else student
-    teacher_forward = (torch.compile(teacher) if cfg.compile else teacher) if teacher is not None else None
-
-    def train_step(images, labels):
-        x = normalize(images, mean, std)  # elementwise: keeps the images' channels_last layout
-        with autocast:
-            logits = student_forward(x)
-            teacher_logits = None
-            if teacher_forward is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher_forward(x)
-        loss = method_loss(cfg, aux, student_taps, logits, teacher_taps, teacher_logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach(), (logits.argmax(1) == labels).sum()
-
-    n_train = len(data["train_x"])
-    steps = n_train // cfg.batch_size
+    if teacher is not None:
+        if run.teacher_eval is None:
+            run.teacher_eval = evaluate(teacher, test_batches_of(run), data.num_classes, data.mean, data.std,
+                                        memory_format)
+            source = cfg.teacher_weights or cfg.teacher_ckpt
+            log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
+                f"top-5 {run.teacher_eval['top5']:.2f}%")
+            if run.teacher_eval["top1"] < 2 * 100 / data.num_classes:
+                log(f"warning: the teacher is near chance ({100 / data.num_classes:.1f}%): is {source} the right file?")
+        teacher_for_speed(teacher, amp_dtype, memory_format)
+        if cfg.teacher_cache == "on":
+            run.cache = setup_teacher_cache(run)
+        else:
+            run.teacher_taps = Taps(teacher, map_layer_of(teacher, cfg.teacher) if cfg.method == "sp" else None)
+            run.teacher_forward = torch.compile(teacher) if cfg.compile else teacher
+    if world > 1:
+        # Buffers are averaged once per epoch instead (average_buffers): broadcasting CRD-lite's queues from
+        # process 0 at every step would move megabytes per step for nothing, they are the same everywhere.
+        run.distiller = nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if cfg.compile:
+        run.distiller = torch.compile(run.distiller)
+    setup_data_feed(run)
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
     student.train()
     aux.train()
-    run_start = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.time()
-        lr = lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # The whole epoch is shuffled, cropped and flipped at once, in the memory format the models use: a
-        # step then only slices its batch, with no gather and no layout copy of its own.
-        g = epoch_generator(cfg.seed, epoch)
-        order = torch.randperm(n_train, generator=g).to(device)
-        dy, dx, flip = (t.to(device) for t in augmentation_draws(n_train, g))
-        epoch_images = crop_flip(data["train_x"][order], dy, dx, flip).contiguous(memory_format=memory_format)
-        epoch_labels = data["train_y"][order]
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for step in range(steps):
-            batch = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-            loss, n_correct = train_step(epoch_images[batch], epoch_labels[batch])
-            loss_sum += loss
-            correct += n_correct
-        train_loss = loss_sum.item() / steps  # the epoch's one host sync for training metrics
-        if not math.isfinite(train_loss):
-            raise UserError(f"the training loss became {train_loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
-        train_seconds = time.time() - t0
-        result = evaluate(student, *eval_args)
-        if result["top1"] > best["top1"]:
-            best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
-        seconds = time.time() - t0
-        history.append({"epoch": epoch + 1, "lr": lr, "train_loss": round(train_loss, 6),
-                        "train_acc": round(100 * correct.item() / (steps * cfg.batch_size), 4),
-                        "test_top1": round(result["top1"], 4), "test_top5": round(result["top5"], 4),
-                        "between_class_cosine": round(result["between_class_cosine"], 6),
-                        "seconds": round(seconds, 3),
-                        "images_per_s": round(steps * cfg.batch_size / train_seconds, 1)})
-        save_torch({"config": dataclasses.asdict(cfg), "epoch": epoch + 1, "student": student.state_dict(),
-                    "aux": aux.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng_states(device), "best": best, "history": history, "teacher_eval": teacher_eval},
-                   last_path)
-        save_log_csv(history, os.path.join(run_dir, "log.csv"))
-        h = history[-1]
-        done_this_run = epoch + 1 - start_epoch
-        eta = (time.time() - run_start) / done_this_run * (cfg.epochs - epoch - 1)
-        log(f"epoch {epoch + 1}/{cfg.epochs}  lr {lr:.4g}  loss {h['train_loss']:.4f}  train {h['train_acc']:.2f}%  "
-            f"test {h['test_top1']:.2f}% (best {best['top1']:.2f}%)  {h['images_per_s']:,.0f} img/s  "
-            f"eta {_duration(eta)}")
-    student_taps.remove()
-    if teacher_taps is not None:
-        teacher_taps.remove()
+    return run
 
+
+def epoch_steps(run, epoch):
+    """Runs the epoch's training steps, yielding after each."""
+    if run.buffers is not None:
+        load_epoch(run, run.planner.plan(epoch))
+        for _ in range(run.steps_per_epoch):
+            run.step()
+            yield
+    else:
+        run.sampler.set_epoch(epoch)
+        for images, labels in run.loader:
+            train_step(run, images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True))
+            yield
+
+
+def train_epoch(run, epoch):
+    """One pass over the training set. Returns its mean loss, accuracy (%), and images/s."""
+    cfg = run.cfg
+    start = last_report = time.time()
+    run.lr.fill_(lr_at(cfg, epoch))
+    run.loss_sum.zero_()
+    run.correct.zero_()
+    steps = run.steps_per_epoch
+    for i, _ in enumerate(epoch_steps(run, epoch), 1):
+        if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds and i < steps:
+            last_report = time.time()
+            log_progress(run, epoch, i, start)
+    sums = torch.stack([run.loss_sum.float(), run.correct.float()])
+    if run.world_size > 1:
+        dist.all_reduce(sums)
+    train_loss, correct = (sums / torch.tensor([steps * run.world_size, 1], device=sums.device)).tolist()  # one sync
+    if not math.isfinite(train_loss):
+        raise UserError(f"the training loss became {train_loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
+    if run.world_size > 1:
+        average_buffers(run.student)
+    seconds = time.time() - start
+    return {"loss": train_loss, "acc": 100 * correct / (steps * cfg.batch_size),
+            "images_per_s": steps * cfg.batch_size / seconds}
+
+
+def log_progress(run, epoch, step, start):
+    """A line within a long epoch: step, images/s, loss so far, and when the epoch and the run should end."""
+    cfg, steps = run.cfg, run.steps_per_epoch
+    elapsed = time.time() - start
+    loss = run.loss_sum.item() / step  # a host sync, once per progress line; this process's share of the batches
+    per_step = elapsed / step
+    epoch_left = per_step * (steps - step)
+    log(f"  epoch {epoch + 1} step {step}/{steps}  loss {loss:.4f}  {step * cfg.batch_size / elapsed:,.0f} img/s  "
+        f"epoch eta {_duration(epoch_left)}  run eta {_duration(epoch_left + per_step * steps * (cfg.epochs - epoch - 1))}")
+
+
+def average_buffers(model):
+    """BatchNorm running statistics (every floating buffer) averaged over the processes, so that all of them
+    evaluate and save the same model."""
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= _world_size()
+
+
+def test_batches(data, device, batch_size, val_loader=None):
+    """(uint8 images, labels) of this process's share of the test/validation set, on the device: a slice of the
+    resident test set, or the batches of a DataLoader over this process's shard of ImageNet's val/."""
+    if data.test_x is None:
+        for images, labels in val_loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        return
+    n, rank, world = len(data.test_x), _rank(), _world_size()
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    for i in range(lo, hi, batch_size):
+        yield data.test_x[i:min(i + batch_size, hi)], data.test_y[i:min(i + batch_size, hi)]
+
+
+def val_loader_for(data, batch_size, workers, device):
+    """ImageNet: a DataLoader over this process's shard of val/ (every world_size-th image, none twice)."""
+    shard = torch.utils.data.Subset(data.val_set, range(_rank(), len(data.val_set), _world_size()))
+    return image_loader(shard, batch_size, workers, device)
+
+
+@torch.no_grad()
+def evaluate(model, batches, num_classes, mean, std, memory_format):
+    """Top-1 and top-5 accuracy (%) and the between-class cosine of the penultimate features, in float32.
+    Under torchrun each process evaluates its share and the counts are summed over processes, so the result
+    equals one process evaluating the whole set."""
+    was_training = model.training
+    model.eval()
+    taps = Taps(model)
+    device = mean.device
+    sums = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    class_sums = torch.zeros(num_classes, classifier_of(model).in_features, device=device)
+    try:
+        for images, labels in batches:
+            x = normalize(images, mean, std).contiguous(memory_format=memory_format)
+            logits = model(x).float()
+            best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum(),
+                                 torch.tensor(len(labels), device=device)]).float()
+            class_sums.index_add_(0, labels, taps.feature.float())
+    finally:
+        taps.remove()
+        model.train(was_training)
+    if _world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(class_sums)
+    top1, top5, n = sums.tolist()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
+            "images": int(n)}
+
+
+def test_batches_of(run):
+    return test_batches(run.data, run.device, run.cfg.eval_batch_size, run.val_loader)
+
+
+def record_epoch(run, epoch, stats, result, seconds):
+    cfg = run.cfg
+    if result["top1"] > run.best["top1"]:
+        run.best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
+    run.history.append({"epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
+                        "train_acc": round(stats["acc"], 4), "test_top1": round(result["top1"], 4),
+                        "test_top5": round(result["top5"], 4),
+                        "between_class_cosine": round(result["between_class_cosine"], 6),
+                        "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1)})
+    save_log_csv(run.history, os.path.join(cfg.run_dir, "log.csv"))
+    h = run.history[-1]
+    done_here = len(run.history) - run.start_epoch
+    eta = sum(e["seconds"] for e in run.history[run.start_epoch:]) / done_here * (cfg.epochs - epoch - 1)
+    log(f"epoch {epoch + 1}/{cfg.epochs}  lr {h['lr']:.4g}  loss {h['train_loss']:.4f}  train {h['train_acc']:.2f}%  "
+        f"test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  {h['images_per_s']:,.0f} img/s  "
+        f"eta {_duration(eta)}")
+
+
+def save_checkpoint(run, epoch):
+    """last.pt: everything to continue exactly after `epoch` (written by one process)."""
+    if _rank() != 0:
+        return
+    optimizer = run.optimizer.state_dict()
+    for group in optimizer["param_groups"]:
+        group["lr"] = float(group["lr"])  # a plain number in the file; restore() points it back at the device tensor
+    save_torch({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "student": run.student.state_dict(),
+                "aux": run.aux.state_dict(), "optimizer": optimizer, "scaler": run.scaler.state_dict(),
+                "rng": rng_states(run.device), "best": run.best, "history": run.history,
+                "teacher_eval": run.teacher_eval}, os.path.join(run.cfg.run_dir, "last.pt"))
+
+
+def check_processes_agree(run):
+    """Under torchrun, every process must end with the same weights; a checksum per process says whether they do."""
+    checksum = torch.stack([t.double().sum() for t in run.student.state_dict().values() if t.is_floating_point()]).sum()
+    sums = [torch.zeros_like(checksum) for _ in range(run.world_size)]
+    dist.all_gather(sums, checksum)
+    if any(s.item() != sums[0].item() for s in sums):
+        raise RuntimeError(f"the {run.world_size} processes ended with different weights: {[s.item() for s in sums]}")
+    log(f"the weights are the same in all {run.world_size} processes (checksum {sums[0].item():.6f})")
+
+
+def finish_run(run):
+    """model.pt and metrics.json; returns the metrics."""
+    cfg, history, best = run.cfg, run.history, run.best
+    if run.world_size > 1:
+        check_processes_agree(run)
     last = history[-1]
-    images_per_epoch = steps * cfg.batch_size
+    images_per_epoch = run.steps_per_epoch * cfg.batch_size
     train_seconds = sum(images_per_epoch / h["images_per_s"] for h in history)
     wall_seconds = sum(h["seconds"] for h in history)
     metrics = {
@@ -959,41 +1712,467 @@ def train(cfg):
         "last_top1": last["test_top1"], "last_top5": last["test_top5"],
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
         "between_class_cosine": last["between_class_cosine"],
-        "teacher_top1": teacher_eval["top1"] if teacher_eval else None,
-        "teacher_top5": teacher_eval["top5"] if teacher_eval else None,
+        "teacher_top1": run.teacher_eval["top1"] if run.teacher_eval else None,
+        "teacher_top5": run.teacher_eval["top5"] if run.teacher_eval else None,
         "epochs": cfg.epochs, "wall_seconds": round(wall_seconds, 1),
         "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
-        "device": device_name(device), "torch": torch.__version__,
+        "world_size": run.world_size, "device": device_name(run.device), "torch": torch.__version__,
         "code": code_version(), "history": history,
     }
-    save_torch(student.state_dict(), os.path.join(run_dir, "model.pt"))
-    save_json(metrics, os.path.join(run_dir, "metrics.json"))
+    if _rank() == 0:
+        save_torch(run.student.state_dict(), os.path.join(cfg.run_dir, "model.pt"))
+        save_json(metrics, os.path.join(cfg.run_dir, "metrics.json"))
     log(f"done: {cfg.student} ({cfg.method}) last top-1 {last['test_top1']:.2f}% top-5 {last['test_top5']:.2f}%, "
         f"best top-1 {best['top1']:.2f}% (epoch {best['epoch']}), {_duration(wall_seconds)}, "
-        f"{metrics['images_per_s']:,.0f} img/s -> {os.path.join(run_dir, 'model.pt')}")
+        f"{metrics['images_per_s']:,.0f} img/s -> {os.path.join(cfg.run_dir, 'model.pt')}")
     return metrics
+
+
+def train(cfg):
+    """Run one training (distillation, or the student alone for --method ce) and write its run directory.
+    Returns the metrics dict that is also saved as metrics.json."""
+    run = setup_run(cfg)
+    try:
+        last_saved = time.time()
+        for epoch in range(run.start_epoch, run.cfg.epochs):
+            start = time.time()
+            stats = train_epoch(run, epoch)
+            result = evaluate(run.student, test_batches_of(run), run.data.num_classes, run.data.mean,
+                              run.data.std, run.memory_format)
+            record_epoch(run, epoch, stats, result, time.time() - start)
+            if epoch + 1 == run.cfg.epochs or time.time() - last_saved >= run.cfg.checkpoint_seconds:
+                save_checkpoint(run, epoch + 1)
+                last_saved = time.time()
+        return finish_run(run)
+    finally:
+        if run.planner is not None:
+            run.planner.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Other entry points: evaluate a checkpoint alone, build a teacher cache, fetch torchvision's weights,
+# download CIFAR-100. Each reads its options from a dataclass, as training does.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
+    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
+    dataset: str = "cifar100"  # cifar100 (its test set) | imagenet (val/) | synthetic
+    data_dir: str = "data"  # as for training
+    download: bool = False  # download CIFAR-100 with torchvision if it is not in --data-dir
+    synthetic_size: int = 2048  # as for training
+    synthetic_classes: int = 10  # as for training
+    image_size: int = 224  # imagenet: the evaluation crop, after resizing to 256/224 of it
+    workers: int = None  # imagenet: loader processes; default: this machine's CPUs over its GPUs in use
+    eval_batch_size: int = None  # per process: 1000 on CIFAR-100, 250 on ImageNet
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK
+    out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
+
+
+def evaluate_checkpoint(ec):
+    """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
+    each process evaluates a shard. Prints the result and writes it as JSON."""
+    if not ec.arch or not ec.ckpt:
+        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
+    if ec.dataset not in PROTOCOLS:
+        raise UserError(f"unknown --dataset {ec.dataset!r}; choose cifar100, imagenet or synthetic")
+    check_arch(ec.arch, "arch", ec.dataset)
+    if not os.path.isfile(ec.ckpt):
+        raise UserError(f"no checkpoint at {ec.ckpt}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(ec.device, world)
+    init_distributed(device)
+    batch = ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"]
+    workers = ec.workers if ec.workers is not None else max(1, (os.cpu_count() or 1) // world)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    data = load_data(ec, device)
+    state = read_state_dict(ec.ckpt)
+    model = frozen_model(ec.arch, state, data.num_classes, ec.ckpt).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    val_loader = val_loader_for(data, batch, workers, device) if data.test_x is None else None
+    result = evaluate(model, test_batches(data, device, batch, val_loader), data.num_classes, data.mean, data.std,
+                      memory_format)
+    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
+    record = {"arch": ec.arch, "ckpt": ec.ckpt, "dataset": ec.dataset, "top1": result["top1"], "top5": result["top5"],
+              "images": result["images"], "between_class_cosine": result["between_class_cosine"],
+              "world_size": world, "device": device_name(device), "torch": torch.__version__}
+    if _rank() == 0:
+        save_json(record, out)
+    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+        f"({result['images']} images) -> {out}")
+    return record
+
+
+def cache_precision(cfg):
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[AMP_DTYPES[cfg.amp]]
+
+
+def build_cache_command(cfg):
+    """`projkd.py cache`: the teacher cache of --teacher-ckpt for --dataset, built unless an identical one exists
+    (then only its time stamp is renewed, so that make sees it as newer than the checkpoint)."""
+    cfg, notes = resolve_config(cfg, command="cache")
+    for note in notes:
+        log("note: " + note)
+    device = torch.device(cfg.device)
+    setup_torch(cfg)
+    data = load_data(cfg, device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None else nullcontext()
+    teacher = teacher_for_speed(load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device),
+                                amp_dtype, memory_format)
+    identity = cache_identity(cfg.teacher, cfg.teacher_ckpt, data.train_x, data.mean, data.std, cache_precision(cfg))
+    if open_teacher_cache(cfg.teacher_cache_file, identity) is not None:
+        os.utime(cfg.teacher_cache_file)
+        log(f"{cfg.teacher_cache_file} is up to date for {cfg.teacher_ckpt}")
+        return
+    build_teacher_cache(cfg.teacher_cache_file, teacher, data.train_x, data.mean, data.std, autocast, memory_format,
+                        identity, cfg.eval_batch_size)
+
+
+@dataclass
+class WeightsConfig:
+    arch: str = ""  # an architecture torchvision publishes ImageNet weights of: resnet18 | resnet34 | resnet50 | densenet201
+    weights: str = "IMAGENET1K_V1"  # which of torchvision's weights (IMAGENET1K_V1: the paper's teachers)
+    out: str = ""  # where the plain state_dict goes; default checkpoints/imagenet/<arch>.pt
+
+
+def fetch_weights(wc):
+    """`projkd.py fetch-weights`: torchvision's ImageNet weights of --arch as a plain state_dict file."""
+    if wc.arch not in TORCHVISION_WEIGHTS:
+        raise UserError(f"fetch-weights takes --arch {' | '.join(TORCHVISION_WEIGHTS)}, not {wc.arch!r}")
+    out = wc.out or os.path.join("checkpoints", "imagenet", f"{wc.arch}.pt")
+    state = torchvision_state_dict(wc.arch, wc.weights, out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    save_torch(state, out)
+    log(f"torchvision's {wc.arch} {wc.weights} -> {out}")
+
+
+def download_command(cfg):
+    """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official archive)."""
+    if cfg.dataset == "imagenet":
+        raise UserError(f"ImageNet cannot be downloaded for you: get ILSVRC2012's train and val images from "
+                        f"image-net.org and arrange them as {cfg.data_dir}/train/<class>/ and {cfg.data_dir}/val/<class>/ "
+                        f"(README: ImageNet)")
+    if cfg.dataset == "cifar100":
+        load_cifar100(cfg.data_dir, download=True)
+        log(f"CIFAR-100 is in {os.path.join(cfg.data_dir, 'cifar-100-python')}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark: images/s of the classic KD loop and of ours (eager and CUDA graph, live teacher and cached),
+# same process, models and batch, after warm-up; and a check that the graphed step equals the eager one.
+# ---------------------------------------------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for model-FLOPs utilisation; the first
+# name contained in the GPU's name applies.
+BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+                   "A100": 312e12}
+
+
+@dataclass
+class BenchConfig:
+    pairs: str = "vgg13:vgg8 resnet32x4:resnet8x4"  # teacher:student pairs, each timed with PEFD; on the CPU: resnet20:resnet8
+    batch_size: int = 64  # the paper's CIFAR-100 batch
+    steps: int = None  # timed steps of each variant of our loop: 400 on CUDA, 3 on the CPU
+    classic_steps: int = None  # timed steps of the classic loop: 150 on CUDA, 3 on the CPU
+    warmup: int = None  # untimed steps before each timing: 30 on CUDA, 1 on the CPU
+    workers: int = None  # DataLoader processes of the classic loop: min(8, CPUs), RepDistiller's default being 8
+    check_steps: int = 200  # the graph-against-eager check: steps compared (CUDA only)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "results"  # bench.json and bench.md go here
+
+
+class _PILImages(torch.utils.data.Dataset):
+    """uint8 CHW images as PIL images through a torchvision transform: how KD codebases read CIFAR."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, device):
+    """PEFD trained as RepDistiller-style code does it: a DataLoader with worker processes doing per-sample PIL
+    RandomCrop(32, padding=4) + flip + ToTensor + Normalize, float32 models, the default SGD, a blocking copy
+    of each batch and .item() of the loss every step."""
+    import torchvision.transforms as T
+
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+    loader = torch.utils.data.DataLoader(_PILImages(images, labels, transform), batch_size=bc.batch_size,
+                                         shuffle=True, num_workers=bc.workers, pin_memory=device.type == "cuda",
+                                         drop_last=True)
+    teacher = MODELS[teacher_arch](num_classes=100).to(device).eval()
+    student = MODELS[student_arch](num_classes=100).to(device).train()
+    projectors = ProjectorEnsemble(classifier_of(student).in_features, classifier_of(teacher).in_features).to(device)
+    optimizer = torch.optim.SGD([*student.parameters(), *projectors.parameters()], lr=0.05, momentum=0.9,
+                                weight_decay=5e-4)
+    loss_total, start = 0.0, None
+    for i, (x, y) in enumerate(loader):
+        if i == bc.warmup:
+            synchronize(device)
+            start = time.time()
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            teacher_feature, _ = features_and_logits(teacher, x)
+        student_feature, logits = features_and_logits(student, x)
+        loss = F.cross_entropy(logits, y) + 25 * mda_loss(projectors(student_feature), teacher_feature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_total += loss.item()  # the per-step AverageMeter update: a host sync every step
+        if i + 1 == bc.warmup + bc.classic_steps:
+            break
+    synchronize(device)
+    return bc.classic_steps * bc.batch_size / (time.time() - start)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached, deterministic=False):
+    """A PEFD Run of our loop on generated data (one epoch of warm-up + timed steps), built by setup_run like a
+    real one. cached: the epoch's teacher rows are computed once up front, the per-step work of --teacher-cache
+    (a real cache file would need every view of every image)."""
+    steps = bc.warmup + max(bc.steps, bc.check_steps if deterministic else 0)
+    cfg = Config(teacher=teacher_arch, student=student_arch, teacher_ckpt=teacher_ckpt, dataset="synthetic",
+                 synthetic_size=steps * bc.batch_size, synthetic_classes=100, batch_size=bc.batch_size, epochs=1,
+                 device=str(device), graph="on" if graph else "off", teacher_cache="off", progress_seconds=0,
+                 deterministic=deterministic, run_dir=os.path.join(folder, f"run-{time.time_ns()}"))
+    run = setup_run(cfg)
+    run.lr.fill_(lr_at(run.cfg, 0))
+    load_epoch(run, run.planner.plan(0))
+    if cached:
+        run.buffers.teacher = live_teacher_rows(run)
+    return run
+
+
+@torch.no_grad()
+def live_teacher_rows(run):
+    """The teacher's feature and logits for every image of the loaded epoch, as the cache would supply them."""
+    rows = []
+    for i in range(0, len(run.buffers.images), 1000):
+        x = normalize(run.buffers.images[i:i + 1000].permute(0, 3, 1, 2), run.data.mean, run.data.std)
+        teacher = teacher_outputs(run, x.contiguous(memory_format=run.memory_format), None)
+        rows.append(torch.cat([teacher.feature, teacher.logits], dim=1).to(torch.bfloat16))
+    return torch.cat(rows)
+
+
+def our_loop_images_per_s(run, bc):
+    for _ in range(bc.warmup):
+        run.step()
+    synchronize(run.device)
+    start = time.time()
+    for _ in range(bc.steps):
+        run.step()
+    run.loss_sum.item()  # waits for the last step
+    return bc.steps * bc.batch_size / (time.time() - start)
+
+
+def training_flops_per_image(teacher_arch, student_arch, with_teacher, batch=2):
+    """FLOPs of one PEFD training step per image (student forward and backward, projectors, and the teacher's
+    forward unless cached), counted by torch.utils.flop_counter on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    teacher = MODELS[teacher_arch](num_classes=100).eval()
+    student = MODELS[student_arch](num_classes=100)
+    projectors = ProjectorEnsemble(classifier_of(student).in_features, classifier_of(teacher).in_features)
+    x = torch.randn(batch, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            teacher_feature = features_and_logits(teacher, x)[0] if with_teacher else torch.randn(batch, 1)
+        feature, logits = features_and_logits(student, x)
+        loss = logits.logsumexp(1).mean() + projectors(feature).sum() + 0 * teacher_feature.sum()
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
+    """From the same initial state and data, bc.check_steps steps eagerly and as a CUDA graph, both in
+    deterministic mode: the per-step losses and the final weights must agree to bf16 tolerance."""
+    losses, weights = {}, {}
+    for graph in (False, True):
+        run = bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached=False,
+                        deterministic=True)
+        losses[graph] = []
+        for _ in range(bc.check_steps):
+            run.loss_sum.zero_()
+            run.step()
+            losses[graph].append(run.loss_sum.item())
+        weights[graph] = {k: v.double().cpu() for k, v in run.student.state_dict().items() if v.is_floating_point()}
+        run.planner.close()
+    eager, graphed = np.array(losses[False]), np.array(losses[True])
+    loss_rel = float(np.max(np.abs(eager - graphed) / np.maximum(np.abs(eager), 1e-12)))
+    weight_rel = max(float((weights[False][k] - weights[True][k]).abs().max() / weights[False][k].abs().max().clamp_min(1e-12))
+                     for k in weights[False])
+    tolerance = 1e-2  # bf16 has 8 significant bits
+    return {"pair": f"{teacher_arch}:{student_arch}", "steps": bc.check_steps, "deterministic": True,
+            "max_loss_rel_diff": loss_rel, "max_weight_rel_diff": weight_rel, "tolerance": tolerance,
+            "bitwise_equal_losses": bool(np.array_equal(eager, graphed)),
+            "passed": loss_rel <= tolerance and weight_rel <= tolerance}
+
+
+def bench_pair(teacher_arch, student_arch, bc, device, folder):
+    teacher_ckpt = os.path.join(folder, f"{teacher_arch}.pt")
+    torch.save(MODELS[teacher_arch](num_classes=100).state_dict(), teacher_ckpt)  # random weights: speed is the same
+    n = (bc.warmup + bc.classic_steps) * bc.batch_size
+    images, labels, _, _ = make_synthetic(n, 100)
+    flops = {cached: training_flops_per_image(teacher_arch, student_arch, with_teacher=not cached)
+             for cached in (False, True)}
+    peak = bf16_peak_flops(device)
+    rows = [{"loop": "classic (DataLoader + PIL, fp32, .item() per step)", "cached": False,
+             "images_per_s": classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, device)}]
+    for graph in (False, True):
+        for cached in (False, True):
+            name = f"ours, {'CUDA graph' if graph else 'eager'}, teacher {'cached' if cached else 'live'}"
+            if graph and device.type != "cuda":
+                rows.append({"loop": name, "cached": cached, "images_per_s": None, "skipped": "needs CUDA"})
+                continue
+            run = bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached)
+            rows.append({"loop": name, "cached": cached, "images_per_s": our_loop_images_per_s(run, bc)})
+            run.planner.close()
+    classic = rows[0]["images_per_s"]
+    for row in rows:
+        speed = row["images_per_s"]
+        row["vs_classic"] = speed / classic if speed else None
+        row["flops_per_image"] = flops[row["cached"]]
+        row["mfu"] = speed * flops[row["cached"]] / peak if speed and peak else None
+    return {"teacher": teacher_arch, "student": student_arch, "rows": rows}
+
+
+def bf16_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+
+
+def run_bench(bc):
+    """`projkd.py bench`: writes <out_dir>/bench.json and bench.md; a tiny version on the CPU."""
+    device = resolve_device(bc.device, 1)
+    cuda = device.type == "cuda"
+    defaults = {"steps": 400 if cuda else 3, "classic_steps": 150 if cuda else 3, "warmup": 30 if cuda else 1,
+                "workers": min(8, os.cpu_count() or 1), "pairs": bc.pairs if cuda else "resnet20:resnet8"}
+    if bc.pairs != BenchConfig.pairs:
+        defaults["pairs"] = bc.pairs
+    bc = dataclasses.replace(bc, **{k: v for k, v in defaults.items() if getattr(bc, k) is None or k == "pairs"})
+    pairs = [p.split(":") for p in bc.pairs.split()]
+    for teacher_arch, student_arch in pairs:
+        check_arch(teacher_arch, "teacher", "cifar100")
+        check_arch(student_arch, "student", "cifar100")
+    if bc.steps < 1 or bc.classic_steps < 1 or bc.warmup < (4 if cuda else 0):
+        raise UserError("bench needs --steps and --classic-steps >= 1, and on CUDA --warmup >= 4 (the graph is "
+                        "captured after 3 eager steps)")
+    report = {"device": device_name(device), "torch": torch.__version__, "batch_size": bc.batch_size,
+              "steps": bc.steps, "classic_steps": bc.classic_steps, "warmup": bc.warmup, "workers": bc.workers,
+              "bf16_peak_flops": bf16_peak_flops(device), "code": code_version(), "pairs": []}
+    with tempfile.TemporaryDirectory() as folder:
+        for teacher_arch, student_arch in pairs:
+            report["pairs"].append(bench_pair(teacher_arch, student_arch, bc, device, folder))
+        if cuda:
+            teacher_arch, student_arch = pairs[0]
+            report["graph_check"] = graph_check(teacher_arch, student_arch, os.path.join(folder, f"{teacher_arch}.pt"),
+                                                bc, device, folder)
+    os.makedirs(bc.out_dir, exist_ok=True)
+    save_json(report, os.path.join(bc.out_dir, "bench.json"))
+    save_text(bench_markdown(report), os.path.join(bc.out_dir, "bench.md"))
+    log(bench_markdown(report))
+    if "graph_check" in report and not report["graph_check"]["passed"]:
+        raise UserError(f"the CUDA-graph step disagrees with the eager step beyond bf16 tolerance: "
+                        f"{report['graph_check']}")
+    return report
+
+
+def bench_markdown(report):
+    peak = report["bf16_peak_flops"]
+    mfu_note = (f" MFU: model FLOPs (torch.utils.flop_counter) x images/s over the GPU's dense bf16 peak "
+                f"({peak / 1e12:.0f} TFLOP/s)." if peak else "")
+    lines = [f"# projkd bench: {report['device']}, torch {report['torch']}", "",
+             f"PEFD, batch {report['batch_size']}, generated CIFAR-shaped data, random weights; images/s over "
+             f"{report['steps']} steps of our loop and {report['classic_steps']} of the classic one "
+             f"({report['workers']} loader workers), after {report['warmup']} warm-up steps; all in one "
+             f"process.{mfu_note}", ""]
+    for pair in report["pairs"]:
+        lines += [f"## {pair['teacher']} → {pair['student']}", "",
+                  "| loop | images/s | vs classic | GFLOPs/image | MFU |", "|---|---|---|---|---|"]
+        for row in pair["rows"]:
+            if row["images_per_s"] is None:
+                lines.append(f"| {row['loop']} | skipped: {row['skipped']} | | | |")
+                continue
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            lines.append(f"| {row['loop']} | {row['images_per_s']:,.0f} | {row['vs_classic']:.2f}x | "
+                         f"{row['flops_per_image'] / 1e9:.3f} | {mfu} |")
+        lines.append("")
+    check = report.get("graph_check")
+    if check:
+        lines += ["## CUDA graph = eager", "",
+                  f"{check['pair']}, {check['steps']} steps from the same state, deterministic mode: largest relative "
+                  f"difference of a step's loss {check['max_loss_rel_diff']:.2e}, of a final weight "
+                  f"{check['max_weight_rel_diff']:.2e} (tolerance {check['tolerance']}): "
+                  f"{'passed' if check['passed'] else 'FAILED'}"
+                  f"{' (bitwise equal losses)' if check['bitwise_equal_losses'] else ''}.", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------
 
+# Subcommands: name -> (options dataclass, what it does, usage). No subcommand: training.
+COMMANDS = {
+    "eval": (EvalConfig, evaluate_checkpoint, "evaluate a checkpoint alone",
+             "python projkd.py eval --arch ARCH --ckpt PATH [--dataset ...]  (or under torchrun)"),
+    "cache": (Config, build_cache_command, "build the teacher-output cache of a teacher checkpoint",
+              "python projkd.py cache --teacher ARCH [--teacher-ckpt PATH] [--dataset ...] [--teacher-cache-file F]"),
+    "bench": (BenchConfig, run_bench, "throughput of the classic KD loop against ours; results/bench.{json,md}",
+              "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
+    "fetch-weights": (WeightsConfig, fetch_weights, "torchvision's ImageNet weights as a teacher checkpoint",
+                      "python projkd.py fetch-weights --arch resnet34 [--out checkpoints/imagenet/resnet34.pt]"),
+    "download": (Config, download_command, "download CIFAR-100 into --data-dir (needs internet)",
+                 "python projkd.py download [--data-dir data]"),
+}
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    schema, command, usage = Config, train, "python projkd.py [--option value ...]   (or a subcommand: " + \
+        ", ".join(COMMANDS) + "; python projkd.py SUBCOMMAND --help)"
+    if argv and argv[0] in COMMANDS:
+        schema, command, _, usage = COMMANDS[argv[0]]
+        argv = argv[1:]
     if any(a in ("-h", "--help") for a in argv):
-        print(cli_help(Config, __doc__, "python projkd.py [--option value ...]"))
+        print(cli_help(schema, __doc__, usage))
         return 0
     try:
-        train(parse_args(argv))
+        command(parse_args(argv, schema))
     except UserError as e:
-        print(f"projkd: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error: say it once
+            print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("projkd: interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # e.g. `projkd.py --help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -151,7 +151,8 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     logits = student(x)
     with torch.no_grad():
         teacher_logits = teacher(x)
-    loss = projkd.method_loss(cfg, aux, student_taps, logits, teacher_taps, teacher_logits, y)
+    loss = projkd.method_loss(cfg, aux, projkd.Outputs(student_taps.feature, logits),
+                              projkd.Outputs(teacher_taps.feature, teacher_logits), y)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
     assert all(p.grad is not None for p in student.parameters())
@@ -309,7 +310,7 @@ def test_synthetic_data_is_deterministic_and_balanced():
 
 
 def test_lr_schedule_steps_after_the_milestones():
-    cfg = projkd.Config(lr=0.05)
+    cfg = projkd.Config(lr=0.05, lr_decay_epochs="150,180,210")
     lrs = [projkd.lr_at(cfg, e) for e in (0, 149, 150, 179, 180, 210, 239)]
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
 
@@ -419,7 +420,7 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
 
 @pytest.mark.parametrize("problem,message", [
     ("missing", "no teacher checkpoint at"),
-    ("corrupt", "cannot read teacher checkpoint"),
+    ("corrupt", "is not a readable PyTorch checkpoint (truncated, or not a PyTorch file)"),
     ("wrong_arch", "does not fit resnet20 with 10 classes"),
     ("wrong_classes", "2 mis-shaped tensors, e.g. fc.weight"),
     ("not_a_state_dict", "holds no state_dict"),
