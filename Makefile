@@ -3,29 +3,45 @@
 # `make help` lists the targets; `make -n cifar-all` prints the whole plan, each command in full.
 #
 #   $(TEACHERS)/<arch>.pt                          teacher checkpoint; one that exists is used as is
+#   $(TEACHERS)/<arch>.tcache                      its outputs on every training view, for pefd/kd/crd on a GPU
 #   $(RUNS)/<arch>/ce-seed<N>/                     a model trained alone: a teacher, or the Student row
 #   $(RUNS)/<teacher>-<student>/<method>-seed<N>/  a distillation run (pefd-q2-seed1: an ablation variant)
 #   $(RESULTS)/<dataset>.md, .csv, ablations.md   the tables
+# ImageNet (imagenet-all, the paper's Table 1) has the same layout under runs/imagenet/ and results/imagenet.md,
+# made by a make of its own with DATASET=imagenet; its teachers, checkpoints/imagenet/<arch>.pt, are torchvision's
+# pretrained weights, fetched, never trained.
 # A run is finished when its metrics.json exists. Every run is started with --resume, so an interrupted
 # make continues interrupted runs from their last.pt and redoes nothing that finished.
 include params.mk
 
-# Full-length runs live where projkd.py puts them by default; other lengths get folders of their own.
-TAG := $(DATASET)$(if $(filter 240,$(EPOCHS)),,-e$(EPOCHS))
+ON_IMAGENET := $(filter imagenet,$(DATASET))
+# Full-length runs (240 epochs, ImageNet's 100) live where projkd.py puts them by default; other lengths get
+# folders of their own. ImageNet's teachers are pretrained weights, the same whatever the students' EPOCHS.
+TAG := $(DATASET)$(if $(filter $(if $(ON_IMAGENET),100,240),$(EPOCHS)),,-e$(EPOCHS))
 RUNS := runs/$(TAG)
-TEACHERS := checkpoints/$(TAG)
-RESULTS := results$(if $(filter cifar100,$(TAG)),,/$(TAG))
-# Stamp of `pip install -r requirements.txt` into $(PY), and the data every cifar100 run needs.
+TEACHERS := checkpoints/$(if $(ON_IMAGENET),imagenet,$(TAG))
+RESULTS := results$(if $(filter cifar100 imagenet,$(TAG)),,/$(TAG))
+# Stamp of `pip install -r requirements.txt` into $(PY), and the data every cifar100 (or imagenet) run needs.
 DEPS := .deps-installed
-DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)
-RUN := $(PY) projkd.py --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
+DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)$(if $(ON_IMAGENET),$(DATA_DIR)/val)
+# A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU.
+RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)) projkd.py \
+  --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
+# The teacher-output cache: one file per teacher checkpoint, built once, read by its pefd, kd and crd runs on
+# CIFAR-style data. Not on a CPU (building it would take hours), nor with TEACHER_CACHE=off.
+USE_CACHE := $(if $(ON_IMAGENET)$(filter off,$(TEACHER_CACHE))$(filter cpu,$(DEVICE)),,yes)
+TABLE_KIND := $(if $(ON_IMAGENET),imagenet,main)
+# ImageNet runs every rule of this file in a make of its own: these knobs replace the CIFAR ones there.
+IMAGENET_KNOBS = DATASET=imagenet DATA_DIR=$(IMAGENET_DIR) EPOCHS=$(IMAGENET_EPOCHS) PAIRS="$(IMAGENET_PAIRS)" \
+  METHODS="$(IMAGENET_METHODS)" SEEDS="$(IMAGENET_SEEDS)"
 
 .DELETE_ON_ERROR:
-# Teacher checkpoints and runs can be intermediates of the tables: Make must never delete them. (Not a
-# blanket .SECONDARY:, under which a deleted run would not be redone while the tables are up to date.)
-.PRECIOUS: $(TEACHERS)/%.pt $(RUNS)/%/metrics.json
+# Teacher checkpoints, their caches and runs can be intermediates of the tables: Make must never delete them.
+# (Not a blanket .SECONDARY:, under which a deleted run would not be redone while the tables are up to date.)
+.PRECIOUS: $(TEACHERS)/%.pt $(TEACHERS)/%.tcache $(RUNS)/%/metrics.json
 .SECONDEXPANSION:
-.PHONY: help cifar-all teachers pair ablations tables smoke test clean
+.PHONY: help cifar-all dataset-all imagenet-all imagenet-r34-r18 imagenet-r50-mobilenet teachers pair ablations \
+  tables bench smoke test clean
 
 # --- names: what a path says about its run -----------------------------------------------------------
 teacher_of = $(word 1,$(subst :, ,$1))
@@ -41,6 +57,8 @@ stem_seed = $(patsubst seed%,%,$(lastword $(call stem_words,$1)))
 stem_variant = $(filter-out $(call stem_method,$1) seed%,$(call stem_words,$1))
 # Variant words as projkd.py names them (run_name): qN, depthN, or an activation.
 variant_flags = $(foreach v,$1,$(if $(filter q%,$v),--q $(v:q%=%),$(if $(filter depth%,$v),--proj-depth $(v:depth%=%),--proj-act $v)))
+# The teacher-output cache file a run reads, if any.
+stem_cache = $(if $(USE_CACHE),$(if $(filter pefd kd crd,$(call stem_method,$1)),$(TEACHERS)/$(call stem_teacher,$1).tcache))
 
 # --- what each target needs ------------------------------------------------------------------------------
 TEACHER_ARCHS = $(sort $(foreach p,$(PAIRS),$(call teacher_of,$p)))
@@ -57,7 +75,22 @@ help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
 ## cifar-all: everything for the paper's Table 4 -> results/cifar100.md and .csv
-cifar-all: $(MAIN_RUNS) $(TABLES)
+# (dataset-all is the same for any DATASET: imagenet-all runs it with the ImageNet knobs.)
+cifar-all dataset-all: $(MAIN_RUNS) $(TABLES)
+
+## imagenet-all: the paper's Table 1: 4 pairs x (PEFD, KD) and the Student row on ImageNet -> results/imagenet.md and .csv
+imagenet-all:
+	$(MAKE) dataset-all $(IMAGENET_KNOBS)
+
+## imagenet-r34-r18: Table 1's pair (a), ResNet34 -> ResNet18, alone; then results/imagenet.md from what has finished
+imagenet-r34-r18:
+	$(MAKE) pair T=resnet34 S=resnet18 $(IMAGENET_KNOBS)
+	$(MAKE) tables $(IMAGENET_KNOBS)
+
+## imagenet-r50-mobilenet: Table 1's pair (b), ResNet50 -> MobileNet, alone; then results/imagenet.md likewise
+imagenet-r50-mobilenet:
+	$(MAKE) pair T=resnet50 S=mobilenet_v1 $(IMAGENET_KNOBS)
+	$(MAKE) tables $(IMAGENET_KNOBS)
 
 ## teachers: pretrain the teachers of PAIRS (a checkpoint that exists is kept)
 teachers: $(foreach a,$(TEACHER_ARCHS),$(TEACHERS)/$a.pt)
@@ -72,8 +105,14 @@ ablations: $(RESULTS)/ablations.md
 
 ## tables: write the tables from whatever has finished so far (unfinished runs show as missing); trains nothing
 tables: | $(RESULTS) $(DEPS)
-	$(PY) tables.py --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)"
+	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)"
+ifneq ($(DATASET),imagenet)
 	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $(RESULTS)/ablations.md
+endif
+
+## bench: measure training throughput (projkd.py bench) -> results/bench.json and bench.md; runs every time
+bench: | results $(DEPS)
+	$(LAUNCH) $(PY) projkd.py bench --out-dir results
 
 ## smoke: the whole chain (teacher, students, every method, 2 seeds, 3 ablations, tables) on generated data on the CPU
 smoke:
@@ -94,28 +133,44 @@ clean:
 # One pattern rule with two targets: a single run of its recipe writes both. (Naming the runs in an explicit
 # rule too, as cifar-all does, keeps Make from treating them as intermediates that need not exist.)
 $(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) | $(RESULTS) $(DEPS)
-	$(PY) tables.py --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv"
+	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv"
 
 $(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) | $(RESULTS) $(DEPS)
 	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@
 
 # A teacher checkpoint that exists is used as is (RepDistiller's, say: README); otherwise it is the model.pt
-# of that architecture's ce run with TEACHER_SEED.
+# of that architecture's ce run with TEACHER_SEED, or on ImageNet torchvision's pretrained weights (needs
+# internet; offline, projkd.py says which file to put where).
+ifeq ($(DATASET),imagenet)
+$(TEACHERS)/%.pt: | $(TEACHERS) $(DEPS)
+	$(PY) projkd.py fetch-weights --arch $* --out $@
+else
 $(TEACHERS)/%.pt: $$(if $$(wildcard $$@),,$(RUNS)/%/ce-seed$(TEACHER_SEED)/metrics.json) | $(TEACHERS)
 	cp $(RUNS)/$*/ce-seed$(TEACHER_SEED)/model.pt $@.tmp
 	mv $@.tmp $@
+endif
 
-# Every run, from its stem; a distillation run depends on its teacher's checkpoint.
-$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $(DEPS) $(DATA)
-	$(RUN) $(if $(call stem_teacher,$*),--teacher $(call stem_teacher,$*) --teacher-ckpt $(TEACHERS)/$(call stem_teacher,$*).pt) --student $(call stem_student,$*) --method $(call stem_method,$*) $(call variant_flags,$(call stem_variant,$*)) --seed $(call stem_seed,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
+# A teacher's outputs on all 162 crop/flip views of every training image: one file per checkpoint.
+$(TEACHERS)/%.tcache: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
+	$(LAUNCH) $(PY) projkd.py cache --teacher $* --teacher-ckpt $< --teacher-cache-file $@ --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) $(EXTRA)
 
-# Only where the data is missing: torchvision's download of the official archive (needs internet).
+# Every run, from its stem; a distillation run depends on its teacher's checkpoint. Its teacher's cache (USE_CACHE)
+# only has to exist when it starts: a cache rebuilt for one run to redo must not make the finished ones out of date.
+$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $$(call stem_cache,$$*) $(DEPS) $(DATA)
+	$(RUN) $(if $(call stem_teacher,$*),--teacher $(call stem_teacher,$*) --teacher-ckpt $(TEACHERS)/$(call stem_teacher,$*).pt) $(if $(call stem_cache,$*),--teacher-cache $(TEACHER_CACHE) --teacher-cache-file $(call stem_cache,$*)) --student $(call stem_student,$*) --method $(call stem_method,$*) $(call variant_flags,$(call stem_variant,$*)) --seed $(call stem_seed,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
+
+# Only where the data is missing: projkd.py download fetches the official archive with torchvision (needs
+# internet; offline it stops with one line saying what to do).
 $(DATA_DIR)/cifar-100-python/test: | $(DEPS)
-	$(PY) -c "import projkd; projkd.load_cifar100('$(DATA_DIR)', download=True)"
+	$(PY) projkd.py download --dataset cifar100 --data-dir $(DATA_DIR)
+
+# ImageNet is never downloaded (README): without it, stop before any run starts.
+$(DATA_DIR)/val:
+	@echo "make: no ImageNet in $(DATA_DIR)/: put its train/ and val/ class folders there, or set IMAGENET_DIR (README)" >&2; exit 2
 
 $(DEPS): requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-$(TEACHERS) $(RESULTS):
+$(sort $(TEACHERS) $(RESULTS) results):
 	mkdir -p $@

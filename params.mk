@@ -30,6 +30,14 @@ DATA_DIR ?= data
 # Where runs execute: auto (CUDA if present, else CPU), cuda, cuda:N, cpu.
 DEVICE ?= auto
 
+# A command in front of every command that trains or computes on a GPU (runs, teacher caches, bench; not the
+# tables or downloads). On a Slurm login node: make -j 64 cifar-all LAUNCH="srun -N1 -n1 --gres=gpu:1"
+LAUNCH ?=
+
+# projkd.py --teacher-cache of the pefd, kd and crd runs on CIFAR-style data: auto, on, or off. Unless off
+# (or DEVICE=cpu), each teacher's cache file, $(TEACHERS)/<arch>.tcache, is built once before its runs.
+TEACHER_CACHE ?= auto
+
 # Pairs and projector variants of the ablations (paper Figures 3 and 4, Table 5): q0 = no projector
 # (MDA on the raw student feature), qN = N projectors, depthN = N layers each, gelu/none = activation.
 ABLATION_PAIRS ?= vgg13:vgg8 resnet32x4:resnet8x4
@@ -37,3 +45,23 @@ ABLATION_VARIANTS ?= q0 q1 q2 q4 depth2 depth3 depth4 gelu none
 
 # Further projkd.py options for every run, e.g. EXTRA="--amp fp16" or EXTRA="--compile".
 EXTRA ?=
+
+# Folder holding ImageNet's train/ and val/, one subfolder per class. On ImageNet (make imagenet-all: the paper's
+# Table 1), this and the IMAGENET_ knobs below replace DATA_DIR, PAIRS, METHODS, SEEDS and EPOCHS.
+IMAGENET_DIR ?= data/imagenet
+
+# GPUs per ImageNet training: torchrun starts that many processes (with LAUNCH, ask it for as many GPUs).
+NPROC ?= 1
+
+# Teacher:student pairs of the paper's Table 1, (a) to (d): the rows of results/imagenet.md.
+IMAGENET_PAIRS ?= resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1
+
+# Methods per ImageNet pair: PEFD, KD and ce, the Student row (sp and crd can be added).
+IMAGENET_METHODS ?= pefd kd ce
+
+# Seeds of every ImageNet student run.
+IMAGENET_SEEDS ?= 1
+
+# Training epochs of every ImageNet run (the paper: 100). Other values get runs/imagenet-e<N>/ and
+# results/imagenet-e<N>/; the teachers stay in checkpoints/imagenet/.
+IMAGENET_EPOCHS ?= 100

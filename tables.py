@@ -1,8 +1,10 @@
-"""Result tables from run directories: the paper's Table 4 layout, and its projector ablations.
+"""Result tables from run directories: the paper's Table 4 layout, its projector ablations, and its Table 1 (ImageNet).
 
     python tables.py --runs runs/cifar100 --out results/cifar100.md        # Teacher/Student/KD/SP/CRD-lite/PEFD
     python tables.py --runs runs/cifar100 --out results/cifar100.csv       # the same numbers, one row per cell
     python tables.py --kind ablations --pairs "vgg13:vgg8 resnet32x4:resnet8x4" --out results/ablations.md
+    python tables.py --kind imagenet --runs runs/imagenet --methods "ce kd pefd" --seeds 1 --out results/imagenet.md \
+        --pairs "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
 
 The Makefile calls these; run them by hand to see a table of whatever has finished so far. Each cell is the
 mean ± sample std over the seeds whose run has finished, with n; a cell without any finished run says
@@ -23,10 +25,10 @@ from projkd import UserError, cli_help, parse_args, run_name, run_path, save_tex
 class TableConfig:
     runs: str = "runs/cifar100"  # the folder that holds the run directories (make's RUNS)
     pairs: str = "wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2"  # teacher:student columns
-    methods: str = "ce kd sp crd pefd"  # rows of the main table, besides the teacher
+    methods: str = "ce kd sp crd pefd"  # rows of the main table (imagenet: columns), besides the teacher
     variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD itself (make's ABLATION_VARIANTS)
     seeds: str = "1 2 3"  # the seeds every cell should have
-    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4 and Table 5: projector number, depth, activation)
+    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth, activation) | imagenet (Table 1)
     out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
 
 
@@ -45,6 +47,27 @@ PAPER = {
     "ResNet50:MobileNetV2": {"teacher": (79.34, None), "ce": (65.03, 0.09), "kd": (67.35, 0.32), "sp": (68.08, 0.38),
                              "crd": (69.11, 0.28), "pefd": (69.81, 0.42)},
 }
+
+
+# The paper's Table 1 (ImageNet), copied row by row in its column order: Student, KD, SP, CRD, SRRL, CID, Ours
+# (PEFD), Teacher. Single numbers, no std. Its CRD is full CRD; SRRL and CID are methods we do not run.
+PAPER_IMAGENET_COLUMNS = ("ce", "kd", "sp", "crd", "srrl", "cid", "pefd", "teacher")
+PAPER_IMAGENET = {
+    "resnet34:resnet18": {"top1": (69.75, 70.83, 70.94, 70.85, 71.71, 71.86, 71.94, 73.31),
+                          "top5": (89.07, 90.15, 89.83, 90.12, 90.58, 90.63, 90.68, 91.41)},
+    "resnet50:mobilenet_v1": {"top1": (69.06, 70.65, 70.14, 71.03, 72.58, 72.25, 73.16, 76.13),
+                              "top5": (88.84, 90.26, 89.64, 90.16, 91.05, 90.98, 91.24, 92.86)},
+    "densenet201:resnet18": {"top1": (69.75, 70.38, 70.75, 70.87, 71.76, 71.99, 72.29, 76.89),
+                             "top5": (89.07, 90.12, 90.01, 89.86, 90.80, 90.64, 90.99, 93.37)},
+    "densenet201:mobilenet_v1": {"top1": (69.06, 69.98, 70.34, 70.82, 72.28, 71.90, 73.24, 76.89),
+                                 "top5": (88.84, 89.93, 89.63, 90.09, 90.90, 90.97, 91.47, 93.37)},
+}
+
+
+def paper_imagenet(pair, metric, key):
+    """The paper's Table 1 value as (mean, std=None), or None where it has none."""
+    row = PAPER_IMAGENET.get(pair, {}).get(metric)
+    return (dict(zip(PAPER_IMAGENET_COLUMNS, row))[key], None) if row else None
 
 
 ACTIVATION_LABELS = {"relu": "ReLU", "gelu": "GELU", "none": "no activation"}
@@ -121,6 +144,33 @@ def collect(tc):
     return cells, found
 
 
+def collect_imagenet(tc):
+    """Every cell of the ImageNet table: per pair, the top-1 and top-5 of each method and of the teacher, at the last
+    and at the best epoch, as rows of the same form as collect's; its table is last-top1, last-top5, best-top1, ..."""
+    seeds = tc.seeds.split()
+    methods = [r for r in ROW_NAMES if r != "teacher" and r in tc.methods.split()]  # the paper's column order
+    cells, read = [], {}  # run directory -> metrics (None: unfinished), read once: a Student run serves two pairs
+    for pair in _pairs(tc):
+        teacher, student = pair.split(":")
+        runs = {}
+        for key in methods:
+            dirs = [run_path(tc.runs, teacher, student, key, s) for s in seeds]
+            read.update({d: read_metrics(d) for d in dirs if d not in read})
+            runs[key] = [read[d] for d in dirs if read[d] is not None]
+        for table in ("last-top1", "last-top5", "best-top1", "best-top5"):
+            when, metric = table.split("-")
+            for key in methods:
+                cells.append({"table": table, "row": ROW_NAMES[key], "pair": pair,
+                              **summarize([m[f"{when}_{metric}"] for m in runs[key]]),
+                              "paper": paper_imagenet(pair, metric, key)})
+            # The teacher is the pretrained checkpoint the pair's students were distilled from, as they measured it.
+            teacher_acc = [m[f"teacher_{metric}"] for ms in runs.values() for m in ms
+                           if m.get(f"teacher_{metric}") is not None]
+            cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_acc[:1]),
+                          "paper": paper_imagenet(pair, metric, "teacher")})
+    return cells, [m for m in read.values() if m is not None]
+
+
 def _fmt(mean, std, n=None, digits=2):
     if mean is None:
         return "missing"
@@ -133,7 +183,8 @@ def conditions(found):
     def values(get):
         return ", ".join(sorted({str(get(m)) for m in found})) or "–"
     return (f"epochs: {values(lambda m: m['epochs'])}; dataset: {values(lambda m: m['config']['dataset'])}; "
-            f"devices: {values(lambda m: m['device'])}; torch: {values(lambda m: m['torch'])}; "
+            f"devices: {values(lambda m: m['device'])}; processes per run: {values(lambda m: m.get('world_size', 1))}; "
+            f"torch: {values(lambda m: m['torch'])}; "
             f"code: {values(lambda m: m['code'])}; finished runs: {len(found)}")
 
 
@@ -171,6 +222,40 @@ def render_markdown(tc, cells, found):
     return "\n".join(lines)
 
 
+IMAGENET_TITLES = {
+    "last": "Top-1 and top-5 accuracy (%) at the last epoch",
+    "best": "Top-1 and top-5 accuracy (%) at the best epoch (chosen on the validation set: optimistic, for comparison)",
+}
+
+
+def render_imagenet(tc, cells, found):
+    """The paper's Table 1 layout: a Top-1 and a Top-5 row per pair, a column (ours | paper) per method."""
+    pairs = _pairs(tc)
+    columns = list(dict.fromkeys(c["row"] for c in cells))  # Student, KD, SP, CRD-lite, PEFD, Teacher
+    lines = [f"# ImageNet distillation results: `{tc.runs}`", "",
+             f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
+             "'paper' = the PEFD paper's value (Table 1, one number per cell); its CRD column is full CRD, ours "
+             "CRD-lite; its SRRL and CID columns are methods not run here.", "", conditions(found), ""]
+    for when in ("last", "best"):
+        lines += [f"## {IMAGENET_TITLES[when]}", ""]
+        lines.append("| Pair | Accuracy | " + " | ".join(f"{col} | paper" for col in columns) + " |")
+        lines.append("|" + "---|" * (2 + 2 * len(columns)))
+        for pair in pairs:
+            label = pair.replace(":", " → ")
+            if pair in PAPER_IMAGENET:
+                label = f"({'abcd'[list(PAPER_IMAGENET).index(pair)]}) {label}"
+            for metric in ("top1", "top5"):
+                row = [label if metric == "top1" else "", f"Top-{metric[3:]}"]
+                for col in columns:
+                    c = next(c for c in cells if c["table"] == f"{when}-{metric}" and c["row"] == col
+                             and c["pair"] == pair)
+                    row.append(_fmt(c["mean"], c["std"], c["n"] if col != "Teacher" else None))
+                    row.append(_fmt(*c["paper"]) if c["paper"] else "–")
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def render_csv(cells):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -184,16 +269,17 @@ def render_csv(cells):
 
 
 def write_tables(tc):
-    if tc.kind not in ("main", "ablations"):
-        raise UserError(f"unknown --kind {tc.kind!r}; choose main or ablations")
+    if tc.kind not in ("main", "ablations", "imagenet"):
+        raise UserError(f"unknown --kind {tc.kind!r}; choose main, ablations or imagenet")
     bad = [path for path in tc.out.split() if not path.endswith((".md", ".csv"))]
     if bad:
         raise UserError(f"--out {bad[0]!r} must end in .md or .csv")
-    cells, found = collect(tc)
+    collect_cells, render = (collect_imagenet, render_imagenet) if tc.kind == "imagenet" else (collect, render_markdown)
+    cells, found = collect_cells(tc)
     if not tc.out:
-        print(render_markdown(tc, cells, found))
+        print(render(tc, cells, found))
     for path in tc.out.split():
-        text = render_csv(cells) if path.endswith(".csv") else render_markdown(tc, cells, found)
+        text = render_csv(cells) if path.endswith(".csv") else render(tc, cells, found)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         save_text(text, path)
         missing = sum(c["n"] == 0 for c in cells)

@@ -8,6 +8,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -511,9 +512,10 @@ def test_help_lists_every_option_with_its_comment(capsys):
 
 # --- result tables (tables.py) --------------------------------------------------------------------------
 
-def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5):
+def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None):
     os.makedirs(run_dir, exist_ok=True)
     metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
+               "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
                "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
                "config": {"dataset": "cifar100"}}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
@@ -573,7 +575,7 @@ def make(*args, cwd=HERE):
 
 def test_make_plan_for_cifar_all_trains_each_teacher_once():
     plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}").stdout
-    commands = [line for line in plan.splitlines() if "projkd.py" in line]
+    commands = [line for line in plan.splitlines() if "projkd.py --dataset" in line]  # trainings, not teacher caches
     teachers = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
     assert sorted(t.split("/")[2] for t in teachers) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
     alone = [c for c in commands if "--method ce" in c]
@@ -581,10 +583,14 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once():
     assert len(alone) == 4 + 4 * 3  # 4 teachers; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
     assert len(distill) == 5 * 4 * 3  # 5 pairs x (pefd kd sp crd) x 3 seeds
     assert len(set(commands)) == len(commands)
+    # DEVICE=auto is a GPU's default: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
+    caches = [c for c in plan.splitlines() if "projkd.py cache " in c]
+    assert sorted(c.split("--teacher ")[1].split()[0] for c in caches) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
     # every parameter of the pipeline is spelled out in the echoed command
     one = next(c for c in distill if "--run-dir runs/cifar100/vgg13-vgg8/pefd-seed2" in c)
     for flag in ("--dataset cifar100", "--data-dir data", "--device auto", "--epochs 240", "--teacher vgg13",
-                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--student vgg8", "--method pefd", "--seed 2",
+                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--teacher-cache auto",
+                 "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
                  "--resume"):
         assert flag in one
     assert plan.count("tables.py") == 1 and "results/cifar100.md results/cifar100.csv" in plan
@@ -592,7 +598,7 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once():
 
 def test_make_plan_for_ablations_and_short_runs():
     plan = make("-n", "ablations", "DEPS=", "DATA=", "EPOCHS=2", "SEEDS=1", f"PY={sys.executable}").stdout
-    runs = [line for line in plan.splitlines() if "projkd.py" in line and "--teacher " in line]
+    runs = [line for line in plan.splitlines() if "projkd.py --dataset" in line and "--teacher " in line]
     assert len(runs) == 2 * 10  # 2 pairs x (PEFD + 9 variants)
     assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
     assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
@@ -695,3 +701,221 @@ def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
     # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
     # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
     assert torch.allclose(taps.map.mean((2, 3)), taps.feature, atol=1e-6)
+
+
+# --- ImageNet, LAUNCH and the teacher cache ------------------------------------------------------------------
+
+IMAGENET_PAIRS = "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
+
+
+def test_imagenet_table_is_table_1_with_our_numbers_beside_the_paper(tmp_path):
+    import tables
+
+    runs = tmp_path / "runs"
+    for seed, top1, top5 in ((1, 71.0, 90.0), (2, 72.0, 91.0)):
+        write_metrics(runs / "resnet34-resnet18" / f"pefd-seed{seed}", top1, best=top1 + 0.5, teacher=73.3, top5=top5,
+                      teacher_top5=91.4)
+    write_metrics(runs / "resnet18" / "ce-seed1", 69.5, top5=89.0)  # the Student row of (a) and (c)
+    write_metrics(runs / "densenet201-mobilenet_v1" / "kd-seed1", 70.0, teacher=76.9, top5=89.9, teacher_top5=93.4)
+    md, csv_path = tmp_path / "imagenet.md", tmp_path / "imagenet.csv"
+    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--methods", "pefd kd ce",
+                        "--seeds", "1 2", "--out", f"{md} {csv_path}"]) == 0
+    text = md.read_text()
+    last, best = text.split("## ")[1:]
+    assert "| Pair | Accuracy | Student | paper | KD | paper | PEFD | paper | Teacher | paper |" in last
+    assert ("| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 71.50 ± 0.71 (n=2) | 71.94 "
+            "| 73.30 | 73.31 |") in last
+    assert "|  | Top-5 | 89.00 (n=1) | 89.07 | missing | 90.15 | 90.50 ± 0.71 (n=2) | 90.68 | 91.40 | 91.41 |" in last
+    assert "| (b) resnet50 → mobilenet_v1 | Top-1 | missing | 69.06 | missing | 70.65 | missing | 73.16 | missing | 76.13 |" \
+        in last  # nothing finished: missing, never 0
+    assert ("| (c) densenet201 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.38 | missing | 72.29 | missing "
+            "| 76.89 |") in last  # the same Student run as (a)
+    assert "|  | Top-5 | missing | 88.84 | 89.90 (n=1) | 89.93 | missing | 91.47 | 93.40 | 93.37 |" in last  # (d)
+    assert "| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 72.00 ± 0.71 (n=2) |" in best
+    assert "| 0.00" not in text and "SP" not in text
+    assert "finished runs: 4" in text  # the shared Student run counted once
+    rows = list(csv.DictReader(open(csv_path)))
+    pefd = next(r for r in rows if r["table"] == "last-top5" and r["row"] == "PEFD" and r["teacher"] == "resnet34")
+    assert (pefd["mean"], pefd["n"], pefd["paper_mean"], pefd["paper_std"]) == ("90.5", "2", "90.68", "")
+    # SP and CRD-lite are columns when asked for, in the paper's order
+    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--seeds", "1",
+                        "--out", str(md)]) == 0
+    assert ("| Pair | Accuracy | Student | paper | KD | paper | SP | paper | CRD-lite | paper | PEFD | paper | Teacher "
+            "| paper |") in md.read_text()
+
+
+def plan_lines(*args):
+    return make("-n", *args, "DEPS=", "DATA=", f"PY={sys.executable}").stdout.splitlines()
+
+
+def test_make_plan_for_imagenet_all():
+    plan = plan_lines("imagenet-all")
+    trainings = [line for line in plan if "projkd.py --dataset" in line]
+    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=1 projkd.py"
+    assert all(t.startswith(f"{torchrun} --dataset imagenet --data-dir data/imagenet --device auto --epochs 100 ")
+               for t in trainings)
+    expected = [f"{p.replace(':', '-')}/{m}-seed1" for p in IMAGENET_PAIRS.split() for m in ("pefd", "kd")]
+    expected += ["resnet18/ce-seed1", "mobilenet_v1/ce-seed1"]  # the Student rows, each shared by two pairs
+    assert sorted(t.split("--run-dir ")[1].split()[0] for t in trainings) == sorted(f"runs/imagenet/{e}" for e in expected)
+    assert all(f"--teacher-ckpt checkpoints/imagenet/{t.split('--teacher ')[1].split()[0]}.pt " in t
+               for t in trainings if "--method ce" not in t)
+    assert sorted(line for line in plan if "fetch-weights" in line) == sorted(
+        f"{sys.executable} projkd.py fetch-weights --arch {a} --out checkpoints/imagenet/{a}.pt"
+        for a in ("densenet201", "resnet34", "resnet50"))
+    assert not any("tcache" in line for line in plan)  # never on ImageNet
+    assert f'{sys.executable} tables.py --kind imagenet --runs runs/imagenet --pairs "{IMAGENET_PAIRS}" --methods ' \
+           '"pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv"' in plan
+    # more GPUs per run, seeds and a short trial, which gets folders of its own but the same pretrained teachers
+    plan = plan_lines("imagenet-all", "NPROC=8", "IMAGENET_SEEDS=1 2", "IMAGENET_EPOCHS=2")
+    trainings = [line for line in plan if "projkd.py --dataset" in line]
+    assert len(trainings) == 2 * 10 and all("--nproc_per_node=8 projkd.py" in t for t in trainings)
+    assert all("--run-dir runs/imagenet-e2/" in t and "--epochs 2 " in t for t in trainings)
+    assert len([line for line in plan if "fetch-weights" in line and "checkpoints/imagenet/" in line]) == 3
+    assert any("--out \"results/imagenet-e2/imagenet.md results/imagenet-e2/imagenet.csv\"" in line for line in plan)
+    # one pair alone: its runs and its teacher, then the whole table from whatever has finished
+    plan = plan_lines("imagenet-r34-r18")
+    assert sorted(line.split("--run-dir ")[1].split()[0] for line in plan if "projkd.py --dataset" in line) == [
+        "runs/imagenet/resnet18/ce-seed1", "runs/imagenet/resnet34-resnet18/kd-seed1",
+        "runs/imagenet/resnet34-resnet18/pefd-seed1"]
+    assert [line.split("--arch ")[1].split()[0] for line in plan if "fetch-weights" in line] == ["resnet34"]
+    assert any(f'tables.py --kind imagenet --runs runs/imagenet --pairs "{IMAGENET_PAIRS}"' in line for line in plan)
+
+
+def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
+    launch = "srun -N1 -n1 --gres=gpu:1"
+    plan = plan_lines("cifar-all", f"LAUNCH={launch}")
+    launched = [line for line in plan if line.startswith(launch + " ")]
+    assert launched == [line for line in plan if "projkd.py --dataset" in line or "projkd.py cache " in line]
+    assert len(launched) == 16 + 60 + 4  # models alone, distillations, teacher caches
+    assert any(line.startswith(f"{sys.executable} tables.py ") for line in plan)  # the tables run here
+    plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
+    launched = [line for line in plan if line.startswith(launch + " ")]
+    assert len(launched) == 10 and all(
+        line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
+        for line in launched)
+    assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
+    assert plan_lines("bench", f"LAUNCH={launch}")[-1] == f"{launch} {sys.executable} projkd.py bench --out-dir results"
+    # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
+    plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
+    assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
+
+
+def test_make_launch_runs_every_training_through_the_launcher(tmp_path):
+    log = tmp_path / "launched.log"
+    launcher = tmp_path / "launch"
+    launcher.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec "$@"\n')  # as srun would: log, then run the rest
+    launcher.chmod(0o755)
+    knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
+             "PAIRS=resnet20:resnet8", "METHODS=kd", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt",
+             f"RESULTS={tmp_path}/results", "EXTRA=--synthetic-size 256 --batch-size 32", f"LAUNCH={launcher}"]
+    first = make("cifar-all", *knobs)
+    assert first.returncode == 0, first.stderr
+    echoed = first.stdout.splitlines()
+    trainings = [line.split() for line in echoed if "projkd.py" in line]
+    assert len(trainings) == 2 and all(t[:3] == [str(launcher), sys.executable, "projkd.py"] for t in trainings)
+    assert [line.split() for line in log.read_text().splitlines()] == [t[1:] for t in trainings]  # exactly those
+    assert "| KD |" in (tmp_path / "results" / "synthetic.md").read_text()
+    again = make("cifar-all", *knobs)
+    assert again.returncode == 0, again.stderr
+    assert "projkd.py" not in again.stdout and len(log.read_text().splitlines()) == 2  # Make redoes nothing
+
+
+STAND_IN_PYTHON = """#!{python}
+# Stands in for python in Make tests: logs its arguments, writes the files the real command would, empty.
+import os, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+def touch(path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    open(path, "w").close()
+def value(flag):
+    return args[args.index(flag) + 1]
+if "--run-dir" in args:
+    touch(os.path.join(value("--run-dir"), "model.pt"))
+    touch(os.path.join(value("--run-dir"), "metrics.json"))
+elif "cache" in args:
+    touch(value("--teacher-cache-file"))
+else:  # fetch-weights --out PATH, tables.py --out "PATH ..."
+    for path in value("--out").split():
+        touch(path)
+"""
+
+
+def stand_in_python(tmp_path):
+    python, log = tmp_path / "python", tmp_path / "calls.log"
+    python.write_text(STAND_IN_PYTHON.format(python=sys.executable, log=str(log)))
+    python.chmod(0o755)
+    return python, log
+
+
+def calls(log):
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
+    plan = plan_lines("cifar-all", "SEEDS=1", "DEVICE=cuda")
+    caches = [line for line in plan if "projkd.py cache " in line]
+    assert len(caches) == 4  # one per teacher, each shared by its pairs (ResNet50 has two)
+    for cache in caches:
+        t = cache.split("--teacher ")[1].split()[0]
+        assert cache == (f"{sys.executable} projkd.py cache --teacher {t} --teacher-ckpt checkpoints/cifar100/{t}.pt "
+                         f"--teacher-cache-file checkpoints/cifar100/{t}.tcache --dataset cifar100 --data-dir data "
+                         "--device cuda ")
+    runs = [line for line in plan if "projkd.py --dataset" in line and "--teacher " in line]
+    assert len(runs) == 5 * 4
+    for run in runs:
+        t, method = run.split("--teacher ")[1].split()[0], run.split("--method ")[1].split()[0]
+        flags = f"--teacher-cache auto --teacher-cache-file checkpoints/cifar100/{t}.tcache "
+        assert (flags in run) == (method in ("pefd", "kd", "crd")), run
+        cache = next(c for c in caches if f"--teacher {t} " in c)
+        assert plan.index(cache) < plan.index(run)  # built before any run that reads it
+    assert "--teacher-cache on " in plan_lines("pair", "T=vgg13", "S=vgg8", "SEEDS=1", "TEACHER_CACHE=on",
+                                               "DEVICE=cuda:1")[-1]
+    for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # a CPU would take hours to build it
+        assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
+
+
+def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    knobs = [f"PY={python}", "DEPS=", "DATASET=synthetic", "DEVICE=cuda", "PAIRS=resnet20:resnet8 resnet20:resnet14",
+             "SEEDS=1 2", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
+    first = make("-j4", "cifar-all", *knobs)
+    assert first.returncode == 0, first.stderr
+    log_lines = calls(log)
+    cache = [i for i, c in enumerate(log_lines) if c.startswith("projkd.py cache ")]
+    assert len(cache) == 1 and f"--teacher-cache-file {tmp_path}/ckpt/resnet20.tcache " in log_lines[cache[0]] + " "
+    readers = [i for i, c in enumerate(log_lines) if "--teacher-cache-file" in c and "--run-dir" in c]
+    assert len(readers) == 2 * 3 * 2 and min(readers) > cache[0]  # 2 pairs x (pefd kd crd) x 2 seeds, after the cache
+    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == len(log_lines)  # up to date
+    # the cache file is only needed while a run is to be done: deleting it redoes nothing, a run to redo rebuilds it
+    os.remove(tmp_path / "ckpt" / "resnet20.tcache")
+    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == len(log_lines)
+    os.remove(tmp_path / "runs" / "resnet20-resnet8" / "kd-seed2" / "metrics.json")
+    assert make("cifar-all", *knobs).returncode == 0
+    redone = calls(log)[len(log_lines):]
+    assert len(redone) == 3 and redone[0].startswith("projkd.py cache ") and redone[2].startswith("tables.py ")
+    assert f"--run-dir {tmp_path}/runs/resnet20-resnet8/kd-seed2 " in redone[1]
+    # a new teacher checkpoint: its cache is rebuilt once, before all its distillation runs are redone
+    os.utime(tmp_path / "ckpt" / "resnet20.pt", (time.time() + 10,) * 2)
+    before = len(calls(log))
+    assert make("-j4", "cifar-all", *knobs).returncode == 0
+    redone = calls(log)[before:]
+    assert redone[0].startswith("projkd.py cache ") and redone[-1].startswith("tables.py ")
+    assert sorted(c.split()[1] for c in redone[1:-1]) == ["--dataset"] * 2 * 4 * 2  # 2 pairs x 4 methods x 2 seeds
+
+
+def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    knobs = [f"PY={python}", "DEPS=", f"IMAGENET_DIR={tmp_path}/imagenet", f"RUNS={tmp_path}/runs",
+             f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
+    missing = make("imagenet-all", *knobs)
+    assert missing.returncode != 0 and f"no ImageNet in {tmp_path}/imagenet/" in missing.stderr and not calls(log)
+    os.makedirs(tmp_path / "imagenet" / "val")
+    first = make("-j4", "imagenet-all", *knobs)
+    assert first.returncode == 0, first.stderr
+    done = calls(log)
+    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * 3 + ["tables.py"]
+    assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
+    assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
+
