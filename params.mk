@@ -34,8 +34,8 @@ DEVICE ?= auto
 # tables or downloads). On a Slurm login node: make -j 64 cifar-all LAUNCH="srun -N1 -n1 --gres=gpu:1"
 LAUNCH ?=
 
-# projkd.py --teacher-cache of the pefd, kd and crd runs on CIFAR-style data: auto, on, or off. Unless off
-# (or DEVICE=cpu), each teacher's cache file, $(TEACHERS)/<arch>.tcache, is built once before its runs.
+# The teacher-output cache of the pefd, kd and crd runs on CIFAR-style data: auto (unless DEVICE=cpu), on, or
+# off. When used, each teacher's cache file, $(TEACHERS)/<arch>.tcache, is built once before its runs.
 TEACHER_CACHE ?= auto
 
 # Pairs and projector variants of the ablations (paper Figures 3 and 4, Table 5): q0 = no projector

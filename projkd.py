@@ -23,9 +23,11 @@ log.csv, and last.pt (everything needed to --resume exactly).
 Importing this file runs nothing; its pieces (ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite,
 features_and_logits, load_cifar100, load_imagenet) can be copied or called on their own.
 """
+import contextlib
 import csv
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import inspect
 import io
@@ -41,7 +43,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -655,14 +656,14 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def cache_identity(arch, teacher_ckpt, train_x, mean, std, precision):
+def cache_identity(cfg, data):
     """Everything a cache's contents depend on, and its key: the teacher checkpoint's content (not its name),
-    the training images, the normalisation and the precision the teacher ran at."""
-    identity = {"format": CACHE_FORMAT, "teacher": arch, "checkpoint_sha256": file_sha256(teacher_ckpt),
-                "images_sha256": hashlib.sha256(train_x.cpu().numpy().tobytes()).hexdigest(),
-                "mean": [round(v, 6) for v in mean.flatten().tolist()],
-                "std": [round(v, 6) for v in std.flatten().tolist()], "padding": CROP_PADDING,
-                "precision": precision}
+    the training images, the normalisation and the precision the teacher runs at (--amp)."""
+    identity = {"format": CACHE_FORMAT, "teacher": cfg.teacher, "checkpoint_sha256": file_sha256(cfg.teacher_ckpt),
+                "images_sha256": hashlib.sha256(data.train_x.cpu().numpy().tobytes()).hexdigest(),
+                "mean": [round(v, 6) for v in data.mean.flatten().tolist()],
+                "std": [round(v, 6) for v in data.std.flatten().tolist()], "padding": CROP_PADDING,
+                "precision": cfg.amp}
     identity["key"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return identity
 
@@ -758,6 +759,25 @@ def open_teacher_cache(path, identity):
     if header is None or header.get("key") != identity["key"]:
         return None
     return TeacherCache(path, header)
+
+
+def ensure_teacher_cache(path, identity, teacher, data, autocast, memory_format, batch_size):
+    """The cache at `path` for `identity`, built first if there is none or it was built from something else.
+    A lock on its folder makes concurrent runs of one teacher build it once: the others wait, then read it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = open_teacher_cache(path, identity)
+        if cache is None:
+            if os.path.exists(path):
+                log(f"note: {path} was built from another checkpoint, data set or precision; rebuilding it")
+            cache = build_teacher_cache(path, teacher, data.train_x, data.mean, data.std, autocast, memory_format,
+                                        identity, batch_size)
+        return cache
+    finally:
+        os.close(lock)  # and with it the lock
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -960,6 +980,8 @@ def resolve_config(cfg, command="train"):
         notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
     if cfg.sync_bn and world == 1:
         notes.append("--sync-bn has no effect in a single process")
+    if cfg.sync_bn and world > 1 and dev.type != "cuda":
+        raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
     resident = cfg.dataset in RESIDENT_DATASETS
     if cfg.dataset == "imagenet" and cfg.workers is None:
         changes["workers"] = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -1013,6 +1035,14 @@ def resolve_teacher_cache(cfg, dev, resident, command):
                         f"on --dataset {cfg.dataset}; use --teacher-cache auto or off")
     return "on" if applies and (cfg.teacher_cache == "on" or (cfg.teacher_cache == "auto" and dev.type == "cuda")) \
         else "off"
+
+
+def compute_settings(cfg, device):
+    """(memory format, autocast dtype or None, autocast context) of the models on `device`. The autocast cache is
+    off: each weight is used once per step anyway, and a cache must not outlive a CUDA graph capture."""
+    amp_dtype = AMP_DTYPES[cfg.amp]  # None on the CPU: resolve_config turned amp off there
+    autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype else contextlib.nullcontext()
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format, amp_dtype, autocast
 
 
 def setup_torch(cfg):
@@ -1121,6 +1151,12 @@ def torchvision_state_dict(arch, weights_name, put_at):
 def load_teacher(arch, path, num_classes):
     """A frozen teacher from our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision
     weight file or a plain state_dict."""
+    require_teacher_file(arch, path)
+    return frozen_model(arch, read_state_dict(path, "teacher checkpoint"), num_classes, path, "teacher checkpoint")
+
+
+def require_teacher_file(arch, path):
+    """One line saying where to get a teacher checkpoint that is not at `path`."""
     if not os.path.isfile(path):
         if arch in TORCHVISION_WEIGHTS:
             file, url = TORCHVISION_WEIGHTS[arch]
@@ -1129,7 +1165,6 @@ def load_teacher(arch, path, num_classes):
         raise UserError(f"no teacher checkpoint at {path}: pass --teacher-ckpt PATH (RepDistiller's "
                         f"{arch}_vanilla/ckpt_epoch_240.pth works), or train one: python projkd.py --student {arch} "
                         f"--method ce, then copy its model.pt there (make teachers does both)")
-    return frozen_model(arch, read_state_dict(path, "teacher checkpoint"), num_classes, path, "teacher checkpoint")
 
 
 def teacher_for_speed(teacher, amp_dtype, memory_format):
@@ -1410,20 +1445,16 @@ def setup_teacher(cfg, data, device, memory_format, amp_dtype):
 
 
 def setup_teacher_cache(run):
-    """The open teacher cache of this run, built first if there is none for this teacher, data and precision.
-    Under torchrun one process builds it while the others wait."""
-    cfg, data, teacher = run.cfg, run.data, run.teacher
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[AMP_DTYPES[cfg.amp]]
-    identity = cache_identity(cfg.teacher, cfg.teacher_ckpt, data.train_x, data.mean, data.std, precision)
-    cache = open_teacher_cache(cfg.teacher_cache_file, identity)
-    if cache is None and _rank() == 0:
-        if os.path.exists(cfg.teacher_cache_file):
-            log(f"note: {cfg.teacher_cache_file} was built from another checkpoint, data set or precision; rebuilding it")
-        build_teacher_cache(cfg.teacher_cache_file, teacher, data.train_x, data.mean, data.std, run.autocast,
-                            run.memory_format, identity, cfg.eval_batch_size)
+    """The open teacher cache of this run, built first if needed; under torchrun process 0 builds it while the
+    others wait."""
+    cfg, data = run.cfg, run.data
+    identity = cache_identity(cfg, data)
+    if _rank() == 0:
+        cache = ensure_teacher_cache(cfg.teacher_cache_file, identity, run.teacher, data, run.autocast,
+                                     run.memory_format, cfg.eval_batch_size)
     if run.world_size > 1:
         dist.barrier()
-    cache = cache or open_teacher_cache(cfg.teacher_cache_file, identity)
+        cache = open_teacher_cache(cfg.teacher_cache_file, identity)
     log(f"teacher cache: {cfg.teacher_cache_file} (built in {cache.header['build_seconds']:.0f} s on "
         f"{cache.header['device']})")
     return cache
@@ -1477,6 +1508,8 @@ def setup_run(cfg):
     rank, world = init_distributed(device)
     setup_torch(cfg)
     checkpoint = checkpoint_to_resume(cfg)
+    if cfg.method != "ce" and not cfg.teacher_weights:
+        require_teacher_file(cfg.teacher, cfg.teacher_ckpt)  # before the data, which can take a while to read
     log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     for note in notes:
         log("note: " + note)
@@ -1485,9 +1518,7 @@ def setup_run(cfg):
             f"lr {cfg.lr} as given (never rescaled by batch size)")
 
     data = load_data(cfg, device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    amp_dtype = AMP_DTYPES[cfg.amp]  # None on the CPU: resolve_config turned amp off there
-    autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None else nullcontext()
+    memory_format, amp_dtype, autocast = compute_settings(cfg, device)
     teacher = setup_teacher(cfg, data, device, memory_format, amp_dtype)
     torch.manual_seed(cfg.seed)  # here, after the teacher: the same seed gives every method the same initial student
     student = MODELS[cfg.student](num_classes=data.num_classes)
@@ -1531,10 +1562,7 @@ def setup_run(cfg):
             run.teacher_taps = Taps(teacher, map_layer_of(teacher, cfg.teacher) if cfg.method == "sp" else None)
             run.teacher_forward = torch.compile(teacher) if cfg.compile else teacher
     if world > 1:
-        # Buffers are averaged once per epoch instead (average_buffers): broadcasting CRD-lite's queues from
-        # process 0 at every step would move megabytes per step for nothing, they are the same everywhere.
-        run.distiller = nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        run.distiller = distributed(distiller, device)
     if cfg.compile:
         run.distiller = torch.compile(run.distiller)
     setup_data_feed(run)
@@ -1543,6 +1571,16 @@ def setup_run(cfg):
     student.train()
     aux.train()
     return run
+
+
+def distributed(module, device):
+    """DistributedDataParallel around `module`. Buffers are averaged once per epoch (average_buffers) instead of
+    broadcast from process 0 at every forward: CRD-lite's queues are the same everywhere and would move megabytes
+    per step for nothing. (torch 2.14 renamed broadcast_buffers to forward_sync_buffers.)"""
+    ddp = nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
 
 
 def epoch_steps(run, epoch):
@@ -1666,7 +1704,8 @@ def record_epoch(run, epoch, stats, result, seconds):
                         "test_top5": round(result["top5"], 4),
                         "between_class_cosine": round(result["between_class_cosine"], 6),
                         "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1)})
-    save_log_csv(run.history, os.path.join(cfg.run_dir, "log.csv"))
+    if _rank() == 0:
+        save_log_csv(run.history, os.path.join(cfg.run_dir, "log.csv"))
     h = run.history[-1]
     done_here = len(run.history) - run.start_epoch
     eta = sum(e["seconds"] for e in run.history[run.start_epoch:]) / done_here * (cfg.epochs - epoch - 1)
@@ -1806,31 +1845,22 @@ def evaluate_checkpoint(ec):
     return record
 
 
-def cache_precision(cfg):
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[AMP_DTYPES[cfg.amp]]
-
-
 def build_cache_command(cfg):
-    """`projkd.py cache`: the teacher cache of --teacher-ckpt for --dataset, built unless an identical one exists
-    (then only its time stamp is renewed, so that make sees it as newer than the checkpoint)."""
+    """`projkd.py cache`: the teacher cache of --teacher-ckpt for --dataset, built unless an identical one exists;
+    its time stamp is renewed either way, so that make sees it as newer than the checkpoint."""
     cfg, notes = resolve_config(cfg, command="cache")
     for note in notes:
         log("note: " + note)
     device = torch.device(cfg.device)
     setup_torch(cfg)
     data = load_data(cfg, device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    amp_dtype = AMP_DTYPES[cfg.amp]
-    autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None else nullcontext()
+    memory_format, amp_dtype, autocast = compute_settings(cfg, device)
     teacher = teacher_for_speed(load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device),
                                 amp_dtype, memory_format)
-    identity = cache_identity(cfg.teacher, cfg.teacher_ckpt, data.train_x, data.mean, data.std, cache_precision(cfg))
-    if open_teacher_cache(cfg.teacher_cache_file, identity) is not None:
-        os.utime(cfg.teacher_cache_file)
-        log(f"{cfg.teacher_cache_file} is up to date for {cfg.teacher_ckpt}")
-        return
-    build_teacher_cache(cfg.teacher_cache_file, teacher, data.train_x, data.mean, data.std, autocast, memory_format,
-                        identity, cfg.eval_batch_size)
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,
+                                 memory_format, cfg.eval_batch_size)
+    os.utime(cache.path)
+    log(f"{cache.path}: the teacher cache of {cfg.teacher_ckpt}, up to date")
 
 
 @dataclass
@@ -1951,7 +1981,8 @@ def bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, grap
                  synthetic_size=steps * bc.batch_size, synthetic_classes=100, batch_size=bc.batch_size, epochs=1,
                  device=str(device), graph="on" if graph else "off", teacher_cache="off", progress_seconds=0,
                  deterministic=deterministic, run_dir=os.path.join(folder, f"run-{time.time_ns()}"))
-    run = setup_run(cfg)
+    with contextlib.redirect_stdout(io.StringIO()):  # the bench prints its own table, not 8 run set-ups
+        run = setup_run(cfg)
     run.lr.fill_(lr_at(run.cfg, 0))
     load_epoch(run, run.planner.plan(0))
     if cached:

@@ -589,7 +589,7 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once():
     # every parameter of the pipeline is spelled out in the echoed command
     one = next(c for c in distill if "--run-dir runs/cifar100/vgg13-vgg8/pefd-seed2" in c)
     for flag in ("--dataset cifar100", "--data-dir data", "--device auto", "--epochs 240", "--teacher vgg13",
-                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--teacher-cache auto",
+                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--teacher-cache on",
                  "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
                  "--resume"):
         assert flag in one
@@ -794,7 +794,7 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
         line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
         for line in launched)
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
-    assert plan_lines("bench", f"LAUNCH={launch}")[-1] == f"{launch} {sys.executable} projkd.py bench --out-dir results"
+    assert plan_lines("bench", f"LAUNCH={launch}")[-1] == f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results"
     # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
     plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
     assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
@@ -866,13 +866,13 @@ def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
     assert len(runs) == 5 * 4
     for run in runs:
         t, method = run.split("--teacher ")[1].split()[0], run.split("--method ")[1].split()[0]
-        flags = f"--teacher-cache auto --teacher-cache-file checkpoints/cifar100/{t}.tcache "
+        flags = f"--teacher-cache on --teacher-cache-file checkpoints/cifar100/{t}.tcache "
         assert (flags in run) == (method in ("pefd", "kd", "crd")), run
         cache = next(c for c in caches if f"--teacher {t} " in c)
         assert plan.index(cache) < plan.index(run)  # built before any run that reads it
-    assert "--teacher-cache on " in plan_lines("pair", "T=vgg13", "S=vgg8", "SEEDS=1", "TEACHER_CACHE=on",
-                                               "DEVICE=cuda:1")[-1]
-    for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # a CPU would take hours to build it
+    on_cpu = plan_lines("pair", "T=vgg13", "S=vgg8", "SEEDS=1", "TEACHER_CACHE=on", "DEVICE=cpu")
+    assert "--teacher-cache on " in on_cpu[-1] and any("projkd.py cache " in line for line in on_cpu)  # asked for
+    for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # auto: a CPU would take hours to build it
         assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
 
 
@@ -919,3 +919,409 @@ def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
     assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
     assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
 
+
+
+# --- the GPU-resident step, the teacher-output cache ------------------------------------------------------------
+
+def small_run(tmp_path, *extra, **changes):
+    """A Run set up exactly as training sets one up (synthetic data, CPU), without training it."""
+    args = projkd.parse_args(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
+                                            "--run-dir", str(tmp_path / "run"), *extra))
+    return projkd.setup_run(projkd.dataclasses.replace(args, **changes))
+
+
+def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypatch):
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    plan = run.planner.plan(0)
+    projkd.load_epoch(run, plan)
+    expected = crop_flip(run.data.train_x[plan.order], plan.dy, plan.dx, plan.flip)
+    seen = []
+    monkeypatch.setattr(projkd, "train_step", lambda run, images, labels, cached: seen.append((images, labels)))
+    for _ in range(run.steps_per_epoch):
+        run.step()
+    assert run.steps_per_epoch == 3 and len(seen) == 3
+    for i, (images, labels) in enumerate(seen):
+        assert images.shape == (32, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, expected[32 * i:32 * (i + 1)])
+        assert torch.equal(labels, run.data.train_y[plan.order[32 * i:32 * (i + 1)]])
+    # under torchrun, process 1 of 2 takes the second half of every global batch
+    run.buffers.step.zero_()
+    run.buffers.offsets = 16 + torch.arange(16)
+    seen.clear()
+    run.step()
+    assert torch.equal(seen[0][0], expected[16:32])
+    run.planner.close()
+
+
+def test_epoch_buffers_are_refilled_in_place(tmp_path):
+    """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    tensors = [run.buffers.images, run.buffers.labels, run.buffers.step, run.lr, run.loss_sum, run.correct]
+    before = [t.data_ptr() for t in tensors]
+    for epoch in range(2):
+        projkd.train_epoch(run, epoch)
+    assert [t.data_ptr() for t in tensors] == before
+    assert all(g["lr"] is run.lr for g in run.optimizer.param_groups)
+    run.planner.close()
+
+
+def test_crd_lite_updates_its_queues_in_place():
+    crd = CRDLite(6, 10, dim=4, negatives=5, T=0.5)
+    pointers = [b.data_ptr() for b in crd.buffers()]
+    crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
+    assert [b.data_ptr() for b in crd.buffers()] == pointers
+
+
+def test_view_numbers_cover_every_crop_and_flip_once():
+    views = [projkd.view_draws(v, 1, "cpu") for v in range(projkd.CACHE_VIEWS)]
+    assert projkd.CACHE_VIEWS == 162
+    assert [projkd.view_index(*draws).item() for draws in views] == list(range(162))
+    assert len({(dy.item(), dx.item(), f.item()) for dy, dx, f in views}) == 162
+
+
+def test_teacher_for_speed_keeps_batchnorm_in_float32():
+    teacher = projkd.teacher_for_speed(MODELS["resnet8"](num_classes=10), torch.bfloat16, torch.contiguous_format)
+    for m in teacher.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert m.weight.dtype == torch.bfloat16
+        elif isinstance(m, nn.BatchNorm2d):
+            assert m.weight.dtype == m.running_var.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def cache_teacher(tmp_path_factory):
+    """A small teacher (random weights: the cache must reproduce whatever the teacher computes) and its cache
+    on 32 synthetic images, built through the CLI."""
+    folder = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "resnet8.pt")
+    args = ["cache", "--teacher", "resnet8", "--teacher-ckpt", str(folder / "resnet8.pt"), "--dataset", "synthetic",
+            "--synthetic-size", "32", "--device", "cpu"]
+    assert projkd.main(args) == 0
+    return folder, args
+
+
+def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
+    folder, _ = cache_teacher
+    header = projkd.read_cache_header(str(folder / "resnet8.tcache"))
+    assert (header["images"], header["views"], header["width"], header["dtype"]) == (32, 162, 64 + 10, "bfloat16")
+    cache = projkd.TeacherCache(str(folder / "resnet8.tcache"), header)
+    teacher = projkd.load_teacher("resnet8", str(folder / "resnet8.pt"), 10)
+    train_x = projkd.make_synthetic(32, 10)[0]
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 32, (40,), generator=g)
+    dy, dx, flip = projkd.augmentation_draws(40, g)
+    rows = torch.from_numpy(cache.rows(images.numpy(), projkd.view_index(dy, dx, flip).numpy())).view(torch.bfloat16)
+    x = projkd.normalize(crop_flip(train_x[images], dy, dx, flip), torch.full((1, 3, 1, 1), 0.5),
+                         torch.full((1, 3, 1, 1), 0.25))
+    with torch.no_grad():
+        feature, logits = features_and_logits(teacher, x)
+    live = torch.cat([feature, logits], dim=1)
+    # the cache stores bfloat16: 8 significant bits
+    assert torch.allclose(rows.float(), live, rtol=2 ** -8, atol=1e-6)
+    assert torch.equal(rows, live.to(torch.bfloat16))
+
+
+def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
+    folder, args = cache_teacher
+    path = str(folder / "resnet8.tcache")
+    built = projkd.read_cache_header(path)
+    assert projkd.main(args) == 0  # identical: kept, only its time stamp renewed
+    assert "up to date" in capsys.readouterr().out and projkd.read_cache_header(path) == built
+    torch.manual_seed(1)
+    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "other.pt")  # same name below, new content
+    os.replace(folder / "other.pt", folder / "resnet8.pt")
+    assert projkd.main(args) == 0
+    assert "rebuilding it" in capsys.readouterr().out
+    rebuilt = projkd.read_cache_header(path)
+    assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"] and rebuilt["key"] != built["key"]
+    assert projkd.main(args[:-2] + ["--synthetic-size", "48", "--device", "cpu"]) == 0  # other images: rebuilt too
+    assert projkd.read_cache_header(path)["images"] == 48
+
+
+def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
+    folder, _ = cache_teacher
+    common = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "2", "--device",
+              "cpu", "--deterministic", "--teacher", "resnet8", "--student", SMALL_STUDENT,
+              "--teacher-ckpt", str(folder / "resnet8.pt"), "--teacher-cache-file", str(tmp_path / "t.tcache")]
+    for cache in ("on", "off"):
+        assert projkd.main(common + ["--teacher-cache", cache, "--run-dir", str(tmp_path / cache)]) == 0
+    on, off = (json.loads((tmp_path / c / "metrics.json").read_text()) for c in ("on", "off"))
+    assert on["config"]["teacher_cache"] == "on" and off["config"]["teacher_cache"] == "off"
+    for a, b in zip(on["history"], off["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    wa, wb = (torch.load(tmp_path / c / "model.pt", weights_only=True) for c in ("on", "off"))
+    # the cached teacher outputs are bfloat16-rounded: the weights drift apart by a fraction of a percent
+    va, vb = (torch.cat([w[k].flatten() for k in w if w[k].is_floating_point()]) for w in (wa, wb))
+    assert (va - vb).norm() <= 3e-3 * va.norm()
+
+
+# --- distributed training (torchrun, gloo on the CPU) -------------------------------------------------------------
+
+def torchrun(*args, nproc=2, background=False):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(HERE, "projkd.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def ddp_args(synthetic_teacher, run_dir, *extra):
+    return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "6", "--device",
+            "cpu", "--deterministic", "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "crd",
+            "--crd-negatives", "64", "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--checkpoint-seconds", "0",
+            "--run-dir", str(run_dir), *extra]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, synthetic_teacher):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun(*ddp_args(synthetic_teacher, run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result.stdout
+
+
+def test_two_processes_train_one_model(ddp_run):
+    run_dir, out = ddp_run
+    assert "the weights are the same in all 2 processes" in out  # checked by the processes themselves
+    assert "processes: 2 x batch 16 = global batch 32" in out
+    assert out.count("epoch 3/6 ") == 1  # one process logs
+    assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv", "metrics.json", "model.pt"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["history"]) == 6
+
+
+def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_path):
+    run_dir, _ = ddp_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "eval.json"
+    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(run_dir / "model.pt"), "--dataset", "synthetic",
+                        "--synthetic-size", "256", "--device", "cpu", "--out", str(out)]) == 0
+    single = json.loads(out.read_text())
+    assert single["images"] == 64 and single["world_size"] == 1
+    assert single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+    assert single["top5"] == pytest.approx(metrics["last_top5"], abs=1e-3)
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_weights(ddp_run, synthetic_teacher, tmp_path):
+    straight, _ = ddp_run
+    run_dir = tmp_path / "run"
+    proc = torchrun(*ddp_args(synthetic_teacher, run_dir), background=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()  # as a cluster's preemption does: torchrun ends both processes mid-run
+        proc.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_after = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    resumed = torchrun(*ddp_args(synthetic_teacher, run_dir, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {run_dir} after epoch {killed_after}" in resumed.stdout and killed_after < 6
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+    run = small_run(tmp_path)
+    projkd.train_epoch(run, 0)
+    monkeypatch.setattr(projkd, "_rank", lambda: 1)
+    projkd.save_checkpoint(run, 1)
+    run.history.append({"epoch": 1, "test_top1": 0.0, "test_top5": 0.0, "between_class_cosine": 0.0,
+                        "seconds": 1.0, "images_per_s": 1.0})
+    projkd.finish_run(run)
+    assert os.listdir(tmp_path / "run") == []
+    run.planner.close()
+
+
+# --- ImageNet: class folders, torchvision models, the protocol --------------------------------------------------
+
+def write_image_folder(root, classes=("ant", "bee", "cat"), train=4, val=2, seed=0):
+    """A tiny ImageNet-style tree: root/{train,val}/<class>/*.JPEG, small JPEGs of odd sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                h, w = rng.integers(21, 70, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
+    return root
+
+
+def imagenet_args(root, *extra):
+    return ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--batch-size", "4",
+            "--epochs", "1", "--device", "cpu", "--workers", "1", *extra]
+
+
+def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet")
+    torch.manual_seed(0)
+    torch.save(MODELS["resnet18"](num_classes=3).state_dict(), tmp_path / "teacher.pt")
+    run_dir = tmp_path / "run"
+    assert projkd.main(imagenet_args(root, "--teacher", "resnet18", "--teacher-ckpt", str(tmp_path / "teacher.pt"),
+                                     "--student", "resnet18", "--run-dir", str(run_dir))) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["lr"] == 0.1 and metrics["config"]["weight_decay"] == 1e-4  # ImageNet's protocol
+    assert metrics["config"]["lr_decay_epochs"] == "30,60,90" and metrics["config"]["workers"] == 1
+    assert metrics["last_top5"] == 100.0  # 3 classes: the top 5 always hold the answer
+    MODELS["resnet18"](num_classes=3).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    ours = torchvision_eval = tmp_path / "eval.json"
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(tmp_path / "teacher.pt"), "--dataset", "imagenet",
+                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu", "--workers", "0",
+                        "--out", str(ours)]) == 0
+    assert json.loads(torchvision_eval.read_text())["top1"] == pytest.approx(metrics["teacher_top1"])
+
+
+def test_imagenet_under_two_processes(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", val=3)
+    run_dir = tmp_path / "run"
+    result = torchrun(*imagenet_args(root, "--student", "resnet18", "--method", "ce", "--run-dir", str(run_dir)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and "the weights are the same in all 2 processes" in result.stdout
+    out = tmp_path / "eval.json"
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), "--dataset", "imagenet",
+                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    single = json.loads(out.read_text())
+    assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("missing", "ImageNet not found: no folder"),
+    ("no_classes", "is not an image class folder"),
+    ("other_classes", "or they differ in name"),
+])
+def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, message):
+    root = tmp_path / "imagenet"
+    if layout == "no_classes":
+        os.makedirs(root / "train")
+        os.makedirs(root / "val")
+    elif layout == "other_classes":
+        write_image_folder(root, train=1, val=1)
+        os.rename(root / "val" / "cat", root / "val" / "dog")
+    assert projkd.main(imagenet_args(root, "--student", "resnet18", "--method", "ce",
+                                     "--run-dir", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(root) in err and "<class>" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_protocols_per_dataset_and_explicit_values_win():
+    cifar, _ = projkd.resolve_config(projkd.Config(student="vgg8", method="ce", device="cpu"))
+    imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
+                                                          dataset="imagenet", batch_size=512))
+    mobile, _ = projkd.resolve_config(projkd.Config(student="MobileNetV2", method="ce", device="cpu"))
+    pick = ("epochs", "batch_size", "lr", "lr_decay_epochs", "weight_decay", "momentum")
+    assert [getattr(cifar, k) for k in pick] == [240, 64, 0.05, "150,180,210", 5e-4, 0.9]
+    assert [getattr(imagenet, k) for k in pick] == [100, 512, 0.1, "30,60,90", 1e-4, 0.9]
+    assert mobile.lr == 0.01
+    assert any("used unchanged at 512 (the linear scaling rule would give 0.2" in n for n in notes)
+    explicit, _ = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
+                                                      dataset="imagenet", epochs=3, lr=0.2, weight_decay=0.0))
+    assert (explicit.epochs, explicit.lr, explicit.weight_decay) == (3, 0.2, 0.0)
+
+
+def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch):
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    out = tmp_path / "resnet34.pt"
+    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "resnet34-b627a593.pth" in err and str(out) in err and err.count("\n") == 1 and not out.exists()
+    assert projkd.main(["fetch-weights", "--arch", "mobilenet_v1"]) == 2
+    assert "fetch-weights takes --arch resnet18 | resnet34" in capsys.readouterr().err
+    assert projkd.main(imagenet_args(tmp_path, "--teacher", "resnet34", "--student", "resnet18",
+                                     "--run-dir", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert "no teacher checkpoint at checkpoints/imagenet/resnet34.pt: get torchvision's resnet34-b627a593.pth" in err
+
+
+def test_torchvision_densenet_files_load_with_their_old_names():
+    state = MODELS["densenet201"](num_classes=10).state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
+           if not k.endswith("num_batches_tracked")}  # as torchvision's published file has them
+    assert any(".norm.1." in k for k in old)
+    model = projkd.frozen_model("densenet201", projkd._normalise_keys(old), 10, "densenet201-c1103571.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k in old or "norm1" in k)
+
+
+# --- CLI: the new options and entry points ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--student", "vgg8", "--method", "ce", "--graph", "on"], "--graph on is not possible here: it needs CUDA"),
+    (["--student", "vgg8", "--method", "ce", "--graph", "maybe"], "unknown --graph 'maybe'"),
+    (["--student", "vgg8", "--teacher", "vgg13", "--method", "sp", "--teacher-cache", "on"],
+     "--teacher-cache on serves pefd, kd and crd"),
+    (["--student", "resnet18", "--method", "ce"], "resnet18 is an ImageNet architecture and --dataset synthetic"),
+    (["--student", "vgg8", "--method", "ce", "--batch-size", "31", "--dataset", "imagenet"],
+     "vgg8 is a CIFAR (32x32) architecture and --dataset imagenet"),
+    (["--student", "vgg8", "--method", "ce", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
+])
+def test_cli_rejects_bad_speed_and_data_options(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    assert projkd.main(synthetic_args("--run-dir", str(run_dir), *argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("projkd: error: ") and message in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+def test_progress_lines_within_an_epoch(tmp_path, capsys):
+    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--progress-seconds", "1e-9",
+                                      "--synthetic-size", "96", "--run-dir", str(tmp_path / "run"))) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
+    assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
+    assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
+
+
+def test_help_piped_into_head_ends_quietly():
+    result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head -1", shell=True,
+                            capture_output=True, text=True)
+    assert result.stdout.startswith("projkd: Improved Feature Distillation") and result.stderr == ""
+
+
+def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
+    path = tmp_path / "teacher.pt"
+    torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)  # a whole module: needs unsafe unpickling
+    assert projkd.main(synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
+                                      "--teacher-ckpt", str(path), "--run-dir", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python objects" in err
+    assert err.count("\n") == 1 and "weights_only" not in err
+
+
+def test_subcommands_have_their_own_help(capsys):
+    for command in projkd.COMMANDS:
+        assert projkd.main([command, "--help"]) == 0
+        assert f"python projkd.py {command}" in capsys.readouterr().out
+
+
+def test_download_without_internet_is_one_line_from_make(tmp_path):
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
+    result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
+                             f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
+
+
+def test_bench_runs_its_tiny_cpu_version(tmp_path):
+    assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(tmp_path), "--steps", "2",
+                        "--classic-steps", "2", "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (pair,) = report["pairs"]
+    assert (pair["teacher"], pair["student"]) == ("resnet20", "resnet8")
+    speeds = {row["loop"]: row["images_per_s"] for row in pair["rows"]}
+    assert len(speeds) == 5 and all(v > 0 for k, v in speeds.items() if "graph" not in k)
+    assert all(v is None for k, v in speeds.items() if "graph" in k)  # needs CUDA
+    flops = {row["cached"]: row["flops_per_image"] for row in pair["rows"]}
+    assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
+    text = (tmp_path / "bench.md").read_text()
+    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
