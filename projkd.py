@@ -728,7 +728,7 @@ def build_teacher_cache(path, teacher, images, mean, std, autocast, memory_forma
                         logits = teacher(x.contiguous(memory_format=memory_format))
                     rows[i:i + k, :feature_dim] = taps.feature
                     rows[i:i + k, feature_dim:] = logits
-                f.write(rows.view(torch.int16).cpu().numpy().tobytes())
+                f.write(rows.view(torch.int16).cpu().numpy())  # numpy has no bfloat16; the bits are the same
                 if time.time() - last_report > 30:
                     last_report = time.time()
                     log(f"  teacher cache: view {v + 1}/{CACHE_VIEWS}, "
@@ -915,17 +915,25 @@ def resolve_device(name, world_size):
 def resolve_config(cfg, command="train"):
     """Check every option and fill in the defaults that depend on others. Returns (config, notes to print).
     command "cache" checks what building a teacher cache needs: a teacher, no student."""
+    check_choices(cfg, command)
     notes = []
+    protocol = protocol_values(cfg, notes)
+    check_numbers(dataclasses.replace(cfg, **protocol))
+    return dataclasses.replace(cfg, **protocol, **runtime_values(cfg, command, protocol["batch_size"]
+                                                                 if cfg.batch_size is None else cfg.batch_size, notes)), notes
+
+
+def check_choices(cfg, command):
+    """The options that name things: method, dataset, architectures, and the switches."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.dataset not in PROTOCOLS:
         raise UserError(f"unknown --dataset {cfg.dataset!r}; choose cifar100, imagenet or synthetic")
-    needs_student, needs_teacher = command == "train", command == "cache" or cfg.method != "ce"
-    if needs_student and not cfg.student:
-        raise UserError("--student is required, e.g. --student vgg8 (architectures: " + ", ".join(MODELS) + ")")
-    if needs_student:
+    if command == "train":
+        if not cfg.student:
+            raise UserError("--student is required, e.g. --student vgg8 (architectures: " + ", ".join(MODELS) + ")")
         check_arch(cfg.student, "student", cfg.dataset)
-    if needs_teacher:
+    if command == "cache" or cfg.method != "ce":
         if not cfg.teacher:
             raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student vgg8"
                             if command == "train" else "the teacher cache needs --teacher, e.g. --teacher vgg13")
@@ -934,49 +942,61 @@ def resolve_config(cfg, command="train"):
                                  ("graph", cfg.graph, SWITCHES), ("teacher-cache", cfg.teacher_cache, SWITCHES)):
         if value not in choices:
             raise UserError(f"unknown --{name} {value!r}; choose {', '.join(choices)}")
-
-    protocol = PROTOCOLS[cfg.dataset]
-    changes = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
-    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
-        changes["lr"] = 0.01
-        notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
-    r = dataclasses.replace(cfg, **changes)  # the values the checks below see
-    try:
-        milestones = [int(e) for e in r.lr_decay_epochs.split(",") if e.strip()]
-    except ValueError:
-        raise UserError(f"--lr-decay-epochs must be comma-separated integers, got {r.lr_decay_epochs!r}") from None
-    positive = {"epochs": r.epochs, "batch_size": r.batch_size, "eval_batch_size": r.eval_batch_size,
-                "proj_depth": r.proj_depth, "kd_T": r.kd_T, "crd_T": r.crd_T, "crd_dim": r.crd_dim,
-                "crd_negatives": r.crd_negatives, "synthetic_size": r.synthetic_size, "image_size": r.image_size}
-    non_negative = {"lr": r.lr, "momentum": r.momentum, "weight_decay": r.weight_decay, "alpha": r.alpha,
-                    "q": r.q, "kd_weight": r.kd_weight, "kd_ce_weight": r.kd_ce_weight, "sp_weight": r.sp_weight,
-                    "crd_weight": r.crd_weight, "lr_decay_rate": r.lr_decay_rate, "seed": r.seed,
-                    "checkpoint_seconds": r.checkpoint_seconds, "progress_seconds": r.progress_seconds,
-                    "workers": 0 if r.workers is None else r.workers}
-    for name, v in positive.items():
-        if not v > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    for name, v in non_negative.items():
-        if not (v >= 0 and math.isfinite(v)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if r.synthetic_classes < 2:
-        raise UserError(f"--synthetic-classes must be at least 2, got {r.synthetic_classes}")
-    if any(m < 0 for m in milestones):
-        raise UserError(f"--lr-decay-epochs must be >= 0, got {r.lr_decay_epochs!r}")
-    if r.resume and r.overwrite:
+    if cfg.teacher_weights and cfg.teacher_ckpt:
+        raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; pass one")
+    if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    if cfg.lr is None and r.batch_size != protocol["batch_size"]:
-        notes.append(f"lr {r.lr} is the paper's for a global batch of {protocol['batch_size']} and is used unchanged "
-                     f"at {r.batch_size} (the linear scaling rule would give {r.lr * r.batch_size / protocol['batch_size']:g}: "
-                     f"pass --lr to use it)")
 
+
+def protocol_values(cfg, notes):
+    """The dataset's protocol for every option left at None."""
+    protocol = PROTOCOLS[cfg.dataset]
+    values = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
+    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
+        values["lr"] = 0.01
+        notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
+    batch = cfg.batch_size or protocol["batch_size"]
+    if cfg.lr is None and batch != protocol["batch_size"]:
+        lr = values["lr"]
+        notes.append(f"lr {lr} is the paper's for a global batch of {protocol['batch_size']} and is used unchanged "
+                     f"at {batch} (the linear scaling rule would give {lr * batch / protocol['batch_size']:g}: "
+                     f"pass --lr to use it)")
+    return values
+
+
+def check_numbers(cfg):
+    try:
+        milestones = [int(e) for e in cfg.lr_decay_epochs.split(",") if e.strip()]
+    except ValueError:
+        raise UserError(f"--lr-decay-epochs must be comma-separated integers, got {cfg.lr_decay_epochs!r}") from None
+    if any(m < 0 for m in milestones):
+        raise UserError(f"--lr-decay-epochs must be >= 0, got {cfg.lr_decay_epochs!r}")
+    positive = ("epochs", "batch_size", "eval_batch_size", "proj_depth", "kd_T", "crd_T", "crd_dim", "crd_negatives",
+                "synthetic_size", "image_size")
+    non_negative = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd_ce_weight", "sp_weight",
+                    "crd_weight", "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        v = getattr(cfg, name)
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if cfg.synthetic_classes < 2:
+        raise UserError(f"--synthetic-classes must be at least 2, got {cfg.synthetic_classes}")
+
+
+def runtime_values(cfg, command, batch_size, notes):
+    """What depends on where the run happens (device, processes, loader workers, graph, cache) and the paths
+    derived from other options."""
+    values = {}
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(cfg.device, world)
-    changes["device"] = str(dev)
-    if r.batch_size % world:
-        raise UserError(f"--batch-size {r.batch_size} is the global batch and must divide by the {world} processes")
+    values["device"] = str(dev)
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} is the global batch and must divide by the {world} processes")
     if dev.type == "cpu" and cfg.amp != "off":
-        changes["amp"] = "off"
+        values["amp"] = "off"
         notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
     if cfg.sync_bn and world == 1:
         notes.append("--sync-bn has no effect in a single process")
@@ -984,27 +1004,25 @@ def resolve_config(cfg, command="train"):
         raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
     resident = cfg.dataset in RESIDENT_DATASETS
     if cfg.dataset == "imagenet" and cfg.workers is None:
-        changes["workers"] = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        values["workers"] = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     elif resident:
-        changes["workers"] = 0  # the data lives on the device: no loader
-    changes["graph"] = resolve_graph(cfg, dev, world, resident, changes.get("amp", cfg.amp), notes)
-    changes["teacher_cache"] = resolve_teacher_cache(cfg, dev, resident, command)
-
-    if cfg.teacher_weights and cfg.teacher_ckpt:
-        raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; pass one")
+        values["workers"] = 0  # the data lives on the device: no loader
+    values["graph"] = resolve_graph(cfg, dev, world, resident, values.get("amp", cfg.amp), notes)
+    values["teacher_cache"] = resolve_teacher_cache(cfg, dev, resident, command)
+    needs_teacher = command == "cache" or cfg.method != "ce"
     if needs_teacher and not cfg.teacher_ckpt and not cfg.teacher_weights:
-        changes["teacher_ckpt"] = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
-    if changes["teacher_cache"] == "on" and not cfg.teacher_cache_file:
-        changes["teacher_cache_file"] = default_cache_file(changes.get("teacher_ckpt", cfg.teacher_ckpt))
+        values["teacher_ckpt"] = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+    if values["teacher_cache"] == "on" and not cfg.teacher_cache_file:
+        values["teacher_cache_file"] = default_cache_file(values.get("teacher_ckpt", cfg.teacher_ckpt))
     if not needs_teacher:
         if cfg.teacher:
             notes.append(f"--teacher {cfg.teacher} is not used by --method ce")
-        changes["teacher"] = ""
+        values["teacher"] = ""
     if not cfg.run_dir and command == "train":
-        changes["run_dir"] = run_path(os.path.join("runs", cfg.dataset), changes.get("teacher", cfg.teacher),
-                                      cfg.student, cfg.method, cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth,
-                                      proj_act=cfg.proj_act)
-    return dataclasses.replace(cfg, **changes), notes
+        values["run_dir"] = run_path(os.path.join("runs", cfg.dataset), values.get("teacher", cfg.teacher),
+                                     cfg.student, cfg.method, cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth,
+                                     proj_act=cfg.proj_act)
+    return values
 
 
 def resolve_graph(cfg, dev, world, resident, amp, notes):
@@ -1358,7 +1376,7 @@ class CUDAGraphStep:
             self.graph.replay()
         elif self.warmup_left > 0:
             # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN and
-            # create what the captured step reuses (the optimizer's momentum buffers, autocast state).
+            # create the optimizer's momentum buffers, which the captured step then updates in place.
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
                 self.step()
@@ -1442,6 +1460,26 @@ def setup_teacher(cfg, data, device, memory_format, amp_dtype):
     else:
         teacher = load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes)
     return teacher.to(device, memory_format=memory_format)
+
+
+def setup_teacher_side(run, amp_dtype):
+    """The teacher's test accuracy (once per run, in float32), then the teacher made fast: weights in the
+    autocast dtype, and either its output cache or hooks for the live forward pass."""
+    cfg, data, teacher = run.cfg, run.data, run.teacher
+    if run.teacher_eval is None:
+        run.teacher_eval = evaluate(teacher, test_batches_of(run), data.num_classes, data.mean, data.std,
+                                    run.memory_format)
+        source = cfg.teacher_weights or cfg.teacher_ckpt
+        log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
+            f"top-5 {run.teacher_eval['top5']:.2f}%")
+        if run.teacher_eval["top1"] < 2 * 100 / data.num_classes:
+            log(f"warning: the teacher is near chance ({100 / data.num_classes:.1f}%): is {source} the right file?")
+    teacher_for_speed(teacher, amp_dtype, run.memory_format)
+    if cfg.teacher_cache == "on":
+        run.cache = setup_teacher_cache(run)
+    else:
+        run.teacher_taps = Taps(teacher, map_layer_of(teacher, cfg.teacher) if cfg.method == "sp" else None)
+        run.teacher_forward = torch.compile(teacher) if cfg.compile else teacher
 
 
 def setup_teacher_cache(run):
@@ -1547,20 +1585,7 @@ def setup_run(cfg):
         log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
 
     if teacher is not None:
-        if run.teacher_eval is None:
-            run.teacher_eval = evaluate(teacher, test_batches_of(run), data.num_classes, data.mean, data.std,
-                                        memory_format)
-            source = cfg.teacher_weights or cfg.teacher_ckpt
-            log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
-                f"top-5 {run.teacher_eval['top5']:.2f}%")
-            if run.teacher_eval["top1"] < 2 * 100 / data.num_classes:
-                log(f"warning: the teacher is near chance ({100 / data.num_classes:.1f}%): is {source} the right file?")
-        teacher_for_speed(teacher, amp_dtype, memory_format)
-        if cfg.teacher_cache == "on":
-            run.cache = setup_teacher_cache(run)
-        else:
-            run.teacher_taps = Taps(teacher, map_layer_of(teacher, cfg.teacher) if cfg.method == "sp" else None)
-            run.teacher_forward = torch.compile(teacher) if cfg.compile else teacher
+        setup_teacher_side(run, amp_dtype)
     if world > 1:
         run.distiller = distributed(distiller, device)
     if cfg.compile:

@@ -946,10 +946,11 @@ def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypa
         assert torch.equal(labels, run.data.train_y[plan.order[32 * i:32 * (i + 1)]])
     # under torchrun, process 1 of 2 takes the second half of every global batch
     run.buffers.step.zero_()
-    run.buffers.offsets = 16 + torch.arange(16)
+    run.local_batch, run.buffers.offsets = 16, 16 + torch.arange(16)
     seen.clear()
     run.step()
-    assert torch.equal(seen[0][0], expected[16:32])
+    run.step()
+    assert torch.equal(seen[0][0], expected[16:32]) and torch.equal(seen[1][0], expected[48:64])
     run.planner.close()
 
 
