@@ -252,10 +252,16 @@ def load_cifar100(root, download=False):
     if download and not all(map(os.path.isfile, paths)):
         import torchvision
 
+        archive = os.path.join(root, "cifar-100-python.tar.gz")
+        had_root, had_archive = os.path.exists(root), os.path.exists(archive)
         try:
             for train in (True, False):
                 torchvision.datasets.CIFAR100(root, train=train, download=True)
         except Exception as e:  # offline, a proxy, a full disk: all end the same way for the user
+            if not had_root:  # leave nothing half-downloaded behind
+                shutil.rmtree(root, ignore_errors=True)
+            elif not had_archive and os.path.exists(archive):
+                os.remove(archive)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"downloading CIFAR-100 into {root} failed ({reason}); put a copy of cifar-100-python/ "
                             f"there by hand (README: Getting CIFAR-100)") from None

@@ -1311,6 +1311,7 @@ def test_download_without_internet_is_one_line_from_make(tmp_path):
                              f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
 
 
 def test_bench_runs_its_tiny_cpu_version(tmp_path):
