@@ -682,6 +682,8 @@ def read_cache_header(path):
         size = os.path.getsize(path)
     except (OSError, ValueError, UnicodeDecodeError):
         return None
+    if not isinstance(header, dict):
+        return None
     expected = CACHE_HEADER_BYTES + 2 * CACHE_VIEWS * header.get("images", 0) * header.get("width", 0)
     return header if header.get("format") == CACHE_FORMAT and size == expected else None
 
@@ -1297,12 +1299,11 @@ class EpochPlanner:
     teacher cache while the GPU trains. The thread touches no CUDA, so graph capture and replay are undisturbed."""
 
     def __init__(self, seed, n_train, n_used, cache, epochs):
-        self.args, self.epochs = (seed, None, n_train, n_used, cache), epochs
+        self.seed, self.n_train, self.n_used, self.cache, self.epochs = seed, n_train, n_used, cache, epochs
         self.pool, self.pending = ThreadPoolExecutor(max_workers=1), {}
 
     def _submit(self, epoch):
-        seed, _, n_train, n_used, cache = self.args
-        return self.pool.submit(plan_epoch, seed, epoch, n_train, n_used, cache)
+        return self.pool.submit(plan_epoch, self.seed, epoch, self.n_train, self.n_used, self.cache)
 
     def plan(self, epoch):
         future = self.pending.pop(epoch, None) or self._submit(epoch)
@@ -1525,13 +1526,9 @@ def setup_data_feed(run):
             data.train_set, num_replicas=run.world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
         run.loader = image_loader(data.train_set, run.local_batch, cfg.workers, device, run.sampler, drop_last=True)
         run.steps_per_epoch = len(run.loader)
-        if run.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_set)} training images")
         return
     n_train = len(data.train_x)
     run.steps_per_epoch = n_train // cfg.batch_size
-    if run.steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
     n_used = run.steps_per_epoch * cfg.batch_size
     width = run.cache.feature_dim + run.cache.num_classes if run.cache is not None else 0
     run.buffers = EpochBuffers(
@@ -1562,6 +1559,9 @@ def setup_run(cfg):
             f"lr {cfg.lr} as given (never rescaled by batch size)")
 
     data = load_data(cfg, device)
+    n_train = len(data.train_x) if data.train_x is not None else len(data.train_set)
+    if n_train < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
     memory_format, amp_dtype, autocast = compute_settings(cfg, device)
     teacher = setup_teacher(cfg, data, device, memory_format, amp_dtype)
     torch.manual_seed(cfg.seed)  # here, after the teacher: the same seed gives every method the same initial student
@@ -1643,7 +1643,8 @@ def train_epoch(run, epoch):
     sums = torch.stack([run.loss_sum.float(), run.correct.float()])
     if run.world_size > 1:
         dist.all_reduce(sums)
-    train_loss, correct = (sums / torch.tensor([steps * run.world_size, 1], device=sums.device)).tolist()  # one sync
+    loss_sum, correct = sums.tolist()  # the epoch's one host sync for training metrics
+    train_loss = loss_sum / (steps * run.world_size)
     if not math.isfinite(train_loss):
         raise UserError(f"the training loss became {train_loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
     if run.world_size > 1:
@@ -1701,23 +1702,25 @@ def evaluate(model, batches, num_classes, mean, std, memory_format):
     model.eval()
     taps = Taps(model)
     device = mean.device
-    sums = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
     class_sums = torch.zeros(num_classes, classifier_of(model).in_features, device=device)
+    n = 0
     try:
         for images, labels in batches:
             x = normalize(images, mean, std).contiguous(memory_format=memory_format)
             logits = model(x).float()
             best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            sums += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum(),
-                                 torch.tensor(len(labels), device=device)]).float()
+            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum()])
             class_sums.index_add_(0, labels, taps.feature.float())
+            n += len(labels)
     finally:
         taps.remove()
         model.train(was_training)
+    counts = torch.cat([hits, torch.tensor([n], device=device)])
     if _world_size() > 1:
-        dist.all_reduce(sums)
+        dist.all_reduce(counts)
         dist.all_reduce(class_sums)
-    top1, top5, n = sums.tolist()
+    top1, top5, n = counts.tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
             "images": int(n)}
 
