@@ -1372,16 +1372,17 @@ class CUDAGraphStep:
     """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
     whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds of kernel
     launches, which at batch 64 is what the GPU waits for. step() must read its inputs from, and write its
-    results into, tensors that outlive the graph and are only ever updated in place."""
+    results into, tensors that outlive the graph and are only ever updated in place. If the capture fails, the
+    run goes on eagerly and says so (`failure` keeps the reason)."""
 
     def __init__(self, step, warmup_steps=3):
-        self.step, self.warmup_left, self.graph = step, warmup_steps, None
+        self.step, self.warmup_left, self.graph, self.failure = step, warmup_steps, None, None
         self.side_stream = torch.cuda.Stream()
 
     def __call__(self):
         if self.graph is not None:
             self.graph.replay()
-        elif self.warmup_left > 0:
+        elif self.warmup_left > 0 or self.failure is not None:
             # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN and
             # create the optimizer's momentum buffers, which the captured step then updates in place.
             self.side_stream.wait_stream(torch.cuda.current_stream())
@@ -1390,10 +1391,17 @@ class CUDAGraphStep:
             torch.cuda.current_stream().wait_stream(self.side_stream)
             self.warmup_left -= 1
         else:
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.step()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.step()
+            except RuntimeError as e:  # nothing ran during the failed capture: this step is still to do
+                self.failure = str(e).splitlines()[0]
+                log(f"warning: the CUDA graph capture of the training step failed ({self.failure}); training "
+                    f"goes on eagerly (--graph off skips the attempt)")
+                return self()
+            self.graph = graph
             self.graph.replay()  # capture records the step without running it
 
 
@@ -2077,6 +2085,7 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
             run.step()
             losses[graph].append(run.loss_sum.item())
         weights[graph] = {k: v.double().cpu() for k, v in run.student.state_dict().items() if v.is_floating_point()}
+        failure = getattr(run.step, "failure", None) if graph else None
         run.planner.close()
     eager, graphed = np.array(losses[False]), np.array(losses[True])
     loss_rel = float(np.max(np.abs(eager - graphed) / np.maximum(np.abs(eager), 1e-12)))
@@ -2085,8 +2094,8 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
     tolerance = 1e-2  # bf16 has 8 significant bits
     return {"pair": f"{teacher_arch}:{student_arch}", "steps": bc.check_steps, "deterministic": True,
             "max_loss_rel_diff": loss_rel, "max_weight_rel_diff": weight_rel, "tolerance": tolerance,
-            "bitwise_equal_losses": bool(np.array_equal(eager, graphed)),
-            "passed": loss_rel <= tolerance and weight_rel <= tolerance}
+            "bitwise_equal_losses": bool(np.array_equal(eager, graphed)), "capture_failure": failure,
+            "passed": failure is None and loss_rel <= tolerance and weight_rel <= tolerance}
 
 
 def bench_pair(teacher_arch, student_arch, bc, device, folder):
@@ -2106,7 +2115,10 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
                 rows.append({"loop": name, "cached": cached, "images_per_s": None, "skipped": "needs CUDA"})
                 continue
             run = bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached)
-            rows.append({"loop": name, "cached": cached, "images_per_s": our_loop_images_per_s(run, bc)})
+            speed = our_loop_images_per_s(run, bc)
+            failure = getattr(run.step, "failure", None)
+            rows.append({"loop": name, "cached": cached, "images_per_s": None if failure else speed,
+                         **({"skipped": f"capture failed: {failure}"} if failure else {})})
             run.planner.close()
     classic = rows[0]["images_per_s"]
     for row in rows:
@@ -2187,6 +2199,7 @@ def bench_markdown(report):
                   f"difference of a step's loss {check['max_loss_rel_diff']:.2e}, of a final weight "
                   f"{check['max_weight_rel_diff']:.2e} (tolerance {check['tolerance']}): "
                   f"{'passed' if check['passed'] else 'FAILED'}"
+                  f"{' (the capture failed: ' + check['capture_failure'] + ')' if check['capture_failure'] else ''}"
                   f"{' (bitwise equal losses)' if check['bitwise_equal_losses'] else ''}.", ""]
     return "\n".join(lines)
 

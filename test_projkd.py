@@ -1,4 +1,5 @@
 """Tests for projkd.py and models.py. CPU only, seconds each: python -m pytest -q"""
+import contextlib
 import csv
 import importlib.util
 import json
@@ -1327,3 +1328,47 @@ def test_bench_runs_its_tiny_cpu_version(tmp_path):
     assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
     text = (tmp_path / "bench.md").read_text()
     assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
+
+
+class FakeCUDA:
+    """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with `capturing` set
+    (as a real capture records the work without doing it), and replay() calls it again for real."""
+
+    def __init__(self, monkeypatch, capture_fails=False):
+        self.capturing, fake = False, self
+
+        class Graph:
+            def replay(self):
+                self.step()
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode="global"):
+            fake.capturing = True
+            try:
+                yield
+            finally:
+                fake.capturing = False
+            if capture_fails:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            g.step = fake.step
+
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        for name, value in (("Stream", stream), ("current_stream", stream), ("CUDAGraph", Graph), ("graph", graph),
+                            ("stream", lambda s: contextlib.nullcontext())):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def step(self):
+        self.log.append("captured" if self.capturing else "ran")
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, capture_fails):
+    fake = FakeCUDA(monkeypatch, capture_fails)
+    fake.log = []
+    stepper = projkd.CUDAGraphStep(fake.step, warmup_steps=3)
+    for _ in range(6):
+        stepper()
+    assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3  # six steps done, none skipped, one capture
+    assert (stepper.graph is None) == capture_fails
+    if capture_fails:  # the run goes on eagerly and says so
+        assert "operation not permitted" in stepper.failure and "goes on eagerly" in capsys.readouterr().out
