@@ -902,8 +902,11 @@ def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_pa
     before = len(calls(log))
     assert make("-j4", "cifar-all", *knobs).returncode == 0
     redone = calls(log)[before:]
-    assert redone[0].startswith("projkd.py cache ") and redone[-1].startswith("tables.py ")
-    assert sorted(c.split()[1] for c in redone[1:-1]) == ["--dataset"] * 2 * 4 * 2  # 2 pairs x 4 methods x 2 seeds
+    cache = [i for i, c in enumerate(redone) if c.startswith("projkd.py cache ")]
+    runs = [i for i, c in enumerate(redone) if c.startswith("projkd.py --dataset")]
+    readers = [i for i in runs if "--teacher-cache-file" in redone[i]]
+    assert len(cache) == 1 and len(runs) == 2 * 4 * 2 and redone[-1].startswith("tables.py ")  # 2 pairs x 4 x 2
+    assert len(readers) == 2 * 3 * 2 and cache[0] < min(readers)  # sp runs need no cache: -j may start them first
 
 
 def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
@@ -1372,3 +1375,19 @@ def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys,
     assert (stepper.graph is None) == capture_fails
     if capture_fails:  # the run goes on eagerly and says so
         assert "operation not permitted" in stepper.failure and "goes on eagerly" in capsys.readouterr().out
+
+
+def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
+    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), tmp_path / "resnet8.pt")
+    monkeypatch.setattr(projkd.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=10 ** 9, free=1000))
+    assert projkd.main(["cache", "--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "resnet8.pt"),
+                        "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher cache needs 0.0 GB" in err and "--teacher-cache off" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["resnet8.pt"]
+
+
+def shutil_usage(**fields):
+    import collections
+
+    return collections.namedtuple("usage", fields)(**fields)
