@@ -666,7 +666,7 @@ def cache_identity(cfg, data):
     """Everything a cache's contents depend on, and its key: the teacher checkpoint's content (not its name),
     the training images, the normalisation and the precision the teacher runs at (--amp)."""
     identity = {"format": CACHE_FORMAT, "teacher": cfg.teacher, "checkpoint_sha256": file_sha256(cfg.teacher_ckpt),
-                "images_sha256": hashlib.sha256(data.train_x.cpu().numpy().tobytes()).hexdigest(),
+                "images_sha256": hashlib.sha256(data.train_x.cpu().contiguous().numpy()).hexdigest(),
                 "mean": [round(v, 6) for v in data.mean.flatten().tolist()],
                 "std": [round(v, 6) for v in data.std.flatten().tolist()], "padding": CROP_PADDING,
                 "precision": cfg.amp}
@@ -1012,7 +1012,7 @@ def runtime_values(cfg, command, batch_size, notes):
         raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
     resident = cfg.dataset in RESIDENT_DATASETS
     if cfg.dataset == "imagenet" and cfg.workers is None:
-        values["workers"] = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        values["workers"] = default_workers()
     elif resident:
         values["workers"] = 0  # the data lives on the device: no loader
     values["graph"] = resolve_graph(cfg, dev, world, resident, values.get("amp", cfg.amp), notes)
@@ -1081,8 +1081,18 @@ def setup_torch(cfg):
     torch.backends.cudnn.deterministic = cfg.deterministic
     # Static shapes: kernels autotuned on the first step are reused by every later one.
     torch.backends.cudnn.benchmark = not cfg.deterministic
+    use_tf32()
+
+
+def use_tf32():
+    """float32 matmuls and convolutions on TF32 tensor cores (evaluation included)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+def default_workers():
+    """ImageNet loader processes per GPU: this machine's CPUs shared by the processes torchrun started on it."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def init_distributed(device):
@@ -1866,8 +1876,8 @@ def evaluate_checkpoint(ec):
     device = resolve_device(ec.device, world)
     init_distributed(device)
     batch = ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"]
-    workers = ec.workers if ec.workers is not None else max(1, (os.cpu_count() or 1) // world)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    workers = ec.workers if ec.workers is not None else default_workers()
+    use_tf32()
     data = load_data(ec, device)
     state = read_state_dict(ec.ckpt)
     model = frozen_model(ec.arch, state, data.num_classes, ec.ckpt).to(device)
