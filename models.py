@@ -16,8 +16,11 @@ Global pooling is a mean over H and W. On 32x32 inputs this equals RepDistiller'
 (up to float rounding), and unlike it, it also works on other input sizes.
 
 The ImageNet architectures are the names in IMAGENET_ARCHS; every other key of MODELS is a CIFAR (32x32) one.
-TORCHVISION_WEIGHTS names the published torchvision ImageNet file of each pretrained teacher.
+TORCHVISION_WEIGHTS names the published torchvision ImageNet file of each pretrained teacher; read_state_dict,
+frozen_model and torchvision_state_dict load the weights of this zoo in the formats they are published in.
 """
+import os
+import re
 from collections import OrderedDict
 from functools import partial
 
@@ -468,3 +471,84 @@ TORCHVISION_WEIGHTS = {arch: (file, "https://download.pytorch.org/models/" + fil
     ("resnet50", "resnet50-0676ba61.pth"),
     ("densenet201", "densenet201-c1103571.pth"),
 )}
+
+
+# -----------------------------------------------------------------------------
+# weights: the files this zoo loads, in the formats they are published in (ours, RepDistiller's, mdistiller's,
+# torchvision's), always with torch.load(weights_only=True)
+
+
+class WeightsError(Exception):
+    """A weight file that cannot be read, or does not fit its architecture; projkd's CLI prints it as one line."""
+
+
+def load_checkpoint_file(path, what):
+    """torch.load(path, weights_only=True), with one clear line for a file that is not a safe checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a truncated or foreign file
+        why = ("it holds Python objects besides tensors and plain containers, which a safe load refuses"
+               if "weights only" in str(e).lower() else "truncated, or not a PyTorch file")
+        raise WeightsError(f"{what} {path} is not a readable PyTorch checkpoint ({why})") from None
+
+
+# torchvision's published DenseNet files predate its module names: 'denselayer1.norm.1' is 'denselayer1.norm1' now.
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def normalise_keys(state_dict):
+    # DataParallel/DDP save "module.", torch.compile "_orig_mod."; the weights are the same.
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        m = _OLD_DENSENET_KEY.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    return out
+
+
+def read_state_dict(path, what="checkpoint"):
+    """The state_dict in our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision weight
+    file or any plain state_dict, loaded with weights_only=True."""
+    ckpt = load_checkpoint_file(path, what)
+    if isinstance(ckpt, dict):
+        ckpt = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise WeightsError(f"{what} {path} holds no state_dict (expected a dict of tensors or {{'model': ...}})")
+    return normalise_keys(ckpt)
+
+
+def frozen_model(arch, state, num_classes, source, what="checkpoint"):
+    """MODELS[arch] with `state` loaded strictly, in eval mode and without gradients."""
+    model = MODELS[arch](num_classes=num_classes)
+    ours = model.state_dict()
+    # Compared before loading: load_state_dict raises a bare RuntimeError on a shape mismatch, strict or not.
+    # torchvision's published files have no BatchNorm num_batches_tracked; loading fills them in.
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in ours]
+    misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or misshaped:
+        raise WeightsError(f"{what} {source} does not fit {arch} with {num_classes} classes "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, "
+                        f"e.g. {(missing + unexpected + misshaped)[0]}); wrong architecture or file?")
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def torchvision_state_dict(arch, weights_name, put_at):
+    """torchvision's published `weights_name` weights of `arch`, downloaded into torch's hub cache (online only)."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch)[weights_name]
+    except (ValueError, KeyError):
+        raise WeightsError(f"torchvision publishes no weights {weights_name!r} for {arch} "
+                        f"(it has them for {', '.join(TORCHVISION_WEIGHTS)}: e.g. IMAGENET1K_V1)") from None
+    file, url = TORCHVISION_WEIGHTS.get(arch, (os.path.basename(weights.url), weights.url))
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # offline, a proxy, a bad download: all end the same way for the user
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"downloading {url} failed ({reason}); get {file} from there by other means and put it "
+                        f"at {put_at}") from None
+    return normalise_keys(state)

@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from projkd import UserError, cli_help, parse_args, run_name, run_path, save_text
+from projkd import UserError, cli_help, parse_args, run_name, run_path, save
 
 
 @dataclass
@@ -281,7 +281,7 @@ def write_tables(tc):
     for path in tc.out.split():
         text = render_csv(cells) if path.endswith(".csv") else render(tc, cells, found)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        save_text(text, path)
+        save(text, path)
         missing = sum(c["n"] == 0 for c in cells)
         print(f"wrote {path} from {len(found)} finished runs" + (f"; {missing} cells missing" if missing else ""))
 

@@ -1,4 +1,8 @@
-"""Tests for projkd.py and models.py. CPU only, seconds each: python -m pytest -q"""
+"""Tests for projkd.py and models.py. CPU only, seconds each: python -m pytest -q
+
+The sections follow projkd.py's: the method, the baselines, feature taps, the architectures (models.py), config and
+CLI, data, the training loop, resume, distributed training, the teacher-output cache, the other entry points and
+bench; then the Make pipeline and the result tables (tables.py)."""
 import contextlib
 import csv
 import importlib.util
@@ -7,8 +11,10 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -17,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models
 import projkd
+import teacher_cache
 from models import IMAGENET_ARCHS, MODELS, TORCHVISION_WEIGHTS
 from projkd import (CRDLite, ProjectorEnsemble, UserError, crop_flip, features_and_logits, kd_loss, load_cifar100,
                     mda_loss, sp_loss)
@@ -26,9 +34,54 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 COMPAT = os.path.join(HERE, "testdata", "repdistiller")
 # The two smallest architectures keep the end-to-end runs at a few seconds on two CPU cores.
 SMALL_TEACHER, SMALL_STUDENT = "resnet20", "resnet8"
+# The paper's four ImageNet pairs (its Table 1), as Make and tables.py take them.
+IMAGENET_PAIRS = "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
 
 
-# --- losses, against hand-computed values -------------------------------------------------------------------
+# Helpers that several sections use: small CLI runs on synthetic data, and a tiny ImageNet-style folder.
+
+def synthetic_args(*extra):
+    return ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "32", "--epochs", "1",
+            "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def synthetic_teacher(tmp_path_factory):
+    """A small teacher trained with --method ce on synthetic data through the CLI."""
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    args = ["--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--epochs", "3",
+            "--device", "cpu", "--deterministic", "--student", SMALL_TEACHER, "--method", "ce", "--run-dir", str(run_dir)]
+    assert projkd.main(args) == 0
+    return run_dir
+
+
+def small_run(tmp_path, *extra, **changes):
+    """A Run set up exactly as training sets one up (synthetic data, CPU), without training it."""
+    args = projkd.parse_args(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
+                                            "--run-dir", str(tmp_path / "run"), *extra))
+    return projkd.setup_run(projkd.dataclasses.replace(args, **changes))
+
+
+def write_image_folder(root, classes=("ant", "bee", "cat"), train=4, val=2, seed=0):
+    """A tiny ImageNet-style tree: root/{train,val}/<class>/*.JPEG, small JPEGs of odd sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                h, w = rng.integers(21, 70, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
+    return root
+
+
+def imagenet_args(root, *extra):
+    return ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--batch-size", "4",
+            "--epochs", "1", "--device", "cpu", "--workers", "1", *extra]
+
+
+# --- method: ProjectorEnsemble and mda_loss ----------------------------------------------------------------------
 
 def test_mda_loss_hand_computed():
     f = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
@@ -48,6 +101,61 @@ def test_mda_loss_is_float32_and_finite_at_zero_vectors():
     assert torch.isfinite(f.grad).all()
     assert mda_loss(f.detach().bfloat16(), t.bfloat16()).dtype == torch.float32
 
+
+@pytest.mark.parametrize("act,depth", [("relu", 1), ("gelu", 2), ("none", 3)])
+def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
+    torch.manual_seed(0)
+    ens = ProjectorEnsemble(8, 5, q=3, act=act, depth=depth)
+    s = torch.randn(4, 8)
+    out = ens(s)
+    assert out.shape == (4, 5)
+    by_hand = torch.stack([ens.projector(k)(s) for k in range(3)]).mean(0)
+    assert torch.allclose(out, by_hand, atol=1e-6)
+    projectors = [ens.projector(k) for k in range(3)]
+    assert len(projectors[0]) == 2 * depth and isinstance(projectors[0][1], projkd.PROJECTOR_ACTIVATIONS[act])
+    assert not torch.equal(projectors[0][0].weight, projectors[1][0].weight)  # independently initialised
+
+
+def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
+    torch.manual_seed(7)
+    ens = ProjectorEnsemble(6, 4, q=2, depth=2)
+    torch.manual_seed(7)
+    stacks = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()) for _ in range(2)]
+    for k, stack in enumerate(stacks):
+        for ours, theirs in zip(ens.projector(k).state_dict().values(), stack.state_dict().values()):
+            assert torch.equal(ours, theirs)
+    assert [tuple(p.shape) for p in ens.parameters()] == [(2, 4, 6), (2, 4, 4), (2, 4), (2, 4)]
+
+
+def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
+    assert (ProjectorEnsemble(8, 5)(torch.randn(16, 8)) >= 0).all()
+    with pytest.raises(ValueError):
+        ProjectorEnsemble(8, 5, q=0)
+    with pytest.raises(ValueError):
+        ProjectorEnsemble(8, 5, act="tanh")
+
+
+def test_gradients_reach_student_and_projectors_but_not_the_teacher():
+    torch.manual_seed(0)
+    cfg, _ = projkd.resolve_config(projkd.Config(teacher=SMALL_TEACHER, student=SMALL_STUDENT, device="cpu"))
+    student = MODELS[SMALL_STUDENT](num_classes=10)
+    teacher = MODELS[SMALL_TEACHER](num_classes=10).eval().requires_grad_(False)
+    aux = projkd.build_aux(cfg, 64, 64)
+    student_taps, teacher_taps = projkd.Taps(student), projkd.Taps(teacher)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits = student(x)
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    loss = projkd.method_loss(cfg, aux, projkd.Outputs(student_taps.feature, logits),
+                              projkd.Outputs(teacher_taps.feature, teacher_logits), y)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher_taps.feature.requires_grad
+
+
+# --- baselines: KD, SP, CRD-lite ---------------------------------------------------------------------------------
 
 def test_kd_loss_hand_computed():
     T = 2.0
@@ -107,62 +215,20 @@ def test_crd_lite_matches_crd_nce_and_updates_its_queue():
     assert crd.queue_next.item() == 1 and torch.equal(crd.log_z, z_before)  # Z is fixed after the first batch
 
 
-# --- projector ensemble ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("act,depth", [("relu", 1), ("gelu", 2), ("none", 3)])
-def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
-    torch.manual_seed(0)
-    ens = ProjectorEnsemble(8, 5, q=3, act=act, depth=depth)
-    s = torch.randn(4, 8)
-    out = ens(s)
-    assert out.shape == (4, 5)
-    by_hand = torch.stack([ens.projector(k)(s) for k in range(3)]).mean(0)
-    assert torch.allclose(out, by_hand, atol=1e-6)
-    projectors = [ens.projector(k) for k in range(3)]
-    assert len(projectors[0]) == 2 * depth and isinstance(projectors[0][1], projkd.PROJECTOR_ACTIVATIONS[act])
-    assert not torch.equal(projectors[0][0].weight, projectors[1][0].weight)  # independently initialised
+def test_crd_lite_updates_its_queues_in_place():
+    crd = CRDLite(6, 10, dim=4, negatives=5, T=0.5)
+    pointers = [b.data_ptr() for b in crd.buffers()]
+    crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
+    assert [b.data_ptr() for b in crd.buffers()] == pointers
 
 
-def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
-    torch.manual_seed(7)
-    ens = ProjectorEnsemble(6, 4, q=2, depth=2)
-    torch.manual_seed(7)
-    stacks = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()) for _ in range(2)]
-    for k, stack in enumerate(stacks):
-        for ours, theirs in zip(ens.projector(k).state_dict().values(), stack.state_dict().values()):
-            assert torch.equal(ours, theirs)
-    assert [tuple(p.shape) for p in ens.parameters()] == [(2, 4, 6), (2, 4, 4), (2, 4), (2, 4)]
+def test_between_class_cosine_hand_computed():
+    sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
+    # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
+    assert projkd.between_class_cosine(sums) == pytest.approx(2 * 2 ** -0.5 / 3, rel=1e-9)
 
 
-def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
-    assert (ProjectorEnsemble(8, 5)(torch.randn(16, 8)) >= 0).all()
-    with pytest.raises(ValueError):
-        ProjectorEnsemble(8, 5, q=0)
-    with pytest.raises(ValueError):
-        ProjectorEnsemble(8, 5, act="tanh")
-
-
-def test_gradients_reach_student_and_projectors_but_not_the_teacher():
-    torch.manual_seed(0)
-    cfg, _ = projkd.resolve_config(projkd.Config(teacher=SMALL_TEACHER, student=SMALL_STUDENT, device="cpu"))
-    student = MODELS[SMALL_STUDENT](num_classes=10)
-    teacher = MODELS[SMALL_TEACHER](num_classes=10).eval().requires_grad_(False)
-    aux = projkd.build_aux(cfg, 64, 64)
-    student_taps, teacher_taps = projkd.Taps(student), projkd.Taps(teacher)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    logits = student(x)
-    with torch.no_grad():
-        teacher_logits = teacher(x)
-    loss = projkd.method_loss(cfg, aux, projkd.Outputs(student_taps.feature, logits),
-                              projkd.Outputs(teacher_taps.feature, teacher_logits), y)
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
-    assert all(p.grad is not None for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
-    assert not teacher_taps.feature.requires_grad
-
-
-# --- feature taps ---------------------------------------------------------------------------------------------
+# --- feature taps and the loss wiring ----------------------------------------------------------------------------
 
 def test_features_and_logits_on_a_torchvision_model():
     import torchvision
@@ -175,13 +241,32 @@ def test_features_and_logits_on_a_torchvision_model():
     assert not model.fc._forward_pre_hooks  # the hook is gone afterwards
 
 
-def test_between_class_cosine_hand_computed():
-    sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
-    # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
-    assert projkd.between_class_cosine(sums) == pytest.approx(2 * 2 ** -0.5 / 3, rel=1e-9)
+def test_projkd_copied_alone_imports_and_runs(tmp_path):
+    """The pieces the docstring offers for copying work from projkd.py alone: no models.py beside it, and no
+    fcntl, which Windows lacks."""
+    shutil.copy(os.path.join(HERE, "projkd.py"), tmp_path)
+    code = textwrap.dedent("""
+        import sys
+        import torch, torchvision  # torch imports subprocess, which imports fcntl on POSIX: it is in sys.modules
+        sys.modules["fcntl"] = None  # so from here on `import fcntl` raises ImportError, as on Windows
+        from projkd import CRDLite, ProjectorEnsemble, features_and_logits, kd_loss, mda_loss, sp_loss
+        assert "models" not in sys.modules
+        model = torchvision.models.resnet18(num_classes=10)
+        feature, logits = features_and_logits(model, torch.randn(4, 3, 32, 32))
+        assert feature.shape == (4, 512), feature.shape
+        mda_loss(ProjectorEnsemble(512, 256)(feature), torch.randn(4, 256)).backward()
+        assert model.conv1.weight.grad is not None
+        assert torch.isfinite(kd_loss(logits, torch.randn(4, 10)))
+        assert torch.isfinite(sp_loss(torch.randn(4, 8, 4, 4), torch.randn(4, 8, 4, 4)))
+        assert torch.isfinite(CRDLite(512, 256, negatives=64)(feature, torch.randn(4, 256)))
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr
 
 
-# --- RepDistiller compatibility: every architecture against the fixtures --------------------------------------
+# --- models.py: the architectures --------------------------------------------------------------------------------
 
 def _fill():
     spec = importlib.util.spec_from_file_location("compat_fill", os.path.join(COMPAT, "fill.py"))
@@ -230,7 +315,177 @@ def test_every_architecture_takes_num_classes_and_channels_last():
         assert feature.shape == (2, projkd.classifier_of(model).in_features), arch
 
 
-# --- data -----------------------------------------------------------------------------------------------------
+# Feature width (the classifier's in_features, also the map's channels) of each ImageNet architecture.
+IMAGENET_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "densenet201": 1920, "mobilenet_v1": 1024}
+
+
+# The PEFD authors' MobileNet (github.com/chenyd7/PEFD, models/MobileNet.py) as (key, shape): its start, the
+# model1/model2 boundary and its end. Their checkpoints load only if ours has exactly these names.
+MOBILENET_V1_KEYS = {
+    "head": [("model1.0.0.weight", (32, 3, 3, 3)), ("model1.0.1.weight", (32,)), ("model1.0.1.bias", (32,)),
+             ("model1.0.1.running_mean", (32,)), ("model1.0.1.running_var", (32,)),
+             ("model1.0.1.num_batches_tracked", ()), ("model1.1.0.weight", (32, 1, 3, 3))],
+    "boundary": [("model1.11.4.num_batches_tracked", ()), ("model2.0.0.weight", (512, 1, 3, 3))],
+    "tail": [("model2.1.3.weight", (1024, 1024, 1, 1)), ("model2.1.4.weight", (1024,)), ("model2.1.4.bias", (1024,)),
+             ("model2.1.4.running_mean", (1024,)), ("model2.1.4.running_var", (1024,)),
+             ("model2.1.4.num_batches_tracked", ()), ("fc.weight", (1000, 1024)), ("fc.bias", (1000,))],
+}
+
+
+def test_mobilenet_v1_has_the_published_size_and_the_pefd_key_layout():
+    model = MODELS["mobilenet_v1"](num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == 4_231_976  # Howard et al. 2017: 4.2M
+    layout = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert len(layout) == 164  # stem conv + BN (6), 13 blocks of 2 convs + 2 BNs (12 each), fc (2)
+    assert layout[:7] == MOBILENET_V1_KEYS["head"] and layout[-8:] == MOBILENET_V1_KEYS["tail"]
+    i = layout.index(MOBILENET_V1_KEYS["boundary"][1])
+    assert layout[i - 1:i + 1] == MOBILENET_V1_KEYS["boundary"]
+
+
+def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
+    model = MODELS["mobilenet_v1"](num_classes=1000).eval()
+    for size, side in ((224, 7), (64, 2)):  # total stride 32
+        maps = []
+        hook = model.get_submodule(model.map_layer).register_forward_hook(lambda m, args, out: maps.append(out))
+        with torch.no_grad():
+            feature, logits = features_and_logits(model, torch.randn(2, 3, size, size))
+        hook.remove()
+        assert logits.shape == (2, 1000) and feature.shape == (2, 1024)
+        assert torch.allclose(projkd.classifier_of(model)(feature), logits, atol=1e-5)
+        assert maps[0].shape == (2, 1024, side, side)
+        assert torch.allclose(maps[0].mean((2, 3)), feature, atol=1e-6)
+
+
+def test_imagenet_archs_name_models_and_their_torchvision_files():
+    import torchvision
+
+    assert len(set(IMAGENET_ARCHS)) == len(IMAGENET_ARCHS) == 5 and set(IMAGENET_ARCHS) == set(IMAGENET_WIDTHS)
+    assert set(IMAGENET_ARCHS) <= set(MODELS)
+    with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
+        assert not set(json.load(f)) & set(IMAGENET_ARCHS)  # RepDistiller's zoo is CIFAR
+    assert set(TORCHVISION_WEIGHTS) == set(IMAGENET_ARCHS) - {"mobilenet_v1"}
+    for arch, (file, url) in TORCHVISION_WEIGHTS.items():
+        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url and url.endswith("/" + file)
+
+
+@pytest.mark.parametrize("arch", list(IMAGENET_WIDTHS))
+def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
+    model = MODELS[arch](num_classes=10).eval()
+    width = IMAGENET_WIDTHS[arch]
+    assert projkd.classifier_of(model).in_features == width
+    taps = projkd.Taps(model, model.map_layer)
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, 64, 64))
+    taps.remove()
+    assert logits.shape == (2, 10) and taps.feature.shape == (2, width)
+    assert taps.map.shape[:2] == (2, width)
+    # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
+    # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
+    assert torch.allclose(taps.map.mean((2, 3)), taps.feature, atol=1e-6)
+
+
+def test_torchvision_densenet_files_load_with_their_old_names():
+    state = MODELS["densenet201"](num_classes=10).state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
+           if not k.endswith("num_batches_tracked")}  # as torchvision's published file has them
+    assert any(".norm.1." in k for k in old)
+    model = models.frozen_model("densenet201", models.normalise_keys(old), 10, "densenet201-c1103571.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k in old or "norm1" in k)
+
+
+# --- config and CLI ----------------------------------------------------------------------------------------------
+
+def test_parse_args_types_flags_and_spellings():
+    cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth", "2",
+                             "--deterministic", "--no-resume"])
+    assert (cfg.student, cfg.epochs, cfg.kd_T, cfg.proj_depth, cfg.deterministic, cfg.resume) == \
+        ("vgg8", 3, 2.5, 2, True, False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--studnet", "vgg8"], "unknown option --studnet (did you mean --student?)"),
+    (["--epochs", "ten"], "--epochs expects int, got 'ten'"),
+    (["--epochs"], "--epochs needs a value"),
+    (["vgg8"], "unexpected argument 'vgg8'"),
+    (["--deterministic=maybe"], "is a flag"),
+])
+def test_parse_args_errors(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        projkd.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--student", "vgg99", "--method", "ce"], "unknown architecture 'vgg99' for --student"),
+    (["--student", "vgg8", "--method", "fitnet"], "unknown --method 'fitnet'"),
+    (["--student", "vgg8"], "--method pefd needs --teacher"),
+    (["--student", "vgg8", "--method", "ce", "--epochs", "0"], "--epochs must be positive"),
+    (["--student", "vgg8", "--method", "ce", "--lr", "-1"], "--lr must be a finite number >= 0"),
+    (["--student", "vgg8", "--method", "ce", "--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--student", "vgg8", "--method", "ce", "--amp", "fp8"], "unknown --amp 'fp8'"),
+    (["--student", "vgg8", "--method", "ce", "--lr-decay-epochs", "150;180"], "--lr-decay-epochs must be"),
+    (["--student", "vgg8", "--teacher", "vgg13", "--proj-act", "tanh"], "unknown --proj-act 'tanh'"),
+    (["--student", "vgg8", "--method", "ce", "--graph", "on"], "--graph on is not possible here: it needs CUDA"),
+    (["--student", "vgg8", "--method", "ce", "--graph", "maybe"], "unknown --graph 'maybe'"),
+    (["--student", "vgg8", "--teacher", "vgg13", "--method", "sp", "--teacher-cache", "on"],
+     "--teacher-cache on serves pefd, kd and crd"),
+    (["--student", "resnet18", "--method", "ce"], "resnet18 is an ImageNet architecture and --dataset synthetic"),
+    (["--student", "vgg8", "--method", "ce", "--batch-size", "31", "--dataset", "imagenet"],
+     "vgg8 is a CIFAR (32x32) architecture and --dataset imagenet"),
+    (["--student", "vgg8", "--method", "ce", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    assert projkd.main(synthetic_args("--run-dir", str(run_dir), *argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("projkd: error: ") and message in err and err.count("\n") == 1
+    assert not run_dir.exists()
+
+
+def test_protocols_per_dataset_and_explicit_values_win():
+    cifar, _ = projkd.resolve_config(projkd.Config(student="vgg8", method="ce", device="cpu"))
+    imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
+                                                          dataset="imagenet", batch_size=512))
+    mobile, _ = projkd.resolve_config(projkd.Config(student="MobileNetV2", method="ce", device="cpu"))
+    pick = ("epochs", "batch_size", "lr", "lr_decay_epochs", "weight_decay", "momentum")
+    assert [getattr(cifar, k) for k in pick] == [240, 64, 0.05, "150,180,210", 5e-4, 0.9]
+    assert [getattr(imagenet, k) for k in pick] == [100, 512, 0.1, "30,60,90", 1e-4, 0.9]
+    assert mobile.lr == 0.01
+    assert any("used unchanged at 512 (the linear scaling rule would give 0.2" in n for n in notes)
+    explicit, _ = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
+                                                      dataset="imagenet", epochs=3, lr=0.2, weight_decay=0.0))
+    assert (explicit.epochs, explicit.lr, explicit.weight_decay) == (3, 0.2, 0.0)
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
+    assert projkd.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for f in projkd.dataclasses.fields(projkd.Config):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "weight of the MDA loss" in out
+
+
+def test_help_piped_into_head_ends_quietly():
+    result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head -1", shell=True,
+                            capture_output=True, text=True)
+    assert result.stdout.startswith("projkd: Improved Feature Distillation") and result.stderr == ""
+
+
+def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "projkd.py"), "--student", "nope", "--method", "ce"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; choose one of "
+                                     + ", ".join(MODELS))
+    assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
+
+
+def test_importing_projkd_has_no_side_effects(tmp_path):
+    code = "import os, sys; sys.path.insert(0, sys.argv[1]); import projkd; print(sorted(os.listdir('.')))"
+    result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "[]" and result.stderr == ""
+
+
+# --- data --------------------------------------------------------------------------------------------------------
 
 def write_cifar_pickles(root, n_train=200, n_test=100, bytes_keys=True, seed=0):
     """A small data set in the official cifar-100-python layout (pickled dicts; the official archive was
@@ -311,76 +566,27 @@ def test_synthetic_data_is_deterministic_and_balanced():
     assert torch.bincount(a[1]).tolist() == [20] * 10
 
 
-def test_lr_schedule_steps_after_the_milestones():
-    cfg = projkd.Config(lr=0.05, lr_decay_epochs="150,180,210")
-    lrs = [projkd.lr_at(cfg, e) for e in (0, 149, 150, 179, 180, 210, 239)]
-    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
-
-
-# --- CLI: options and errors ---------------------------------------------------------------------------------
-
-def test_parse_args_types_flags_and_spellings():
-    cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth", "2",
-                             "--deterministic", "--no-resume"])
-    assert (cfg.student, cfg.epochs, cfg.kd_T, cfg.proj_depth, cfg.deterministic, cfg.resume) == \
-        ("vgg8", 3, 2.5, 2, True, False)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--studnet", "vgg8"], "unknown option --studnet (did you mean --student?)"),
-    (["--epochs", "ten"], "--epochs expects int, got 'ten'"),
-    (["--epochs"], "--epochs needs a value"),
-    (["vgg8"], "unexpected argument 'vgg8'"),
-    (["--deterministic=maybe"], "is a flag"),
+@pytest.mark.parametrize("layout,message", [
+    ("missing", "ImageNet not found: no folder"),
+    ("no_classes", "is not an image class folder"),
+    ("other_classes", "or they differ in name"),
 ])
-def test_parse_args_errors(argv, message):
-    with pytest.raises(UserError, match=re.escape(message)):
-        projkd.parse_args(argv)
-
-
-def synthetic_args(*extra):
-    return ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "32", "--epochs", "1",
-            "--device", "cpu", *extra]
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--student", "vgg99", "--method", "ce"], "unknown architecture 'vgg99' for --student"),
-    (["--student", "vgg8", "--method", "fitnet"], "unknown --method 'fitnet'"),
-    (["--student", "vgg8"], "--method pefd needs --teacher"),
-    (["--student", "vgg8", "--method", "ce", "--epochs", "0"], "--epochs must be positive"),
-    (["--student", "vgg8", "--method", "ce", "--lr", "-1"], "--lr must be a finite number >= 0"),
-    (["--student", "vgg8", "--method", "ce", "--lr", "nan"], "--lr must be a finite number >= 0"),
-    (["--student", "vgg8", "--method", "ce", "--amp", "fp8"], "unknown --amp 'fp8'"),
-    (["--student", "vgg8", "--method", "ce", "--lr-decay-epochs", "150;180"], "--lr-decay-epochs must be"),
-    (["--student", "vgg8", "--teacher", "vgg13", "--proj-act", "tanh"], "unknown --proj-act 'tanh'"),
-    (["--student", "vgg8", "--method", "ce", "--graph", "on"], "--graph on is not possible here: it needs CUDA"),
-    (["--student", "vgg8", "--method", "ce", "--graph", "maybe"], "unknown --graph 'maybe'"),
-    (["--student", "vgg8", "--teacher", "vgg13", "--method", "sp", "--teacher-cache", "on"],
-     "--teacher-cache on serves pefd, kd and crd"),
-    (["--student", "resnet18", "--method", "ce"], "resnet18 is an ImageNet architecture and --dataset synthetic"),
-    (["--student", "vgg8", "--method", "ce", "--batch-size", "31", "--dataset", "imagenet"],
-     "vgg8 is a CIFAR (32x32) architecture and --dataset imagenet"),
-    (["--student", "vgg8", "--method", "ce", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
-])
-def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv, message):
-    run_dir = tmp_path / "run"
-    assert projkd.main(synthetic_args("--run-dir", str(run_dir), *argv)) == 2
+def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, message):
+    root = tmp_path / "imagenet"
+    if layout == "no_classes":
+        os.makedirs(root / "train")
+        os.makedirs(root / "val")
+    elif layout == "other_classes":
+        write_image_folder(root, train=1, val=1)
+        os.rename(root / "val" / "cat", root / "val" / "dog")
+    assert projkd.main(imagenet_args(root, "--student", "resnet18", "--method", "ce",
+                                     "--run-dir", str(tmp_path / "run"))) == 2
     err = capsys.readouterr().err
-    assert err.startswith("projkd: error: ") and message in err and err.count("\n") == 1
-    assert not run_dir.exists()
+    assert message in err and str(root) in err and "<class>" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
 
 
-# --- CLI end to end -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def synthetic_teacher(tmp_path_factory):
-    """A small teacher trained with --method ce on synthetic data through the CLI."""
-    run_dir = tmp_path_factory.mktemp("teacher") / "run"
-    args = ["--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--epochs", "3",
-            "--device", "cpu", "--deterministic", "--student", SMALL_TEACHER, "--method", "ce", "--run-dir", str(run_dir)]
-    assert projkd.main(args) == 0
-    return run_dir
-
+# --- the training loop -------------------------------------------------------------------------------------------
 
 def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     files = sorted(os.listdir(synthetic_teacher))
@@ -415,6 +621,56 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["teacher_top1"] == pytest.approx(teacher_top1)
     assert math.isfinite(metrics["history"][0]["train_loss"])
+
+
+def test_lr_schedule_steps_after_the_milestones():
+    cfg = projkd.Config(lr=0.05, lr_decay_epochs="150,180,210")
+    lrs = [projkd.lr_at(cfg, e) for e in (0, 149, 150, 179, 180, 210, 239)]
+    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
+
+
+def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypatch):
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    plan = run.feed.plan(0)
+    run.feed.load(0)
+    expected = crop_flip(run.data.train_x[plan.order], plan.dy, plan.dx, plan.flip)
+    seen = []
+    monkeypatch.setattr(projkd, "train_step", lambda run, images, labels, cached: seen.append((images, labels)))
+    for _ in range(run.feed.steps_per_epoch):
+        run.step()
+    assert run.feed.steps_per_epoch == 3 and len(seen) == 3
+    for i, (images, labels) in enumerate(seen):
+        assert images.shape == (32, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, expected[32 * i:32 * (i + 1)])
+        assert torch.equal(labels, run.data.train_y[plan.order[32 * i:32 * (i + 1)]])
+    # under torchrun, process 1 of 2 takes the second half of every global batch
+    run.feed.step.zero_()
+    run.feed.offsets = 16 + torch.arange(16)
+    seen.clear()
+    run.step()
+    run.step()
+    assert torch.equal(seen[0][0], expected[16:32]) and torch.equal(seen[1][0], expected[48:64])
+    run.feed.close()
+
+
+def test_epoch_buffers_are_refilled_in_place(tmp_path):
+    """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    tensors = [run.feed.images, run.feed.labels, run.feed.step, run.lr, run.loss_sum, run.correct]
+    before = [t.data_ptr() for t in tensors]
+    for epoch in range(2):
+        projkd.train_epoch(run, epoch)
+    assert [t.data_ptr() for t in tensors] == before
+    assert all(g["lr"] is run.lr for g in run.optimizer.param_groups)
+    run.feed.close()
+
+
+def test_progress_lines_within_an_epoch(tmp_path, capsys):
+    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--progress-seconds", "1e-9",
+                                      "--synthetic-size", "96", "--run-dir", str(tmp_path / "run"))) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
+    assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
+    assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
 
 
 def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
@@ -455,6 +711,16 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
     assert not (run_dir / "model.pt").exists()
 
 
+def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
+    path = tmp_path / "teacher.pt"
+    torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)  # a whole module: needs unsafe unpickling
+    assert projkd.main(synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
+                                      "--teacher-ckpt", str(path), "--run-dir", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python objects" in err
+    assert err.count("\n") == 1 and "weights_only" not in err
+
+
 def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert projkd.main(synthetic_args("--teacher", "vgg13", "--student", "vgg8")) == 2
@@ -472,6 +738,89 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
     assert projkd.main(args + ["--resume", "--method", "kd", "--teacher", SMALL_TEACHER]) == 2
     assert "holds a run with other settings (teacher" in capsys.readouterr().err
 
+
+def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet")
+    torch.manual_seed(0)
+    torch.save(MODELS["resnet18"](num_classes=3).state_dict(), tmp_path / "teacher.pt")
+    run_dir = tmp_path / "run"
+    assert projkd.main(imagenet_args(root, "--teacher", "resnet18", "--teacher-ckpt", str(tmp_path / "teacher.pt"),
+                                     "--student", "resnet18", "--run-dir", str(run_dir))) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["lr"] == 0.1 and metrics["config"]["weight_decay"] == 1e-4  # ImageNet's protocol
+    assert metrics["config"]["lr_decay_epochs"] == "30,60,90" and metrics["config"]["workers"] == 1
+    MODELS["resnet18"](num_classes=3).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    eval_args = ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--device", "cpu",
+                 "--workers", "0"]
+    teacher_eval, student_eval = tmp_path / "teacher.eval.json", tmp_path / "student.eval.json"
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(tmp_path / "teacher.pt"), *eval_args,
+                        "--out", str(teacher_eval)]) == 0
+    assert json.loads(teacher_eval.read_text())["top1"] == pytest.approx(metrics["teacher_top1"])
+    # the accuracies recorded are the trained model's: its model.pt, evaluated alone, gives them again
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), *eval_args,
+                        "--out", str(student_eval)]) == 0
+    student = json.loads(student_eval.read_text())
+    assert metrics["last_top1"] == metrics["history"][-1]["test_top1"] == pytest.approx(student["top1"], abs=1e-3)
+    assert metrics["last_top5"] == metrics["history"][-1]["test_top5"] == pytest.approx(student["top5"], abs=1e-3)
+    # 3 classes: the top 5 hold every class, so top-5 is 100 whatever the weights. A top-5 that can miss is
+    # checked on 10 classes in test_distributed_top1_equals_one_process_evaluating_model_pt.
+    assert metrics["last_top5"] == 100.0 >= metrics["last_top1"]
+
+
+class FakeCUDA:
+    """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with `capturing` set
+    (as a real capture records the work without doing it), and replay() calls it again for real."""
+
+    def __init__(self, monkeypatch, capture_fails=False):
+        self.capturing, fake = False, self
+
+        class Graph:
+            def replay(self):
+                self.step()
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode="global"):
+            fake.capturing = True
+            try:
+                yield
+            finally:
+                fake.capturing = False
+            if capture_fails:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            g.step = fake.step
+
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        for name, value in (("Stream", stream), ("current_stream", stream), ("CUDAGraph", Graph), ("graph", graph),
+                            ("stream", lambda s: contextlib.nullcontext())):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def step(self):
+        self.log.append("captured" if self.capturing else "ran")
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, capture_fails):
+    fake = FakeCUDA(monkeypatch, capture_fails)
+    fake.log = []
+    stepper = projkd.CUDAGraphStep(fake.step, warmup_steps=3)
+    for _ in range(6):
+        stepper()
+    assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3  # six steps done, none skipped, one capture
+    assert (stepper.graph is None) == capture_fails
+    if capture_fails:  # the run goes on eagerly and says so
+        assert "operation not permitted" in stepper.failure and "goes on eagerly" in capsys.readouterr().out
+
+
+def test_teacher_for_speed_keeps_batchnorm_in_float32():
+    teacher = projkd.teacher_for_speed(MODELS["resnet8"](num_classes=10), torch.bfloat16, torch.contiguous_format)
+    for m in teacher.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert m.weight.dtype == torch.bfloat16
+        elif isinstance(m, nn.BatchNorm2d):
+            assert m.weight.dtype == m.running_var.dtype == torch.float32
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher):
     common = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
@@ -496,87 +845,262 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
     assert [{k: h[k] for k in keys} for h in ma["history"]] == [{k: h[k] for k in keys} for h in mb["history"]]
 
 
-def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "projkd.py"), "--student", "nope", "--method", "ce"],
-                            capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; choose one of "
-                                     + ", ".join(MODELS))
-    assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
+# --- distributed training (torchrun, gloo on the CPU) ------------------------------------------------------------
+
+def torchrun(*args, nproc=2, background=False):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(HERE, "projkd.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_importing_projkd_has_no_side_effects(tmp_path):
-    code = "import os, sys; sys.path.insert(0, sys.argv[1]); import projkd; print(sorted(os.listdir('.')))"
-    result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip() == "[]" and result.stderr == ""
+def ddp_args(synthetic_teacher, run_dir, *extra):
+    return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "6", "--device",
+            "cpu", "--deterministic", "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "crd",
+            "--crd-negatives", "64", "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--checkpoint-seconds", "0",
+            "--run-dir", str(run_dir), *extra]
 
 
-def test_help_lists_every_option_with_its_comment(capsys):
-    assert projkd.main(["--help"]) == 0
-    out = capsys.readouterr().out
-    for f in projkd.dataclasses.fields(projkd.Config):
-        assert "--" + f.name.replace("_", "-") in out
-    assert "weight of the MDA loss" in out
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, synthetic_teacher):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    result = torchrun(*ddp_args(synthetic_teacher, run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result.stdout
 
 
-# --- result tables (tables.py) --------------------------------------------------------------------------
-
-def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None):
-    os.makedirs(run_dir, exist_ok=True)
-    metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
-               "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
-               "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
-               "config": {"dataset": "cifar100"}}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
+def test_two_processes_train_one_model(ddp_run):
+    run_dir, out = ddp_run
+    assert "the weights are the same in all 2 processes" in out  # checked by the processes themselves
+    assert "processes: 2 x batch 16 = global batch 32" in out
+    assert out.count("epoch 3/6 ") == 1  # one process logs
+    assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv", "metrics.json", "model.pt"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["history"]) == 6
 
 
-def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
-    import tables
-
-    runs = tmp_path / "runs"
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 70.0, best=71.0, teacher=74.5)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed2", 72.0, best=72.5, teacher=74.5)
-    for seed, acc in ((1, 69.0), (2, 70.0), (3, 71.0)):
-        write_metrics(runs / "vgg8" / f"ce-seed{seed}", acc)  # the Student row: the student trained alone
-    write_metrics(runs / "other-vgg8" / "kd-seed1", 99.0)  # another pair's run must not leak in
-    md, csv_path = tmp_path / "out" / "t.md", tmp_path / "out" / "t.csv"
-    assert tables.main(["--runs", str(runs), "--pairs", "vgg13:vgg8", "--out", f"{md} {csv_path}"]) == 0
-    text = md.read_text()
-    last = text.split("## ")[1]  # the last-epoch table comes first
-    assert "| PEFD | 71.00 ± 1.41 (n=2) | 74.35 ± 0.12 |" in last  # sample std of 70 and 72; the paper beside
-    assert "| Student | 70.00 ± 1.00 (n=3) | 70.74 ± 0.31 |" in last
-    assert "| Teacher | 74.50 | 74.64 |" in last
-    assert "| KD | missing | 72.98 ± 0.19 |" in last and "| SP | missing |" in last
-    assert "| PEFD | 71.75 ± 1.06 (n=2) |" in text.split("## ")[2]  # best epoch: 71 and 72.5
-    rows = list(csv.DictReader(open(csv_path)))
-    kd = next(r for r in rows if r["table"] == "last" and r["row"] == "KD")
-    assert (kd["mean"], kd["std"], kd["n"], kd["paper_mean"]) == ("", "", "0", "72.98")
-    pefd = next(r for r in rows if r["table"] == "last" and r["row"] == "PEFD")
-    assert (float(pefd["mean"]), float(pefd["std"]), pefd["n"]) == (71.0, pytest.approx(1.4142, abs=1e-4), "2")
+def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_path):
+    run_dir, _ = ddp_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "eval.json"
+    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(run_dir / "model.pt"), "--dataset", "synthetic",
+                        "--synthetic-size", "256", "--device", "cpu", "--out", str(out)]) == 0
+    single = json.loads(out.read_text())
+    assert single["images"] == 64 and single["world_size"] == 1
+    assert single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+    assert single["top5"] == pytest.approx(metrics["last_top5"], abs=1e-3)
 
 
-def test_ablation_table_finds_the_variant_runs(tmp_path):
-    import tables
+def test_a_killed_two_process_run_resumes_to_the_same_weights(ddp_run, synthetic_teacher, tmp_path):
+    straight, _ = ddp_run
+    run_dir = tmp_path / "run"
+    proc = torchrun(*ddp_args(synthetic_teacher, run_dir), background=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()  # as a cluster's preemption does: torchrun ends both processes mid-run
+        proc.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_after = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    resumed = torchrun(*ddp_args(synthetic_teacher, run_dir, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {run_dir} after epoch {killed_after}" in resumed.stdout and killed_after < 6
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
-    runs = tmp_path / "runs"
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 74.0, cosine=0.2)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-q0-seed1", 73.0, cosine=0.4)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-depth3-seed1", 72.0)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-gelu-seed1", 74.5)
-    out = tmp_path / "ablations.md"
-    assert tables.main(["--kind", "ablations", "--runs", str(runs), "--pairs", "vgg13:vgg8", "--seeds", "1",
-                        "--variants", "gelu q0 depth3 none", "--out", str(out)]) == 0
-    last, _, cosine = out.read_text().split("## ")[1:]
-    labels = [line.split("|")[1].strip() for line in last.splitlines() if line.startswith("| ") and "→" not in line]
-    assert labels == ["no projector", "q=3 (PEFD)", "depth 3", "GELU", "no activation"]  # the paper's order
-    assert "| no projector | 73.00 (n=1) | – |" in last and "| GELU | 74.50 (n=1) | 74.39 ± 0.18 |" in last
-    assert "| no activation | missing | 73.46 ± 0.42 |" in last
-    assert "| no projector | 0.4000 (n=1) |" in cosine and "| q=3 (PEFD) | 0.2000 (n=1) |" in cosine
-    assert tables.main(["--kind", "ablations", "--variants", "q0 wide"]) == 2
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+    run = small_run(tmp_path)
+    projkd.train_epoch(run, 0)
+    monkeypatch.setattr(projkd, "_rank", lambda: 1)
+    projkd.save_checkpoint(run, 1)
+    run.history.append({"epoch": 1, "test_top1": 0.0, "test_top5": 0.0, "between_class_cosine": 0.0,
+                        "seconds": 1.0, "images_per_s": 1.0})
+    projkd.finish_run(run)
+    assert os.listdir(tmp_path / "run") == []
+    run.feed.close()
 
 
-# --- the Make pipeline --------------------------------------------------------------------------------
+def test_imagenet_under_two_processes(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet", val=3)
+    run_dir = tmp_path / "run"
+    result = torchrun(*imagenet_args(root, "--student", "resnet18", "--method", "ce", "--run-dir", str(run_dir)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and "the weights are the same in all 2 processes" in result.stdout
+    out = tmp_path / "eval.json"
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), "--dataset", "imagenet",
+                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    single = json.loads(out.read_text())
+    assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+
+
+# --- the teacher-output cache ------------------------------------------------------------------------------------
+
+def test_view_numbers_cover_every_crop_and_flip_once():
+    views = [teacher_cache.view_draws(v, 1, "cpu") for v in range(teacher_cache.CACHE_VIEWS)]
+    assert teacher_cache.CACHE_VIEWS == 162
+    assert [teacher_cache.view_index(*draws).item() for draws in views] == list(range(162))
+    assert len({(dy.item(), dx.item(), f.item()) for dy, dx, f in views}) == 162
+
+
+@pytest.fixture(scope="module")
+def cache_teacher(tmp_path_factory):
+    """A small teacher (random weights: the cache must reproduce whatever the teacher computes) and its cache
+    on 32 synthetic images, built through the CLI."""
+    folder = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "resnet8.pt")
+    args = ["cache", "--teacher", "resnet8", "--teacher-ckpt", str(folder / "resnet8.pt"), "--dataset", "synthetic",
+            "--synthetic-size", "32", "--device", "cpu"]
+    assert projkd.main(args) == 0
+    return folder, args
+
+
+def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
+    folder, _ = cache_teacher
+    header = teacher_cache.read_cache_header(str(folder / "resnet8.tcache"))
+    assert (header["images"], header["views"], header["width"], header["dtype"]) == (32, 162, 64 + 10, "bfloat16")
+    cache = teacher_cache.TeacherCache(str(folder / "resnet8.tcache"), header)
+    teacher = projkd.load_teacher("resnet8", str(folder / "resnet8.pt"), 10)
+    train_x = projkd.make_synthetic(32, 10)[0]
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 32, (40,), generator=g)
+    dy, dx, flip = projkd.augmentation_draws(40, g)
+    rows = torch.from_numpy(cache.rows(images.numpy(), teacher_cache.view_index(dy, dx, flip).numpy())).view(torch.bfloat16)
+    x = projkd.normalize(crop_flip(train_x[images], dy, dx, flip), torch.full((1, 3, 1, 1), 0.5),
+                         torch.full((1, 3, 1, 1), 0.25))
+    with torch.no_grad():
+        feature, logits = features_and_logits(teacher, x)
+    live = torch.cat([feature, logits], dim=1)
+    # the cache stores bfloat16: 8 significant bits
+    assert torch.allclose(rows.float(), live, rtol=2 ** -8, atol=1e-6)
+    assert torch.equal(rows, live.to(torch.bfloat16))
+
+
+def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
+    folder, args = cache_teacher
+    path = str(folder / "resnet8.tcache")
+    built = teacher_cache.read_cache_header(path)
+    assert projkd.main(args) == 0  # identical: kept, only its time stamp renewed
+    assert "up to date" in capsys.readouterr().out and teacher_cache.read_cache_header(path) == built
+    torch.manual_seed(1)
+    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "other.pt")  # same name below, new content
+    os.replace(folder / "other.pt", folder / "resnet8.pt")
+    assert projkd.main(args) == 0
+    assert "rebuilding it" in capsys.readouterr().out
+    rebuilt = teacher_cache.read_cache_header(path)
+    assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"] and rebuilt["key"] != built["key"]
+    assert projkd.main(args[:-2] + ["--synthetic-size", "48", "--device", "cpu"]) == 0  # other images: rebuilt too
+    assert teacher_cache.read_cache_header(path)["images"] == 48
+
+
+def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
+    folder, _ = cache_teacher
+    common = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "2", "--device",
+              "cpu", "--deterministic", "--teacher", "resnet8", "--student", SMALL_STUDENT,
+              "--teacher-ckpt", str(folder / "resnet8.pt"), "--teacher-cache-file", str(tmp_path / "t.tcache")]
+    for cache in ("on", "off"):
+        assert projkd.main(common + ["--teacher-cache", cache, "--run-dir", str(tmp_path / cache)]) == 0
+    on, off = (json.loads((tmp_path / c / "metrics.json").read_text()) for c in ("on", "off"))
+    assert on["config"]["teacher_cache"] == "on" and off["config"]["teacher_cache"] == "off"
+    for a, b in zip(on["history"], off["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    wa, wb = (torch.load(tmp_path / c / "model.pt", weights_only=True) for c in ("on", "off"))
+    # the cached teacher outputs are bfloat16-rounded: the weights drift apart by a fraction of a percent
+    va, vb = (torch.cat([w[k].flatten() for k in w if w[k].is_floating_point()]) for w in (wa, wb))
+    assert (va - vb).norm() <= 3e-3 * va.norm()
+
+
+def shutil_usage(**fields):
+    import collections
+
+    return collections.namedtuple("usage", fields)(**fields)
+
+
+def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
+    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), tmp_path / "resnet8.pt")
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=10 ** 9, free=1000))
+    assert projkd.main(["cache", "--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "resnet8.pt"),
+                        "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher cache needs 0.0 GB" in err and "--teacher-cache off" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["resnet8.pt"]
+
+
+# --- other entry points: fetch-weights, download, each subcommand's help -----------------------------------------
+
+def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch):
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    out = tmp_path / "resnet34.pt"
+    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "resnet34-b627a593.pth" in err and str(out) in err and err.count("\n") == 1 and not out.exists()
+    assert projkd.main(["fetch-weights", "--arch", "mobilenet_v1"]) == 2
+    assert "fetch-weights takes --arch resnet18 | resnet34" in capsys.readouterr().err
+    assert projkd.main(imagenet_args(tmp_path, "--teacher", "resnet34", "--student", "resnet18",
+                                     "--run-dir", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err
+    assert "no teacher checkpoint at checkpoints/imagenet/resnet34.pt: get torchvision's resnet34-b627a593.pth" in err
+
+
+def test_download_without_internet_is_one_line_from_make(tmp_path):
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
+    result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
+                             f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
+
+
+def test_subcommands_have_their_own_help(capsys):
+    own = {  # subcommand: the options its help lists, and options of other commands that it must not list
+        "eval": ({"--arch", "--ckpt", "--out", "--dataset", "--data-dir", "--device"},
+                 {"--alpha", "--student", "--method"}),
+        "download": ({"--data-dir", "--dataset"}, {"--alpha", "--student"}),
+        "cache": ({"--teacher", "--teacher-ckpt", "--teacher-cache-file", "--dataset"},
+                  {"--alpha", "--student", "--kd-T", "--epochs"}),
+        "bench": ({"--pairs", "--out-dir"}, set()),
+    }
+    assert set(own) <= set(projkd.COMMANDS)
+    for command in projkd.COMMANDS:
+        assert projkd.main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert f"python projkd.py {command}" in out
+        listed = set(re.findall(r"^\s+(--[\w-]+)", out, flags=re.M))  # each option's line starts with its name
+        wanted, foreign = own.get(command, (set(), set()))
+        assert wanted <= listed, (command, sorted(wanted - listed))
+        assert not foreign & listed, (command, sorted(foreign & listed))
+
+
+# --- bench -------------------------------------------------------------------------------------------------------
+
+def test_bench_runs_its_tiny_cpu_version(tmp_path):
+    assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(tmp_path), "--steps", "2",
+                        "--classic-steps", "2", "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (pair,) = report["pairs"]
+    assert (pair["teacher"], pair["student"]) == ("resnet20", "resnet8")
+    speeds = {row["loop"]: row["images_per_s"] for row in pair["rows"]}
+    assert len(speeds) == 5 and all(v > 0 for k, v in speeds.items() if "graph" not in k)
+    assert all(v is None for k, v in speeds.items() if "graph" in k)  # needs CUDA
+    flops = {row["cached"]: row["flops_per_image"] for row in pair["rows"]}
+    assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
+    text = (tmp_path / "bench.md").read_text()
+    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
+
+
+# --- the Make pipeline -------------------------------------------------------------------------------------------
 
 def make(*args, cwd=HERE):
     return subprocess.run(["make", "--no-print-directory", *args], capture_output=True, text=True, cwd=cwd)
@@ -631,126 +1155,6 @@ def test_make_pipeline_end_to_end_resumes_and_redoes_nothing(tmp_path):
     again = make("cifar-all", *knobs)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("projkd.py") == 1 and f"resuming {pefd} after epoch 1" in again.stdout
-
-
-def test_the_readme_example_runs():
-    readme = open(os.path.join(HERE, "README.md")).read()
-    example = readme.split("## PEFD in your own code")[1].split("```python\n")[1].split("```")[0]
-    namespace = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    projectors = namespace["projectors"]
-    assert all(p.grad is not None for p in projectors.parameters())  # the example's step trained them
-
-
-# --- ImageNet architectures -----------------------------------------------------------------------------------
-
-# Feature width (the classifier's in_features, also the map's channels) of each ImageNet architecture.
-IMAGENET_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "densenet201": 1920, "mobilenet_v1": 1024}
-
-# The PEFD authors' MobileNet (github.com/chenyd7/PEFD, models/MobileNet.py) as (key, shape): its start, the
-# model1/model2 boundary and its end. Their checkpoints load only if ours has exactly these names.
-MOBILENET_V1_KEYS = {
-    "head": [("model1.0.0.weight", (32, 3, 3, 3)), ("model1.0.1.weight", (32,)), ("model1.0.1.bias", (32,)),
-             ("model1.0.1.running_mean", (32,)), ("model1.0.1.running_var", (32,)),
-             ("model1.0.1.num_batches_tracked", ()), ("model1.1.0.weight", (32, 1, 3, 3))],
-    "boundary": [("model1.11.4.num_batches_tracked", ()), ("model2.0.0.weight", (512, 1, 3, 3))],
-    "tail": [("model2.1.3.weight", (1024, 1024, 1, 1)), ("model2.1.4.weight", (1024,)), ("model2.1.4.bias", (1024,)),
-             ("model2.1.4.running_mean", (1024,)), ("model2.1.4.running_var", (1024,)),
-             ("model2.1.4.num_batches_tracked", ()), ("fc.weight", (1000, 1024)), ("fc.bias", (1000,))],
-}
-
-
-def test_mobilenet_v1_has_the_published_size_and_the_pefd_key_layout():
-    model = MODELS["mobilenet_v1"](num_classes=1000)
-    assert sum(p.numel() for p in model.parameters()) == 4_231_976  # Howard et al. 2017: 4.2M
-    layout = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert len(layout) == 164  # stem conv + BN (6), 13 blocks of 2 convs + 2 BNs (12 each), fc (2)
-    assert layout[:7] == MOBILENET_V1_KEYS["head"] and layout[-8:] == MOBILENET_V1_KEYS["tail"]
-    i = layout.index(MOBILENET_V1_KEYS["boundary"][1])
-    assert layout[i - 1:i + 1] == MOBILENET_V1_KEYS["boundary"]
-
-
-def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
-    model = MODELS["mobilenet_v1"](num_classes=1000).eval()
-    for size, side in ((224, 7), (64, 2)):  # total stride 32
-        maps = []
-        hook = model.get_submodule(model.map_layer).register_forward_hook(lambda m, args, out: maps.append(out))
-        with torch.no_grad():
-            feature, logits = features_and_logits(model, torch.randn(2, 3, size, size))
-        hook.remove()
-        assert logits.shape == (2, 1000) and feature.shape == (2, 1024)
-        assert torch.allclose(projkd.classifier_of(model)(feature), logits, atol=1e-5)
-        assert maps[0].shape == (2, 1024, side, side)
-        assert torch.allclose(maps[0].mean((2, 3)), feature, atol=1e-6)
-
-
-def test_imagenet_archs_name_models_and_their_torchvision_files():
-    import torchvision
-
-    assert len(set(IMAGENET_ARCHS)) == len(IMAGENET_ARCHS) == 5 and set(IMAGENET_ARCHS) == set(IMAGENET_WIDTHS)
-    assert set(IMAGENET_ARCHS) <= set(MODELS)
-    with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
-        assert not set(json.load(f)) & set(IMAGENET_ARCHS)  # RepDistiller's zoo is CIFAR
-    assert set(TORCHVISION_WEIGHTS) == set(IMAGENET_ARCHS) - {"mobilenet_v1"}
-    for arch, (file, url) in TORCHVISION_WEIGHTS.items():
-        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url and url.endswith("/" + file)
-
-
-@pytest.mark.parametrize("arch", list(IMAGENET_WIDTHS))
-def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
-    model = MODELS[arch](num_classes=10).eval()
-    width = IMAGENET_WIDTHS[arch]
-    assert projkd.classifier_of(model).in_features == width
-    taps = projkd.Taps(model, model.map_layer)
-    with torch.no_grad():
-        logits = model(torch.randn(2, 3, 64, 64))
-    taps.remove()
-    assert logits.shape == (2, 10) and taps.feature.shape == (2, width)
-    assert taps.map.shape[:2] == (2, width)
-    # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
-    # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
-    assert torch.allclose(taps.map.mean((2, 3)), taps.feature, atol=1e-6)
-
-
-# --- ImageNet, LAUNCH and the teacher cache ------------------------------------------------------------------
-
-IMAGENET_PAIRS = "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
-
-
-def test_imagenet_table_is_table_1_with_our_numbers_beside_the_paper(tmp_path):
-    import tables
-
-    runs = tmp_path / "runs"
-    for seed, top1, top5 in ((1, 71.0, 90.0), (2, 72.0, 91.0)):
-        write_metrics(runs / "resnet34-resnet18" / f"pefd-seed{seed}", top1, best=top1 + 0.5, teacher=73.3, top5=top5,
-                      teacher_top5=91.4)
-    write_metrics(runs / "resnet18" / "ce-seed1", 69.5, top5=89.0)  # the Student row of (a) and (c)
-    write_metrics(runs / "densenet201-mobilenet_v1" / "kd-seed1", 70.0, teacher=76.9, top5=89.9, teacher_top5=93.4)
-    md, csv_path = tmp_path / "imagenet.md", tmp_path / "imagenet.csv"
-    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--methods", "pefd kd ce",
-                        "--seeds", "1 2", "--out", f"{md} {csv_path}"]) == 0
-    text = md.read_text()
-    last, best = text.split("## ")[1:]
-    assert "| Pair | Accuracy | Student | paper | KD | paper | PEFD | paper | Teacher | paper |" in last
-    assert ("| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 71.50 ± 0.71 (n=2) | 71.94 "
-            "| 73.30 | 73.31 |") in last
-    assert "|  | Top-5 | 89.00 (n=1) | 89.07 | missing | 90.15 | 90.50 ± 0.71 (n=2) | 90.68 | 91.40 | 91.41 |" in last
-    assert "| (b) resnet50 → mobilenet_v1 | Top-1 | missing | 69.06 | missing | 70.65 | missing | 73.16 | missing | 76.13 |" \
-        in last  # nothing finished: missing, never 0
-    assert ("| (c) densenet201 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.38 | missing | 72.29 | missing "
-            "| 76.89 |") in last  # the same Student run as (a)
-    assert "|  | Top-5 | missing | 88.84 | 89.90 (n=1) | 89.93 | missing | 91.47 | 93.40 | 93.37 |" in last  # (d)
-    assert "| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 72.00 ± 0.71 (n=2) |" in best
-    assert "| 0.00" not in text and "SP" not in text
-    assert "finished runs: 4" in text  # the shared Student run counted once
-    rows = list(csv.DictReader(open(csv_path)))
-    pefd = next(r for r in rows if r["table"] == "last-top5" and r["row"] == "PEFD" and r["teacher"] == "resnet34")
-    assert (pefd["mean"], pefd["n"], pefd["paper_mean"], pefd["paper_std"]) == ("90.5", "2", "90.68", "")
-    # SP and CRD-lite are columns when asked for, in the paper's order
-    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--seeds", "1",
-                        "--out", str(md)]) == 0
-    assert ("| Pair | Accuracy | Student | paper | KD | paper | SP | paper | CRD-lite | paper | PEFD | paper | Teacher "
-            "| paper |") in md.read_text()
 
 
 def plan_lines(*args):
@@ -932,452 +1336,103 @@ def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
     assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
 
 
-
-# --- the GPU-resident step, the teacher-output cache ------------------------------------------------------------
-
-def small_run(tmp_path, *extra, **changes):
-    """A Run set up exactly as training sets one up (synthetic data, CPU), without training it."""
-    args = projkd.parse_args(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
-                                            "--run-dir", str(tmp_path / "run"), *extra))
-    return projkd.setup_run(projkd.dataclasses.replace(args, **changes))
-
-
-def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypatch):
-    run = small_run(tmp_path, "--synthetic-size", "96")
-    plan = run.planner.plan(0)
-    projkd.load_epoch(run, plan)
-    expected = crop_flip(run.data.train_x[plan.order], plan.dy, plan.dx, plan.flip)
-    seen = []
-    monkeypatch.setattr(projkd, "train_step", lambda run, images, labels, cached: seen.append((images, labels)))
-    for _ in range(run.steps_per_epoch):
-        run.step()
-    assert run.steps_per_epoch == 3 and len(seen) == 3
-    for i, (images, labels) in enumerate(seen):
-        assert images.shape == (32, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(images, expected[32 * i:32 * (i + 1)])
-        assert torch.equal(labels, run.data.train_y[plan.order[32 * i:32 * (i + 1)]])
-    # under torchrun, process 1 of 2 takes the second half of every global batch
-    run.buffers.step.zero_()
-    run.local_batch, run.buffers.offsets = 16, 16 + torch.arange(16)
-    seen.clear()
-    run.step()
-    run.step()
-    assert torch.equal(seen[0][0], expected[16:32]) and torch.equal(seen[1][0], expected[48:64])
-    run.planner.close()
-
-
-def test_epoch_buffers_are_refilled_in_place(tmp_path):
-    """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
-    run = small_run(tmp_path, "--synthetic-size", "96")
-    tensors = [run.buffers.images, run.buffers.labels, run.buffers.step, run.lr, run.loss_sum, run.correct]
-    before = [t.data_ptr() for t in tensors]
-    for epoch in range(2):
-        projkd.train_epoch(run, epoch)
-    assert [t.data_ptr() for t in tensors] == before
-    assert all(g["lr"] is run.lr for g in run.optimizer.param_groups)
-    run.planner.close()
-
-
-def test_crd_lite_updates_its_queues_in_place():
-    crd = CRDLite(6, 10, dim=4, negatives=5, T=0.5)
-    pointers = [b.data_ptr() for b in crd.buffers()]
-    crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
-    assert [b.data_ptr() for b in crd.buffers()] == pointers
-
-
-def test_view_numbers_cover_every_crop_and_flip_once():
-    views = [projkd.view_draws(v, 1, "cpu") for v in range(projkd.CACHE_VIEWS)]
-    assert projkd.CACHE_VIEWS == 162
-    assert [projkd.view_index(*draws).item() for draws in views] == list(range(162))
-    assert len({(dy.item(), dx.item(), f.item()) for dy, dx, f in views}) == 162
-
-
-def test_teacher_for_speed_keeps_batchnorm_in_float32():
-    teacher = projkd.teacher_for_speed(MODELS["resnet8"](num_classes=10), torch.bfloat16, torch.contiguous_format)
-    for m in teacher.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            assert m.weight.dtype == torch.bfloat16
-        elif isinstance(m, nn.BatchNorm2d):
-            assert m.weight.dtype == m.running_var.dtype == torch.float32
-
-
-@pytest.fixture(scope="module")
-def cache_teacher(tmp_path_factory):
-    """A small teacher (random weights: the cache must reproduce whatever the teacher computes) and its cache
-    on 32 synthetic images, built through the CLI."""
-    folder = tmp_path_factory.mktemp("cache")
-    torch.manual_seed(0)
-    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "resnet8.pt")
-    args = ["cache", "--teacher", "resnet8", "--teacher-ckpt", str(folder / "resnet8.pt"), "--dataset", "synthetic",
-            "--synthetic-size", "32", "--device", "cpu"]
-    assert projkd.main(args) == 0
-    return folder, args
-
-
-def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
-    folder, _ = cache_teacher
-    header = projkd.read_cache_header(str(folder / "resnet8.tcache"))
-    assert (header["images"], header["views"], header["width"], header["dtype"]) == (32, 162, 64 + 10, "bfloat16")
-    cache = projkd.TeacherCache(str(folder / "resnet8.tcache"), header)
-    teacher = projkd.load_teacher("resnet8", str(folder / "resnet8.pt"), 10)
-    train_x = projkd.make_synthetic(32, 10)[0]
-    g = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 32, (40,), generator=g)
-    dy, dx, flip = projkd.augmentation_draws(40, g)
-    rows = torch.from_numpy(cache.rows(images.numpy(), projkd.view_index(dy, dx, flip).numpy())).view(torch.bfloat16)
-    x = projkd.normalize(crop_flip(train_x[images], dy, dx, flip), torch.full((1, 3, 1, 1), 0.5),
-                         torch.full((1, 3, 1, 1), 0.25))
-    with torch.no_grad():
-        feature, logits = features_and_logits(teacher, x)
-    live = torch.cat([feature, logits], dim=1)
-    # the cache stores bfloat16: 8 significant bits
-    assert torch.allclose(rows.float(), live, rtol=2 ** -8, atol=1e-6)
-    assert torch.equal(rows, live.to(torch.bfloat16))
-
-
-def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
-    folder, args = cache_teacher
-    path = str(folder / "resnet8.tcache")
-    built = projkd.read_cache_header(path)
-    assert projkd.main(args) == 0  # identical: kept, only its time stamp renewed
-    assert "up to date" in capsys.readouterr().out and projkd.read_cache_header(path) == built
-    torch.manual_seed(1)
-    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "other.pt")  # same name below, new content
-    os.replace(folder / "other.pt", folder / "resnet8.pt")
-    assert projkd.main(args) == 0
-    assert "rebuilding it" in capsys.readouterr().out
-    rebuilt = projkd.read_cache_header(path)
-    assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"] and rebuilt["key"] != built["key"]
-    assert projkd.main(args[:-2] + ["--synthetic-size", "48", "--device", "cpu"]) == 0  # other images: rebuilt too
-    assert projkd.read_cache_header(path)["images"] == 48
-
-
-def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
-    folder, _ = cache_teacher
-    common = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "2", "--device",
-              "cpu", "--deterministic", "--teacher", "resnet8", "--student", SMALL_STUDENT,
-              "--teacher-ckpt", str(folder / "resnet8.pt"), "--teacher-cache-file", str(tmp_path / "t.tcache")]
-    for cache in ("on", "off"):
-        assert projkd.main(common + ["--teacher-cache", cache, "--run-dir", str(tmp_path / cache)]) == 0
-    on, off = (json.loads((tmp_path / c / "metrics.json").read_text()) for c in ("on", "off"))
-    assert on["config"]["teacher_cache"] == "on" and off["config"]["teacher_cache"] == "off"
-    for a, b in zip(on["history"], off["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
-    wa, wb = (torch.load(tmp_path / c / "model.pt", weights_only=True) for c in ("on", "off"))
-    # the cached teacher outputs are bfloat16-rounded: the weights drift apart by a fraction of a percent
-    va, vb = (torch.cat([w[k].flatten() for k in w if w[k].is_floating_point()]) for w in (wa, wb))
-    assert (va - vb).norm() <= 3e-3 * va.norm()
-
-
-# --- distributed training (torchrun, gloo on the CPU) -------------------------------------------------------------
-
-def torchrun(*args, nproc=2, background=False):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(HERE, "projkd.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if background:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-
-
-def ddp_args(synthetic_teacher, run_dir, *extra):
-    return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "6", "--device",
-            "cpu", "--deterministic", "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "crd",
-            "--crd-negatives", "64", "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--checkpoint-seconds", "0",
-            "--run-dir", str(run_dir), *extra]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, synthetic_teacher):
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    result = torchrun(*ddp_args(synthetic_teacher, run_dir))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run_dir, result.stdout
-
-
-def test_two_processes_train_one_model(ddp_run):
-    run_dir, out = ddp_run
-    assert "the weights are the same in all 2 processes" in out  # checked by the processes themselves
-    assert "processes: 2 x batch 16 = global batch 32" in out
-    assert out.count("epoch 3/6 ") == 1  # one process logs
-    assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv", "metrics.json", "model.pt"]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and len(metrics["history"]) == 6
-
-
-def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_path):
-    run_dir, _ = ddp_run
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    out = tmp_path / "eval.json"
-    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(run_dir / "model.pt"), "--dataset", "synthetic",
-                        "--synthetic-size", "256", "--device", "cpu", "--out", str(out)]) == 0
-    single = json.loads(out.read_text())
-    assert single["images"] == 64 and single["world_size"] == 1
-    assert single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
-    assert single["top5"] == pytest.approx(metrics["last_top5"], abs=1e-3)
-
-
-def test_a_killed_two_process_run_resumes_to_the_same_weights(ddp_run, synthetic_teacher, tmp_path):
-    straight, _ = ddp_run
-    run_dir = tmp_path / "run"
-    proc = torchrun(*ddp_args(synthetic_teacher, run_dir), background=True)
-    try:
-        deadline = time.time() + 120
-        while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-    finally:
-        proc.terminate()  # as a cluster's preemption does: torchrun ends both processes mid-run
-        proc.wait()
-    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    killed_after = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
-    resumed = torchrun(*ddp_args(synthetic_teacher, run_dir, "--resume"))
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resuming {run_dir} after epoch {killed_after}" in resumed.stdout and killed_after < 6
-    a = torch.load(straight / "model.pt", weights_only=True)
-    b = torch.load(run_dir / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_only_process_zero_writes(tmp_path, monkeypatch):
-    run = small_run(tmp_path)
-    projkd.train_epoch(run, 0)
-    monkeypatch.setattr(projkd, "_rank", lambda: 1)
-    projkd.save_checkpoint(run, 1)
-    run.history.append({"epoch": 1, "test_top1": 0.0, "test_top5": 0.0, "between_class_cosine": 0.0,
-                        "seconds": 1.0, "images_per_s": 1.0})
-    projkd.finish_run(run)
-    assert os.listdir(tmp_path / "run") == []
-    run.planner.close()
-
-
-# --- ImageNet: class folders, torchvision models, the protocol --------------------------------------------------
-
-def write_image_folder(root, classes=("ant", "bee", "cat"), train=4, val=2, seed=0):
-    """A tiny ImageNet-style tree: root/{train,val}/<class>/*.JPEG, small JPEGs of odd sizes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", val)):
-        for c in classes:
-            os.makedirs(root / split / c, exist_ok=True)
-            for i in range(n):
-                h, w = rng.integers(21, 70, 2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
-    return root
-
-
-def imagenet_args(root, *extra):
-    return ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--batch-size", "4",
-            "--epochs", "1", "--device", "cpu", "--workers", "1", *extra]
-
-
-def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
-    root = write_image_folder(tmp_path / "imagenet")
-    torch.manual_seed(0)
-    torch.save(MODELS["resnet18"](num_classes=3).state_dict(), tmp_path / "teacher.pt")
-    run_dir = tmp_path / "run"
-    assert projkd.main(imagenet_args(root, "--teacher", "resnet18", "--teacher-ckpt", str(tmp_path / "teacher.pt"),
-                                     "--student", "resnet18", "--run-dir", str(run_dir))) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["config"]["lr"] == 0.1 and metrics["config"]["weight_decay"] == 1e-4  # ImageNet's protocol
-    assert metrics["config"]["lr_decay_epochs"] == "30,60,90" and metrics["config"]["workers"] == 1
-    assert metrics["last_top5"] == 100.0  # 3 classes: the top 5 always hold the answer
-    MODELS["resnet18"](num_classes=3).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
-    ours = torchvision_eval = tmp_path / "eval.json"
-    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(tmp_path / "teacher.pt"), "--dataset", "imagenet",
-                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu", "--workers", "0",
-                        "--out", str(ours)]) == 0
-    assert json.loads(torchvision_eval.read_text())["top1"] == pytest.approx(metrics["teacher_top1"])
-
-
-def test_imagenet_under_two_processes(tmp_path):
-    root = write_image_folder(tmp_path / "imagenet", val=3)
-    run_dir = tmp_path / "run"
-    result = torchrun(*imagenet_args(root, "--student", "resnet18", "--method", "ce", "--run-dir", str(run_dir)))
-    assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and "the weights are the same in all 2 processes" in result.stdout
-    out = tmp_path / "eval.json"
-    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), "--dataset", "imagenet",
-                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu", "--out", str(out)]) == 0
-    single = json.loads(out.read_text())
-    assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
-
-
-@pytest.mark.parametrize("layout,message", [
-    ("missing", "ImageNet not found: no folder"),
-    ("no_classes", "is not an image class folder"),
-    ("other_classes", "or they differ in name"),
-])
-def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, message):
-    root = tmp_path / "imagenet"
-    if layout == "no_classes":
-        os.makedirs(root / "train")
-        os.makedirs(root / "val")
-    elif layout == "other_classes":
-        write_image_folder(root, train=1, val=1)
-        os.rename(root / "val" / "cat", root / "val" / "dog")
-    assert projkd.main(imagenet_args(root, "--student", "resnet18", "--method", "ce",
-                                     "--run-dir", str(tmp_path / "run"))) == 2
-    err = capsys.readouterr().err
-    assert message in err and str(root) in err and "<class>" in err and err.count("\n") == 1
-    assert not (tmp_path / "run").exists()
-
-
-def test_protocols_per_dataset_and_explicit_values_win():
-    cifar, _ = projkd.resolve_config(projkd.Config(student="vgg8", method="ce", device="cpu"))
-    imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
-                                                          dataset="imagenet", batch_size=512))
-    mobile, _ = projkd.resolve_config(projkd.Config(student="MobileNetV2", method="ce", device="cpu"))
-    pick = ("epochs", "batch_size", "lr", "lr_decay_epochs", "weight_decay", "momentum")
-    assert [getattr(cifar, k) for k in pick] == [240, 64, 0.05, "150,180,210", 5e-4, 0.9]
-    assert [getattr(imagenet, k) for k in pick] == [100, 512, 0.1, "30,60,90", 1e-4, 0.9]
-    assert mobile.lr == 0.01
-    assert any("used unchanged at 512 (the linear scaling rule would give 0.2" in n for n in notes)
-    explicit, _ = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
-                                                      dataset="imagenet", epochs=3, lr=0.2, weight_decay=0.0))
-    assert (explicit.epochs, explicit.lr, explicit.weight_decay) == (3, 0.2, 0.0)
-
-
-def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch):
-    import torch.hub
-
-    def offline(*args, **kwargs):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    out = tmp_path / "resnet34.pt"
-    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "resnet34-b627a593.pth" in err and str(out) in err and err.count("\n") == 1 and not out.exists()
-    assert projkd.main(["fetch-weights", "--arch", "mobilenet_v1"]) == 2
-    assert "fetch-weights takes --arch resnet18 | resnet34" in capsys.readouterr().err
-    assert projkd.main(imagenet_args(tmp_path, "--teacher", "resnet34", "--student", "resnet18",
-                                     "--run-dir", str(tmp_path / "run"))) == 2
-    err = capsys.readouterr().err
-    assert "no teacher checkpoint at checkpoints/imagenet/resnet34.pt: get torchvision's resnet34-b627a593.pth" in err
-
-
-def test_torchvision_densenet_files_load_with_their_old_names():
-    state = MODELS["densenet201"](num_classes=10).state_dict()
-    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
-           if not k.endswith("num_batches_tracked")}  # as torchvision's published file has them
-    assert any(".norm.1." in k for k in old)
-    model = projkd.frozen_model("densenet201", projkd._normalise_keys(old), 10, "densenet201-c1103571.pth")
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k in old or "norm1" in k)
-
-
-# --- CLI: the new options and entry points ------------------------------------------------------------------------
-
-def test_progress_lines_within_an_epoch(tmp_path, capsys):
-    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--progress-seconds", "1e-9",
-                                      "--synthetic-size", "96", "--run-dir", str(tmp_path / "run"))) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
-    assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
-    assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
-
-
-def test_help_piped_into_head_ends_quietly():
-    result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head -1", shell=True,
-                            capture_output=True, text=True)
-    assert result.stdout.startswith("projkd: Improved Feature Distillation") and result.stderr == ""
-
-
-def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
-    path = tmp_path / "teacher.pt"
-    torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)  # a whole module: needs unsafe unpickling
-    assert projkd.main(synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
-                                      "--teacher-ckpt", str(path), "--run-dir", str(tmp_path / "run"))) == 2
-    err = capsys.readouterr().err
-    assert f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python objects" in err
-    assert err.count("\n") == 1 and "weights_only" not in err
-
-
-def test_subcommands_have_their_own_help(capsys):
-    for command in projkd.COMMANDS:
-        assert projkd.main([command, "--help"]) == 0
-        assert f"python projkd.py {command}" in capsys.readouterr().out
-
-
-def test_download_without_internet_is_one_line_from_make(tmp_path):
-    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
-    result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
-                             f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
-    assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
-
-
-def test_bench_runs_its_tiny_cpu_version(tmp_path):
-    assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(tmp_path), "--steps", "2",
-                        "--classic-steps", "2", "--workers", "1"]) == 0
-    report = json.loads((tmp_path / "bench.json").read_text())
-    (pair,) = report["pairs"]
-    assert (pair["teacher"], pair["student"]) == ("resnet20", "resnet8")
-    speeds = {row["loop"]: row["images_per_s"] for row in pair["rows"]}
-    assert len(speeds) == 5 and all(v > 0 for k, v in speeds.items() if "graph" not in k)
-    assert all(v is None for k, v in speeds.items() if "graph" in k)  # needs CUDA
-    flops = {row["cached"]: row["flops_per_image"] for row in pair["rows"]}
-    assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
-    text = (tmp_path / "bench.md").read_text()
-    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
-
-
-class FakeCUDA:
-    """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with `capturing` set
-    (as a real capture records the work without doing it), and replay() calls it again for real."""
-
-    def __init__(self, monkeypatch, capture_fails=False):
-        self.capturing, fake = False, self
-
-        class Graph:
-            def replay(self):
-                self.step()
-
-        @contextlib.contextmanager
-        def graph(g, capture_error_mode="global"):
-            fake.capturing = True
-            try:
-                yield
-            finally:
-                fake.capturing = False
-            if capture_fails:
-                raise RuntimeError("operation not permitted when stream is capturing")
-            g.step = fake.step
-
-        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-        for name, value in (("Stream", stream), ("current_stream", stream), ("CUDAGraph", Graph), ("graph", graph),
-                            ("stream", lambda s: contextlib.nullcontext())):
-            monkeypatch.setattr(torch.cuda, name, value)
-
-    def step(self):
-        self.log.append("captured" if self.capturing else "ran")
-
-
-@pytest.mark.parametrize("capture_fails", [False, True])
-def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, capture_fails):
-    fake = FakeCUDA(monkeypatch, capture_fails)
-    fake.log = []
-    stepper = projkd.CUDAGraphStep(fake.step, warmup_steps=3)
-    for _ in range(6):
-        stepper()
-    assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3  # six steps done, none skipped, one capture
-    assert (stepper.graph is None) == capture_fails
-    if capture_fails:  # the run goes on eagerly and says so
-        assert "operation not permitted" in stepper.failure and "goes on eagerly" in capsys.readouterr().out
-
-
-def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
-    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), tmp_path / "resnet8.pt")
-    monkeypatch.setattr(projkd.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=10 ** 9, free=1000))
-    assert projkd.main(["cache", "--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "resnet8.pt"),
-                        "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "the teacher cache needs 0.0 GB" in err and "--teacher-cache off" in err and err.count("\n") == 1
-    assert sorted(os.listdir(tmp_path)) == ["resnet8.pt"]
-
-
-def shutil_usage(**fields):
-    import collections
-
-    return collections.namedtuple("usage", fields)(**fields)
+def test_the_readme_example_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("## PEFD in your own code")[1].split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    projectors = namespace["projectors"]
+    assert all(p.grad is not None for p in projectors.parameters())  # the example's step trained them
+
+
+# --- result tables (tables.py) -----------------------------------------------------------------------------------
+
+def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None):
+    os.makedirs(run_dir, exist_ok=True)
+    metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
+               "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
+               "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
+               "config": {"dataset": "cifar100"}}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f)
+
+
+def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
+    import tables
+
+    runs = tmp_path / "runs"
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 70.0, best=71.0, teacher=74.5)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed2", 72.0, best=72.5, teacher=74.5)
+    for seed, acc in ((1, 69.0), (2, 70.0), (3, 71.0)):
+        write_metrics(runs / "vgg8" / f"ce-seed{seed}", acc)  # the Student row: the student trained alone
+    write_metrics(runs / "other-vgg8" / "kd-seed1", 99.0)  # another pair's run must not leak in
+    md, csv_path = tmp_path / "out" / "t.md", tmp_path / "out" / "t.csv"
+    assert tables.main(["--runs", str(runs), "--pairs", "vgg13:vgg8", "--out", f"{md} {csv_path}"]) == 0
+    text = md.read_text()
+    last = text.split("## ")[1]  # the last-epoch table comes first
+    assert "| PEFD | 71.00 ± 1.41 (n=2) | 74.35 ± 0.12 |" in last  # sample std of 70 and 72; the paper beside
+    assert "| Student | 70.00 ± 1.00 (n=3) | 70.74 ± 0.31 |" in last
+    assert "| Teacher | 74.50 | 74.64 |" in last
+    assert "| KD | missing | 72.98 ± 0.19 |" in last and "| SP | missing |" in last
+    assert "| PEFD | 71.75 ± 1.06 (n=2) |" in text.split("## ")[2]  # best epoch: 71 and 72.5
+    rows = list(csv.DictReader(open(csv_path)))
+    kd = next(r for r in rows if r["table"] == "last" and r["row"] == "KD")
+    assert (kd["mean"], kd["std"], kd["n"], kd["paper_mean"]) == ("", "", "0", "72.98")
+    pefd = next(r for r in rows if r["table"] == "last" and r["row"] == "PEFD")
+    assert (float(pefd["mean"]), float(pefd["std"]), pefd["n"]) == (71.0, pytest.approx(1.4142, abs=1e-4), "2")
+
+
+def test_ablation_table_finds_the_variant_runs(tmp_path):
+    import tables
+
+    runs = tmp_path / "runs"
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 74.0, cosine=0.2)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-q0-seed1", 73.0, cosine=0.4)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-depth3-seed1", 72.0)
+    write_metrics(runs / "vgg13-vgg8" / "pefd-gelu-seed1", 74.5)
+    out = tmp_path / "ablations.md"
+    assert tables.main(["--kind", "ablations", "--runs", str(runs), "--pairs", "vgg13:vgg8", "--seeds", "1",
+                        "--variants", "gelu q0 depth3 none", "--out", str(out)]) == 0
+    last, _, cosine = out.read_text().split("## ")[1:]
+    labels = [line.split("|")[1].strip() for line in last.splitlines() if line.startswith("| ") and "→" not in line]
+    assert labels == ["no projector", "q=3 (PEFD)", "depth 3", "GELU", "no activation"]  # the paper's order
+    assert "| no projector | 73.00 (n=1) | – |" in last and "| GELU | 74.50 (n=1) | 74.39 ± 0.18 |" in last
+    assert "| no activation | missing | 73.46 ± 0.42 |" in last
+    assert "| no projector | 0.4000 (n=1) |" in cosine and "| q=3 (PEFD) | 0.2000 (n=1) |" in cosine
+    assert tables.main(["--kind", "ablations", "--variants", "q0 wide"]) == 2
+
+
+def test_imagenet_table_is_table_1_with_our_numbers_beside_the_paper(tmp_path):
+    import tables
+
+    runs = tmp_path / "runs"
+    for seed, top1, top5 in ((1, 71.0, 90.0), (2, 72.0, 91.0)):
+        write_metrics(runs / "resnet34-resnet18" / f"pefd-seed{seed}", top1, best=top1 + 0.5, teacher=73.3, top5=top5,
+                      teacher_top5=91.4)
+    write_metrics(runs / "resnet18" / "ce-seed1", 69.5, top5=89.0)  # the Student row of (a) and (c)
+    write_metrics(runs / "densenet201-mobilenet_v1" / "kd-seed1", 70.0, teacher=76.9, top5=89.9, teacher_top5=93.4)
+    md, csv_path = tmp_path / "imagenet.md", tmp_path / "imagenet.csv"
+    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--methods", "pefd kd ce",
+                        "--seeds", "1 2", "--out", f"{md} {csv_path}"]) == 0
+    text = md.read_text()
+    last, best = text.split("## ")[1:]
+    assert "| Pair | Accuracy | Student | paper | KD | paper | PEFD | paper | Teacher | paper |" in last
+    assert ("| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 71.50 ± 0.71 (n=2) | 71.94 "
+            "| 73.30 | 73.31 |") in last
+    assert "|  | Top-5 | 89.00 (n=1) | 89.07 | missing | 90.15 | 90.50 ± 0.71 (n=2) | 90.68 | 91.40 | 91.41 |" in last
+    assert "| (b) resnet50 → mobilenet_v1 | Top-1 | missing | 69.06 | missing | 70.65 | missing | 73.16 | missing | 76.13 |" \
+        in last  # nothing finished: missing, never 0
+    assert ("| (c) densenet201 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.38 | missing | 72.29 | missing "
+            "| 76.89 |") in last  # the same Student run as (a)
+    assert "|  | Top-5 | missing | 88.84 | 89.90 (n=1) | 89.93 | missing | 91.47 | 93.40 | 93.37 |" in last  # (d)
+    assert "| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 72.00 ± 0.71 (n=2) |" in best
+    assert "| 0.00" not in text and "SP" not in text
+    assert "finished runs: 4" in text  # the shared Student run counted once
+    rows = list(csv.DictReader(open(csv_path)))
+    pefd = next(r for r in rows if r["table"] == "last-top5" and r["row"] == "PEFD" and r["teacher"] == "resnet34")
+    assert (pefd["mean"], pefd["n"], pefd["paper_mean"], pefd["paper_std"]) == ("90.5", "2", "90.68", "")
+    # SP and CRD-lite are columns when asked for, in the paper's order
+    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--seeds", "1",
+                        "--out", str(md)]) == 0
+    assert ("| Pair | Accuracy | Student | paper | KD | paper | SP | paper | CRD-lite | paper | PEFD | paper | Teacher "
+            "| paper |") in md.read_text()
