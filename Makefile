@@ -28,9 +28,11 @@ DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)$(i
 RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)) projkd.py \
   --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
 # The teacher-output cache: one file per teacher checkpoint, built once, read by its pefd, kd and crd runs on
-# CIFAR-style data (their --teacher-cache on). With TEACHER_CACHE=auto not for DEVICE=cpu (building it there
-# takes hours; it still pays for itself over a whole pipeline: TEACHER_CACHE=on), never with off.
-USE_CACHE := $(if $(ON_IMAGENET),,$(if $(filter on,$(TEACHER_CACHE)),yes,$(if $(filter auto,$(TEACHER_CACHE)),$(if $(filter cpu,$(DEVICE)),,yes))))
+# CIFAR-style data (their --teacher-cache on). With TEACHER_CACHE=auto only on a GPU: not for DEVICE=cpu, and for
+# DEVICE=auto only under a LAUNCH (which asks for GPUs) or where nvidia-smi lists one (building it on a CPU takes
+# hours; it still pays for itself over a whole pipeline: TEACHER_CACHE=on); never with off.
+GPU_VISIBLE := $(if $(filter auto,$(DEVICE)),$(if $(filter auto,$(TEACHER_CACHE)),$(if $(strip $(LAUNCH)),yes,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes))))
+USE_CACHE := $(if $(ON_IMAGENET),,$(if $(filter on,$(TEACHER_CACHE)),yes,$(if $(filter auto,$(TEACHER_CACHE)),$(if $(filter cpu,$(DEVICE)),,$(if $(filter auto,$(DEVICE)),$(GPU_VISIBLE),yes)))))
 TABLE_KIND := $(if $(ON_IMAGENET),imagenet,main)
 # ImageNet runs every rule of this file in a make of its own: these knobs replace the CIFAR ones there.
 IMAGENET_KNOBS = DATASET=imagenet DATA_DIR=$(IMAGENET_DIR) EPOCHS=$(IMAGENET_EPOCHS) PAIRS="$(IMAGENET_PAIRS)" \

@@ -22,9 +22,8 @@ from projkd import (CIFAR100_MEAN, CIFAR100_STD, Config, ProjectorEnsemble, User
                     resolve_device, save, setup_run)
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for model-FLOPs utilisation; the first
 # name contained in the GPU's name applies.
-BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-                   "A100": 312e12}
-
+BF16_PEAK_FLOPS = {"GH200": 989e12, "H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+                   "H100": 989e12, "A100": 312e12}
 
 @dataclass
 class BenchConfig:
@@ -38,10 +37,8 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "results"  # bench.json and bench.md go here
 
-
 class _PILImages(torch.utils.data.Dataset):
     """uint8 CHW images as PIL images through a torchvision transform: how KD codebases read CIFAR."""
-
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images.permute(0, 2, 3, 1).numpy(), labels.tolist(), transform
 
@@ -50,16 +47,17 @@ class _PILImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
-
 
 def classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, device):
     """PEFD trained as RepDistiller-style code does it: a DataLoader with worker processes doing per-sample PIL
     RandomCrop(32, padding=4) + flip + ToTensor + Normalize, float32 models, the default SGD, a blocking copy
     of each batch and .item() of the loss every step."""
     import torchvision.transforms as T
-
+    # Set here, whatever ran before: RepDistiller's train_student.py turns cudnn.benchmark on and leaves TF32 at
+    # torch's defaults (convolutions on, matmuls off).
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
     loader = torch.utils.data.DataLoader(_PILImages(images, labels, transform), batch_size=bc.batch_size,
@@ -89,11 +87,9 @@ def classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, de
     synchronize(device)
     return bc.classic_steps * bc.batch_size / (time.time() - start)
 
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 def bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached, deterministic=False):
     """A PEFD Run of our loop on generated data (one epoch of warm-up + timed steps), built by setup_run like a
@@ -112,7 +108,6 @@ def bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, grap
         run.feed.teacher = live_teacher_rows(run)
     return run
 
-
 @torch.no_grad()
 def live_teacher_rows(run):
     """The teacher's feature and logits for every image of the loaded epoch, as the cache would supply them."""
@@ -122,7 +117,6 @@ def live_teacher_rows(run):
         teacher = run.teacher_forward(x.contiguous(memory_format=run.memory_format))
         rows.append(torch.cat([teacher.feature, teacher.logits], dim=1).to(torch.bfloat16))
     return torch.cat(rows)
-
 
 def our_loop_images_per_s(run, bc):
     for _ in range(bc.warmup):
@@ -134,12 +128,10 @@ def our_loop_images_per_s(run, bc):
     run.loss_sum.item()  # waits for the last step
     return bc.steps * bc.batch_size / (time.time() - start)
 
-
 def training_flops_per_image(teacher_arch, student_arch, with_teacher, batch=2):
     """FLOPs of one PEFD training step per image (student forward and backward, projectors, and the teacher's
     forward unless cached), counted by torch.utils.flop_counter on the CPU."""
     from torch.utils.flop_counter import FlopCounterMode
-
     teacher = MODELS[teacher_arch](num_classes=100).eval()
     student = MODELS[student_arch](num_classes=100)
     projectors = ProjectorEnsemble(classifier_of(student).in_features, classifier_of(teacher).in_features)
@@ -151,7 +143,6 @@ def training_flops_per_image(teacher_arch, student_arch, with_teacher, batch=2):
         loss = logits.logsumexp(1).mean() + projectors(feature).sum() + 0 * teacher_feature.sum()
         loss.backward()
     return counter.get_total_flops() / batch
-
 
 def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
     """From the same initial state and data, bc.check_steps steps eagerly and as a CUDA graph, both in
@@ -178,7 +169,6 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
             "bitwise_equal_losses": bool(np.array_equal(eager, graphed)), "capture_failure": failure,
             "passed": failure is None and loss_rel <= tolerance and weight_rel <= tolerance}
 
-
 def bench_pair(teacher_arch, student_arch, bc, device, folder):
     teacher_ckpt = os.path.join(folder, f"{teacher_arch}.pt")
     torch.save(MODELS[teacher_arch](num_classes=100).state_dict(), teacher_ckpt)  # random weights: speed is the same
@@ -188,7 +178,8 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
              for cached in (False, True)}
     peak = bf16_peak_flops(device)
     rows = [{"loop": "classic (DataLoader + PIL, fp32, .item() per step)", "cached": False,
-             "images_per_s": classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, device)}]
+             "images_per_s": classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, device),
+             "flags": backend_flags()}]
     for graph in (False, True):
         for cached in (False, True):
             name = f"ours, {'CUDA graph' if graph else 'eager'}, teacher {'cached' if cached else 'live'}"
@@ -199,7 +190,7 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
             speed = our_loop_images_per_s(run, bc)
             failure = getattr(run.step, "failure", None)
             rows.append({"loop": name, "cached": cached, "images_per_s": None if failure else speed,
-                         **({"skipped": f"capture failed: {failure}"} if failure else {})})
+                         "flags": backend_flags(), **({"skipped": f"capture failed: {failure}"} if failure else {})})
             run.feed.close()
     classic = rows[0]["images_per_s"]
     for row in rows:
@@ -209,18 +200,22 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
         row["mfu"] = speed * flops[row["cached"]] / peak if speed and peak else None
     return {"teacher": teacher_arch, "student": student_arch, "rows": rows}
 
-
 def bf16_peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
+    """The GPU's dense bf16 peak, or None (unknown): a MIG slice has only a share of its GPU's SMs."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name and "MIG" not in name), None)
 
+def backend_flags():
+    """The switches that change a step's speed, as they are now: every row of the bench says what it ran with."""
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32}
 
 def run_bench(bc):
     """`projkd.py bench`: writes <out_dir>/bench.json and bench.md; a tiny version on the CPU."""
     device = resolve_device(bc.device, 1)
     cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)  # streams and graphs are made on the current device
     defaults = {"steps": 400 if cuda else 3, "classic_steps": 150 if cuda else 3, "warmup": 30 if cuda else 1,
                 "workers": min(8, os.cpu_count() or 1), "pairs": bc.pairs if cuda else "resnet20:resnet8"}
     if bc.pairs != BenchConfig.pairs:
@@ -252,11 +247,10 @@ def run_bench(bc):
                         f"{report['graph_check']}")
     return report
 
-
 def bench_markdown(report):
     peak = report["bf16_peak_flops"]
     mfu_note = (f" MFU: model FLOPs (torch.utils.flop_counter) x images/s over the GPU's dense bf16 peak "
-                f"({peak / 1e12:.0f} TFLOP/s)." if peak else "")
+                f"({peak / 1e12:.0f} TFLOP/s)." if peak else " MFU: unknown peak for this device.")
     lines = [f"# projkd bench: {report['device']}, torch {report['torch']}", "",
              f"PEFD, batch {report['batch_size']}, generated CIFAR-shaped data, random weights; images/s over "
              f"{report['steps']} steps of our loop and {report['classic_steps']} of the classic one "
@@ -265,14 +259,15 @@ def bench_markdown(report):
              f"supplies them each epoch; the step is the same.{mfu_note}", ""]
     for pair in report["pairs"]:
         lines += [f"## {pair['teacher']} → {pair['student']}", "",
-                  "| loop | images/s | vs classic | GFLOPs/image | MFU |", "|---|---|---|---|---|"]
+                  "| loop | images/s | vs classic | GFLOPs/image | MFU | flags |", "|---|---|---|---|---|---|"]
         for row in pair["rows"]:
             if row["images_per_s"] is None:
-                lines.append(f"| {row['loop']} | skipped: {row['skipped']} | | | |")
+                lines.append(f"| {row['loop']} | skipped: {row['skipped']} | | | | |")
                 continue
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            flags = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in row["flags"].items())
             lines.append(f"| {row['loop']} | {row['images_per_s']:,.0f} | {row['vs_classic']:.2f}x | "
-                         f"{row['flops_per_image'] / 1e9:.3f} | {mfu} |")
+                         f"{row['flops_per_image'] / 1e9:.3f} | {mfu} | {flags} |")
         lines.append("")
     check = report.get("graph_check")
     if check:

@@ -22,6 +22,7 @@ frozen_model and torchvision_state_dict load the weights of this zoo in the form
 import os
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -528,9 +529,9 @@ def frozen_model(arch, state, num_classes, source, what="checkpoint"):
     unexpected = [k for k in state if k not in ours]
     misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
     if missing or unexpected or misshaped:
-        raise WeightsError(f"{what} {source} does not fit {arch} with {num_classes} classes "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, "
-                        f"e.g. {(missing + unexpected + misshaped)[0]}); wrong architecture or file?")
+        raise WeightsError(f"{what} {source} does not fit {arch} with {num_classes} classes ({len(missing)} missing, "
+                           f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, e.g. "
+                           f"{(missing + unexpected + misshaped)[0]}); wrong architecture or file?")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -543,12 +544,55 @@ def torchvision_state_dict(arch, weights_name, put_at):
         weights = torchvision.models.get_model_weights(arch)[weights_name]
     except (ValueError, KeyError):
         raise WeightsError(f"torchvision publishes no weights {weights_name!r} for {arch} "
-                        f"(it has them for {', '.join(TORCHVISION_WEIGHTS)}: e.g. IMAGENET1K_V1)") from None
+                           f"(it has them for {', '.join(TORCHVISION_WEIGHTS)}: e.g. IMAGENET1K_V1)") from None
     file, url = TORCHVISION_WEIGHTS.get(arch, (os.path.basename(weights.url), weights.url))
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as e:  # offline, a proxy, a bad download: all end the same way for the user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(f"downloading {url} failed ({reason}); get {file} from there by other means and put it "
-                        f"at {put_at}") from None
+                           f"at {put_at}") from None
     return normalise_keys(state)
+
+
+def require_teacher_file(arch, path):
+    """One line saying where to get a teacher checkpoint that is not at `path`."""
+    if os.path.isfile(path):
+        return
+    if arch in TORCHVISION_WEIGHTS:
+        file, url = TORCHVISION_WEIGHTS[arch]
+        raise WeightsError(f"no teacher checkpoint at {path}: get torchvision's {file} from {url} and put it there, "
+                           f"or pass --teacher-weights IMAGENET1K_V1 when online (make imagenet-all fetches it)")
+    raise WeightsError(f"no teacher checkpoint at {path}: pass --teacher-ckpt PATH (RepDistiller's "
+                       f"{arch}_vanilla/ckpt_epoch_240.pth works), or train one: python projkd.py --student {arch} "
+                       f"--method ce, then copy its model.pt there (make teachers does both)")
+
+
+def load_teacher(arch, path, num_classes, weights=""):
+    """A frozen teacher from our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision
+    weight file or a plain state_dict at `path`; or torchvision's published `weights` (a name) when given."""
+    if weights:
+        state = torchvision_state_dict(arch, weights, os.path.join("checkpoints", "imagenet", f"{arch}.pt"))
+        return frozen_model(arch, state, num_classes, weights, "torchvision weights")
+    require_teacher_file(arch, path)
+    return frozen_model(arch, read_state_dict(path, "teacher checkpoint"), num_classes, path, "teacher checkpoint")
+
+
+@dataclass
+class WeightsConfig:
+    arch: str = ""  # an architecture torchvision publishes ImageNet weights of: resnet18 | resnet34 | resnet50 | densenet201
+    weights: str = "IMAGENET1K_V1"  # which of torchvision's weights (IMAGENET1K_V1: the paper's teachers)
+    out: str = ""  # where the plain state_dict goes; default checkpoints/imagenet/<arch>.pt
+
+
+def fetch_weights(wc):
+    """`projkd.py fetch-weights`: torchvision's ImageNet weights of --arch as a plain state_dict file, a teacher
+    checkpoint like any other (written to a temporary name, then renamed)."""
+    if wc.arch not in TORCHVISION_WEIGHTS:
+        raise WeightsError(f"fetch-weights takes --arch {' | '.join(TORCHVISION_WEIGHTS)}, not {wc.arch!r}")
+    out = wc.out or os.path.join("checkpoints", "imagenet", f"{wc.arch}.pt")
+    state = torchvision_state_dict(wc.arch, wc.weights, out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(state, f"{out}.tmp{os.getpid()}")
+    os.replace(f"{out}.tmp{os.getpid()}", out)
+    print(f"torchvision's {wc.arch} {wc.weights} -> {out}")

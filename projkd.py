@@ -8,23 +8,18 @@ CE + 25 * MDA. The projectors are thrown away after training, so the deployed st
     python projkd.py --teacher vgg13 --student vgg8                  # PEFD, the paper's CIFAR-100 protocol
     python projkd.py --teacher vgg13 --student vgg8 --method kd      # the same pair with a baseline
     python projkd.py --student vgg13 --method ce                     # train a model alone (teacher pretraining)
-    python projkd.py --dataset synthetic --student resnet20 --method ce --epochs 2   # a CPU smoke run
-    torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet \\
-        --teacher resnet34 --student resnet18                        # ImageNet, the paper's protocol, 8 GPUs
+    torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet --teacher resnet34 \\
+        --student resnet18                                           # ImageNet, the paper's protocol, 8 GPUs
     python projkd.py eval --arch vgg8 --ckpt runs/cifar100/vgg13-vgg8/pefd-seed1/model.pt   # a checkpoint alone
-    python projkd.py cache --teacher vgg13                           # a teacher's output cache (make builds it)
-    python projkd.py bench                                           # the classic KD loop against ours, images/s
-    python projkd.py --help                                          # every option, its default and meaning
+    python projkd.py --help                                          # every option; subcommands: eval, cache, ...
 
-Each run writes into its --run-dir: model.pt (the trained student's plain state_dict, strict-loadable into
-models.MODELS[arch]), metrics.json (resolved config, accuracies, per-epoch history, timing, versions),
-log.csv, and last.pt (everything needed to --resume exactly).
+A run writes model.pt (the student's plain state_dict), metrics.json (resolved config, accuracies, history,
+timing, versions), log.csv and last.pt (all that --resume needs) into its --run-dir.
 
-The file reads top to bottom: 1 the method, 2 the baselines, 3 feature taps and the loss wiring, 4 config and
-CLI, 5 data, 6 the training loop, 7 entry points. Importing it runs nothing, and sections 1-3 need only torch:
-copied alone into another project, ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite and
-features_and_logits work on any classifier whose head is a final nn.Linear. models.py (the architectures),
-teacher_cache.py and bench.py are imported only by the commands that use them.
+Sections: 1 the method, 2 the baselines, 3 feature taps and the loss wiring, 4 config and CLI, 5 data, 6 the
+training loop, 7 entry points. Importing runs nothing, and sections 1-3 need only torch: copied alone, this
+file's ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite and features_and_logits work on any classifier
+whose head is a final nn.Linear. models.py, teacher_cache.py and bench.py are imported only where used.
 """
 import contextlib
 import csv
@@ -42,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -52,25 +48,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # 1. The method: q projectors from the student's feature width to the teacher's, averaged, and the direction
 #    alignment of that mean with the teacher's feature. The whole objective is
 #        loss = CE + alpha * mda_loss(projectors(s), t)        (alpha = 25; computed in method_loss, section 3)
-# ---------------------------------------------------------------------------------------------------------
 
 PROJECTOR_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
-
 
 class ProjectorEnsemble(nn.Module):
     """q projectors from the student's feature width to the teacher's; forward returns their mean.
 
-    Projector k is Linear(d_student, d_teacher) + act, followed by depth-1 further Linear(d_teacher, d_teacher)
-    + act layers. The q projectors run as one batched computation: layer l keeps the weights of all
-    projectors stacked, weight[l][k] and bias[l][k] being projector k's (shape out x in, as in nn.Linear).
-    projector(k) returns projector k as a plain nn.Sequential. Each projector is initialised as nn.Linear
-    would be, one after the other, so the draws equal those of q nn.Sequential built in a row.
+    Projector k is Linear(d_student, d_teacher) + act, then depth-1 further Linear(d_teacher, d_teacher) + act.
+    The q projectors run as one batched computation: layer l stacks all projectors' weights, weight[l][k] and
+    bias[l][k] being projector k's (out x in, as in nn.Linear); projector(k) returns it as a plain nn.Sequential.
+    Each is initialised as nn.Linear would be, one after the other: the draws of q nn.Sequential built in a row.
     """
-
     def __init__(self, d_student, d_teacher, q=3, act="relu", depth=1):
         super().__init__()
         if q < 1 or depth < 1:
@@ -90,10 +82,9 @@ class ProjectorEnsemble(nn.Module):
                     b[k].copy_(layer.bias)
 
     def forward(self, s):
-        q, b = self.q, s.shape[0]
         # The first layer of all q projectors is one matmul against the stacked weights.
-        h = F.linear(s, self.weight[0].flatten(0, 1), self.bias[0].flatten()).view(b, q, -1).transpose(0, 1)
-        h = self.act(h)
+        h = F.linear(s, self.weight[0].flatten(0, 1), self.bias[0].flatten()).view(len(s), self.q, -1)
+        h = self.act(h.transpose(0, 1))
         for w, bias in zip(self.weight[1:], self.bias[1:]):
             h = self.act(torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2)))
         return h.mean(0)
@@ -108,30 +99,23 @@ class ProjectorEnsemble(nn.Module):
             layers += [linear, PROJECTOR_ACTIVATIONS[self.act_name]()]
         return nn.Sequential(*layers)
 
-
 def _unit(x, eps=1e-8):
     # Clamping the squared norm (not the norm) keeps the gradient finite at x = 0, where ReLU outputs can be.
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(eps * eps))
-
 
 def mda_loss(projected_student, teacher_feature):
     """PEFD's modified direction alignment (paper eq. 5): 1 - mean_i cos(f(s_i), t_i), in float32."""
     f, t = projected_student.float(), teacher_feature.float()
     return 1 - (_unit(f) * _unit(t)).sum(-1).mean()
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # 2. The baselines, with RepDistiller's settings: KD, SP and CRD-lite. Every loss computes in float32,
 #    whatever autocast produced upstream.
-# ---------------------------------------------------------------------------------------------------------
-
 
 def kd_loss(student_logits, teacher_logits, T=4.0):
     """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+    log_p_s, log_p_t = (F.log_softmax(logits.float() / T, dim=1) for logits in (student_logits, teacher_logits))
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * T * T
-
 
 def sp_loss(student_map, teacher_map):
     """Similarity-preserving KD: row-normalised b x b Gram matrices of the flattened maps, ||G_t - G_s||_F^2 / b^2."""
@@ -140,17 +124,13 @@ def sp_loss(student_map, teacher_map):
     def gram(m):
         a = m.float().reshape(b, -1)
         return F.normalize(a @ a.t(), dim=1)
-
     return (gram(teacher_map) - gram(student_map)).pow(2).sum() / (b * b)
-
 
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-
 def _rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
 
 def _gather_rows(x):
     """The rows of x from every process, in rank order (x itself when there is one process)."""
@@ -159,7 +139,6 @@ def _gather_rows(x):
     parts = [torch.empty_like(x) for _ in range(_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
-
 
 class CRDLite(nn.Module):
     """CRD's contrastive objective with a fixed-size queue of negatives instead of CRD's memory bank.
@@ -181,12 +160,9 @@ class CRDLite(nn.Module):
     Under torchrun every process enqueues the whole global batch (all-gathered) and Z is estimated from it,
     so the queues and Z are the same in every process and the same as one process with that batch.
     """
-
     def __init__(self, d_student, d_teacher, dim=128, negatives=16384, T=0.07):
         super().__init__()
-        self.T = T
-        self.embed_student = nn.Linear(d_student, dim)
-        self.embed_teacher = nn.Linear(d_teacher, dim)
+        self.T, self.embed_student, self.embed_teacher = T, nn.Linear(d_student, dim), nn.Linear(d_teacher, dim)
         self.register_buffer("queue_student", F.normalize(torch.randn(negatives, dim), dim=1))
         self.register_buffer("queue_teacher", F.normalize(torch.randn(negatives, dim), dim=1))
         self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
@@ -227,29 +203,22 @@ class CRDLite(nn.Module):
                 self.queue_next.copy_(slots[-1] + 1)
         return loss_t + loss_s
 
-
 def between_class_cosine(class_sums):
     """Mean cosine similarity between the class-mean features of different classes (the paper's Figure 2).
     class_sums: num_classes x d sums (or means) of features per class; classes with no samples are skipped."""
-    present = class_sums.abs().sum(1) > 0
-    means = _unit(class_sums[present].double())
-    sim = means @ means.t()
-    n = len(means)
+    means = _unit(class_sums[class_sums.abs().sum(1) > 0].double())
+    sim, n = means @ means.t(), len(means)
     return ((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)).item()
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # 3. Feature taps and the loss wiring: the pooled penultimate feature and the last-stage map are read with
 #    hooks, so any classifier whose head is a final nn.Linear works without editing its forward.
-# ---------------------------------------------------------------------------------------------------------
-
 
 class Outputs(NamedTuple):
     """What the losses read from one network's forward pass."""
     feature: torch.Tensor  # the pooled penultimate vector, the classifier's input
     logits: torch.Tensor
     map: Optional[torch.Tensor] = None  # the last stage's activation map (method sp only)
-
 
 def classifier_of(model):
     """The model's final nn.Linear, whose input is the penultimate feature."""
@@ -258,11 +227,9 @@ def classifier_of(model):
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to read the penultimate feature from")
     return linears[-1]
 
-
 class Taps:
     """Keeps, after each forward pass of `model`, the input of its final nn.Linear (`feature`) and, if
     `map_layer` names a submodule, that submodule's output (`map`). remove() detaches the hooks."""
-
     def __init__(self, model, map_layer=None):
         self.feature = self.map = None
         self._hooks = [classifier_of(model).register_forward_pre_hook(self._keep_feature)]
@@ -279,7 +246,6 @@ class Taps:
         for h in self._hooks:
             h.remove()
 
-
 def features_and_logits(model, x):
     """(feature, logits) from one forward pass: feature is the pooled penultimate vector fed to the classifier."""
     taps = Taps(model)
@@ -288,7 +254,6 @@ def features_and_logits(model, x):
     finally:
         taps.remove()
     return taps.feature, logits
-
 
 def build_aux(cfg, d_student, d_teacher):
     """The modules trained alongside the student and dropped after training: projectors, CRD embeddings."""
@@ -300,7 +265,6 @@ def build_aux(cfg, d_student, d_teacher):
     if cfg.method == "crd":
         return CRDLite(d_student, d_teacher, dim=cfg.crd_dim, negatives=cfg.crd_negatives, T=cfg.crd_T)
     return nn.Identity()
-
 
 def method_loss(cfg, aux, student, teacher, labels):
     """The training objective of --method, in float32; student and teacher are Outputs (teacher None for ce)."""
@@ -315,12 +279,10 @@ def method_loss(cfg, aux, student, teacher, labels):
         return ce + cfg.crd_weight * aux(student.feature, teacher.feature)
     return ce  # ce: the student alone
 
-
 class Distiller(nn.Module):
     """What training updates, as one module: the student, the modules dropped after training (projectors, CRD
     embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
     forward(x, labels, teacher Outputs) -> (loss, student logits)."""
-
     def __init__(self, cfg, student, aux, autocast):
         super().__init__()
         self.cfg, self.student, self.aux, self.autocast = cfg, student, aux, autocast
@@ -332,12 +294,9 @@ class Distiller(nn.Module):
         student = Outputs(self.taps.feature, logits, self.taps.map)
         return method_loss(self.cfg, self.aux, student, teacher, labels), logits
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
 #    resolve_config turns parsed options into the resolved config, in one place.
-# ---------------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class Config:
@@ -381,6 +340,7 @@ class Config:
     graph: str = "auto"  # capture the whole training step as one CUDA graph: auto (on for one CUDA process on CIFAR-style data, amp bf16 or off) | on | off
     teacher_cache: str = "auto"  # compute the teacher's outputs for all 162 crop/flip views of each image once and reuse them: auto (on CUDA for pefd/kd/crd on CIFAR-style data) | on | off
     teacher_cache_file: str = ""  # the cache of --teacher-ckpt; default: that path with the suffix .tcache
+    teacher_cache_ram: float = 0.25  # read the cache file whole into memory when it takes at most this share of the RAM
     # running
     seed: int = 1  # seeds initialisation, data order and augmentation
     deterministic: bool = False  # bit-identical reruns (on CPU; on CUDA as far as cuDNN allows), slower
@@ -394,7 +354,6 @@ class Config:
     run_dir: str = ""  # where the run's files go; default runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
     resume: bool = False  # continue the run in --run-dir from its last.pt (starts fresh if there is none)
     overwrite: bool = False  # start over even if --run-dir already holds a run
-
 
 # The paper's protocols (Section 4, "Training"; on CIFAR-100 they are RepDistiller's). A Config field left at None
 # takes its dataset's value here; nothing of one dataset's protocol is ever applied to another.
@@ -413,25 +372,22 @@ CHOICES = {"method": METHODS, "dataset": tuple(PROTOCOLS), "amp": tuple(AMP_DTYP
 POSITIVE = ("epochs", "batch_size", "eval_batch_size", "proj_depth", "kd_T", "crd_T", "crd_dim", "crd_negatives",
             "synthetic_size", "image_size")
 NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd_ce_weight", "sp_weight", "crd_weight",
-                "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers")
+                "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers", "teacher_cache_ram")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
 # Fields that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download", "eval_batch_size",
-                     "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file", "workers",
+                     "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file", "teacher_cache_ram", "workers",
                      "checkpoint_seconds", "progress_seconds")
-
 
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
 
-
 def _flag(name):
     return "--" + name.replace("_", "-")
 
-
 def cli_help(schema, doc, usage):
     """The first paragraph of `doc`, the usage line, and every field of `schema` with its default and the trailing
-    comment of its declaration (read from the source of the dataclasses named in schema.help_from)."""
+    comment of its declaration (read from the source of the dataclasses in schema.help_from)."""
     comments = {}
     for source in getattr(schema, "help_from", (schema,)):
         with contextlib.suppress(OSError, TypeError):
@@ -442,13 +398,10 @@ def cli_help(schema, doc, usage):
         lines.append(f"  {_flag(f.name):<22} {kind:<28} {comments.get(f.name, '')}")
     return "\n".join(lines)
 
-
 def parse_args(argv, schema=Config):
     """--name value, --name=value, --flag, --no-flag; names use '-' or '_'. Unknown or ill-typed options raise UserError."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    values, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
+    fields, values, args = {f.name: f for f in dataclasses.fields(schema)}, {}, iter(argv)
+    for arg in args:
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: options look like --student vgg8 (see --help)")
         name, eq, value = arg[2:].partition("=")
@@ -465,19 +418,15 @@ def parse_args(argv, schema=Config):
             if eq and not negated and not truthy and value.lower() not in ("0", "false", "no", "off"):
                 raise UserError(f"{_flag(name)} is a flag: use {_flag(name)} or --no-{_flag(name)[2:]}, not {value!r}")
             values[name] = (truthy or not eq) and not negated
-        else:
-            if not eq:
-                i += 1
-                if i >= len(argv):
-                    raise UserError(f"{_flag(name)} needs a value ({ftype.__name__})")
-                value = argv[i]
-            try:
-                values[name] = ftype(value)
-            except ValueError:
-                raise UserError(f"{_flag(name)} expects {ftype.__name__}, got {value!r}") from None
-        i += 1
+            continue
+        value = value if eq else next(args, None)
+        if value is None:
+            raise UserError(f"{_flag(name)} needs a value ({ftype.__name__})")
+        try:
+            values[name] = ftype(value)
+        except ValueError:
+            raise UserError(f"{_flag(name)} expects {ftype.__name__}, got {value!r}") from None
     return schema(**values)
-
 
 def options_of(name, own, shared):
     """A subcommand's options as one dataclass: the fields of `own` (a dataclass, or None), then the Config fields
@@ -487,28 +436,23 @@ def options_of(name, own, shared):
     schema.help_from = tuple(c for c in (own, Config) if c)
     return schema
 
-
 def zoo():
     """models.py, the architectures, imported where it is used: this file copied alone imports anywhere."""
     import models
-
     return models
 
-
 def check_arch(arch, role, dataset):
-    MODELS, IMAGENET_ARCHS = zoo().MODELS, zoo().IMAGENET_ARCHS
-    if arch not in MODELS:
-        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(MODELS)}")
-    if (arch in IMAGENET_ARCHS) != (dataset == "imagenet"):
-        kind, other = ("an ImageNet", "a CIFAR") if arch in IMAGENET_ARCHS else ("a CIFAR (32x32)", "an ImageNet")
+    models, imagenet = zoo().MODELS, zoo().IMAGENET_ARCHS
+    if arch not in models:
+        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}")
+    if (arch in imagenet) != (dataset == "imagenet"):
+        kind, other = ("an ImageNet", "a CIFAR") if arch in imagenet else ("a CIFAR (32x32)", "an ImageNet")
         raise UserError(f"{arch} is {kind} architecture and --dataset {dataset} needs {other} one "
-                        f"(ImageNet: {', '.join(IMAGENET_ARCHS)})")
-
+                        f"(ImageNet: {', '.join(imagenet)})")
 
 def resolve_device(name, world_size):
     """The torch.device for --device `name`; under torchrun each process takes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -517,25 +461,22 @@ def resolve_device(name, world_size):
         raise UserError(f"--device {name} is not supported; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} but no CUDA device is visible; use --device cpu")
-    if dev.type == "cuda" and world_size > 1:
-        if dev.index is not None:
-            raise UserError(f"--device {name} does not go with torchrun, which gives each process its own GPU "
-                            f"(cuda:LOCAL_RANK); use --device cuda")
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return dev
-
+    if dev.type == "cuda" and world_size > 1 and dev.index is not None:
+        raise UserError(f"--device {name} does not go with torchrun, which gives each process its own GPU "
+                        f"(cuda:LOCAL_RANK); use --device cuda")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.type == "cuda" and world_size > 1 else dev
 
 def resolve_config(cfg, command="train"):
     """Checks every option and fills in what depends on others: the dataset's protocol, the device, the CUDA graph
-    and teacher-cache switches, the paths. Returns (resolved config, notes to print). command "cache" checks what
-    building a teacher cache needs: a teacher, no student."""
+    and teacher-cache switches, the paths. Returns (resolved config, notes to print). command "cache": what
+    building a teacher cache needs (a teacher, no student)."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UserError(f"unknown {_flag(name)} {getattr(cfg, name)!r}; choose {', '.join(choices)}")
     needs_teacher = command == "cache" or cfg.method != "ce"
+    if command == "train" and not cfg.student:
+        raise UserError("--student is required, e.g. --student vgg8 (see --help for the architectures)")
     if command == "train":
-        if not cfg.student:
-            raise UserError("--student is required, e.g. --student vgg8 (see --help for the architectures)")
         check_arch(cfg.student, "student", cfg.dataset)
     if needs_teacher and not cfg.teacher:
         raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student vgg8"
@@ -551,18 +492,12 @@ def resolve_config(cfg, command="train"):
     if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
         defaults["lr"] = 0.01
         notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
-    batch = cfg.batch_size or protocol["batch_size"]
-    if cfg.lr is None and batch != protocol["batch_size"]:
-        lr = defaults["lr"]
-        notes.append(f"lr {lr} is the paper's for a global batch of {protocol['batch_size']} and is used unchanged "
-                     f"at {batch} (the linear scaling rule would give {lr * batch / protocol['batch_size']:g}: "
-                     f"pass --lr to use it)")
+    lr, batch, paper_batch = defaults.get("lr"), cfg.batch_size or protocol["batch_size"], protocol["batch_size"]
+    if cfg.lr is None and batch != paper_batch:
+        notes.append(f"lr {lr} is the paper's for a global batch of {paper_batch} and is used unchanged at {batch} "
+                     f"(the linear scaling rule would give {lr * batch / paper_batch:g}: pass --lr to use it)")
     cfg = dataclasses.replace(cfg, **defaults)
-    try:
-        milestones = [int(e) for e in cfg.lr_decay_epochs.split(",") if e.strip()]
-    except ValueError:
-        milestones = [-1]
-    if any(m < 0 for m in milestones):
+    if not re.fullmatch(r"[\s\d,]*", cfg.lr_decay_epochs):
         raise UserError(f"--lr-decay-epochs must be comma-separated integers >= 0, got {cfg.lr_decay_epochs!r}")
     for name in POSITIVE + NON_NEGATIVE:
         v, low = getattr(cfg, name), "positive" if name in POSITIVE else "a finite number >= 0"
@@ -571,51 +506,43 @@ def resolve_config(cfg, command="train"):
     if cfg.synthetic_classes < 2:
         raise UserError(f"--synthetic-classes must be at least 2, got {cfg.synthetic_classes}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(cfg.device, world)
+    dev, resident = resolve_device(cfg.device, world), cfg.dataset in RESIDENT_DATASETS
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
     if dev.type == "cpu" and cfg.amp != "off":
         notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
-    if cfg.sync_bn and (world == 1 or dev.type != "cuda"):
-        if world > 1:
-            raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
-        notes.append("--sync-bn has no effect in a single process")
-    resident = cfg.dataset in RESIDENT_DATASETS
+    if cfg.sync_bn and world > 1 and dev.type != "cuda":
+        raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
+    notes += ["--sync-bn has no effect in a single process"] * (cfg.sync_bn and world == 1)
     amp = "off" if dev.type == "cpu" else cfg.amp
-    graph_obstacles = [why for why, blocks in (
-        ("it needs CUDA", dev.type != "cuda"),
-        ("it is single-process (under torchrun the eager step runs)", world > 1),
+    no_graph = [why for why, blocks in (
+        ("it needs CUDA", dev.type != "cuda"), ("it is single-process (under torchrun the eager step runs)", world > 1),
         ("it needs GPU-resident data (cifar100, synthetic)", not resident),
         ("--amp fp16's gradient scaler runs eagerly; use --amp bf16", amp == "fp16")) if blocks]
-    if cfg.graph == "on" and graph_obstacles:
-        raise UserError(f"--graph on is not possible here: {graph_obstacles[0]}; use --graph auto or off")
-    if cfg.graph == "auto" and dev.type == "cuda" and graph_obstacles:
-        notes.append(f"CUDA graph off: {graph_obstacles[0]}")
+    if cfg.graph == "on" and no_graph:
+        raise UserError(f"--graph on is not possible here: {no_graph[0]}; use --graph auto or off")
+    notes += [f"CUDA graph off: {no_graph[0]}"] * (cfg.graph == "auto" and dev.type == "cuda" and bool(no_graph))
     # The cache holds the teacher's feature and logits of CIFAR-style crops and flips: pefd, kd and crd on
     # cifar100/synthetic; sp needs the teacher's maps, and ImageNet's crops are not enumerable.
     if command == "cache" and not resident:
         raise UserError(f"the teacher cache is for CIFAR-style data (cifar100, synthetic), not --dataset {cfg.dataset}")
-    cache_applies = resident and cfg.method in CACHED_TEACHER_METHODS
-    if command == "train" and cfg.teacher_cache == "on" and not cache_applies:
+    cacheable = resident and cfg.method in CACHED_TEACHER_METHODS
+    if command == "train" and cfg.teacher_cache == "on" and not cacheable:
         raise UserError(f"--teacher-cache on serves pefd, kd and crd on cifar100/synthetic, not --method {cfg.method} "
                         f"on --dataset {cfg.dataset}; use --teacher-cache auto or off")
-    cache = command == "cache" or (cache_applies and (cfg.teacher_cache == "on" or (cfg.teacher_cache == "auto"
-                                                                                   and dev.type == "cuda")))
-    if not needs_teacher and cfg.teacher:
-        notes.append(f"--teacher {cfg.teacher} is not used by --method ce")
-    teacher_ckpt = cfg.teacher_ckpt or (os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
-                                        if needs_teacher and not cfg.teacher_weights else "")
+    cache = command == "cache" or cacheable and (cfg.teacher_cache == "on" or cfg.teacher_cache == "auto"
+                                                 and dev.type == "cuda")
+    notes += [f"--teacher {cfg.teacher} is not used by --method ce"] * (not needs_teacher and bool(cfg.teacher))
+    ckpt = cfg.teacher_ckpt or (os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+                                if needs_teacher and not cfg.teacher_weights else "")
     cfg = dataclasses.replace(
-        cfg, device=str(dev), amp=amp, graph="on" if cfg.graph != "off" and not graph_obstacles else "off",
-        workers=0 if resident else cfg.workers if cfg.workers is not None else default_workers(), teacher_cache="on" if cache else "off",
-        teacher=cfg.teacher if needs_teacher else "", teacher_ckpt=teacher_ckpt,
-        teacher_cache_file=cfg.teacher_cache_file or (os.path.splitext(teacher_ckpt)[0] + ".tcache" if cache else ""))
-    if command == "train" and not cfg.run_dir:
-        cfg = dataclasses.replace(cfg, run_dir=run_path(os.path.join("runs", cfg.dataset), cfg.teacher, cfg.student,
-                                                        cfg.method, cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth,
-                                                        proj_act=cfg.proj_act))
-    return cfg, notes
-
+        cfg, device=str(dev), amp=amp, graph="off" if cfg.graph == "off" or no_graph else "on", teacher_ckpt=ckpt,
+        workers=0 if resident else default_workers() if cfg.workers is None else cfg.workers,
+        teacher=cfg.teacher if needs_teacher else "", teacher_cache="on" if cache else "off",
+        teacher_cache_file=cfg.teacher_cache_file or (os.path.splitext(ckpt)[0] + ".tcache" if cache else ""))
+    run_dir = cfg.run_dir or run_path(os.path.join("runs", cfg.dataset), cfg.teacher, cfg.student, cfg.method,
+                                      cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
+    return dataclasses.replace(cfg, run_dir=run_dir if command == "train" else cfg.run_dir), notes
 
 def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.proj_act):
     """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off the paper's."""
@@ -625,19 +552,16 @@ def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.p
         parts += [proj_act] * (proj_act != Config.proj_act)
     return "-".join(parts)
 
-
 def run_path(runs, teacher, student, method, seed, **projector):
     """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N> for a model
     trained alone (shared by every pair with that student, and also how teachers are trained)."""
     folder = student if method == "ce" else f"{teacher}-{student}"
     return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
 
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # 5. Data: CIFAR-100 from the official pickles, a synthetic stand-in, and GPU-side augmentation; ImageNet from
 #    class folders. The uint8 CIFAR-style sets live on the device and are cropped and flipped there, a whole
 #    epoch at once, with no loader workers; ImageNet is decoded and augmented by DataLoader workers.
-# ---------------------------------------------------------------------------------------------------------
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -645,10 +569,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PADDING = 4
 
-
 class _ArrayUnpickler(pickle.Unpickler):
     """The CIFAR pickles hold dicts of numpy arrays and lists; refuse anything else a pickle could run."""
-
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
@@ -658,30 +580,23 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR pickle")
         return super().find_class(module, name)
 
-
 def _read_cifar_pickle(path):
     with open(path, "rb") as f:
-        raw = _ArrayUnpickler(f, encoding="bytes").load()
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    y = np.asarray(d["fine_labels"], dtype=np.int64)
+        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in _ArrayUnpickler(f, encoding="bytes").load().items()}
+    x, y = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d["fine_labels"], dtype=np.int64)
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     return torch.from_numpy(x.copy()), torch.from_numpy(y)
 
-
 def load_cifar100(root, download=False):
     """(train_x, train_y, test_x, test_y) from root/cifar-100-python/{train,test}: x uint8 N x 3 x 32 x 32, y int64.
-
-    Reads the pickles directly, without torchvision's md5 check of the archive (mirrors and re-packed copies
-    differ in file order and names, not in pixels). download=True fetches the official archive with
-    torchvision when the files are missing.
+    The pickles are read directly, without torchvision's md5 check of the archive (re-packed copies differ in file
+    order and names, not in pixels); download=True fetches the official archive with torchvision if they are missing.
     """
     folder = os.path.join(root, "cifar-100-python")
     paths = [os.path.join(folder, split) for split in ("train", "test")]
     if download and not all(map(os.path.isfile, paths)):
         import torchvision
-
         archive = os.path.join(root, "cifar-100-python.tar.gz")
         had_root, had_archive = os.path.exists(root), os.path.exists(archive)
         try:
@@ -700,12 +615,9 @@ def load_cifar100(root, download=False):
         raise UserError(f"CIFAR-100 not found: no {' or '.join(missing)}; pass --download, or --data-dir pointing "
                         f"at a folder that holds cifar-100-python/{{train,test}} (README: Getting CIFAR-100)")
     try:
-        train_x, train_y = _read_cifar_pickle(paths[0])
-        test_x, test_y = _read_cifar_pickle(paths[1])
+        return (*_read_cifar_pickle(paths[0]), *_read_cifar_pickle(paths[1]))
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"cannot read CIFAR-100 in {folder} ({e}); re-create it from the official archive") from None
-    return train_x, train_y, test_x, test_y
-
 
 def make_synthetic(n_train, num_classes, seed=0):
     """A small learnable data set of CIFAR shape: each class is a smooth random colour pattern, each image a
@@ -723,10 +635,7 @@ def make_synthetic(n_train, num_classes, seed=0):
         x = x + 25 * torch.randn(x.shape, generator=g)
         return x.clamp(0, 255).round().to(torch.uint8), y
 
-    train_x, train_y = draw(n_train)
-    test_x, test_y = draw(max(n_train // 4, num_classes))
-    return train_x, train_y, test_x, test_y
-
+    return (*draw(n_train), *draw(max(n_train // 4, num_classes)))
 
 def load_imagenet(root, image_size=224):
     """(train_set, val_set): torchvision ImageFolders of root/train and root/val (one folder per class, the class
@@ -735,27 +644,24 @@ def load_imagenet(root, image_size=224):
     Normalisation is left to the GPU."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
-
     layout = (f"{os.path.join(root, 'train', '<class>', '<image>')} and {os.path.join(root, 'val', '<class>', '<image>')}"
               f" with the same class folders in both (README: ImageNet)")
+    transforms = {"train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]),
+                  "val": T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])}
     sets = {}
-    for split in ("train", "val"):
+    for split, transform in transforms.items():
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise UserError(f"ImageNet not found: no folder {folder}; --data-dir must hold {layout}")
         try:
-            sets[split] = ImageFolder(folder)
+            sets[split] = ImageFolder(folder, transform=transform)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"{folder} is not an image class folder ({str(e).splitlines()[0]}); expected {layout}") \
                 from None
     if sets["train"].classes != sets["val"].classes:
         raise UserError(f"{root}: train/ has {len(sets['train'].classes)} class folders and val/ "
                         f"{len(sets['val'].classes)}, or they differ in name; expected {layout}")
-    sets["train"].transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
-    sets["val"].transform = T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size),
-                                       T.PILToTensor()])
     return sets["train"], sets["val"]
-
 
 @dataclass
 class Data:
@@ -780,14 +686,12 @@ class Data:
         """(uint8 images, labels) of this process's share of the test (CIFAR) or validation (ImageNet) set, on the
         device; the shares of all processes cover the set once."""
         if self.test_x is None:
-            yield from ((x.to(self.mean.device, non_blocking=True), y.to(self.mean.device, non_blocking=True))
-                        for x, y in self.val_loader)
-            return
+            return ((x.to(self.mean.device, non_blocking=True), y.to(self.mean.device, non_blocking=True))
+                    for x, y in self.val_loader)
         n, rank, world = len(self.test_x), _rank(), _world_size()
         lo, hi = n * rank // world, n * (rank + 1) // world
-        for i in range(lo, hi, batch_size):
-            yield self.test_x[i:min(i + batch_size, hi)], self.test_y[i:min(i + batch_size, hi)]
-
+        return ((self.test_x[i:min(i + batch_size, hi)], self.test_y[i:min(i + batch_size, hi)])
+                for i in range(lo, hi, batch_size))
 
 def load_data(cfg, device):
     """The data set of cfg.dataset for `device` (under torchrun, with this process's shard of ImageNet's val/)."""
@@ -798,14 +702,12 @@ def load_data(cfg, device):
         return Data(len(train_set.classes), mean, std, train_set=train_set,
                     val_loader=image_loader(shard, cfg.eval_batch_size, cfg.workers, device))
     if cfg.dataset == "cifar100":
-        train_x, train_y, test_x, test_y = load_cifar100(cfg.data_dir, download=cfg.download)
-        num_classes, mean, std = 100, CIFAR100_MEAN, CIFAR100_STD
+        tensors, num_classes, mean, std = load_cifar100(cfg.data_dir, cfg.download), 100, CIFAR100_MEAN, CIFAR100_STD
     else:
-        train_x, train_y, test_x, test_y = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
+        tensors = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
         num_classes, mean, std = cfg.synthetic_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
-    return Data(num_classes, mean, std, *(t.to(device) for t in (train_x, train_y, test_x, test_y)))
-
+    return Data(num_classes, mean, std, *(t.to(device) for t in tensors))
 
 def image_loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
     """A DataLoader of uint8 image batches: worker processes decode and augment, pinned memory for the copy."""
@@ -813,65 +715,49 @@ def image_loader(dataset, batch_size, workers, device, sampler=None, drop_last=F
                                        pin_memory=device.type == "cuda", drop_last=drop_last,
                                        persistent_workers=workers > 0)
 
-
 def normalize(images, mean, std):
     """uint8 N x 3 x H x W -> float32, standardised per channel; mean and std are (1, 3, 1, 1) tensors on the
     images' device, made once: building them per step would copy host -> device and wait for it."""
     return (images.float() / 255 - mean) / std
 
-
 def augmentation_draws(n, generator, padding=CROP_PADDING):
     """One epoch's random crop offsets and flips, drawn on the CPU (the same numbers on every device)."""
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    flip = torch.randint(0, 2, (n,), generator=generator).bool()
-    return dy, dx, flip
-
+    dy, dx = (torch.randint(0, 2 * padding + 1, (n,), generator=generator) for _ in range(2))
+    return dy, dx, torch.randint(0, 2, (n,), generator=generator).bool()
 
 def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
-    """Random crop with zero padding, then horizontal flip, for a whole batch in one gather.
-
-    images: uint8 B x C x H x W; dy, dx in [0, 2*padding]: the crop's top-left corner in the padded image.
-    Zero padding of the uint8 image means black pixels, exactly as torchvision's RandomCrop(32, padding=4).
-    """
-    b, c, h, w = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
-    rows = dy[:, None] + torch.arange(h, device=images.device)
-    cols = dx[:, None] + torch.arange(w, device=images.device)
+    """Random crop with zero padding, then horizontal flip, for a whole batch in one gather. images: uint8 B x C x H
+    x W; dy, dx in [0, 2*padding]: the crop's corner in the padded image, whose zeros are black pixels, exactly as
+    torchvision's RandomCrop(32, padding=4)."""
+    (b, c, h, w), device = images.shape, images.device
+    rows, cols = dy[:, None] + torch.arange(h, device=device), dx[:, None] + torch.arange(w, device=device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a mirrored crop is the crop read right to left
-    batch = torch.arange(b, device=images.device)[:, None, None, None]
-    chans = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+    batch, chans = torch.arange(b, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None]
+    return F.pad(images, (padding,) * 4)[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
-
-
-
-# ---------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
 #    train_step, eager or replayed as one CUDA graph), evaluate, record_epoch, save_checkpoint; then finish_run.
-# ---------------------------------------------------------------------------------------------------------
-
 
 def log(*args):
-    """print, by one process only under torchrun."""
-    if _rank() == 0:
+    if _rank() == 0:  # under torchrun one process speaks
         print(*args, flush=True)
 
-
 def atomic_write(path, write):
-    """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`."""
+    """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`, and a write
+    that fails (a full disk, a read-only folder) is one line naming the file and leaves nothing behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another folder") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
-
 def save(obj, path):
-    """Writes obj to `path` atomically: a str as text, to a .json path as JSON, to a .csv path from a list of dicts,
-    anything else with torch.save."""
+    """obj written to `path` atomically: a str as text, to .json as JSON, to .csv from a list of dicts, else torch.save."""
     if path.endswith(".csv") and not isinstance(obj, str):
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(obj[0]) if obj else ["epoch"], lineterminator="\n")
@@ -880,80 +766,30 @@ def save(obj, path):
         obj = out.getvalue()
     elif path.endswith(".json") and not isinstance(obj, str):
         obj = json.dumps(obj, indent=1) + "\n"
-
-    def write(tmp):
-        if not isinstance(obj, str):
-            return torch.save(obj, tmp)
-        with open(tmp, "w") as f:
-            f.write(obj)
-
+    def write(tmp):  # through a Python file: a failed write is an OSError (torch.save to a path raises RuntimeError)
+        with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
+            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
     atomic_write(path, write)
-
 
 def code_version():
     """The git commit of this file's checkout, '+dirty' if it has uncommitted changes; 'unknown' outside git."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit, dirty = (subprocess.run(git + args, capture_output=True, text=True, timeout=10).stdout.strip()
+                         for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "-uno"]))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
-
+    return (commit + "+dirty" * bool(dirty)) if commit else "unknown"
 
 def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
-
-# --- checkpoints and the teacher ---------------------------------------------------------------------------
-
-
-def require_teacher_file(arch, path):
-    """One line saying where to get a teacher checkpoint that is not at `path`."""
-    if os.path.isfile(path):
-        return
-    if arch in zoo().TORCHVISION_WEIGHTS:
-        file, url = zoo().TORCHVISION_WEIGHTS[arch]
-        raise UserError(f"no teacher checkpoint at {path}: get torchvision's {file} from {url} and put it there, "
-                        f"or pass --teacher-weights IMAGENET1K_V1 when online (make imagenet-all fetches it)")
-    raise UserError(f"no teacher checkpoint at {path}: pass --teacher-ckpt PATH (RepDistiller's "
-                    f"{arch}_vanilla/ckpt_epoch_240.pth works), or train one: python projkd.py --student {arch} "
-                    f"--method ce, then copy its model.pt there (make teachers does both)")
-
-
-def load_teacher(arch, path, num_classes, weights=""):
-    """A frozen teacher from our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision
-    weight file or a plain state_dict at `path`; or torchvision's published `weights` (a name) when given."""
-    models = zoo()
-    if weights:
-        state = models.torchvision_state_dict(arch, weights, os.path.join("checkpoints", "imagenet", f"{arch}.pt"))
-        return models.frozen_model(arch, state, num_classes, weights, "torchvision weights")
-    require_teacher_file(arch, path)
-    return models.frozen_model(arch, models.read_state_dict(path, "teacher checkpoint"), num_classes, path,
-                               "teacher checkpoint")
-
-
-def teacher_for_speed(teacher, amp_dtype, memory_format):
-    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would re-cast
-    the float32 weights every step) and channels_last; BatchNorm stays float32, as autocast runs it."""
-    teacher.to(memory_format=memory_format)
-    for m in teacher.modules():
-        if amp_dtype is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.to(amp_dtype)
-    return teacher
-
-
-# --- the device and the processes --------------------------------------------------------------------------
-
+# --- the device, the processes and the teacher ----------------------------------------------------------------
 
 def precision(amp, device):
     """(memory format, autocast dtype or None, autocast context) of the models on `device` for --amp. The autocast
@@ -962,14 +798,13 @@ def precision(amp, device):
     autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype else contextlib.nullcontext()
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format, amp_dtype, autocast
 
-
 def setup_torch(device, deterministic=False):
-    """Makes `device` the current CUDA device (streams and graphs are made on the current one), joins torchrun's
-    process group if the process was started by torchrun, and sets the backend switches. Returns (rank, world
-    size). Deterministic mode is honest: no cudnn.benchmark behind it."""
+    """Makes `device` the current CUDA device (streams and graphs are made on the current one, whatever tensors
+    say), joins torchrun's process group when started by torchrun, and sets the backend switches. Returns
+    (rank, world size). Deterministic mode is honest: no cudnn.benchmark behind it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if deterministic:
@@ -977,39 +812,32 @@ def setup_torch(device, deterministic=False):
     if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: seconds
         # warn_only: a CUDA op without a deterministic kernel is named in a warning instead of ending the run
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic  # static shapes: kernels tuned on step 1 serve every step
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on TF32 tensor cores
+    # static shapes: kernels tuned on the first step serve every later one; float32 on TF32 tensor cores
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return _rank(), world
-
 
 def default_workers():
     """ImageNet loader processes per GPU: this machine's CPUs shared by the processes torchrun started on it."""
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
-
 def distributed(module, device):
-    """DistributedDataParallel around `module`. Buffers are averaged once per epoch (average_buffers) instead of
+    """DistributedDataParallel around `module`. Buffers are averaged once per epoch (train_epoch) instead of
     broadcast from process 0 at every forward: CRD-lite's queues are the same everywhere and would move megabytes
     per step for nothing. (torch 2.14 renamed broadcast_buffers to forward_sync_buffers.)"""
     ddp = nn.parallel.DistributedDataParallel
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                      else {"broadcast_buffers": False})
-    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
 
-
-def check_processes_agree(model):
-    """Under torchrun, every process must end with the same weights; a checksum per process says whether they do."""
-    checksum = torch.stack([t.double().sum() for t in model.state_dict().values() if t.is_floating_point()]).sum()
-    sums = [torch.zeros_like(checksum) for _ in range(_world_size())]
-    dist.all_gather(sums, checksum)
-    if any(s.item() != sums[0].item() for s in sums):
-        raise RuntimeError(f"the {len(sums)} processes ended with different weights: {[s.item() for s in sums]}")
-    log(f"the weights are the same in all {len(sums)} processes (checksum {sums[0].item():.6f})")
-
+def teacher_for_speed(teacher, amp_dtype, memory_format):
+    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would re-cast
+    the float32 weights every step) and channels_last; BatchNorm stays float32, as autocast runs it."""
+    for m in teacher.to(memory_format=memory_format).modules():
+        if amp_dtype is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.to(amp_dtype)
+    return teacher
 
 # --- the step ------------------------------------------------------------------------------------------------
-
 
 def train_step(run, images, labels, cached_teacher=None):
     """One optimisation step on a batch of uint8 images, entirely on the device, without a host sync: the eager
@@ -1017,8 +845,8 @@ def train_step(run, images, labels, cached_teacher=None):
     teacher's feature and logits from its cache; otherwise the teacher runs (if the method has one)."""
     x = normalize(images, run.data.mean, run.data.std).contiguous(memory_format=run.memory_format)
     if cached_teacher is not None:
-        num_classes = run.data.num_classes
-        teacher = Outputs(*cached_teacher.split([cached_teacher.shape[1] - num_classes, num_classes], dim=1))
+        teacher = Outputs(*cached_teacher.split([cached_teacher.shape[1] - run.data.num_classes,
+                                                 run.data.num_classes], dim=1))
     else:
         teacher = run.teacher_forward(x) if run.teacher_forward is not None else None
     loss, logits = run.distiller(x, labels, teacher)
@@ -1029,17 +857,22 @@ def train_step(run, images, labels, cached_teacher=None):
     run.loss_sum += loss.detach()
     run.correct += (logits.argmax(1) == labels).sum()
 
-
 class CUDAGraphStep:
-    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
-    whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds of kernel
-    launches, which at batch 64 is what the GPU waits for. step() must read its inputs from, and write its
-    results into, tensors that outlive the graph and are only ever updated in place. If the capture fails, the
-    run goes on eagerly and says so (`failure` keeps the reason)."""
-
-    def __init__(self, step, warmup_steps=3):
-        self.step, self.warmup_left, self.graph, self.failure = step, warmup_steps, None, None
+    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the whole
+    step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds, which at batch 64 is
+    what the GPU waits for. step() must read and write only tensors that outlive the graph and are updated in
+    place, and advance the device counter `steps` by one. A capture that fails, or whose first replay did not
+    advance `steps` (an empty graph: the step's work went to another device), is not trusted: the run goes on
+    eagerly and says so, `failure` keeping the first reason."""
+    def __init__(self, step, steps, warmup_steps=3):
+        self.step, self.steps, self.warmup_left, self.graph, self.failure = step, steps, warmup_steps, None, None
         self.side_stream = torch.cuda.Stream()
+
+    def _fail(self, why):
+        self.graph, self.failure = None, why
+        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on eagerly (--graph off "
+            f"skips the attempt)")
+        self()  # nothing ran: this step is still to do
 
     def __call__(self):
         if self.graph is not None:
@@ -1053,28 +886,24 @@ class CUDAGraphStep:
             torch.cuda.current_stream().wait_stream(self.side_stream)
             self.warmup_left -= 1
         else:
-            graph = torch.cuda.CUDAGraph()
+            self.graph, before = torch.cuda.CUDAGraph(), self.steps.item()
             try:
                 # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                     self.step()
-            except RuntimeError as e:  # nothing ran during the failed capture: this step is still to do
-                self.failure = str(e).splitlines()[0]
-                log(f"warning: the CUDA graph capture of the training step failed ({self.failure}); training "
-                    f"goes on eagerly (--graph off skips the attempt)")
-                return self()
-            self.graph = graph
+            except RuntimeError as e:  # the root cause, not capture_end's complaint about the aborted capture
+                while isinstance(e.__context__, RuntimeError):
+                    e = e.__context__
+                return self._fail(str(e).splitlines()[0])
             self.graph.replay()  # capture records the step without running it
-
+            if self.steps.item() != before + 1:  # checked once (a host sync): every later replay is trusted
+                self._fail("the captured graph is empty: its replay did not run the step")
 
 # --- the data feed: where each step's batch comes from -------------------------------------------------------
 
-
 def lr_at(cfg, epoch):
     """Step decay: epoch counts from 0, so with milestone 150 the 151st epoch is the first at lr * rate."""
-    milestones = [int(e) for e in cfg.lr_decay_epochs.split(",") if e.strip()]
-    return cfg.lr * cfg.lr_decay_rate ** sum(epoch >= m for m in milestones)
-
+    return cfg.lr * cfg.lr_decay_rate ** sum(epoch >= int(m) for m in cfg.lr_decay_epochs.split(",") if m.strip())
 
 class EpochPlan(NamedTuple):
     """An epoch's draws, made on the CPU: which image goes where, its crop and flip, and its cached teacher rows."""
@@ -1084,70 +913,59 @@ class EpochPlan(NamedTuple):
     flip: torch.Tensor
     teacher_rows: Optional[np.ndarray] = None  # int16 bit patterns of bfloat16, from the teacher cache
 
-
 def plan_epoch(seed, epoch, n_train, n_used):
     """The epoch's permutation and augmentation, from a generator of (seed, epoch) alone: resuming after any
     epoch redraws exactly what an uninterrupted run draws. The last partial batch is dropped."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n_train, generator=g)
-    dy, dx, flip = (t[:n_used] for t in augmentation_draws(n_train, g))
-    return EpochPlan(order[:n_used], dy, dx, flip)
-
+    return EpochPlan(order[:n_used], *(t[:n_used] for t in augmentation_draws(n_train, g)))
 
 class ResidentFeed:
-    """CIFAR-style training data on the device. load(epoch) shuffles, crops and flips the whole epoch at once, in
-    the models' memory format, into buffers allocated once and refilled in place (so that a captured CUDA graph
-    keeps reading the right memory), with the epoch's cached teacher rows if there is a cache. next_batch()
-    returns this process's part of the next global batch, read through an index computed on the device, so the
-    step is the same every time. plan(epoch) gives the epoch's draws: plan_epoch, or the cache's planner."""
-
+    """CIFAR-style training data on the device. load(epoch) shuffles, crops and flips the whole epoch at once into
+    buffers allocated once and refilled in place (a CUDA graph keeps reading the same memory), with the epoch's
+    cached teacher rows if there is a cache; next_batch() returns this process's part of the next global batch,
+    read through an index computed on the device."""
     def __init__(self, data, batch_size, local_batch, rank, seed, epochs, cache=None):
-        train_x, device = data.train_x, data.train_x.device
-        self.data, self.batch_size, self.planner = data, batch_size, None
-        self.steps_per_epoch = len(train_x) // batch_size
+        (n, c, h, w), device = data.train_x.shape, data.train_x.device
+        self.data, self.batch_size, self.steps_per_epoch = data, batch_size, n // batch_size
         n_used = self.steps_per_epoch * batch_size
-        self.plan = lambda epoch: plan_epoch(seed, epoch, len(train_x), n_used)
+        self.planner, self.plan = None, lambda epoch: plan_epoch(seed, epoch, n, n_used)
         if cache is not None:  # the next epoch's rows are read from disk while this one trains
             from teacher_cache import EpochPlanner
-
-            self.planner = EpochPlanner(seed, len(train_x), n_used, cache, epochs)
+            self.planner = EpochPlanner(seed, n, n_used, cache, epochs)
             self.plan = self.planner.plan
-        # NHWC: a row gather keeps channels_last
-        self.images = torch.empty(n_used, *train_x.shape[2:], train_x.shape[1], dtype=torch.uint8, device=device)
+        self.images = torch.empty(n_used, h, w, c, dtype=torch.uint8, device=device)  # NHWC: a row gather keeps it
         self.labels = torch.empty(n_used, dtype=torch.long, device=device)
-        self.teacher = (torch.empty(n_used, cache.feature_dim + cache.num_classes, dtype=torch.bfloat16, device=device)
-                        if cache is not None else None)
+        self.teacher = None if cache is None else torch.empty(n_used, cache.feature_dim + cache.num_classes,
+                                                              dtype=torch.bfloat16, device=device)
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the epoch's next step, advanced by the step
         self.offsets = rank * local_batch + torch.arange(local_batch, device=device)
 
     def load(self, epoch):
-        plan, device = self.plan(epoch), self.images.device
-        order = plan.order.to(device)
+        start, device = time.time(), self.images.device
+        plan = self.plan(epoch)
+        self.plan_wait, order = time.time() - start, plan.order.to(device)  # the cache's rows can keep us waiting
         images = crop_flip(self.data.train_x[order], plan.dy.to(device), plan.dx.to(device), plan.flip.to(device))
         self.images.copy_(images.permute(0, 2, 3, 1))
         self.labels.copy_(self.data.train_y[order])
         if self.teacher is not None:
-            self.teacher.copy_(torch.from_numpy(plan.teacher_rows).view(torch.bfloat16))
+            self.planner.upload(plan.teacher_rows, self.teacher)
         self.step.zero_()
 
     def next_batch(self):
         idx = self.step * self.batch_size + self.offsets
         self.step += 1
         images = self.images.index_select(0, idx).permute(0, 3, 1, 2)  # N x C x H x W, channels_last strides
-        cached = self.teacher.index_select(0, idx) if self.teacher is not None else None
-        return images, self.labels.index_select(0, idx), cached
+        return images, self.labels.index_select(0, idx), None if self.teacher is None else self.teacher[idx]
 
     def close(self):
         if self.planner is not None:
             self.planner.close()
 
-
 class LoaderFeed:
     """ImageNet: DataLoader workers decode and augment; each process reads its shard (DistributedSampler)."""
-
     def __init__(self, data_set, local_batch, workers, device, seed):
-        self.device = device
-        self.sampler = torch.utils.data.distributed.DistributedSampler(
+        self.device, self.plan_wait, self.sampler = device, 0.0, torch.utils.data.distributed.DistributedSampler(
             data_set, num_replicas=_world_size(), rank=_rank(), shuffle=True, seed=seed, drop_last=True)
         self.loader = image_loader(data_set, local_batch, workers, device, self.sampler, drop_last=True)
         self.steps_per_epoch = len(self.loader)
@@ -1157,15 +975,12 @@ class LoaderFeed:
         self.batches = iter(self.loader)
 
     def next_batch(self):
-        images, labels = next(self.batches)
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), None
+        return *(t.to(self.device, non_blocking=True) for t in next(self.batches)), None
 
     def close(self):
         pass
 
-
 # --- the run ---------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class Run:
@@ -1193,6 +1008,37 @@ class Run:
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
 
+@contextlib.contextmanager
+def run_dir_lock(folder):
+    """--run-dir, made if need be and held under an exclusive lock (its .lock file, open; POSIX only) while a run
+    trains in it: a folder that cannot be written, or that another process trains in, is one line before any data
+    is read, and a run that fails before writing anything leaves no folder behind."""
+    made, parent = [], folder  # the folders this makes, outermost first
+    while parent and not os.path.isdir(parent):
+        made, parent = [parent] + made, os.path.dirname(parent)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+        with contextlib.suppress(ImportError):
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise UserError(f"{folder} is being trained by another process (pid {lock.read().strip() or '?'}); wait for "
+                        f"it, or use another --run-dir") from None
+    except OSError as e:
+        raise UserError(f"cannot write in --run-dir {folder} ({e.strerror or e}); choose another") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    try:
+        yield
+    finally:
+        os.remove(lock.name)
+        lock.close()
+        for made_here in reversed(made):  # only those the run left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(made_here)
 
 def checkpoint_to_resume(cfg):
     """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it should not."""
@@ -1206,9 +1052,8 @@ def checkpoint_to_resume(cfg):
     checkpoint = zoo().load_checkpoint_file(last_path, "resume checkpoint")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
-    saved = checkpoint["config"]
-    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-             if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    diffs = [f"{k}: {checkpoint['config'].get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in RESUMABLE_CHANGES and checkpoint["config"].get(k) != v]
     if diffs:
         raise UserError(f"{cfg.run_dir} holds a run with other settings ({'; '.join(diffs)}); "
                         f"use another --run-dir, or --overwrite to start over")
@@ -1216,59 +1061,52 @@ def checkpoint_to_resume(cfg):
         raise UserError(f"{cfg.run_dir} has trained {checkpoint['epoch']} epochs already, more than --epochs {cfg.epochs}")
     return checkpoint
 
-
-def setup_run(cfg):
+def setup_run(cfg, notes=()):
     """Everything a run needs, from the resolved config to the first step: data, teacher (and its cache),
-    student, projectors, optimizer, the state of an interrupted run, the data feed."""
-    cfg, notes = resolve_config(cfg)
+    student, projectors, optimizer, the state of an interrupted run, the data feed. `notes`: those of a first
+    resolve_config of this config, if it had one (resolving again changes nothing, and notes nothing new)."""
+    cfg, again = resolve_config(cfg)
+    notes = list(notes) or again
     device = torch.device(cfg.device)
     rank, world = setup_torch(device, cfg.deterministic)
     checkpoint = checkpoint_to_resume(cfg)
     if cfg.method != "ce" and not cfg.teacher_weights:
-        require_teacher_file(cfg.teacher, cfg.teacher_ckpt)  # before the data, which can take a while to read
-    log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    for note in notes:
-        log("note: " + note)
-    if world > 1 or cfg.dataset == "imagenet":
-        log(f"processes: {world} x batch {cfg.batch_size // world} = global batch {cfg.batch_size}; "
-            f"lr {cfg.lr} as given (never rescaled by batch size)")
+        zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)  # before the data, which can take a while to read
+    notes += [f"processes: {world} x batch {cfg.batch_size // world} = global batch {cfg.batch_size}; lr {cfg.lr} "
+              f"as given (never rescaled by batch size)"] * (world > 1 or cfg.dataset == "imagenet")
+    log("\n".join(["config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())] +
+                  [f"note: {note}" for note in notes]))
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
-    teacher = None if cfg.method == "ce" else load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes,
-                                                           cfg.teacher_weights).to(device, memory_format=memory_format)
+    teacher = None if cfg.method == "ce" else zoo().load_teacher(
+        cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights).to(device, memory_format=memory_format)
     torch.manual_seed(cfg.seed)  # here, after the teacher: the same seed gives every method the same initial student
     student = zoo().MODELS[cfg.student](num_classes=data.num_classes)
-    if cfg.sync_bn and world > 1:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    student.to(device, memory_format=memory_format)
-    aux = build_aux(cfg, classifier_of(student).in_features, classifier_of(teacher).in_features if teacher is not None else 0)
+    student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
+    aux = build_aux(cfg, classifier_of(student).in_features,
+                    classifier_of(teacher).in_features if teacher is not None else 0).to(device)
     lr = torch.tensor(cfg.lr, device=device)
-    optimizer = torch.optim.SGD([*student.parameters(), *aux.to(device).parameters()], lr=lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.SGD([*student.to(device, memory_format=memory_format).parameters(), *aux.parameters()],
+                                lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     run = Run(cfg, device, world, data, student, aux, Distiller(cfg, student, aux, autocast), teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
               loss_sum=torch.zeros((), device=device), correct=torch.zeros((), dtype=torch.long, device=device))
     if checkpoint is not None:
         restore(run, checkpoint)
-        log(f"resuming {cfg.run_dir} after epoch {run.start_epoch}")
     elif cfg.resume:
         log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
     cache = setup_teacher(run, amp_dtype) if teacher is not None else None
     run.distiller = distributed(run.distiller, device) if world > 1 else run.distiller
     run.distiller = torch.compile(run.distiller) if cfg.compile else run.distiller
-    local_batch = cfg.batch_size // world
-    run.feed = (LoaderFeed(data.train_set, local_batch, cfg.workers, device, cfg.seed) if data.train_x is None else
-                ResidentFeed(data, cfg.batch_size, local_batch, rank, cfg.seed, cfg.epochs, cache))
+    run.feed = (LoaderFeed(data.train_set, cfg.batch_size // world, cfg.workers, device, cfg.seed)
+                if data.train_x is None else
+                ResidentFeed(data, cfg.batch_size, cfg.batch_size // world, rank, cfg.seed, cfg.epochs, cache))
     run.step = lambda: train_step(run, *run.feed.next_batch())
-    run.step = CUDAGraphStep(run.step) if cfg.graph == "on" else run.step
-    if rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    student.train()
-    aux.train()
+    run.step = CUDAGraphStep(run.step, run.feed.step) if cfg.graph == "on" else run.step
+    run.distiller.train()
     return run
-
 
 def setup_teacher(run, amp_dtype):
     """The teacher's test accuracy (once per run, in float32, before its weights go to the autocast dtype), then
@@ -1285,36 +1123,39 @@ def setup_teacher(run, amp_dtype):
     teacher_for_speed(teacher, amp_dtype, run.memory_format)
     if cfg.teacher_cache == "on":
         import teacher_cache
-
         return teacher_cache.open_for_run(run)
     taps = Taps(teacher, teacher.map_layer if cfg.method == "sp" else None)
     forward = torch.compile(teacher) if cfg.compile else teacher
 
     def teacher_forward(x):
-        # no_grad rather than inference_mode: the losses save the teacher's outputs for backward, which
-        # inference tensors refuse.
+        # no_grad, not inference_mode: the losses save the teacher's outputs for backward, which inference tensors refuse
         with torch.no_grad(), run.autocast:
             logits = forward(x)
         return Outputs(taps.feature, logits, taps.map)
-
     run.teacher_forward = teacher_forward
-    return None
-
 
 def restore(run, checkpoint):
-    """The state of an interrupted run, from its last.pt."""
+    """The state of an interrupted run, from its last.pt, on whatever device this run has."""
     run.student.load_state_dict(checkpoint["student"])
     run.aux.load_state_dict(checkpoint["aux"])
+    chosen = [{k: g[k] for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in run.optimizer.param_groups:  # load_state_dict replaced the device lr tensor with the saved value
-        group["lr"] = run.lr
-    run.scaler.load_state_dict(checkpoint["scaler"])
+    for group, settings in zip(run.optimizer.param_groups, chosen):
+        # load_state_dict brings back the saved lr (a number: this run's is a device tensor) and the saved
+        # fused/foreach (a CPU run's): SGD's per-parameter path would sync with the host per parameter
+        group.update(settings, lr=run.lr)
+    for p, state in run.optimizer.state.items():  # laid out like their parameters (channels_last on CUDA)
+        if state.get("momentum_buffer") is not None:
+            state["momentum_buffer"] = torch.empty_like(p).copy_(state["momentum_buffer"])
+    if checkpoint["scaler"]:  # a disabled GradScaler (bf16, off) saved {}, which an enabled one refuses to load
+        run.scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
     run.start_epoch, run.best, run.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
-    run.teacher_eval = checkpoint["teacher_eval"]
-
+    run.teacher_eval, saved_epochs = checkpoint["teacher_eval"], checkpoint["config"]["epochs"]
+    log(f"resuming {run.cfg.run_dir} after epoch {run.start_epoch}" + (
+        f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs" * (run.cfg.epochs != saved_epochs)))
 
 def train_epoch(run, epoch):
     """One pass over the training set. Returns its mean loss, accuracy (%), and images/s."""
@@ -1327,85 +1168,66 @@ def train_epoch(run, epoch):
     for i in range(1, steps + 1):
         run.step()
         if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds and i < steps:
-            last_report = time.time()
-            log_progress(run, epoch, i, start)
+            last_report, elapsed = time.time(), time.time() - start
+            left = elapsed / i * (steps - i)
+            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum.item() / i:.4f}  "  # a host sync, rarely
+                f"{i * cfg.batch_size / elapsed:,.0f} img/s  epoch eta {_duration(left)}  "
+                f"run eta {_duration(left + elapsed / i * steps * (cfg.epochs - epoch - 1))}")
     sums = torch.stack([run.loss_sum.float(), run.correct.float()])
     if run.world_size > 1:
         dist.all_reduce(sums)
     loss_sum, correct = sums.tolist()  # the epoch's one host sync for training metrics
-    train_loss = loss_sum / (steps * run.world_size)
-    if not math.isfinite(train_loss):
-        raise UserError(f"the training loss became {train_loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
+    if not math.isfinite(loss := loss_sum / (steps * run.world_size)):
+        raise UserError(f"the training loss became {loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
     for buffer in run.student.buffers() if run.world_size > 1 else ():
         if buffer.is_floating_point():  # BatchNorm statistics averaged: every process evaluates and saves one model
             dist.all_reduce(buffer)
             buffer /= run.world_size
-    seconds = time.time() - start
-    return {"loss": train_loss, "acc": 100 * correct / (steps * cfg.batch_size),
-            "images_per_s": steps * cfg.batch_size / seconds}
-
-
-def log_progress(run, epoch, step, start):
-    """A line within a long epoch: step, images/s, loss so far, and when the epoch and the run should end."""
-    cfg, steps = run.cfg, run.feed.steps_per_epoch
-    elapsed = time.time() - start
-    loss = run.loss_sum.item() / step  # a host sync, once per progress line; this process's share of the batches
-    per_step = elapsed / step
-    epoch_left = per_step * (steps - step)
-    log(f"  epoch {epoch + 1} step {step}/{steps}  loss {loss:.4f}  {step * cfg.batch_size / elapsed:,.0f} img/s  "
-        f"epoch eta {_duration(epoch_left)}  run eta {_duration(epoch_left + per_step * steps * (cfg.epochs - epoch - 1))}")
-
+    return {"loss": loss, "acc": 100 * correct / (steps * cfg.batch_size),
+            "images_per_s": steps * cfg.batch_size / (time.time() - start)}
 
 @torch.no_grad()
 def evaluate(model, data, batch_size, memory_format):
     """Top-1 and top-5 accuracy (%) on the test set and the between-class cosine of the penultimate features, in
     float32. Under torchrun each process evaluates its share and the counts are summed over processes, so the
     result equals one process evaluating the whole set."""
-    was_training = model.training
-    model.eval()
-    taps = Taps(model)
-    device = data.mean.device
-    hits = torch.zeros(2, device=device, dtype=torch.long)  # top-1, top-5
+    was_training, device, taps = model.training, data.mean.device, Taps(model.eval())
+    hits = torch.zeros(3, device=device, dtype=torch.long)  # top-1, top-5, images
     class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
-    n = 0
     try:
         for images, labels in data.test_batches(batch_size):
-            x = normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)
-            logits = model(x).float()
+            logits = model(normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)).float()
             best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum()])
+            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum(),
+                                 torch.tensor(len(labels), device=device)])
             class_sums.index_add_(0, labels, taps.feature.float())
-            n += len(labels)
     finally:
         taps.remove()
         model.train(was_training)
-    counts = torch.cat([hits, torch.tensor([n], device=device)])
     if _world_size() > 1:
-        dist.all_reduce(counts)
+        dist.all_reduce(hits)
         dist.all_reduce(class_sums)
-    top1, top5, n = counts.tolist()
+    top1, top5, n = hits.tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
-            "images": int(n)}
-
+            "images": n}
 
 def record_epoch(run, epoch, stats, result, seconds):
     cfg = run.cfg
     if result["top1"] > run.best["top1"]:
         run.best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
-    run.history.append({"epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
-                        "train_acc": round(stats["acc"], 4), "test_top1": round(result["top1"], 4),
-                        "test_top5": round(result["top5"], 4),
-                        "between_class_cosine": round(result["between_class_cosine"], 6),
-                        "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1)})
+    run.history.append(h := {
+        "epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
+        "train_acc": round(stats["acc"], 4), "test_top1": round(result["top1"], 4),
+        "test_top5": round(result["top5"], 4), "between_class_cosine": round(result["between_class_cosine"], 6),
+        "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1),
+        "plan_wait_s": round(run.feed.plan_wait, 3)})
     if _rank() == 0:
         save(run.history, os.path.join(cfg.run_dir, "log.csv"))
-    h = run.history[-1]
-    done_here = len(run.history) - run.start_epoch
-    eta = sum(e["seconds"] for e in run.history[run.start_epoch:]) / done_here * (cfg.epochs - epoch - 1)
+    here = run.history[run.start_epoch:]
     log(f"epoch {epoch + 1}/{cfg.epochs}  lr {h['lr']:.4g}  loss {h['train_loss']:.4f}  train {h['train_acc']:.2f}%  "
-        f"test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  {h['images_per_s']:,.0f} img/s  "
-        f"eta {_duration(eta)}")
-
+        f"test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  {h['images_per_s']:,.0f} img/s  eta "
+        f"{_duration(sum(e['seconds'] for e in here) / len(here) * (cfg.epochs - epoch - 1))}" +
+        f"  (waited {h['plan_wait_s']:.2f} s for its cached teacher rows)" * (cfg.teacher_cache == "on"))
 
 def save_checkpoint(run, epoch):
     """last.pt: everything to continue exactly after `epoch` (written by one process)."""
@@ -1417,32 +1239,31 @@ def save_checkpoint(run, epoch):
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)}
                                               if run.device.type == "cuda" else {})}
     save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "student": run.student.state_dict(),
-                "aux": run.aux.state_dict(), "optimizer": optimizer, "scaler": run.scaler.state_dict(), "rng": rng,
-                "best": run.best, "history": run.history, "teacher_eval": run.teacher_eval},
-               os.path.join(run.cfg.run_dir, "last.pt"))
-
+          "aux": run.aux.state_dict(), "optimizer": optimizer, "scaler": run.scaler.state_dict(), "rng": rng,
+          "best": run.best, "history": run.history, "teacher_eval": run.teacher_eval},
+         os.path.join(run.cfg.run_dir, "last.pt"))
 
 def finish_run(run):
-    """model.pt and metrics.json; returns the metrics."""
-    cfg, history, best = run.cfg, run.history, run.best
+    """model.pt and metrics.json; returns the metrics. Under torchrun the processes first check, with a checksum
+    each, that they ended with the same weights."""
+    cfg, history, best, last = run.cfg, run.history, run.best, run.history[-1]
     if run.world_size > 1:
-        check_processes_agree(run.student)
-    last = history[-1]
-    images_per_epoch = run.feed.steps_per_epoch * cfg.batch_size
-    train_seconds = sum(images_per_epoch / h["images_per_s"] for h in history)
-    wall_seconds = sum(h["seconds"] for h in history)
-    teacher = run.teacher_eval or {}
-    metrics = {
-        "config": dataclasses.asdict(cfg), "seed": cfg.seed,
-        "last_top1": last["test_top1"], "last_top5": last["test_top5"],
-        "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-        "between_class_cosine": last["between_class_cosine"],
-        "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"),
-        "epochs": cfg.epochs, "wall_seconds": round(wall_seconds, 1),
-        "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
-        "world_size": run.world_size, "device": device_name(run.device), "torch": torch.__version__,
-        "code": code_version(), "history": history,
-    }
+        checksum = torch.stack([t.double().sum() for t in run.student.state_dict().values() if t.is_floating_point()])
+        sums = [torch.zeros(()).to(checksum) for _ in range(run.world_size)]
+        dist.all_gather(sums, checksum.sum())
+        if any(s.item() != sums[0].item() for s in sums):
+            raise RuntimeError(f"the {len(sums)} processes ended with different weights: {[s.item() for s in sums]}")
+        log(f"the weights are the same in all {len(sums)} processes (checksum {sums[0].item():.6f})")
+    images_per_epoch, wall_seconds = run.feed.steps_per_epoch * cfg.batch_size, sum(h["seconds"] for h in history)
+    train_seconds, teacher = sum(images_per_epoch / h["images_per_s"] for h in history), run.teacher_eval or {}
+    metrics = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "last_top1": last["test_top1"],
+               "last_top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
+               "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
+               "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"), "epochs": cfg.epochs,
+               "wall_seconds": round(wall_seconds, 1),
+               "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
+               "world_size": run.world_size, "device": device_name(run.device), "torch": torch.__version__,
+               "code": code_version(), "history": history}
     if _rank() == 0:
         save(run.student.state_dict(), os.path.join(cfg.run_dir, "model.pt"))
         save(metrics, os.path.join(cfg.run_dir, "metrics.json"))
@@ -1451,90 +1272,30 @@ def finish_run(run):
         f"{metrics['images_per_s']:,.0f} img/s -> {os.path.join(cfg.run_dir, 'model.pt')}")
     return metrics
 
-
 def train(cfg):
     """Run one training (distillation, or the student alone for --method ce) and write its run directory.
     Returns the metrics dict that is also saved as metrics.json."""
-    run = setup_run(cfg)
-    try:
-        last_saved = time.time()
-        for epoch in range(run.start_epoch, run.cfg.epochs):
-            start = time.time()
-            stats = train_epoch(run, epoch)
-            result = evaluate(run.student, run.data, run.cfg.eval_batch_size, run.memory_format)
-            record_epoch(run, epoch, stats, result, time.time() - start)
-            if epoch + 1 == run.cfg.epochs or time.time() - last_saved >= run.cfg.checkpoint_seconds:
-                save_checkpoint(run, epoch + 1)
-                last_saved = time.time()
-        return finish_run(run)
-    finally:
-        run.feed.close()
+    cfg, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
+    with run_dir_lock(cfg.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        run, last_saved = setup_run(cfg, notes), time.time()
+        try:
+            for epoch in range(run.start_epoch, cfg.epochs):
+                start, stats = time.time(), train_epoch(run, epoch)
+                result = evaluate(run.student, run.data, cfg.eval_batch_size, run.memory_format)
+                record_epoch(run, epoch, stats, result, time.time() - start)
+                if epoch + 1 == cfg.epochs or time.time() - last_saved >= cfg.checkpoint_seconds:
+                    save_checkpoint(run, epoch + 1)
+                    last_saved = time.time()
+            return finish_run(run)
+        finally:
+            run.feed.close()
 
+# -----------------------------------------------------------------------------------------------------------------
+# 7. Entry points: training (no subcommand) and downloading CIFAR-100 here; evaluating a checkpoint alone, fetching
+#    torchvision's weights, the teacher cache and the bench in tables.py, models.py, teacher_cache.py and bench.py.
+#    Each takes its options from a dataclass, as training does; those it shares with training mean the same.
 
-# ---------------------------------------------------------------------------------------------------------
-# 7. Entry points: training (no subcommand), evaluating a checkpoint alone, fetching torchvision's weights,
-#    downloading CIFAR-100; the teacher cache and the bench live in teacher_cache.py and bench.py. Each takes
-#    its options from a dataclass, as training does; those it shares with training mean the same.
-# ---------------------------------------------------------------------------------------------------------
-
-DATA_OPTIONS = ("dataset", "data_dir", "download", "synthetic_size", "synthetic_classes", "image_size")
-
-
-@dataclass
-class EvalOptions:
-    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
-    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
-    out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
-
-
-EvalConfig = options_of("EvalConfig", EvalOptions, DATA_OPTIONS + ("workers", "eval_batch_size", "device"))
-
-
-def evaluate_checkpoint(ec):
-    """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
-    each process evaluates a shard. Prints the result and writes it as JSON."""
-    if not ec.arch or not ec.ckpt:
-        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
-    if ec.dataset not in PROTOCOLS:
-        raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
-    check_arch(ec.arch, "arch", ec.dataset)
-    if not os.path.isfile(ec.ckpt):
-        raise UserError(f"no checkpoint at {ec.ckpt}")
-    device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
-    _, world = setup_torch(device)
-    ec = dataclasses.replace(ec, eval_batch_size=ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"],
-                             workers=default_workers() if ec.workers is None else ec.workers)
-    data = load_data(ec, device)
-    memory_format = precision("off", device)[0]
-    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
-    result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
-    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
-    record = {"arch": ec.arch, "ckpt": ec.ckpt, "dataset": ec.dataset, **result, "world_size": world,
-              "device": device_name(device), "torch": torch.__version__}
-    if _rank() == 0:
-        save(record, out)
-    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-        f"({result['images']} images) -> {out}")
-    return record
-
-
-@dataclass
-class WeightsConfig:
-    arch: str = ""  # an architecture torchvision publishes ImageNet weights of: resnet18 | resnet34 | resnet50 | densenet201
-    weights: str = "IMAGENET1K_V1"  # which of torchvision's weights (IMAGENET1K_V1: the paper's teachers)
-    out: str = ""  # where the plain state_dict goes; default checkpoints/imagenet/<arch>.pt
-
-
-def fetch_weights(wc):
-    """`projkd.py fetch-weights`: torchvision's ImageNet weights of --arch as a plain state_dict file."""
-    if wc.arch not in zoo().TORCHVISION_WEIGHTS:
-        raise UserError(f"fetch-weights takes --arch {' | '.join(zoo().TORCHVISION_WEIGHTS)}, not {wc.arch!r}")
-    out = wc.out or os.path.join("checkpoints", "imagenet", f"{wc.arch}.pt")
-    state = zoo().torchvision_state_dict(wc.arch, wc.weights, out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    save(state, out)
-    log(f"torchvision's {wc.arch} {wc.weights} -> {out}")
-
+DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 
 def download_command(cfg):
     """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official archive)."""
@@ -1546,21 +1307,18 @@ def download_command(cfg):
         load_cifar100(cfg.data_dir, download=True)
         log(f"CIFAR-100 is in {os.path.join(cfg.data_dir, 'cifar-100-python')}")
 
-
-DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 # Subcommands: name -> (module, function, options dataclass, usage). No subcommand: training.
 COMMANDS = {
-    "eval": ("projkd", "evaluate_checkpoint", "EvalConfig",
+    "eval": ("tables", "evaluate_checkpoint", "EvalConfig",
              "python projkd.py eval --arch ARCH --ckpt PATH [--dataset ...]  (or under torchrun)"),
     "cache": ("teacher_cache", "cache_command", "CacheConfig",
-              "python projkd.py cache --teacher ARCH [--teacher-ckpt PATH] [--dataset ...] [--teacher-cache-file F]"),
-    "bench": ("bench", "run_bench", "BenchConfig",
-              "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
-    "fetch-weights": ("projkd", "fetch_weights", "WeightsConfig",
+              "python projkd.py cache --teacher ARCH [--teacher-ckpt PATH] [--dataset ...] [--teacher-cache-file F]"
+              "  (every training option is accepted; those below change the cache)"),
+    "bench": ("bench", "run_bench", "BenchConfig", "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
+    "fetch-weights": ("models", "fetch_weights", "WeightsConfig",
                       "python projkd.py fetch-weights --arch resnet34 [--out checkpoints/imagenet/resnet34.pt]"),
     "download": ("projkd", "download_command", "DownloadConfig", "python projkd.py download [--data-dir data]"),
 }
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1580,17 +1338,16 @@ def main(argv=None):
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("projkd: interrupted; continue with the same command plus --resume", file=sys.stderr)
+        again = "run the same command again" if "--resume" in argv else "continue with the same command plus --resume"
+        print(f"projkd: interrupted; {again}", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
-
 if __name__ == "__main__":
     import projkd  # run as the module `projkd`, the one teacher_cache.py and bench.py import, not a second copy
-
     try:
         sys.exit(projkd.main())
     except BrokenPipeError:  # e.g. `projkd.py --help | head`: the reader left; say nothing more

@@ -9,8 +9,12 @@
 The Makefile calls these; run them by hand to see a table of whatever has finished so far. Each cell is the
 mean ± sample std over the seeds whose run has finished, with n; a cell without any finished run says
 "missing", never 0. Runs are found where projkd.py puts them by default (projkd.run_path).
+
+Here too is `python projkd.py eval`, which evaluates a checkpoint alone and writes the JSON tables can read.
 """
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +22,11 @@ import re
 import sys
 from dataclasses import dataclass
 
-from projkd import UserError, cli_help, parse_args, run_name, run_path, save
+import torch
+
+from projkd import (PROTOCOLS, Config, UserError, _rank, check_arch, cli_help, default_workers, device_name,
+                    evaluate, load_data, log, options_of, parse_args, precision, resolve_device, run_name, run_path,
+                    save, setup_torch, zoo)
 
 
 @dataclass
@@ -285,6 +293,58 @@ def write_tables(tc):
         missing = sum(c["n"] == 0 for c in cells)
         print(f"wrote {path} from {len(found)} finished runs" + (f"; {missing} cells missing" if missing else ""))
 
+
+
+# --- projkd.py eval: a checkpoint evaluated alone ---------------------------------------------------------------
+
+DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")  # what a test set depends on
+
+
+@dataclass
+class EvalOptions:
+    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
+    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
+    out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
+
+
+EvalConfig = options_of("EvalConfig", EvalOptions,
+                        DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
+
+
+def evaluate_checkpoint(ec):
+    """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
+    each process evaluates a shard. The data settings of the run that made it (its metrics.json beside it) are
+    used where --dataset and its sizes were left at their defaults. Prints the result and writes it as JSON."""
+    if not ec.arch or not ec.ckpt:
+        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
+    if not os.path.isfile(ec.ckpt):
+        raise UserError(f"no checkpoint at {ec.ckpt}")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
+            trained = json.load(f)["config"]
+        taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
+        ec = dataclasses.replace(ec, **taken)
+        if taken:
+            log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
+    if ec.dataset not in PROTOCOLS:
+        raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
+    check_arch(ec.arch, "arch", ec.dataset)
+    device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
+    _, world = setup_torch(device)
+    ec = dataclasses.replace(ec, eval_batch_size=ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"],
+                             workers=default_workers() if ec.workers is None else ec.workers)
+    data = load_data(ec, device)
+    memory_format = precision("off", device)[0]
+    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
+    result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
+    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
+    record = {"arch": ec.arch, "ckpt": ec.ckpt, **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result,
+              "world_size": world, "device": device_name(device), "torch": torch.__version__}
+    if _rank() == 0:
+        save(record, out)
+    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+        f"({result['images']} images) -> {out}")
+    return record
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv

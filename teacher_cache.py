@@ -19,18 +19,16 @@ import numpy as np
 import torch
 
 from projkd import (CROP_PADDING, Config, Taps, UserError, atomic_write, classifier_of, crop_flip, device_name,
-                    load_data, load_teacher, log, normalize, options_of, plan_epoch, precision, resolve_config,
-                    setup_torch, teacher_for_speed)
+                    load_data, log, normalize, options_of, plan_epoch, precision, resolve_config,
+                    setup_torch, teacher_for_speed, zoo)
 
 CACHE_VIEWS = (2 * CROP_PADDING + 1) ** 2 * 2
 CACHE_HEADER_BYTES = 4096  # a JSON header, space-padded; the rows follow
 CACHE_FORMAT = "projkd-teacher-cache-1"
 
-
 def view_index(dy, dx, flip, padding=CROP_PADDING):
     """The view number in [0, 162) of crop corner (dy, dx) and flip: the cache's first axis."""
     return (dy * (2 * padding + 1) + dx) * 2 + flip.long()
-
 
 def view_draws(v, n, device, padding=CROP_PADDING):
     """(dy, dx, flip) of view v for n images, as crop_flip takes them: the inverse of view_index."""
@@ -39,14 +37,12 @@ def view_draws(v, n, device, padding=CROP_PADDING):
     return (torch.full((n,), dy, device=device), torch.full((n,), dx, device=device),
             torch.full((n,), bool(flip), device=device))
 
-
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
 
 def cache_identity(cfg, data):
     """Everything a cache's contents depend on, and its key: the teacher checkpoint's content (not its name),
@@ -58,7 +54,6 @@ def cache_identity(cfg, data):
                 "precision": cfg.amp}
     identity["key"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return identity
-
 
 def read_cache_header(path):
     """The header of the cache file at `path`, or None if there is no readable one."""
@@ -73,20 +68,32 @@ def read_cache_header(path):
     expected = CACHE_HEADER_BYTES + 2 * CACHE_VIEWS * header.get("images", 0) * header.get("width", 0)
     return header if header.get("format") == CACHE_FORMAT and size == expected else None
 
+def physical_memory():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 class TeacherCache:
     """An open cache file: rows(images, views) gives, per image index and view number, the teacher's
-    feature followed by its logits, as bfloat16 bit patterns (int16: numpy has no bfloat16)."""
+    feature followed by its logits, as bfloat16 bit patterns (int16: numpy has no bfloat16).
 
-    def __init__(self, path, header):
-        self.path, self.header = path, header
+    The rows are read in file order (offsets sorted, gathered, put back in the caller's order): on a cold page
+    cache an epoch's 50,000 reads of a few KB then sweep the file once instead of seeking at random. A file that
+    takes at most `ram_share` of this machine's memory is read whole on the first call and served from memory."""
+    def __init__(self, path, header, ram_share=0.0):
+        self.path, self.header, self.whole = path, header, None
         self.feature_dim, self.num_classes = header["feature_dim"], header["num_classes"]
         self.array = np.memmap(path, dtype=np.int16, mode="r", offset=CACHE_HEADER_BYTES,
-                               shape=(CACHE_VIEWS, header["images"], header["width"]))
+                               shape=(CACHE_VIEWS * header["images"], header["width"]))
+        self.read_whole = os.path.getsize(path) <= ram_share * physical_memory()
 
     def rows(self, images, views):
-        return self.array[np.asarray(views), np.asarray(images)]
-
+        if self.read_whole and self.whole is None:
+            self.whole = np.array(self.array)  # one sequential read of the whole file
+        flat = np.asarray(views, dtype=np.int64) * self.header["images"] + np.asarray(images, dtype=np.int64)
+        order = np.argsort(flat, kind="stable")
+        out = np.empty((len(flat), self.array.shape[1]), dtype=np.int16)
+        out[order] = (self.whole if self.whole is not None else self.array)[flat[order]]
+        return out
 
 def _write_rows(f, teacher, taps, images, mean, std, autocast, memory_format, batch_size, feature_dim):
     """The teacher's rows of every view, view after view, into the open file f."""
@@ -106,7 +113,6 @@ def _write_rows(f, teacher, taps, images, mean, std, autocast, memory_format, ba
         if time.time() - last_report > 30:
             last_report = time.time()
             log(f"  teacher cache: view {v + 1}/{CACHE_VIEWS}, {(v + 1) * n / (last_report - start):,.0f} images/s")
-
 
 @torch.inference_mode()
 def build_teacher_cache(path, teacher, images, mean, std, autocast, memory_format, identity, batch_size):
@@ -143,54 +149,53 @@ def build_teacher_cache(path, teacher, images, mean, std, autocast, memory_forma
         atomic_write(path, write)
     finally:
         taps.remove()
-    header = read_cache_header(path)
-    log(f"built the teacher cache in {header['build_seconds']:.0f} s "
-        f"({CACHE_VIEWS * n / max(header['build_seconds'], 1e-9):,.0f} images/s)")
-    return TeacherCache(path, header)
+    seconds = read_cache_header(path)["build_seconds"]
+    log(f"built the teacher cache in {seconds:.0f} s ({CACHE_VIEWS * n / max(seconds, 1e-9):,.0f} images/s)")
 
-
-def open_teacher_cache(path, identity):
+def open_teacher_cache(path, identity, ram_share=0.0):
     """The cache at `path` if it was built from exactly this identity (key), else None."""
     header = read_cache_header(path)
     if header is None or header.get("key") != identity["key"]:
         return None
-    return TeacherCache(path, header)
+    return TeacherCache(path, header, ram_share)
 
-
-def ensure_teacher_cache(path, identity, teacher, data, autocast, memory_format, batch_size):
+def ensure_teacher_cache(path, identity, teacher, data, autocast, memory_format, batch_size, ram_share=0.0):
     """The cache at `path` for `identity`, built first if there is none or it was built from something else.
-    A lock on its folder makes concurrent runs of one teacher build it once: the others wait, then read it."""
+    A lock on its folder makes concurrent runs of one teacher (or the processes of one torchrun) build it once:
+    the others wait on the lock, saying so, then read it."""
     import fcntl  # POSIX only, like the lock
-
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     lock = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cache = open_teacher_cache(path, identity)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"process {os.getpid()} waits for another process to finish the teacher cache {path}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = open_teacher_cache(path, identity, ram_share)
         if cache is None:
             if os.path.exists(path):
                 log(f"note: {path} was built from another checkpoint, data set or precision; rebuilding it")
-            cache = build_teacher_cache(path, teacher, data.train_x, data.mean, data.std, autocast, memory_format,
-                                        identity, batch_size)
+            build_teacher_cache(path, teacher, data.train_x, data.mean, data.std, autocast, memory_format, identity,
+                                batch_size)
+            cache = open_teacher_cache(path, identity, ram_share)
         return cache
     finally:
         os.close(lock)  # and with it the lock
-
 
 def plan_with_rows(seed, epoch, n_train, n_used, cache):
     """projkd.plan_epoch's draws, with the cached teacher rows of the views the images drew."""
     plan = plan_epoch(seed, epoch, n_train, n_used)
     return plan._replace(teacher_rows=cache.rows(plan.order.numpy(), view_index(plan.dy, plan.dx, plan.flip).numpy()))
 
-
 class EpochPlanner:
     """plan(epoch) returns that epoch's plan and starts the next one's in a background thread, which reads the
-    teacher cache while the GPU trains. The thread touches no CUDA, so graph capture and replay are undisturbed."""
-
+    teacher cache while the GPU trains. The thread touches no CUDA, so graph capture and replay are undisturbed.
+    upload(rows, dest) copies an epoch's rows to the device from pinned memory, without blocking the host."""
     def __init__(self, seed, n_train, n_used, cache, epochs):
         self.seed, self.n_train, self.n_used, self.cache, self.epochs = seed, n_train, n_used, cache, epochs
-        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), {}
+        self.pool, self.pending, self.pinned = ThreadPoolExecutor(max_workers=1), {}, None
 
     def _submit(self, epoch):
         return self.pool.submit(plan_with_rows, self.seed, epoch, self.n_train, self.n_used, self.cache)
@@ -201,25 +206,27 @@ class EpochPlanner:
             self.pending[epoch + 1] = self._submit(epoch + 1)
         return future.result()
 
+    def upload(self, rows, dest):
+        if dest.device.type != "cuda":
+            return dest.copy_(torch.from_numpy(rows).view(torch.bfloat16))
+        if self.pinned is None:  # once: pinning is slow. Reused safely: the last epoch's copy ended with its sync
+            self.pinned = torch.empty(rows.shape, dtype=torch.int16).pin_memory()
+        self.pinned.numpy()[:] = rows
+        dest.copy_(self.pinned.view(torch.bfloat16), non_blocking=True)
+
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-
 def open_for_run(run):
-    """The open teacher cache of a training run, built first if needed; under torchrun process 0 builds it while
-    the others wait."""
+    """The open teacher cache of a training run, built first if needed. Under torchrun every process takes the
+    cache's file lock, so one builds it while the others wait on the lock, not in a collective whose timeout
+    (NCCL's: 10 minutes) a long build would exceed; on nodes without a shared file system each node builds its own."""
     cfg, data = run.cfg, run.data
-    identity = cache_identity(cfg, data)
-    if run.world_size == 1 or torch.distributed.get_rank() == 0:
-        cache = ensure_teacher_cache(cfg.teacher_cache_file, identity, run.teacher, data, run.autocast,
-                                     run.memory_format, cfg.eval_batch_size)
-    if run.world_size > 1:
-        torch.distributed.barrier()
-        cache = open_teacher_cache(cfg.teacher_cache_file, identity)
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), run.teacher, data, run.autocast,
+                                 run.memory_format, cfg.eval_batch_size, cfg.teacher_cache_ram)
     log(f"teacher cache: {cfg.teacher_cache_file} (built in {cache.header['build_seconds']:.0f} s on "
-        f"{cache.header['device']})")
+        f"{cache.header['device']}{'; read whole into memory' if cache.read_whole else ''})")
     return cache
-
 
 # `projkd.py cache` takes every training option, so that one set of flags (make's EXTRA) serves a run and its
 # teacher's cache; --help lists those that change the cache.
@@ -227,7 +234,6 @@ CacheConfig = options_of("CacheConfig", None, ("teacher", "teacher_ckpt", "teach
                                                "download", "synthetic_size", "synthetic_classes", "amp", "device",
                                                "eval_batch_size"))
 CacheConfig.parse_as = Config
-
 
 def cache_command(cfg):
     """`projkd.py cache`: the teacher cache of --teacher-ckpt for --dataset, built unless an identical one exists;
@@ -239,7 +245,7 @@ def cache_command(cfg):
     setup_torch(device, cfg.deterministic)
     data = load_data(cfg, device)
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
-    teacher = teacher_for_speed(load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device),
+    teacher = teacher_for_speed(zoo().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device),
                                 amp_dtype, memory_format)
     cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,
                                  memory_format, cfg.eval_batch_size)

@@ -222,6 +222,18 @@ def test_crd_lite_updates_its_queues_in_place():
     assert [b.data_ptr() for b in crd.buffers()] == pointers
 
 
+def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
+    """Only the first batch's Z is ever used: its all-reduce (one per side) happens on the first step, not every step."""
+    reduced = []
+    monkeypatch.setattr(projkd, "_world_size", lambda: 2)
+    monkeypatch.setattr(projkd.dist, "all_reduce", lambda t: reduced.append(t.clone()))
+    monkeypatch.setattr(projkd.dist, "all_gather", lambda parts, x: [p.copy_(x) for p in parts])
+    crd = CRDLite(6, 10, dim=4, negatives=8, T=0.5)
+    for _ in range(3):
+        crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
+    assert len(reduced) == 2 and int(crd.queue_next) == 3 * 3 * 2 % 8  # each step enqueues both processes' rows
+
+
 def test_between_class_cosine_hand_computed():
     sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
     # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
@@ -679,7 +691,7 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     repdistiller_style = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": {"module." + k: v for k, v in state.items()}, "accuracy": 1.0},
                repdistiller_style)
-    teacher = projkd.load_teacher(SMALL_TEACHER, str(repdistiller_style), 10)
+    teacher = models.load_teacher(SMALL_TEACHER, str(repdistiller_style), 10)
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
@@ -739,6 +751,52 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
     assert "holds a run with other settings (teacher" in capsys.readouterr().err
 
 
+def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(capsys):
+    # /proc takes no new folders, whoever asks (as a read-only file system); --data-dir has no CIFAR-100 either:
+    # the run directory's error must come first
+    assert projkd.main(["--student", "vgg8", "--method", "ce", "--device", "cpu", "--data-dir", "/nonexistent",
+                        "--run-dir", "/proc/projkd-test/run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("projkd: error: cannot write in --run-dir /proc/projkd-test/run") and err.count("\n") == 1
+
+
+def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    real_open = open
+
+    def disk_full(path, mode="r", *args, **kwargs):  # files open, and writing to a .csv fails
+        if "w" in mode and ".csv" in str(path):
+            real_open(path, mode).close()  # as a write cut short
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", disk_full)
+    run_dir = tmp_path / "run"
+    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir))) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {run_dir / 'log.csv'} (No space left on device)" in err and err.count("\n") == 1
+    assert not run_dir.exists() or not [f for f in os.listdir(run_dir) if ".tmp" in f]
+
+
+def test_two_processes_cannot_train_into_one_run_dir(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with projkd.run_dir_lock(str(run_dir)):  # as another process training there would hold it
+        assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir),
+                                          "--resume")) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir} is being trained by another process (pid {os.getpid()})" in err and err.count("\n") == 1
+    assert not run_dir.exists()  # the holder made it, and left it empty
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_ctrl_c_says_how_to_continue(capsys, monkeypatch, resume):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(projkd, "train", interrupted)
+    args = ["--student", "vgg8"] + ["--resume"] * resume
+    assert projkd.main(args) == 130
+    err = capsys.readouterr().err
+    assert ("run the same command again" in err) == resume and ("plus --resume" in err) != resume
+
+
 def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
     root = write_image_folder(tmp_path / "imagenet")
     torch.manual_seed(0)
@@ -769,46 +827,73 @@ def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
 
 class FakeCUDA:
     """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with `capturing` set
-    (as a real capture records the work without doing it), and replay() calls it again for real."""
+    (as a real capture records the work without doing it), and replay() calls it again for real. The step
+    advances the counter `steps`, as the resident step does on the device. failure="raises": the capture fails
+    as capture_end does after the step raised; "empty": the capture records nothing (the step's kernels went to
+    another device), so replays do nothing. Streams record the device that was current when they were made."""
 
-    def __init__(self, monkeypatch, capture_fails=False):
-        self.capturing, fake = False, self
+    def __init__(self, monkeypatch, failure=None):
+        self.capturing, self.log, self.steps, fake = False, [], torch.zeros(()), self
+        self.current, self.stream_devices = 0, []
 
         class Graph:
             def replay(self):
-                self.step()
+                if failure != "empty":
+                    fake.step()
 
         @contextlib.contextmanager
         def graph(g, capture_error_mode="global"):
             fake.capturing = True
             try:
-                yield
-            finally:
-                fake.capturing = False
-            if capture_fails:
-                raise RuntimeError("operation not permitted when stream is capturing")
-            g.step = fake.step
+                try:
+                    yield
+                    if failure == "raises":
+                        raise RuntimeError("operation not permitted when stream is capturing")
+                finally:
+                    fake.capturing = False
+            except RuntimeError:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
 
-        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-        for name, value in (("Stream", stream), ("current_stream", stream), ("CUDAGraph", Graph), ("graph", graph),
-                            ("stream", lambda s: contextlib.nullcontext())):
+        class Stream:
+            def __init__(self):
+                fake.stream_devices.append(fake.current)
+
+            def wait_stream(self, other):
+                pass
+
+        for name, value in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", Graph), ("graph", graph),
+                            ("stream", lambda s: contextlib.nullcontext()),
+                            ("set_device", lambda d: setattr(fake, "current", torch.device(d).index or 0))):
             monkeypatch.setattr(torch.cuda, name, value)
 
     def step(self):
         self.log.append("captured" if self.capturing else "ran")
+        if not self.capturing:
+            self.steps += 1
 
 
-@pytest.mark.parametrize("capture_fails", [False, True])
-def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, capture_fails):
-    fake = FakeCUDA(monkeypatch, capture_fails)
-    fake.log = []
-    stepper = projkd.CUDAGraphStep(fake.step, warmup_steps=3)
+@pytest.mark.parametrize("failure", [None, "raises", "empty"])
+def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, failure):
+    fake = FakeCUDA(monkeypatch, failure)
+    stepper = projkd.CUDAGraphStep(fake.step, fake.steps, warmup_steps=3)
     for _ in range(6):
         stepper()
-    assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3  # six steps done, none skipped, one capture
-    assert (stepper.graph is None) == capture_fails
-    if capture_fails:  # the run goes on eagerly and says so
-        assert "operation not permitted" in stepper.failure and "goes on eagerly" in capsys.readouterr().out
+    # six steps done, none skipped, one capture; an empty graph's replay ran nothing, so that step ran eagerly
+    assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3 and fake.steps.item() == 6
+    assert (stepper.graph is None) == (failure is not None)
+    if failure:  # the run goes on eagerly and says why: the first error, not capture_end's
+        reason = {"raises": "operation not permitted when stream is capturing", "empty": "the captured graph is empty"}
+        out = capsys.readouterr().out
+        assert stepper.failure.startswith(reason[failure]) and "goes on eagerly" in out and out.count("warning") == 1
+
+
+def test_the_graph_side_stream_is_made_on_the_runs_device(monkeypatch):
+    """--device cuda:1: the device becomes current before any stream is made, so the capture records the step's
+    kernels (made on cuda:0, the side stream and the capture would record nothing)."""
+    fake = FakeCUDA(monkeypatch)
+    projkd.setup_torch(torch.device("cuda", 1))
+    projkd.CUDAGraphStep(fake.step, fake.steps)
+    assert fake.stream_devices == [1]
 
 
 def test_teacher_for_speed_keeps_batchnorm_in_float32():
@@ -822,7 +907,7 @@ def test_teacher_for_speed_keeps_batchnorm_in_float32():
 
 # --- resume ------------------------------------------------------------------------------------------------------
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher, capsys):
     common = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
                             "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--method", "crd",
                             "--crd-negatives", "64", "--lr-decay-epochs", "1")
@@ -831,7 +916,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
     assert projkd.main(common + ["--epochs", "1", "--run-dir", str(resumed)]) == 0  # as if killed after epoch 1
     os.remove(resumed / "model.pt")
     os.remove(resumed / "metrics.json")
+    capsys.readouterr()
     assert projkd.main(common + ["--epochs", "2", "--run-dir", str(resumed), "--resume"]) == 0
+    assert "after epoch 1; note: extending it from 1 to 2 epochs" in capsys.readouterr().out  # a larger --epochs
     for name in ("model.pt", "last.pt"):
         a = torch.load(straight / name, weights_only=True)
         b = torch.load(resumed / name, weights_only=True)
@@ -843,6 +930,31 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
     mb = json.loads((resumed / "metrics.json").read_text())
     keys = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
     assert [{k: h[k] for k in keys} for h in ma["history"]] == [{k: h[k] for k in keys} for h in mb["history"]]
+
+
+def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
+    """A last.pt from a bf16 (or CPU) run resumed with --amp fp16 on CUDA: its disabled scaler saved {}, which an
+    enabled GradScaler refuses; its optimizer groups say fused=False and its momentum buffers are contiguous,
+    which would put a CUDA run on SGD's slow per-parameter path. The stand-ins: a CPU GradScaler, and the
+    settings and channels_last layout a CUDA run would have."""
+    saved = small_run(tmp_path / "a")
+    os.makedirs(saved.cfg.run_dir)
+    projkd.train_epoch(saved, 0)
+    projkd.save_checkpoint(saved, 1)
+    checkpoint = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
+    assert checkpoint["scaler"] == {} and not checkpoint["optimizer"]["param_groups"][0]["fused"]
+    run = small_run(tmp_path / "b", "--resume")
+    run.scaler = torch.amp.GradScaler("cpu")  # enabled, as --amp fp16's
+    run.student.to(memory_format=torch.channels_last)
+    for group in run.optimizer.param_groups:
+        group.update(fused=True, foreach=None)
+    projkd.restore(run, checkpoint)
+    assert all(g["fused"] is True and g["foreach"] is None and g["lr"] is run.lr for g in run.optimizer.param_groups)
+    for p in run.student.parameters():
+        assert run.optimizer.state[p]["momentum_buffer"].stride() == p.stride()
+    assert run.start_epoch == 1
+    saved.feed.close()
+    run.feed.close()
 
 
 # --- distributed training (torchrun, gloo on the CPU) ------------------------------------------------------------
@@ -922,7 +1034,7 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
     run.history.append({"epoch": 1, "test_top1": 0.0, "test_top5": 0.0, "between_class_cosine": 0.0,
                         "seconds": 1.0, "images_per_s": 1.0})
     projkd.finish_run(run)
-    assert os.listdir(tmp_path / "run") == []
+    assert not (tmp_path / "run").exists()
     run.feed.close()
 
 
@@ -967,7 +1079,7 @@ def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
     header = teacher_cache.read_cache_header(str(folder / "resnet8.tcache"))
     assert (header["images"], header["views"], header["width"], header["dtype"]) == (32, 162, 64 + 10, "bfloat16")
     cache = teacher_cache.TeacherCache(str(folder / "resnet8.tcache"), header)
-    teacher = projkd.load_teacher("resnet8", str(folder / "resnet8.pt"), 10)
+    teacher = models.load_teacher("resnet8", str(folder / "resnet8.pt"), 10)
     train_x = projkd.make_synthetic(32, 10)[0]
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 32, (40,), generator=g)
@@ -1011,10 +1123,45 @@ def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
     assert on["config"]["teacher_cache"] == "on" and off["config"]["teacher_cache"] == "off"
     for a, b in zip(on["history"], off["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+    assert all(h["plan_wait_s"] >= 0 for h in on["history"])  # how long each epoch waited for its rows, in log.csv too
     wa, wb = (torch.load(tmp_path / c / "model.pt", weights_only=True) for c in ("on", "off"))
     # the cached teacher outputs are bfloat16-rounded: the weights drift apart by a fraction of a percent
     va, vb = (torch.cat([w[k].flatten() for k in w if w[k].is_floating_point()]) for w in (wa, wb))
     assert (va - vb).norm() <= 3e-3 * va.norm()
+
+
+def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fits(cache_teacher):
+    folder, _ = cache_teacher
+    path = str(folder / "resnet8.tcache")
+    header = teacher_cache.read_cache_header(path)
+    g, n = torch.Generator().manual_seed(5), header["images"]
+    images, views = torch.randint(0, n, (500,), generator=g).numpy(), torch.randint(0, 162, (500,), generator=g).numpy()
+    on_disk, in_memory = (teacher_cache.TeacherCache(path, header, share) for share in (0.0, 1.0))
+    direct = np.memmap(path, dtype=np.int16, mode="r", offset=teacher_cache.CACHE_HEADER_BYTES,
+                       shape=(162, n, header["width"]))[views, images]  # the rows by plain indexing
+    assert not on_disk.read_whole and in_memory.read_whole
+    assert np.array_equal(on_disk.rows(images, views), direct) and np.array_equal(in_memory.rows(images, views), direct)
+    assert isinstance(in_memory.whole, np.ndarray) and not isinstance(in_memory.whole, np.memmap)
+
+
+def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys, monkeypatch):
+    """Under torchrun the processes that do not build the cache wait on its lock, never in a collective (NCCL's
+    times out after 10 minutes): here the lock is held by another thread while the build waits."""
+    import fcntl
+    import threading
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("a collective"))
+    teacher = MODELS["resnet8"](num_classes=10).eval()
+    torch.save(teacher.state_dict(), tmp_path / "t.pt")
+    data = projkd.load_data(projkd.Config(dataset="synthetic", synthetic_size=32), torch.device("cpu"))
+    identity = teacher_cache.cache_identity(projkd.Config(teacher="resnet8", teacher_ckpt=str(tmp_path / "t.pt"),
+                                                          amp="off"), data)
+    holder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, [holder]).start()  # the other process finishes
+    cache = teacher_cache.ensure_teacher_cache(str(tmp_path / "t.tcache"), identity, teacher, data,
+                                               contextlib.nullcontext(), torch.contiguous_format, 64)
+    assert "waits for another process to finish the teacher cache" in capsys.readouterr().out
+    assert cache.header["key"] == identity["key"]
 
 
 def shutil_usage(**fields):
@@ -1034,6 +1181,16 @@ def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys
 
 
 # --- other entry points: fetch-weights, download, each subcommand's help -----------------------------------------
+
+def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, tmp_path, capsys):
+    """eval of a run's model.pt without --dataset: the run's own test set (synthetic, 512 images), not the defaults."""
+    metrics = json.loads((synthetic_teacher / "metrics.json").read_text())
+    assert projkd.main(["eval", "--arch", SMALL_TEACHER, "--ckpt", str(synthetic_teacher / "model.pt"),
+                        "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
+    assert "note: dataset=synthetic, synthetic_size=512 from the run's metrics.json" in capsys.readouterr().out
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["images"] == 128 and record["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+
 
 def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch):
     import torch.hub
@@ -1098,16 +1255,41 @@ def test_bench_runs_its_tiny_cpu_version(tmp_path):
     assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
     text = (tmp_path / "bench.md").read_text()
     assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
+    # every row says how it ran: the classic loop as RepDistiller runs (cudnn.benchmark on, matmuls without TF32),
+    # ours as setup_run sets it up, whatever ran before
+    flags = {row["loop"]: row["flags"] for row in pair["rows"] if row["images_per_s"]}
+    assert flags["classic (DataLoader + PIL, fp32, .item() per step)"] == {
+        "cudnn_benchmark": True, "cudnn_deterministic": False, "matmul_tf32": False, "cudnn_tf32": True}
+    assert all(f["matmul_tf32"] and f["cudnn_benchmark"] for loop, f in flags.items() if loop.startswith("ours"))
+    assert "cudnn_benchmark on, cudnn_deterministic off, matmul_tf32 off, cudnn_tf32 on |" in text
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None), ("NVIDIA L4", None)])
+def test_bench_peak_of_each_gpu_and_none_for_a_mig_slice(monkeypatch, name, peak):
+    import bench
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.bf16_peak_flops(torch.device("cuda")) == peak
 
 
 # --- the Make pipeline -------------------------------------------------------------------------------------------
 
-def make(*args, cwd=HERE):
-    return subprocess.run(["make", "--no-print-directory", *args], capture_output=True, text=True, cwd=cwd)
+def make(*args, cwd=HERE, env=None):
+    return subprocess.run(["make", "--no-print-directory", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-def test_make_plan_for_cifar_all_trains_each_teacher_once():
-    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}").stdout
+def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
+    """The environment with a stand-in nvidia-smi first on PATH, listing `listing` (empty: no GPU)."""
+    fake = folder / "bin" / "nvidia-smi"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f"#!/bin/sh\necho '{listing}'\n")
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+def test_make_plan_for_cifar_all_trains_each_teacher_once(tmp_path):
+    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", env=path_with_nvidia_smi(tmp_path)).stdout
     commands = [line for line in plan.splitlines() if "projkd.py --dataset" in line]  # trainings, not teacher caches
     teachers = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
     assert sorted(t.split("/")[2] for t in teachers) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
@@ -1116,7 +1298,7 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once():
     assert len(alone) == 4 + 4 * 3  # 4 teachers; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
     assert len(distill) == 5 * 4 * 3  # 5 pairs x (pefd kd sp crd) x 3 seeds
     assert len(set(commands)) == len(commands)
-    # DEVICE=auto is a GPU's default: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
+    # DEVICE=auto on a machine with a GPU: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
     caches = [c for c in plan.splitlines() if "projkd.py cache " in c]
     assert sorted(c.split("--teacher ")[1].split()[0] for c in caches) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
     # every parameter of the pipeline is spelled out in the echoed command
@@ -1287,6 +1469,14 @@ def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
     assert "--teacher-cache on " in on_cpu[-1] and any("projkd.py cache " in line for line in on_cpu)  # asked for
     for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # auto: a CPU would take hours to build it
         assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
+
+
+def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_path):
+    """DEVICE=auto (the default) means the CPU where nvidia-smi lists no GPU: no cache builds planned there."""
+    for listing in ("", "GPU 0: NVIDIA H200 (UUID: GPU-0)"):
+        env = path_with_nvidia_smi(tmp_path, listing)
+        plan = make("-n", "pair", "T=vgg13", "S=vgg8", "SEEDS=1", "DEPS=", "DATA=", f"PY={sys.executable}", env=env)
+        assert ("projkd.py cache " in plan.stdout) == bool(listing), plan.stdout
 
 
 def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_path):
