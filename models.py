@@ -16,8 +16,10 @@ Global pooling is a mean over H and W. On 32x32 inputs this equals RepDistiller'
 (up to float rounding), and unlike it, it also works on other input sizes.
 
 The ImageNet architectures are the names in IMAGENET_ARCHS; every other key of MODELS is a CIFAR (32x32) one.
-TORCHVISION_WEIGHTS names the published torchvision ImageNet file of each pretrained teacher; read_state_dict,
-frozen_model and torchvision_state_dict load the weights of this zoo in the formats they are published in.
+TORCHVISION_WEIGHTS names the published torchvision ImageNet file of each pretrained teacher. At the end, the
+weights of this zoo as they are published (ours, RepDistiller's, mdistiller's, torchvision's): read_state_dict,
+frozen_model, load_teacher (a teacher checkpoint, or one line saying where to get it), and fetch_weights, the
+`projkd.py fetch-weights` command; their errors are WeightsError, which projkd's CLI prints as one line.
 """
 import os
 import re

@@ -294,7 +294,6 @@ def write_tables(tc):
         print(f"wrote {path} from {len(found)} finished runs" + (f"; {missing} cells missing" if missing else ""))
 
 
-
 # --- projkd.py eval: a checkpoint evaluated alone ---------------------------------------------------------------
 
 DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")  # what a test set depends on
@@ -345,6 +344,7 @@ def evaluate_checkpoint(ec):
     log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
         f"({result['images']} images) -> {out}")
     return record
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
