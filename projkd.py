@@ -1191,22 +1191,23 @@ def evaluate(model, data, batch_size, memory_format):
     float32. Under torchrun each process evaluates its share and the counts are summed over processes, so the
     result equals one process evaluating the whole set."""
     was_training, device, taps = model.training, data.mean.device, Taps(model.eval())
-    hits = torch.zeros(3, device=device, dtype=torch.long)  # top-1, top-5, images
+    hits, n = torch.zeros(2, device=device, dtype=torch.long), 0  # top-1, top-5 on the device; images counted here
     class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
     try:
         for images, labels in data.test_batches(batch_size):
             logits = model(normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)).float()
             best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum(),
-                                 torch.tensor(len(labels), device=device)])
+            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum()])
+            n += len(labels)
             class_sums.index_add_(0, labels, taps.feature.float())
     finally:
         taps.remove()
         model.train(was_training)
+    counts = torch.cat([hits, torch.tensor([n], device=device)])  # one upload, not one per batch
     if _world_size() > 1:
-        dist.all_reduce(hits)
+        dist.all_reduce(counts)
         dist.all_reduce(class_sums)
-    top1, top5, n = hits.tolist()
+    top1, top5, n = counts.tolist()
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
             "images": n}
 
