@@ -6,6 +6,8 @@
 #   $(TEACHERS)/<arch>.tcache                      its outputs on every training view, for pefd/kd/crd on a GPU
 #   $(RUNS)/<arch>/ce-seed<N>/                     a model trained alone: a teacher, or the Student row
 #   $(RUNS)/<teacher>-<student>/<method>-seed<N>/  a distillation run (pefd-q2-seed1: an ablation variant)
+#   $(TEACHERS)/<arch>.eval.json, <run>/model.eval.json
+#                                                  each model file evaluated alone (projkd.py eval): the tables' numbers
 #   $(RESULTS)/<dataset>.md, .csv, ablations.md   the tables
 # ImageNet (imagenet-all, the paper's Table 1) has the same layout under runs/imagenet/ and results/imagenet.md,
 # made by a make of its own with DATASET=imagenet; its teachers, checkpoints/imagenet/<arch>.pt, are torchvision's
@@ -41,7 +43,7 @@ IMAGENET_KNOBS = DATASET=imagenet DATA_DIR=$(IMAGENET_DIR) EPOCHS=$(IMAGENET_EPO
 .DELETE_ON_ERROR:
 # Teacher checkpoints, their caches and runs can be intermediates of the tables: Make must never delete them.
 # (Not a blanket .SECONDARY:, under which a deleted run would not be redone while the tables are up to date.)
-.PRECIOUS: $(TEACHERS)/%.pt $(TEACHERS)/%.tcache $(RUNS)/%/metrics.json
+.PRECIOUS: $(TEACHERS)/%.pt $(TEACHERS)/%.tcache $(TEACHERS)/%.eval.json $(RUNS)/%/metrics.json $(RUNS)/%/model.eval.json
 .SECONDEXPANSION:
 .PHONY: help cifar-all dataset-all imagenet-all imagenet-r34-r18 imagenet-r50-mobilenet teachers pair ablations \
   tables bench smoke test clean
@@ -71,6 +73,11 @@ student_runs = $(if $(filter ce,$(METHODS)),$(foreach a,$1,$(foreach s,$(SEEDS),
 pair_runs = $(foreach p,$1,$(foreach m,$(filter-out ce,$(METHODS)),$(foreach s,$(SEEDS),$(RUNS)/$(call pair_dir,$p)/$m-seed$s/metrics.json)))
 ablation_runs = $(foreach p,$1,$(foreach v,pefd $(addprefix pefd-,$(ABLATION_VARIANTS)),$(foreach s,$(SEEDS),$(RUNS)/$(call pair_dir,$p)/$v-seed$s/metrics.json)))
 MAIN_RUNS = $(call student_runs,$(STUDENT_ARCHS)) $(call pair_runs,$(PAIRS))
+# The evaluation step: every finished run's model.pt and every teacher checkpoint, evaluated alone.
+evals_of = $(patsubst %/metrics.json,%/model.eval.json,$1)
+teacher_evals = $(foreach a,$1,$(TEACHERS)/$a.eval.json)
+MAIN_EVALS = $(call evals_of,$(MAIN_RUNS)) $(call teacher_evals,$(TEACHER_ARCHS))
+ABLATION_EVALS = $(call evals_of,$(call ablation_runs,$(ABLATION_PAIRS)))
 TABLES = $(RESULTS)/$(DATASET).md $(RESULTS)/$(DATASET).csv
 
 ## help: list the targets
@@ -79,7 +86,7 @@ help:
 
 ## cifar-all: everything for the paper's Table 4 -> results/cifar100.md and .csv
 # (dataset-all is the same for any DATASET: imagenet-all runs it with the ImageNet knobs.)
-cifar-all dataset-all: $(MAIN_RUNS) $(TABLES)
+cifar-all dataset-all: $(MAIN_RUNS) $(MAIN_EVALS) $(TABLES)
 
 ## imagenet-all: the paper's Table 1: 4 pairs x (PEFD, KD) and the Student row on ImageNet -> results/imagenet.md and .csv
 imagenet-all:
@@ -104,11 +111,11 @@ pair:
 	$(MAKE) $(call student_runs,$(S)) $(call pair_runs,$(T):$(S))
 
 ## ablations: number, depth and activation of the projectors on ABLATION_PAIRS -> results/ablations.md
-ablations: $(RESULTS)/ablations.md
+ablations: $(ABLATION_EVALS) $(RESULTS)/ablations.md
 
-## tables: write the tables from whatever has finished so far (unfinished runs show as missing); trains nothing
+## tables: write the tables from whatever has finished so far (unfinished runs show as missing); trains and evaluates nothing
 tables: | $(RESULTS) $(DEPS)
-	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)"
+	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)"
 ifneq ($(DATASET),imagenet)
 	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $(RESULTS)/ablations.md
 endif
@@ -121,7 +128,7 @@ bench: | results $(DEPS)
 smoke:
 	OMP_NUM_THREADS=1 $(MAKE) -j2 cifar-all ablations DATASET=synthetic EPOCHS=2 SEEDS="1 2" DEVICE=cpu \
 	  PAIRS=resnet20:resnet8 ABLATION_PAIRS=resnet20:resnet8 ABLATION_VARIANTS="q0 depth2 gelu" \
-	  EXTRA="--synthetic-size 512 --batch-size 32"
+	  EXTRA="--synthetic-size 512 --batch-size 32" EVAL_EXTRA="--synthetic-size 512"
 
 ## test: install requirements.txt into $(PY) if needed, then run the test suite (CPU)
 test: | $(DEPS)
@@ -135,10 +142,10 @@ clean:
 
 # One pattern rule with two targets: a single run of its recipe writes both. (Naming the runs in an explicit
 # rule too, as cifar-all does, keeps Make from treating them as intermediates that need not exist.)
-$(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) | $(RESULTS) $(DEPS)
-	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv"
+$(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) $(MAIN_EVALS) | $(RESULTS) $(DEPS)
+	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv"
 
-$(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) | $(RESULTS) $(DEPS)
+$(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) $(ABLATION_EVALS) | $(RESULTS) $(DEPS)
 	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@
 
 # A teacher checkpoint that exists is used as is (RepDistiller's, say: README); otherwise it is the model.pt
@@ -161,6 +168,16 @@ $(TEACHERS)/%.tcache: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
 # only has to exist when it starts: a cache rebuilt for one run to redo must not make the finished ones out of date.
 $(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $$(call stem_cache,$$*) $(DEPS) $(DATA)
 	$(RUN) $(if $(call stem_teacher,$*),--teacher $(call stem_teacher,$*) --teacher-ckpt $(TEACHERS)/$(call stem_teacher,$*).pt) $(if $(call stem_cache,$*),--teacher-cache on --teacher-cache-file $(call stem_cache,$*)) --student $(call stem_student,$*) --method $(call stem_method,$*) $(call variant_flags,$(call stem_variant,$*)) --seed $(call stem_seed,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
+
+# The evaluation step: the file a user deploys (a run's model.pt, a teacher checkpoint), loaded alone and evaluated
+# once on the test set (ImageNet: val/) in float32, on the run's device; the tables read these, not the training
+# loop's own numbers. A run's data settings (--synthetic-size, --image-size) come from its metrics.json; a teacher's
+# from EVAL_EXTRA.
+$(RUNS)/%/model.eval.json: $(RUNS)/%/metrics.json | $(DEPS) $(DATA)
+	$(LAUNCH) $(PY) projkd.py eval --arch $(call stem_student,$*) --ckpt $(RUNS)/$*/model.pt --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) $(EVAL_EXTRA)
+
+$(TEACHERS)/%.eval.json: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
+	$(LAUNCH) $(PY) projkd.py eval --arch $* --ckpt $< --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) $(EVAL_EXTRA)
 
 # Only where the data is missing: projkd.py download fetches the official archive with torchvision (needs
 # internet; offline it stops with one line saying what to do).

@@ -46,6 +46,10 @@ ABLATION_VARIANTS ?= q0 q1 q2 q4 depth2 depth3 depth4 gelu none
 # Further projkd.py options for every run, e.g. EXTRA="--amp fp16" or EXTRA="--compile".
 EXTRA ?=
 
+# Further projkd.py eval options for every evaluation step: a data option of EXTRA (--synthetic-size, --image-size)
+# must be here too, for the teachers' evaluations (a run's own are read from its metrics.json).
+EVAL_EXTRA ?=
+
 # Folder holding ImageNet's train/ and val/, one subfolder per class. On ImageNet (make imagenet-all: the paper's
 # Table 1), this and the IMAGENET_ knobs below replace DATA_DIR, PAIRS, METHODS, SEEDS and EPOCHS.
 IMAGENET_DIR ?= data/imagenet

@@ -15,6 +15,7 @@ Here too is `python projkd.py eval`, which evaluates a checkpoint alone and writ
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,7 @@ class TableConfig:
     variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD itself (make's ABLATION_VARIANTS)
     seeds: str = "1 2 3"  # the seeds every cell should have
     kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth, activation) | imagenet (Table 1)
+    teachers: str = ""  # the folder of the teacher checkpoints, whose <arch>.eval.json give the teacher row (make's TEACHERS)
     out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
 
 
@@ -107,12 +109,45 @@ def summarize(values):
     return {"mean": mean, "std": std, "n": n}
 
 
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.json")
+def read_json(path):
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def read_metrics(run_dir):
+    """A finished run's metrics.json (None while unfinished), with the evaluation of its exported model.pt alone
+    (model.eval.json, made by the pipeline's eval step) as m["eval"], None until it exists."""
+    metrics = read_json(os.path.join(run_dir, "metrics.json"))
+    if metrics is not None:
+        metrics.update(run_dir=run_dir, eval=read_json(os.path.join(run_dir, "model.eval.json")))
+    return metrics
+
+
+MISMATCH_POINTS = 0.02  # |model.pt evaluated alone - the training loop's last epoch| above which a run is marked
+
+
+def last_accuracy(m, metric, notes):
+    """A run's last-epoch top-1 or top-5 (metric) as its model.pt evaluates alone, the file a user deploys. Where
+    that evaluation differs from the training loop's own, or is missing (not yet made), `notes` says so."""
+    trained, evaluated = m[f"last_{metric}"], (m["eval"] or {}).get(metric)
+    if evaluated is None:
+        notes.append(f"{m['run_dir']}: the training loop's last epoch; model.pt not yet evaluated alone (make does)")
+        return trained
+    if abs(evaluated - trained) > MISMATCH_POINTS:
+        notes.append(f"{m['run_dir']}: model.pt evaluates to {evaluated:.2f}% {metric.replace('top', 'top-')} alone, "
+                     f"the training loop's last epoch measured {trained:.2f}%")
+    return evaluated
+
+
+def teacher_accuracy(tc, arch, runs, metric):
+    """The teacher row: the checkpoint's own evaluation (<teachers>/<arch>.eval.json), else the accuracy the
+    pair's students measured of it (one run is enough: they all read the same file)."""
+    evaluated = read_json(os.path.join(tc.teachers, f"{arch}.eval.json")) if tc.teachers else None
+    if evaluated is not None:
+        return [evaluated[metric]]
+    return [m[f"teacher_{metric}"] for m in runs if m.get(f"teacher_{metric}") is not None][:1]
 
 
 def _pairs(tc):
@@ -138,17 +173,19 @@ def collect(tc):
         runs = {key: [m for m in map(read_metrics, dirs) if m is not None] for key, _, dirs in rows}
         found += [m for ms in runs.values() for m in ms]
         if tc.kind == "main":
-            # The teacher row is the checkpoint the pair's students were distilled from, as they measured it.
-            teacher_top1 = [m["teacher_top1"] for ms in runs.values() for m in ms if m.get("teacher_top1") is not None]
+            teacher_top1 = teacher_accuracy(tc, teacher, [m for ms in runs.values() for m in ms], "top1")
             for table in ("last", "best"):
-                cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_top1[:1]),
-                              "paper": PAPER.get(pair, {}).get("teacher")})
+                cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_top1),
+                              "paper": PAPER.get(pair, {}).get("teacher"), "notes": []})
         for key, label, _ in rows:
-            for table, metric in [("last", "last_top1"), ("best", "best_top1")] + \
-                    [("cosine", "between_class_cosine")] * (tc.kind == "ablations"):
+            notes = []
+            values = {"last": [last_accuracy(m, "top1", notes) for m in runs[key]],
+                      "best": [m["best_top1"] for m in runs[key]],
+                      "cosine": [m["between_class_cosine"] for m in runs[key]]}
+            for table in ("last", "best") + ("cosine",) * (tc.kind == "ablations"):
                 paper = PAPER.get(pair, {}).get(key) if table != "cosine" else None
-                cells.append({"table": table, "row": label, "pair": pair,
-                              **summarize([m[metric] for m in runs[key]]), "paper": paper})
+                cells.append({"table": table, "row": label, "pair": pair, **summarize(values[table]), "paper": paper,
+                              "notes": notes if table == "last" else []})
     return cells, found
 
 
@@ -168,14 +205,13 @@ def collect_imagenet(tc):
         for table in ("last-top1", "last-top5", "best-top1", "best-top5"):
             when, metric = table.split("-")
             for key in methods:
-                cells.append({"table": table, "row": ROW_NAMES[key], "pair": pair,
-                              **summarize([m[f"{when}_{metric}"] for m in runs[key]]),
-                              "paper": paper_imagenet(pair, metric, key)})
-            # The teacher is the pretrained checkpoint the pair's students were distilled from, as they measured it.
-            teacher_acc = [m[f"teacher_{metric}"] for ms in runs.values() for m in ms
-                           if m.get(f"teacher_{metric}") is not None]
-            cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_acc[:1]),
-                          "paper": paper_imagenet(pair, metric, "teacher")})
+                notes = []
+                values = [last_accuracy(m, metric, notes) if when == "last" else m[f"best_{metric}"] for m in runs[key]]
+                cells.append({"table": table, "row": ROW_NAMES[key], "pair": pair, **summarize(values),
+                              "paper": paper_imagenet(pair, metric, key), "notes": notes})
+            teacher_acc = teacher_accuracy(tc, teacher, [m for ms in runs.values() for m in ms], metric)
+            cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_acc),
+                          "paper": paper_imagenet(pair, metric, "teacher"), "notes": []})
     return cells, [m for m in read.values() if m is not None]
 
 
@@ -184,6 +220,18 @@ def _fmt(mean, std, n=None, digits=2):
         return "missing"
     text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
     return text + (f" (n={n})" if n is not None else "")
+
+
+def footnoted(text, cell, footnotes):
+    """The cell's text with a mark of the footnote (numbered in order of appearance) that gives its notes."""
+    if not cell["notes"]:
+        return text
+    note = "; ".join(cell["notes"])
+    return f"{text} [^{footnotes.setdefault(note, len(footnotes) + 1)}]"
+
+
+def footnote_lines(footnotes):
+    return [f"[^{i}]: {note}" for note, i in footnotes.items()] + [""] * bool(footnotes)
 
 
 def conditions(found):
@@ -195,6 +243,10 @@ def conditions(found):
             f"torch: {values(lambda m: m['torch'])}; "
             f"code: {values(lambda m: m['code'])}; finished runs: {len(found)}")
 
+
+EVALUATED = ("Last-epoch numbers and the teacher row are each model file evaluated alone (`projkd.py eval`: "
+             "model.pt, the teacher checkpoint); a footnote marks a run where that differs from the training loop's "
+             f"own last-epoch evaluation by more than {MISMATCH_POINTS} points, or was not made yet.")
 
 TITLES = {
     "last": "Top-1 accuracy (%) at the last epoch",
@@ -209,7 +261,8 @@ def render_markdown(tc, cells, found):
     lines = [f"# {heading}: `{tc.runs}`", "",
              f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
              f"'paper' = the PEFD paper's value (Table 4{', Table 5' if tc.kind == 'ablations' else ''}); "
-             "its CRD column is full CRD, ours CRD-lite.", "", conditions(found), ""]
+             "its CRD column is full CRD, ours CRD-lite. " + EVALUATED, "", conditions(found), ""]
+    footnotes = {}
     for table in [t for t in ("last", "best", "cosine") if any(c["table"] == t for c in cells)]:
         with_paper = table != "cosine"
         lines += [f"## {TITLES[table]}", ""]
@@ -222,12 +275,13 @@ def render_markdown(tc, cells, found):
             for pair in pairs:
                 c = next(c for c in cells if c["table"] == table and c["row"] == label and c["pair"] == pair)
                 digits = 4 if table == "cosine" else 2
-                row.append(_fmt(c["mean"], c["std"], c["n"] if label != "Teacher" else None, digits))
+                row.append(footnoted(_fmt(c["mean"], c["std"], c["n"] if label != "Teacher" else None, digits), c,
+                                     footnotes))
                 if with_paper:
                     row.append(_fmt(*c["paper"]) if c["paper"] else "–")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + footnote_lines(footnotes))
 
 
 IMAGENET_TITLES = {
@@ -243,7 +297,8 @@ def render_imagenet(tc, cells, found):
     lines = [f"# ImageNet distillation results: `{tc.runs}`", "",
              f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
              "'paper' = the PEFD paper's value (Table 1, one number per cell); its CRD column is full CRD, ours "
-             "CRD-lite; its SRRL and CID columns are methods not run here.", "", conditions(found), ""]
+             "CRD-lite; its SRRL and CID columns are methods not run here. " + EVALUATED, "", conditions(found), ""]
+    footnotes = {}
     for when in ("last", "best"):
         lines += [f"## {IMAGENET_TITLES[when]}", ""]
         lines.append("| Pair | Accuracy | " + " | ".join(f"{col} | paper" for col in columns) + " |")
@@ -257,22 +312,23 @@ def render_imagenet(tc, cells, found):
                 for col in columns:
                     c = next(c for c in cells if c["table"] == f"{when}-{metric}" and c["row"] == col
                              and c["pair"] == pair)
-                    row.append(_fmt(c["mean"], c["std"], c["n"] if col != "Teacher" else None))
+                    row.append(footnoted(_fmt(c["mean"], c["std"], c["n"] if col != "Teacher" else None), c,
+                                         footnotes))
                     row.append(_fmt(*c["paper"]) if c["paper"] else "–")
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + footnote_lines(footnotes))
 
 
 def render_csv(cells):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["table", "row", "teacher", "student", "mean", "std", "n", "paper_mean", "paper_std"])
+    writer.writerow(["table", "row", "teacher", "student", "mean", "std", "n", "paper_mean", "paper_std", "notes"])
     for c in cells:
         teacher, student = c["pair"].split(":")
         paper = c["paper"] or (None, None)
         writer.writerow([c["table"], c["row"], teacher, student, *("" if v is None else round(v, 4) for v in
-                         (c["mean"], c["std"])), c["n"], *("" if v is None else v for v in paper)])
+                         (c["mean"], c["std"])), c["n"], *("" if v is None else v for v in paper), "; ".join(c["notes"])])
     return out.getvalue()
 
 
@@ -310,6 +366,28 @@ EvalConfig = options_of("EvalConfig", EvalOptions,
                         DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
 
 
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def test_set_sha256(data):
+    """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or ImageNet's
+    validation files by name, size and label (hashing 50,000 decoded JPEGs would cost as much as evaluating)."""
+    digest = hashlib.sha256()
+    if data.test_x is not None:
+        for t in (data.test_x, data.test_y):
+            digest.update(t.cpu().contiguous().numpy().tobytes())
+    else:
+        for path, label in data.val_loader.dataset.dataset.samples:  # the whole set, not this process's shard
+            digest.update(f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} "
+                          f"{os.path.getsize(path)} {label}\n".encode())
+    return digest.hexdigest()
+
+
 def evaluate_checkpoint(ec):
     """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
     each process evaluates a shard. The data settings of the run that made it (its metrics.json beside it) are
@@ -337,7 +415,8 @@ def evaluate_checkpoint(ec):
     model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
     result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
     out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
-    record = {"arch": ec.arch, "ckpt": ec.ckpt, **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result,
+    record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
+              **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result, "test_set_sha256": test_set_sha256(data),
               "world_size": world, "device": device_name(device), "torch": torch.__version__}
     if _rank() == 0:
         save(record, out)

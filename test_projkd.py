@@ -1308,6 +1308,13 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once(tmp_path):
                  "--resume"):
         assert flag in one
     assert plan.count("tables.py") == 1 and "results/cifar100.md results/cifar100.csv" in plan
+    # the evaluation step: each run's model.pt and each teacher checkpoint evaluated alone, once, before the tables
+    evals = [c.split("--ckpt ")[1].split()[0] for c in plan.splitlines() if " projkd.py eval " in c]
+    runs = [c.split("--run-dir ")[1].split()[0] for c in commands]
+    teacher_runs = [t.split()[1].removesuffix("/model.pt") for t in teachers]  # copied: their copies are evaluated
+    assert sorted(evals) == sorted([f"{r}/model.pt" for r in runs if r not in teacher_runs] +
+                                   [t.split()[2].removesuffix(".tmp") for t in teachers])
+    assert len(evals) == 12 + 60 + 4 and plan.index(" projkd.py eval ") < plan.index("tables.py")
 
 
 def test_make_plan_for_ablations_and_short_runs():
@@ -1320,22 +1327,79 @@ def test_make_plan_for_ablations_and_short_runs():
     assert "results/cifar100-e2/ablations.md" in plan
 
 
-def test_make_pipeline_end_to_end_resumes_and_redoes_nothing(tmp_path):
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A small real pipeline, `make -j2 cifar-all` on synthetic data: a teacher, its PEFD student and the Student
+    row, every command that computes started through a stand-in launcher that logs it (as srun would run it)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    launcher, log = root / "launch", root / "launched.log"
+    launcher.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec "$@"\n')
+    launcher.chmod(0o755)
     knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
-             "PAIRS=resnet20:resnet8", "METHODS=pefd ce", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt",
-             f"RESULTS={tmp_path}/results", "EXTRA=--synthetic-size 256 --batch-size 32"]
+             "PAIRS=resnet20:resnet8", "METHODS=pefd ce", f"RUNS={root}/runs", f"TEACHERS={root}/ckpt",
+             f"RESULTS={root}/results", "EXTRA=--synthetic-size 256 --batch-size 32",
+             "EVAL_EXTRA=--synthetic-size 256", f"LAUNCH={launcher}"]
     first = make("-j2", "cifar-all", *knobs)  # the student's two runs side by side, after the teacher
     assert first.returncode == 0, first.stderr
-    assert (tmp_path / "ckpt" / "resnet20.pt").exists()
-    table = (tmp_path / "results" / "synthetic.md").read_text()
+    return root, knobs, first, log
+
+
+def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipeline):
+    root, knobs, first, log = pipeline
+    assert (root / "ckpt" / "resnet20.pt").exists()
+    table = (root / "results" / "synthetic.md").read_text()
     assert "| PEFD |" in table and "(n=1)" in table and "missing" not in table.split("## ")[1]
-    assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run again
-    # an interrupted run (last.pt but no metrics.json) is continued, and nothing else is redone
-    pefd = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1"
+    computing = [line.split() for line in first.stdout.splitlines() if "projkd.py" in line]
+    assert len(computing) == 3 + 3  # trainings (teacher, PEFD, Student), evaluations (their model files)
+    assert all(c[:3] == [str(root / "launch"), sys.executable, "projkd.py"] for c in computing)
+    assert sorted(line.split() for line in log.read_text().splitlines()) == sorted(c[1:] for c in computing)
+    assert any(line.startswith(f"{sys.executable} tables.py ") for line in first.stdout.splitlines())  # not launched
+
+
+def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
+    import tables
+
+    root, knobs, first, _ = pipeline
+    evals = [line for line in first.stdout.splitlines() if " projkd.py eval " in line]
+    assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
+        [f"{root}/ckpt/resnet20.pt", f"{root}/runs/resnet8/ce-seed1/model.pt",
+         f"{root}/runs/resnet20-resnet8/pefd-seed1/model.pt"])
+    for run in ("resnet8/ce-seed1", "resnet20-resnet8/pefd-seed1"):
+        metrics = json.loads((root / "runs" / run / "metrics.json").read_text())
+        evaluated = json.loads((root / "runs" / run / "model.eval.json").read_text())
+        assert evaluated["top1"] == pytest.approx(metrics["last_top1"], abs=1e-4)  # log rounding only
+        assert evaluated["images"] == 64 and evaluated["synthetic_size"] == 256  # from the run's metrics.json
+        assert evaluated["sha256"] == tables.file_sha256(root / "runs" / run / "model.pt")
+    teacher = json.loads((root / "ckpt" / "resnet20.eval.json").read_text())
+    assert teacher["test_set_sha256"] == evaluated["test_set_sha256"]  # the same 64 test images, via EVAL_EXTRA
+    assert f"| Teacher | {teacher['top1']:.2f} |" in (root / "results" / "synthetic.md").read_text()
+    assert "[^" not in (root / "results" / "synthetic.md").read_text()  # no disagreement to mark
+    # a model.pt changed after training (in a copy): its evaluation and the table's footnote show it
+    copy = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1"
+    shutil.copytree(root / "runs" / "resnet20-resnet8" / "pefd-seed1", copy)
+    state = torch.load(copy / "model.pt", weights_only=True)
+    state["fc.bias"][0] += 100.0  # every test image now goes to class 0, which 7 of the 64 are
+    torch.save(state, copy / "model.pt")
+    assert projkd.main(["eval", "--arch", "resnet8", "--ckpt", str(copy / "model.pt")]) == 0
+    assert json.loads((copy / "model.eval.json").read_text())["top1"] == 100 * 7 / 64
+    assert tables.main(["--runs", str(tmp_path / "runs"), "--pairs", "resnet20:resnet8", "--methods", "pefd",
+                        "--seeds", "1", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| PEFD | 10.94 (n=1) [^1] |" in text
+    assert f"[^1]: {copy}: model.pt evaluates to 10.94% top-1 alone, the training loop's last epoch measured " \
+           f"{metrics['last_top1']:.2f}%" in text
+
+
+def test_make_pipeline_redoes_nothing_and_continues_an_interrupted_run(pipeline):
+    root, knobs, _, log = pipeline
+    assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run or evaluate again
+    # an interrupted run (last.pt but no metrics.json) is continued and evaluated again, and nothing else is redone
+    pefd = root / "runs" / "resnet20-resnet8" / "pefd-seed1"
     os.remove(pefd / "metrics.json")
     again = make("cifar-all", *knobs)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("projkd.py") == 1 and f"resuming {pefd} after epoch 1" in again.stdout
+    assert [line.split()[3] for line in again.stdout.splitlines() if " projkd.py" in line] == ["--dataset", "eval"]
+    assert f"resuming {pefd} after epoch 1" in again.stdout
 
 
 def plan_lines(*args):
@@ -1357,8 +1421,15 @@ def test_make_plan_for_imagenet_all():
         f"{sys.executable} projkd.py fetch-weights --arch {a} --out checkpoints/imagenet/{a}.pt"
         for a in ("densenet201", "resnet34", "resnet50"))
     assert not any("tcache" in line for line in plan)  # never on ImageNet
-    assert f'{sys.executable} tables.py --kind imagenet --runs runs/imagenet --pairs "{IMAGENET_PAIRS}" --methods ' \
-           '"pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv"' in plan
+    assert f'{sys.executable} tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs ' \
+           f'"{IMAGENET_PAIRS}" --methods "pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv"' in plan
+    # each finished model evaluated alone, once: 10 runs and 3 teachers, on one GPU, without torchrun
+    evals = [line for line in plan if " projkd.py eval " in line]
+    assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
+        [f"runs/imagenet/{e}/model.pt" for e in expected] +
+        [f"checkpoints/imagenet/{a}.pt" for a in ("densenet201", "resnet34", "resnet50")])
+    assert all(e.startswith(f"{sys.executable} projkd.py eval --arch ") and "--dataset imagenet --data-dir "
+               "data/imagenet --device auto" in e for e in evals)
     # more GPUs per run, seeds and a short trial, which gets folders of its own but the same pretrained teachers
     plan = plan_lines("imagenet-all", "NPROC=8", "IMAGENET_SEEDS=1 2", "IMAGENET_EPOCHS=2")
     trainings = [line for line in plan if "projkd.py --dataset" in line]
@@ -1372,46 +1443,27 @@ def test_make_plan_for_imagenet_all():
         "runs/imagenet/resnet18/ce-seed1", "runs/imagenet/resnet34-resnet18/kd-seed1",
         "runs/imagenet/resnet34-resnet18/pefd-seed1"]
     assert [line.split("--arch ")[1].split()[0] for line in plan if "fetch-weights" in line] == ["resnet34"]
-    assert any(f'tables.py --kind imagenet --runs runs/imagenet --pairs "{IMAGENET_PAIRS}"' in line for line in plan)
+    assert any(f'tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs "{IMAGENET_PAIRS}"'
+               in line for line in plan)
 
 
 def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
     launch = "srun -N1 -n1 --gres=gpu:1"
     plan = plan_lines("cifar-all", f"LAUNCH={launch}")
     launched = [line for line in plan if line.startswith(launch + " ")]
-    assert launched == [line for line in plan if "projkd.py --dataset" in line or "projkd.py cache " in line]
-    assert len(launched) == 16 + 60 + 4  # models alone, distillations, teacher caches
+    assert launched == [line for line in plan if any(f"projkd.py {c}" in line for c in ("--dataset", "cache", "eval"))]
+    assert len(launched) == 16 + 60 + 4 + 76  # models alone, distillations, teacher caches, evaluations
     assert any(line.startswith(f"{sys.executable} tables.py ") for line in plan)  # the tables run here
     plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
     launched = [line for line in plan if line.startswith(launch + " ")]
-    assert len(launched) == 10 and all(
+    assert len(launched) == 10 + 13 and all(
         line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
-        for line in launched)
+        for line in launched if " eval " not in line)  # the evaluations: one process, one GPU
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
     assert plan_lines("bench", f"LAUNCH={launch}")[-1] == f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results"
     # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
     plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
     assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
-
-
-def test_make_launch_runs_every_training_through_the_launcher(tmp_path):
-    log = tmp_path / "launched.log"
-    launcher = tmp_path / "launch"
-    launcher.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec "$@"\n')  # as srun would: log, then run the rest
-    launcher.chmod(0o755)
-    knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
-             "PAIRS=resnet20:resnet8", "METHODS=kd", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt",
-             f"RESULTS={tmp_path}/results", "EXTRA=--synthetic-size 256 --batch-size 32", f"LAUNCH={launcher}"]
-    first = make("cifar-all", *knobs)
-    assert first.returncode == 0, first.stderr
-    echoed = first.stdout.splitlines()
-    trainings = [line.split() for line in echoed if "projkd.py" in line]
-    assert len(trainings) == 2 and all(t[:3] == [str(launcher), sys.executable, "projkd.py"] for t in trainings)
-    assert [line.split() for line in log.read_text().splitlines()] == [t[1:] for t in trainings]  # exactly those
-    assert "| KD |" in (tmp_path / "results" / "synthetic.md").read_text()
-    again = make("cifar-all", *knobs)
-    assert again.returncode == 0, again.stderr
-    assert "projkd.py" not in again.stdout and len(log.read_text().splitlines()) == 2  # Make redoes nothing
 
 
 STAND_IN_PYTHON = """#!{python}
@@ -1430,6 +1482,8 @@ if "--run-dir" in args:
     touch(os.path.join(value("--run-dir"), "metrics.json"))
 elif "cache" in args:
     touch(value("--teacher-cache-file"))
+elif "eval" in args:
+    touch(os.path.splitext(value("--ckpt"))[0] + ".eval.json")
 else:  # fetch-weights --out PATH, tables.py --out "PATH ..."
     for path in value("--out").split():
         touch(path)
@@ -1503,8 +1557,9 @@ def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_pa
     os.remove(tmp_path / "runs" / "resnet20-resnet8" / "kd-seed2" / "metrics.json")
     assert make("cifar-all", *knobs).returncode == 0
     redone = calls(log)[len(log_lines):]
-    assert len(redone) == 3 and redone[0].startswith("projkd.py cache ") and redone[2].startswith("tables.py ")
+    assert len(redone) == 4 and redone[0].startswith("projkd.py cache ") and redone[3].startswith("tables.py ")
     assert f"--run-dir {tmp_path}/runs/resnet20-resnet8/kd-seed2 " in redone[1]
+    assert f"eval --arch resnet8 --ckpt {tmp_path}/runs/resnet20-resnet8/kd-seed2/model.pt " in redone[2]
     # a new teacher checkpoint: its cache is rebuilt once, before all its distillation runs are redone
     os.utime(tmp_path / "ckpt" / "resnet20.pt", (time.time() + 10,) * 2)
     before = len(calls(log))
@@ -1514,6 +1569,7 @@ def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_pa
     runs = [i for i, c in enumerate(redone) if c.startswith("projkd.py --dataset")]
     readers = [i for i in runs if "--teacher-cache-file" in redone[i]]
     assert len(cache) == 1 and len(runs) == 2 * 4 * 2 and redone[-1].startswith("tables.py ")  # 2 pairs x 4 x 2
+    assert len([c for c in redone if c.startswith("projkd.py eval ")]) == 1 + 2 * 4 * 2  # the teacher's, the runs'
     assert len(readers) == 2 * 3 * 2 and cache[0] < min(readers)  # sp runs need no cache: -j may start them first
 
 
@@ -1527,7 +1583,7 @@ def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
     first = make("-j4", "imagenet-all", *knobs)
     assert first.returncode == 0, first.stderr
     done = calls(log)
-    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * 3 + ["tables.py"]
+    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * (3 + 13) + ["tables.py"]
     assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
     assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
 
@@ -1543,7 +1599,10 @@ def test_the_readme_example_runs():
 
 # --- result tables (tables.py) -----------------------------------------------------------------------------------
 
-def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None):
+def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None,
+                  evaluated="same"):
+    """A finished run's metrics.json, and its model.eval.json saying model.pt evaluates to `evaluated` (top-1;
+    "same": the training loop's `last`; None: no evaluation yet)."""
     os.makedirs(run_dir, exist_ok=True)
     metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
                "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
@@ -1551,6 +1610,9 @@ def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None,
                "config": {"dataset": "cifar100"}}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f)
+    if evaluated is not None:
+        with open(os.path.join(run_dir, "model.eval.json"), "w") as f:
+            json.dump({"top1": last if evaluated == "same" else evaluated, "top5": top5}, f)
 
 
 def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
@@ -1576,6 +1638,32 @@ def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
     assert (kd["mean"], kd["std"], kd["n"], kd["paper_mean"]) == ("", "", "0", "72.98")
     pefd = next(r for r in rows if r["table"] == "last" and r["row"] == "PEFD")
     assert (float(pefd["mean"]), float(pefd["std"]), pefd["n"]) == (71.0, pytest.approx(1.4142, abs=1e-4), "2")
+
+
+def test_tables_take_last_numbers_from_each_model_file_evaluated_alone_and_mark_disagreements(tmp_path):
+    import tables
+
+    runs, teachers = tmp_path / "runs", tmp_path / "ckpt"
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 70.0, teacher=74.5)  # model.pt evaluates as training did
+    write_metrics(runs / "vgg13-vgg8" / "pefd-seed2", 72.0, teacher=74.5, evaluated=71.5)  # model.pt differs
+    write_metrics(runs / "vgg13-vgg8" / "kd-seed1", 71.0, evaluated=71.015)  # within 0.02 points: float rounding
+    write_metrics(runs / "vgg13-vgg8" / "sp-seed1", 73.0, evaluated=None)  # not evaluated yet
+    teachers.mkdir()
+    (teachers / "vgg13.eval.json").write_text(json.dumps({"top1": 74.9, "top5": 92.0}))
+    md, csv_path = tmp_path / "t.md", tmp_path / "t.csv"
+    assert tables.main(["--runs", str(runs), "--teachers", str(teachers), "--pairs", "vgg13:vgg8", "--seeds", "1 2",
+                        "--out", f"{md} {csv_path}"]) == 0
+    text = md.read_text()
+    last, best = text.split("## ")[1:3]
+    assert "| Teacher | 74.90 | 74.64 |" in last  # the checkpoint's own evaluation, not the 74.5 its students saw
+    assert "| PEFD | 70.75 ± 1.06 (n=2) [^2] |" in last  # 70 and 71.5: what the files evaluate to, marked
+    assert "| KD | 71.02 (n=1) | 72.98 ± 0.19 |" in last and "| SP | 73.00 (n=1) [^1] |" in last
+    assert "| PEFD | 71.00 ± 1.41 (n=2) |" in best  # the best epoch is the training loop's (no file of it is kept)
+    assert f"[^2]: {runs}/vgg13-vgg8/pefd-seed2: model.pt evaluates to 71.50% top-1 alone, the training loop's last " \
+           "epoch measured 72.00%" in text
+    assert f"[^1]: {runs}/vgg13-vgg8/sp-seed1: the training loop's last epoch; model.pt not yet evaluated" in text
+    rows = {(r["table"], r["row"]): r for r in csv.DictReader(open(csv_path))}
+    assert "model.pt evaluates to 71.50%" in rows["last", "PEFD"]["notes"] and rows["best", "PEFD"]["notes"] == ""
 
 
 def test_ablation_table_finds_the_variant_runs(tmp_path):
