@@ -125,7 +125,7 @@ def our_loop_images_per_s(run, bc):
     start = time.time()
     for _ in range(bc.steps):
         run.step()
-    run.loss_sum.item()  # waits for the last step
+    run.loss_sum[0].item()  # waits for the last step
     return bc.steps * bc.batch_size / (time.time() - start)
 
 def training_flops_per_image(teacher_arch, student_arch, with_teacher, batch=2):
@@ -155,7 +155,7 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
         for _ in range(bc.check_steps):
             run.loss_sum.zero_()
             run.step()
-            losses[graph].append(run.loss_sum.item())
+            losses[graph].append(run.loss_sum[0].item())
         weights[graph] = {k: v.double().cpu() for k, v in run.student.state_dict().items() if v.is_floating_point()}
         failure = getattr(run.step, "failure", None) if graph else None
         run.feed.close()
@@ -254,7 +254,7 @@ def bench_markdown(report):
     lines = [f"# projkd bench: {report['device']}, torch {report['torch']}", "",
              f"PEFD, batch {report['batch_size']}, generated CIFAR-shaped data, random weights; images/s over "
              f"{report['steps']} steps of our loop and {report['classic_steps']} of the classic one "
-             f"({report['workers']} loader workers), after {report['warmup']} warm-up steps; all in one "
+             f"({report['workers']} loader workers), after {report['warmup']} warm-up step{'s' * (report['warmup'] != 1)}; all in one "
              f"process. 'teacher cached': the epoch's teacher rows are computed once before timing, as a cache file "
              f"supplies them each epoch; the step is the same.{mfu_note}", ""]
     for pair in report["pairs"]:

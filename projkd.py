@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -265,23 +266,28 @@ def build_aux(cfg, d_student, d_teacher):
         return CRDLite(d_student, d_teacher, dim=cfg.crd_dim, negatives=cfg.crd_negatives, T=cfg.crd_T)
     return nn.Identity()
 
+LOSS_TERMS = {"pefd": "mda", "kd": "kd", "sp": "sp", "crd": "crd"}  # each method's own term, as the logs name it
+
 def method_loss(cfg, aux, student, teacher, labels):
-    """The training objective of --method, in float32; student and teacher are Outputs (teacher None for ce)."""
+    """The training objective of --method in float32, and its two terms before weighting for the logs: CE and
+    the method's own (MDA, KD, SP, CRD-lite; 0 for ce). student and teacher are Outputs (teacher None for ce)."""
     ce = F.cross_entropy(student.logits.float(), labels)
     if cfg.method == "pefd":
-        return ce + cfg.alpha * mda_loss(aux(student.feature.float()), teacher.feature)
-    if cfg.method == "kd":
-        return cfg.kd_ce_weight * ce + cfg.kd_weight * kd_loss(student.logits, teacher.logits, cfg.kd_T)
-    if cfg.method == "sp":
-        return ce + cfg.sp_weight * sp_loss(student.map, teacher.map)
-    if cfg.method == "crd":
-        return ce + cfg.crd_weight * aux(student.feature, teacher.feature)
-    return ce  # ce: the student alone
+        ce_weight, weight, term = 1.0, cfg.alpha, mda_loss(aux(student.feature.float()), teacher.feature)
+    elif cfg.method == "kd":
+        ce_weight, weight, term = cfg.kd_ce_weight, cfg.kd_weight, kd_loss(student.logits, teacher.logits, cfg.kd_T)
+    elif cfg.method == "sp":
+        ce_weight, weight, term = 1.0, cfg.sp_weight, sp_loss(student.map, teacher.map)
+    elif cfg.method == "crd":
+        ce_weight, weight, term = 1.0, cfg.crd_weight, aux(student.feature, teacher.feature)
+    else:  # ce: the student alone
+        ce_weight, weight, term = 1.0, 0.0, torch.zeros_like(ce)
+    return ce_weight * ce + weight * term, torch.stack([ce, term.float()])
 
 class Distiller(nn.Module):
     """What training updates, as one module: the student, the modules dropped after training (projectors, CRD
     embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
-    forward(x, labels, teacher Outputs) -> (loss, student logits)."""
+    forward(x, labels, teacher Outputs) -> (loss, its terms, student logits)."""
     def __init__(self, cfg, student, aux, autocast):
         super().__init__()
         self.cfg, self.student, self.aux, self.autocast = cfg, student, aux, autocast
@@ -291,7 +297,7 @@ class Distiller(nn.Module):
         with self.autocast:
             logits = self.student(x)
         student = Outputs(self.taps.feature, logits, self.taps.map)
-        return method_loss(self.cfg, self.aux, student, teacher, labels), logits
+        return *method_loss(self.cfg, self.aux, student, teacher, labels), logits
 
 # -----------------------------------------------------------------------------------------------------------------
 # 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
@@ -391,10 +397,18 @@ def cli_help(schema, doc, usage):
     for source in getattr(schema, "help_from", (schema,)):
         with contextlib.suppress(OSError, TypeError):
             comments.update(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(source), flags=re.M))
-    lines = [doc.strip().split("\n\n")[0], "", f"usage: {usage}", ""]
+    width = min(shutil.get_terminal_size().columns, 120) - 1
+    lines = [*textwrap.wrap(doc.strip().split("\n\n")[0], width), "",
+             *textwrap.wrap(f"usage: {usage}", width, subsequent_indent="  "), ""]
     for f in dataclasses.fields(schema):
         kind = "flag" if f.type is bool else f"{f.type.__name__} = {'auto' if f.default is None else repr(f.default)}"
-        lines.append(f"  {_flag(f.name):<22} {kind:<28} {comments.get(f.name, '')}")
+        lines += [f"  {_flag(f.name)}  {kind}", *textwrap.wrap(comments.get(f.name, ""), width, initial_indent=" " * 6,
+                                                              subsequent_indent=" " * 6)]
+    if schema is Config:
+        with contextlib.suppress(ImportError):  # copied alone, without models.py
+            cifar = [a for a in zoo().MODELS if a not in zoo().IMAGENET_ARCHS]
+            lines += ["", *textwrap.wrap(f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; ImageNet "
+                                         f"{', '.join(zoo().IMAGENET_ARCHS)}", width, subsequent_indent="  ")]
     return "\n".join(lines)
 
 def parse_args(argv, schema=Config):
@@ -508,7 +522,7 @@ def resolve_config(cfg, command="train"):
     dev, resident = resolve_device(cfg.device, world), cfg.dataset in RESIDENT_DATASETS
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
-    if dev.type == "cpu" and cfg.amp != "off":
+    if dev.type == "cpu" and cfg.amp not in (Config.amp, "off"):  # said only when asked for: --amp fp16
         notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
     if cfg.sync_bn and world > 1 and dev.type != "cuda":
         raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
@@ -542,6 +556,18 @@ def resolve_config(cfg, command="train"):
     run_dir = cfg.run_dir or run_path(os.path.join("runs", cfg.dataset), cfg.teacher, cfg.student, cfg.method,
                                       cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
     return dataclasses.replace(cfg, run_dir=run_dir if command == "train" else cfg.run_dir), notes
+
+def config_lines(given, cfg):
+    """The resolved config as a readable block: each value that is not Config's default, and where it came from
+    (an option given, the dataset's protocol, or resolved from the others and from auto)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, asked = getattr(cfg, f.name), getattr(given, f.name)
+        if value != f.default:
+            source = ("given" if asked == value else f"{cfg.dataset} protocol"
+                      if asked is None and PROTOCOLS[cfg.dataset].get(f.name) == value else "resolved")
+            lines.append(f"  {_flag(f.name):<22} {value!s:<36} {source}")
+    return lines
 
 def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.proj_act):
     """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off the paper's."""
@@ -738,9 +764,12 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
 # 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
 #    train_step, eager or replayed as one CUDA graph), evaluate, record_epoch, save_checkpoint; then finish_run.
 
+log_label = ""  # the run's short name before each line where several runs share a terminal (make): train sets it
+
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
-        print(*args, flush=True)
+        text = " ".join(map(str, args))
+        print("\n".join(log_label + line for line in text.split("\n")), flush=True)
 
 def atomic_write(path, write):
     """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`, and a write
@@ -759,7 +788,8 @@ def save(obj, path):
     """obj written to `path` atomically: a str as text, to .json as JSON, to .csv from a list of dicts, else torch.save."""
     if path.endswith(".csv") and not isinstance(obj, str):
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(obj[0]) if obj else ["epoch"], lineterminator="\n")
+        columns = list(dict.fromkeys(k for row in obj for k in row)) or ["epoch"]  # a resumed old run has fewer
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(obj)
         obj = out.getvalue()
@@ -781,8 +811,10 @@ def code_version():
     return (commit + "+dirty" * bool(dirty)) if commit else "unknown"
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)})"
 
 def _duration(seconds):
     seconds = int(seconds)
@@ -848,12 +880,12 @@ def train_step(run, images, labels, cached_teacher=None):
                                                  run.data.num_classes], dim=1))
     else:
         teacher = run.teacher_forward(x) if run.teacher_forward is not None else None
-    loss, logits = run.distiller(x, labels, teacher)
+    loss, terms, logits = run.distiller(x, labels, teacher)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)  # fused SGD: reads run.lr on the device, and a scaler's scale without a sync
     run.scaler.update()
-    run.loss_sum += loss.detach()
+    run.loss_sum += torch.cat([loss.detach().view(1), terms.detach()])
     run.correct += (logits.argmax(1) == labels).sum()
 
 class CUDAGraphStep:
@@ -997,7 +1029,7 @@ class Run:
     lr: torch.Tensor  # on the device: set each epoch in place, read by the fused optimizer (and the graph)
     autocast: object
     memory_format: torch.memory_format
-    loss_sum: torch.Tensor  # the epoch's sums, accumulated on the device by every step
+    loss_sum: torch.Tensor  # the epoch's sums of the loss and its terms, accumulated on the device by every step
     correct: torch.Tensor
     teacher_forward: Optional[object] = None  # x -> the teacher's Outputs; None when its outputs come from the cache
     feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
@@ -1064,7 +1096,7 @@ def setup_run(cfg, notes=()):
     """Everything a run needs, from the resolved config to the first step: data, teacher (and its cache),
     student, projectors, optimizer, the state of an interrupted run, the data feed. `notes`: those of a first
     resolve_config of this config, if it had one (resolving again changes nothing, and notes nothing new)."""
-    cfg, again = resolve_config(cfg)
+    given, (cfg, again) = cfg, resolve_config(cfg)
     notes = list(notes) or again
     device = torch.device(cfg.device)
     rank, world = setup_torch(device, cfg.deterministic)
@@ -1073,7 +1105,7 @@ def setup_run(cfg, notes=()):
         zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)  # before the data, which can take a while to read
     notes += [f"processes: {world} x batch {cfg.batch_size // world} = global batch {cfg.batch_size}; lr {cfg.lr} "
               f"as given (never rescaled by batch size)"] * (world > 1 or cfg.dataset == "imagenet")
-    log("\n".join(["config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items())] +
+    log("\n".join(["config (where not a default; all of it goes into metrics.json):", *config_lines(given, cfg)] +
                   [f"note: {note}" for note in notes]))
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
@@ -1091,7 +1123,7 @@ def setup_run(cfg, notes=()):
                                 lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     run = Run(cfg, device, world, data, student, aux, Distiller(cfg, student, aux, autocast), teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
-              loss_sum=torch.zeros((), device=device), correct=torch.zeros((), dtype=torch.long, device=device))
+              loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device))
     if checkpoint is not None:
         restore(run, checkpoint)
     elif cfg.resume:
@@ -1117,7 +1149,7 @@ def setup_teacher(run, amp_dtype):
         source = cfg.teacher_weights or cfg.teacher_ckpt
         log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
             f"top-5 {run.teacher_eval['top5']:.2f}%")
-        if run.teacher_eval["top1"] < 2 * 100 / data.num_classes:
+        if run.teacher_eval["top1"] < 2 * 100 / data.num_classes and "MAKELEVEL" not in os.environ:  # make: its eval
             log(f"warning: the teacher is near chance ({100 / data.num_classes:.1f}%): is {source} the right file?")
     teacher_for_speed(teacher, amp_dtype, run.memory_format)
     if cfg.teacher_cache == "on":
@@ -1169,20 +1201,21 @@ def train_epoch(run, epoch):
         if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds and i < steps:
             last_report, elapsed = time.time(), time.time() - start
             left = elapsed / i * (steps - i)
-            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum.item() / i:.4f}  "  # a host sync, rarely
+            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a host sync, rarely
                 f"{i * cfg.batch_size / elapsed:,.0f} img/s  epoch eta {_duration(left)}  "
                 f"run eta {_duration(left + elapsed / i * steps * (cfg.epochs - epoch - 1))}")
-    sums = torch.stack([run.loss_sum.float(), run.correct.float()])
+    sums = torch.cat([run.loss_sum.float(), run.correct.float().view(1)])
     if run.world_size > 1:
         dist.all_reduce(sums)
-    loss_sum, correct = sums.tolist()  # the epoch's one host sync for training metrics
-    if not math.isfinite(loss := loss_sum / (steps * run.world_size)):
+    *loss_sums, correct = sums.tolist()  # the epoch's one host sync for training metrics
+    loss, ce, term = (total / (steps * run.world_size) for total in loss_sums)
+    if not math.isfinite(loss):
         raise UserError(f"the training loss became {loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
     for buffer in run.student.buffers() if run.world_size > 1 else ():
         if buffer.is_floating_point():  # BatchNorm statistics averaged: every process evaluates and saves one model
             dist.all_reduce(buffer)
             buffer /= run.world_size
-    return {"loss": loss, "acc": 100 * correct / (steps * cfg.batch_size),
+    return {"loss": loss, "ce": ce, "term": term, "acc": 100 * correct / (steps * cfg.batch_size),
             "images_per_s": steps * cfg.batch_size / (time.time() - start)}
 
 @torch.no_grad()
@@ -1215,8 +1248,10 @@ def record_epoch(run, epoch, stats, result, seconds):
     cfg = run.cfg
     if result["top1"] > run.best["top1"]:
         run.best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
+    term = LOSS_TERMS.get(cfg.method)
     run.history.append(h := {
         "epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
+        "train_ce": round(stats["ce"], 6), **({f"train_{term}": round(stats["term"], 6)} if term else {}),
         "train_acc": round(stats["acc"], 4), "test_top1": round(result["top1"], 4),
         "test_top5": round(result["top5"], 4), "between_class_cosine": round(result["between_class_cosine"], 6),
         "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1),
@@ -1224,7 +1259,8 @@ def record_epoch(run, epoch, stats, result, seconds):
     if _rank() == 0:
         save(run.history, os.path.join(cfg.run_dir, "log.csv"))
     here = run.history[run.start_epoch:]
-    log(f"epoch {epoch + 1}/{cfg.epochs}  lr {h['lr']:.4g}  loss {h['train_loss']:.4f}  train {h['train_acc']:.2f}%  "
+    log(f"epoch {epoch + 1}/{cfg.epochs}  lr {h['lr']:.4g}  loss {h['train_loss']:.4f}" +
+        (f" (ce {h['train_ce']:.4f}, {term} {h[f'train_{term}']:.4f})" if term else "") + f"  train {h['train_acc']:.2f}%  "
         f"test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  {h['images_per_s']:,.0f} img/s  eta "
         f"{_duration(sum(e['seconds'] for e in here) / len(here) * (cfg.epochs - epoch - 1))}" +
         f"  (waited {h['plan_wait_s']:.2f} s for its cached teacher rows)" * (cfg.teacher_cache == "on"))
@@ -1275,9 +1311,13 @@ def finish_run(run):
 def train(cfg):
     """Run one training (distillation, or the student alone for --method ce) and write its run directory.
     Returns the metrics dict that is also saved as metrics.json."""
-    cfg, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
-    with run_dir_lock(cfg.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    global log_label
+    resolved, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(resolved.run_dir)))
+    log_label = f"[{os.path.relpath(resolved.run_dir, parent)}] " if "MAKELEVEL" in os.environ else ""
+    with run_dir_lock(resolved.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         run, last_saved = setup_run(cfg, notes), time.time()
+        cfg = run.cfg
         try:
             for epoch in range(run.start_epoch, cfg.epochs):
                 start, stats = time.time(), train_epoch(run, epoch)

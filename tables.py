@@ -260,8 +260,9 @@ def render_markdown(tc, cells, found):
     heading = "Distillation results" if tc.kind == "main" else "Projector ablations (PEFD)"
     lines = [f"# {heading}: `{tc.runs}`", "",
              f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
-             f"'paper' = the PEFD paper's value (Table 4{', Table 5' if tc.kind == 'ablations' else ''}); "
-             "its CRD column is full CRD, ours CRD-lite. " + EVALUATED, "", conditions(found), ""]
+             f"'paper' = the PEFD paper's value (Table 4{', Table 5' if tc.kind == 'ablations' else ''})"
+             f"{'; its CRD row is full CRD, ours CRD-lite' if 'crd' in tc.methods.split() and tc.kind == 'main' else ''}"
+             ". " + EVALUATED, "", conditions(found), ""]
     footnotes = {}
     for table in [t for t in ("last", "best", "cosine") if any(c["table"] == t for c in cells)]:
         with_paper = table != "cosine"
@@ -422,6 +423,9 @@ def evaluate_checkpoint(ec):
         save(record, out)
     log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
         f"({result['images']} images) -> {out}")
+    if result["top1"] < 2 * 100 / data.num_classes:  # in the pipeline: once per teacher, not once per student run
+        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right file, trained long "
+            f"enough?")
     return record
 
 

@@ -146,8 +146,11 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     logits = student(x)
     with torch.no_grad():
         teacher_logits = teacher(x)
-    loss = projkd.method_loss(cfg, aux, projkd.Outputs(student_taps.feature, logits),
-                              projkd.Outputs(teacher_taps.feature, teacher_logits), y)
+    loss, (ce, mda) = projkd.method_loss(cfg, aux, projkd.Outputs(student_taps.feature, logits),
+                                         projkd.Outputs(teacher_taps.feature, teacher_logits), y)
+    # the terms the logs report: CE and MDA before weighting, loss = CE + 25 * MDA
+    assert ce == F.cross_entropy(logits, y) and mda == mda_loss(aux(student_taps.feature), teacher_taps.feature)
+    assert loss == ce + 25 * mda
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
     assert all(p.grad is not None for p in student.parameters())
@@ -632,7 +635,12 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     assert last["epoch"] == 1 and (len(last["aux"]) > 0) == (method in ("pefd", "crd"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["teacher_top1"] == pytest.approx(teacher_top1)
-    assert math.isfinite(metrics["history"][0]["train_loss"])
+    # each term of the loss, averaged over the epoch on the device, in the history, log.csv and the epoch line
+    row, term = metrics["history"][0], projkd.LOSS_TERMS[method]
+    weights = {"pefd": (1, 25), "kd": (0.1, 0.9), "sp": (1, 3000), "crd": (1, 0.8)}[method]
+    assert row["train_loss"] == pytest.approx(weights[0] * row["train_ce"] + weights[1] * row[f"train_{term}"], rel=1e-4)
+    assert next(csv.DictReader(open(run_dir / "log.csv")))[f"train_{term}"] == str(row[f"train_{term}"])
+    assert f"loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, {term} {row[f'train_{term}']:.4f})" in out
 
 
 def test_lr_schedule_steps_after_the_milestones():
@@ -683,6 +691,20 @@ def test_progress_lines_within_an_epoch(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
     assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
     assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
+
+
+def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_their_run(tmp_path, capsys,
+                                                                                            monkeypatch):
+    monkeypatch.setattr(projkd, "log_label", "")  # train() sets it: put back for the tests after this one
+    monkeypatch.setenv("MAKELEVEL", "1")  # as under make, where several runs share the terminal
+    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir",
+                                      str(tmp_path / "resnet8" / "ce-seed1"))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("[resnet8/ce-seed1] ") for line in out)
+    block = [line.split("] ", 1)[1].split() for line in out[1:out.index(next(x for x in out if "epoch 1/1" in x))]]
+    assert ["--student", "resnet8", "given"] in block and ["--lr", "0.05", "synthetic", "protocol"] in block
+    assert ["--graph", "off", "resolved"] in block and not any(b[0] in ("--alpha", "--q", "--seed") for b in block)
+    assert not any("amp off on CPU" in line for line in out)  # --amp was not asked for
 
 
 def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
