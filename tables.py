@@ -123,19 +123,24 @@ def _pairs(tc):
     return pairs
 
 
+def table_rows(tc, pair):
+    """(key, label, projector options, metrics of its finished runs) per row of a pair's main (or imagenet) or
+    ablations table, in the paper's order; a run without metrics.json is unfinished and left out."""
+    teacher, student = pair.split(":")
+    if tc.kind == "ablations":
+        rows = [(run_name("pefd", **variant), label, "pefd", variant) for label, variant in ablation_rows(tc.variants)]
+    else:
+        rows = [(r, ROW_NAMES[r], r, {}) for r in ROW_NAMES if r in tc.methods.split()]  # in the paper's row order
+    return [(key, label, variant, [m for s in tc.seeds.split() if (m := read_metrics(run_path(
+        tc.runs, teacher, student, method, s, **variant))) is not None]) for key, label, method, variant in rows]
+
+
 def collect(tc):
     """Every cell of the table as a row: (table, row, pair) with the summary of our runs and the paper's value."""
-    seeds = tc.seeds.split()
     cells, found = [], []
     for pair in _pairs(tc):
-        teacher, student = pair.split(":")
-        if tc.kind == "main":
-            rows = [(r, ROW_NAMES[r], [run_path(tc.runs, teacher, student, r, s) for s in seeds])
-                    for r in ROW_NAMES if r in tc.methods.split()]  # in the paper's row order
-        else:
-            rows = [(run_name("pefd", **variant), label, [run_path(tc.runs, teacher, student, "pefd", s, **variant)
-                                                          for s in seeds]) for label, variant in ablation_rows(tc.variants)]
-        runs = {key: [m for m in map(read_metrics, dirs) if m is not None] for key, _, dirs in rows}
+        rows = table_rows(tc, pair)
+        runs = {key: ms for key, _, _, ms in rows}
         found += [m for ms in runs.values() for m in ms]
         if tc.kind == "main":
             # The teacher row is the checkpoint the pair's students were distilled from, as they measured it.
@@ -143,7 +148,7 @@ def collect(tc):
             for table in ("last", "best"):
                 cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_top1[:1]),
                               "paper": PAPER.get(pair, {}).get("teacher")})
-        for key, label, _ in rows:
+        for key, label, _, _ in rows:
             for table, metric in [("last", "last_top1"), ("best", "best_top1")] + \
                     [("cosine", "between_class_cosine")] * (tc.kind == "ablations"):
                 paper = PAPER.get(pair, {}).get(key) if table != "cosine" else None
