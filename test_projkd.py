@@ -1307,7 +1307,8 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once(tmp_path):
                  "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
                  "--resume"):
         assert flag in one
-    assert plan.count("tables.py") == 1 and "results/cifar100.md results/cifar100.csv" in plan
+    assert plan.count("tables.py") == 1
+    assert '--out "results/cifar100.md results/cifar100.csv" --figures results/figures' in plan
 
 
 def test_make_plan_for_ablations_and_short_runs():
@@ -1317,7 +1318,7 @@ def test_make_plan_for_ablations_and_short_runs():
     assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
     assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
     assert all("runs/cifar100-e2/" in r and "checkpoints/cifar100-e2/" in r for r in runs)  # apart from real runs
-    assert "results/cifar100-e2/ablations.md" in plan
+    assert "--out results/cifar100-e2/ablations.md --figures results/cifar100-e2/figures" in plan
 
 
 def test_make_pipeline_end_to_end_resumes_and_redoes_nothing(tmp_path):
@@ -1329,6 +1330,16 @@ def test_make_pipeline_end_to_end_resumes_and_redoes_nothing(tmp_path):
     assert (tmp_path / "ckpt" / "resnet20.pt").exists()
     table = (tmp_path / "results" / "synthetic.md").read_text()
     assert "| PEFD |" in table and "(n=1)" in table and "missing" not in table.split("## ")[1]
+    # its figures, linked from the table; a curve is the run's log.csv
+    import tables
+    assert sorted(p.name for p in linked_figures(tmp_path / "results" / "synthetic.md")) == [
+        "cosine.png", "resnet20-resnet8-curves.png"]
+    tc = tables.TableConfig(runs=f"{tmp_path}/runs", pairs="resnet20:resnet8", methods="pefd ce", seeds="1")
+    curves, _ = tables.curve_series(tc, "resnet20:resnet8", ("test_top1",))
+    log_csv = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1" / "log.csv"
+    assert [mean for _, mean, _, _ in curves["test_top1"]["PEFD"]] == [
+        float(row["test_top1"]) for row in csv.DictReader(open(log_csv))]
+    assert list(curves["test_top1"]) == ["Student", "PEFD"]
     assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run again
     # an interrupted run (last.pt but no metrics.json) is continued, and nothing else is redone
     pefd = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1"
@@ -1388,7 +1399,9 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
         line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
         for line in launched)
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
-    assert plan_lines("bench", f"LAUNCH={launch}")[-1] == f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results"
+    assert plan_lines("bench", f"LAUNCH={launch}")[-2:] == [  # its figure is drawn here, as the tables are
+        f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results",
+        f"{sys.executable} tables.py --kind bench --bench results/bench.json --figures results/figures"]
     # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
     plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
     assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
