@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -375,7 +376,7 @@ def _panels(plt, n, title, width=4.8, stacked=False):
     """n panels side by side, or one above the other; at least one, to say that there are no runs in."""
     shape = (max(n, 1), 1) if stacked else (1, max(n, 1))
     fig, axes = plt.subplots(*shape, figsize=(width * shape[1], 4 * shape[0]), squeeze=False)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, int(11 * width * shape[1])))  # about 11 characters an inch: no title cut off
     return fig, list(axes.flat)
 
 
@@ -408,6 +409,7 @@ def draw_curves(plt, series, teacher, title, path):
         else:
             _no_runs(ax)
         ax.set(xlabel="epoch", ylabel=CURVE_LABELS.get(column, column))
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # whole epochs, even for a run of one
     _save(plt, fig, path)
 
 
@@ -438,7 +440,8 @@ def draw_ablation(plt, by_pair, xlabel, title, path):
                         linestyle="none", capsize=3, label="paper, Table 4 (PEFD)")
         ax.set_xticks(sorted({*xs, *paper[:1]}) if paper else xs)
         ax.set(title=pair.replace(":", " → "), xlabel=xlabel, ylabel="top-1 (%) at the last epoch")
-        ax.legend(fontsize=8)
+        if points or paper:
+            ax.legend(fontsize=8)
     _save(plt, fig, path)
 
 
