@@ -9,6 +9,7 @@
 #   $(TEACHERS)/<arch>.eval.json, <run>/model.eval.json
 #                                                  each model file evaluated alone (projkd.py eval): the tables' numbers
 #   $(RESULTS)/<dataset>.md, .csv, ablations.md   the tables
+#   $(RESULTS)/figures/*.png                       their figures, linked from the .md (README: Figures)
 # ImageNet (imagenet-all, the paper's Table 1) has the same layout under runs/imagenet/ and results/imagenet.md,
 # made by a make of its own with DATASET=imagenet; its teachers, checkpoints/imagenet/<arch>.pt, are torchvision's
 # pretrained weights, fetched, never trained.
@@ -113,16 +114,18 @@ pair:
 ## ablations: number, depth and activation of the projectors on ABLATION_PAIRS -> results/ablations.md
 ablations: $(ABLATION_EVALS) $(RESULTS)/ablations.md
 
-## tables: write the tables from whatever has finished so far (unfinished runs show as missing); trains and evaluates nothing
+## tables: write the tables and their figures from whatever has finished so far (unfinished runs show as missing); trains and evaluates nothing
 tables: | $(RESULTS) $(DEPS)
-	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)"
+	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)" --figures $(RESULTS)/figures
 ifneq ($(DATASET),imagenet)
-	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $(RESULTS)/ablations.md
+	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $(RESULTS)/ablations.md --figures $(RESULTS)/figures
 endif
 
-## bench: measure training throughput (projkd.py bench) -> results/bench.json and bench.md; runs every time
+## bench: measure training throughput (projkd.py bench) -> results/bench.json, bench.md, figures/bench.png; runs every time
+# The figure is drawn here, not under LAUNCH; a python without matplotlib (a GPU node's) skips it with one line.
 bench: | results $(DEPS)
 	$(LAUNCH) $(PY) projkd.py bench --device $(DEVICE) --out-dir results
+	$(PY) tables.py --kind bench --bench results/bench.json --figures results/figures
 
 ## smoke: the whole chain (teacher, students, every method, 2 seeds, 3 ablations, tables) on generated data on the CPU
 smoke:
@@ -143,10 +146,10 @@ clean:
 # One pattern rule with two targets: a single run of its recipe writes both. (Naming the runs in an explicit
 # rule too, as cifar-all does, keeps Make from treating them as intermediates that need not exist.)
 $(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) $(MAIN_EVALS) | $(RESULTS) $(DEPS)
-	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv"
+	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv" --figures $(RESULTS)/figures
 
 $(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) $(ABLATION_EVALS) | $(RESULTS) $(DEPS)
-	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@
+	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@ --figures $(RESULTS)/figures
 
 # A teacher checkpoint that exists is used as is (RepDistiller's, say: README); otherwise it is the model.pt
 # of that architecture's ce run with TEACHER_SEED, or on ImageNet torchvision's pretrained weights (needs

@@ -6,9 +6,13 @@
     python tables.py --kind imagenet --runs runs/imagenet --methods "ce kd pefd" --seeds 1 --out results/imagenet.md \
         --pairs "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
 
+    python tables.py --runs runs/cifar100 --out results/cifar100.md --figures results/figures  # and its PNG figures
+    python tables.py --kind bench --bench results/bench.json --figures results/figures     # make bench's figure
+
 The Makefile calls these; run them by hand to see a table of whatever has finished so far. Each cell is the
 mean ± sample std over the seeds whose run has finished, with n; a cell without any finished run says
-"missing", never 0. Runs are found where projkd.py puts them by default (projkd.run_path).
+"missing", never 0. Runs are found where projkd.py puts them by default (projkd.run_path). With --figures the
+table's figures are drawn too (README: Figures) and linked from its markdown; they need matplotlib.
 
 Here too is `python projkd.py eval`, which evaluates a checkpoint alone and writes the JSON tables can read.
 """
@@ -21,13 +25,14 @@ import json
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 
 import torch
 
-from projkd import (PROTOCOLS, Config, UserError, _rank, check_arch, cli_help, default_workers, device_name,
-                    evaluate, load_data, log, options_of, parse_args, precision, resolve_device, run_name, run_path,
-                    save, setup_torch, zoo)
+from projkd import (PROTOCOLS, Config, UserError, _rank, atomic_write, check_arch, cli_help, default_workers,
+                    device_name, evaluate, load_data, log, options_of, parse_args, precision, resolve_device, run_name,
+                    run_path, save, setup_torch, zoo)
 
 
 @dataclass
@@ -37,9 +42,11 @@ class TableConfig:
     methods: str = "ce kd sp crd pefd"  # rows of the main table (imagenet: columns), besides the teacher
     variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD itself (make's ABLATION_VARIANTS)
     seeds: str = "1 2 3"  # the seeds every cell should have
-    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth, activation) | imagenet (Table 1)
+    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth, activation) | imagenet (Table 1) | bench
     teachers: str = ""  # the folder of the teacher checkpoints, whose <arch>.eval.json give the teacher row (make's TEACHERS)
     out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
+    figures: str = ""  # folder for the figures (PNG, needs matplotlib), linked from the markdown; empty: none
+    bench: str = "results/bench.json"  # --kind bench: projkd.py bench's report, drawn as <figures>/bench.png
 
 
 ROW_NAMES = {"teacher": "Teacher", "ce": "Student", "kd": "KD", "sp": "SP", "crd": "CRD-lite", "pefd": "PEFD"}
@@ -158,26 +165,31 @@ def _pairs(tc):
     return pairs
 
 
+def table_rows(tc, pair):
+    """(key, label, projector options, metrics of its finished runs) per row of a pair's main (or imagenet) or
+    ablations table, in the paper's order; a run without metrics.json is unfinished and left out."""
+    teacher, student = pair.split(":")
+    if tc.kind == "ablations":
+        rows = [(run_name("pefd", **variant), label, "pefd", variant) for label, variant in ablation_rows(tc.variants)]
+    else:
+        rows = [(r, ROW_NAMES[r], r, {}) for r in ROW_NAMES if r in tc.methods.split()]  # in the paper's row order
+    return [(key, label, variant, [m for s in tc.seeds.split() if (m := read_metrics(run_path(
+        tc.runs, teacher, student, method, s, **variant))) is not None]) for key, label, method, variant in rows]
+
+
 def collect(tc):
     """Every cell of the table as a row: (table, row, pair) with the summary of our runs and the paper's value."""
-    seeds = tc.seeds.split()
     cells, found = [], []
     for pair in _pairs(tc):
-        teacher, student = pair.split(":")
-        if tc.kind == "main":
-            rows = [(r, ROW_NAMES[r], [run_path(tc.runs, teacher, student, r, s) for s in seeds])
-                    for r in ROW_NAMES if r in tc.methods.split()]  # in the paper's row order
-        else:
-            rows = [(run_name("pefd", **variant), label, [run_path(tc.runs, teacher, student, "pefd", s, **variant)
-                                                          for s in seeds]) for label, variant in ablation_rows(tc.variants)]
-        runs = {key: [m for m in map(read_metrics, dirs) if m is not None] for key, _, dirs in rows}
+        rows, teacher = table_rows(tc, pair), pair.split(":")[0]
+        runs = {key: ms for key, _, _, ms in rows}
         found += [m for ms in runs.values() for m in ms]
         if tc.kind == "main":
             teacher_top1 = teacher_accuracy(tc, teacher, [m for ms in runs.values() for m in ms], "top1")
             for table in ("last", "best"):
                 cells.append({"table": table, "row": "Teacher", "pair": pair, **summarize(teacher_top1),
                               "paper": PAPER.get(pair, {}).get("teacher"), "notes": []})
-        for key, label, _ in rows:
+        for key, label, _, _ in rows:
             notes = []
             values = {"last": [last_accuracy(m, "top1", notes) for m in runs[key]],
                       "best": [m["best_top1"] for m in runs[key]],
@@ -334,21 +346,236 @@ def render_csv(cells):
 
 
 def write_tables(tc):
-    if tc.kind not in ("main", "ablations", "imagenet"):
-        raise UserError(f"unknown --kind {tc.kind!r}; choose main, ablations or imagenet")
+    if tc.kind not in ("main", "ablations", "imagenet", "bench"):
+        raise UserError(f"unknown --kind {tc.kind!r}; choose main, ablations, imagenet or bench")
+    if tc.kind == "bench":
+        return write_bench_figure(tc)
     bad = [path for path in tc.out.split() if not path.endswith((".md", ".csv"))]
     if bad:
         raise UserError(f"--out {bad[0]!r} must end in .md or .csv")
     collect_cells, render = (collect_imagenet, render_imagenet) if tc.kind == "imagenet" else (collect, render_markdown)
     cells, found = collect_cells(tc)
+    figures = write_figures(tc) if tc.figures else []  # before the tables, which link to them
+    def markdown(folder):
+        return render(tc, cells, found) + ("\n## Figures\n" + figure_links(figures, folder) if figures else "")
     if not tc.out:
-        print(render(tc, cells, found))
+        print(markdown("."))
     for path in tc.out.split():
-        text = render_csv(cells) if path.endswith(".csv") else render(tc, cells, found)
+        text = render_csv(cells) if path.endswith(".csv") else markdown(os.path.dirname(path))
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         save(text, path)
         missing = sum(c["n"] == 0 for c in cells)
         print(f"wrote {path} from {len(found)} finished runs" + (f"; {missing} cells missing" if missing else ""))
+
+
+# --- figures (PNG): the tables' runs drawn as the paper draws them -------------------------------------------
+# Each figure is a pure function from run metrics to its series (what the tests check against log.csv) and a
+# drawing of that. matplotlib is imported here only when figures are asked for: projkd.py eval imports this file.
+
+NO_RUNS = "no finished runs yet"
+CURVE_LABELS = {"test_top1": "test top-1 (%)", "test_top5": "test top-5 (%)", "train_mda": "training MDA term"}
+TEACHER_OF = {"test_top1": "top1", "test_top5": "top5"}  # the teacher's line in a curve panel
+
+
+def pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("figures need matplotlib, which this python lacks: pip install -r requirements.txt") from None
+    matplotlib.use("Agg")  # headless: a cluster node has no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def epoch_series(runs, column):
+    """[(epoch, mean, min, max)] of a history column over the runs whose epoch rows have it; [] where none has."""
+    values = {}
+    for m in runs:
+        for row in m.get("history", []):
+            if row.get(column) is not None:
+                values.setdefault(row["epoch"], []).append(row[column])
+    return [(epoch, sum(v) / len(v), min(v), max(v)) for epoch, v in sorted(values.items())]
+
+
+def curve_series(tc, pair, columns):
+    """Per history column, the epoch_series of each table row (method) that has it; and the teacher's accuracy
+    (None where no run measured it) for the columns that have a teacher."""
+    rows = table_rows(tc, pair)
+    series = {c: {label: s for _, label, _, runs in rows if (s := epoch_series(runs, c))} for c in columns}
+    runs = [m for *_, ms in rows for m in ms]
+    teacher = {c: next(iter(teacher_accuracy(tc, pair.split(":")[0], runs, TEACHER_OF[c])), None)
+               for c in columns if c in TEACHER_OF}  # the table's teacher row
+    return series, teacher
+
+
+def cosine_series(tc, pair):
+    """Figure 2: [(row label, summary of the last epoch's between-class cosine)] per row with a finished run."""
+    bars = [(label, summarize([m["between_class_cosine"] for m in runs])) for _, label, _, runs in table_rows(tc, pair)]
+    return [(label, s) for label, s in bars if s["n"]]
+
+
+def ablation_series(tc, pair, option):
+    """Figures 3 (option q) and 4 (proj_depth): [(x, summary of last-epoch top-1)] for PEFD and each variant that
+    changes only `option`, by x, where a run has finished; and the paper's PEFD (x, mean, std) or None."""
+    default = getattr(Config, option)
+    points = [(variant.get(option, default), summarize([last_accuracy(m, "top1", []) for m in runs]))
+              for _, _, variant, runs in table_rows(tc, pair) if set(variant) <= {option}]
+    paper = PAPER.get(pair, {}).get("pefd")
+    return sorted([p for p in points if p[1]["n"]], key=lambda p: p[0]), (default, *paper) if paper else None
+
+
+def bench_series(report):
+    """Per pair of bench.json: [(loop, images/s, MFU, why skipped)], images/s and MFU None where not measured."""
+    return {f"{p['teacher']} → {p['student']}": [(r["loop"], r["images_per_s"], r.get("mfu"), r.get("skipped"))
+                                                for r in p["rows"]] for p in report["pairs"]}
+
+
+def _panels(plt, n, title, width=4.8, stacked=False):
+    """n panels side by side, or one above the other; at least one, to say that there are no runs in."""
+    shape = (max(n, 1), 1) if stacked else (1, max(n, 1))
+    fig, axes = plt.subplots(*shape, figsize=(width * shape[1], 4 * shape[0]), squeeze=False)
+    fig.suptitle(textwrap.fill(title, int(11 * width * shape[1])))  # about 11 characters an inch: no title cut off
+    return fig, list(axes.flat)
+
+
+def _no_runs(ax, y=0.5):
+    ax.text(0.5, y, NO_RUNS, ha="center", va="center", transform=ax.transAxes, color="gray",
+            bbox={"facecolor": "white", "edgecolor": "none"})
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))  # never a half-written PNG
+    finally:
+        plt.close(fig)
+
+
+def draw_curves(plt, series, teacher, title, path):
+    """A panel per column; a training-term column that no run has (runs from before it was logged) is none."""
+    columns = [c for c in series if series[c] or not c.startswith("train_")]
+    fig, axes = _panels(plt, len(columns), title, width=5.5)
+    for ax, column in zip(axes, columns):
+        for label, points in series[column].items():
+            epochs, mean, low, high = zip(*points)
+            line, = ax.plot(epochs, mean, label=label, marker="o" if len(epochs) < 20 else None, markersize=3)
+            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)  # min-max over seeds
+        if teacher.get(column) is not None:
+            ax.axhline(teacher[column], color="black", linestyle="--", linewidth=1, label="Teacher")
+        if series[column]:
+            ax.legend(fontsize=8)
+        else:
+            _no_runs(ax)
+        ax.set(xlabel="epoch", ylabel=CURVE_LABELS.get(column, column))
+        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # whole epochs, even for a run of one
+    _save(plt, fig, path)
+
+
+def draw_bars(plt, bars_by_pair, title, ylabel, path):
+    fig, axes = _panels(plt, len(bars_by_pair), title)
+    for ax, (pair, bars) in zip(axes, bars_by_pair.items()):
+        if bars:
+            labels, summaries = zip(*bars)
+            ax.bar(labels, [s["mean"] for s in summaries], yerr=[s["std"] or 0 for s in summaries], capsize=3)
+            ax.tick_params(axis="x", labelrotation=30)
+        else:
+            _no_runs(ax)
+        ax.set(title=pair.replace(":", " → "), ylabel=ylabel)
+    _save(plt, fig, path)
+
+
+def draw_ablation(plt, by_pair, xlabel, title, path):
+    fig, axes = _panels(plt, len(by_pair), title)
+    for ax, (pair, (points, paper)) in zip(axes, by_pair.items()):
+        xs = [x for x, _ in points]
+        if points:
+            ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] or 0 for _, s in points], marker="o",
+                        capsize=3, label="ours: mean ± std over seeds")
+        else:
+            _no_runs(ax, y=0.25)  # below the paper's mark, which is centred
+        if paper:
+            ax.errorbar([paper[0]], [paper[1]], yerr=[paper[2] or 0], marker="*", markersize=12, color="tab:red",
+                        linestyle="none", capsize=3, label="paper, Table 4 (PEFD)")
+        ax.set_xticks(sorted({*xs, *paper[:1]}) if paper else xs)
+        ax.set(title=pair.replace(":", " → "), xlabel=xlabel, ylabel="top-1 (%) at the last epoch")
+        if points or paper:
+            ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def draw_bench(plt, series, title, path):
+    fig, axes = _panels(plt, len(series), title, width=8, stacked=True)  # its loops' names are long
+    for ax, (pair, rows) in zip(axes, series.items()):
+        top = max((speed or 0 for _, speed, _, _ in rows), default=0) or 1
+        for i, (_, speed, mfu, skipped) in enumerate(rows):
+            if speed:
+                ax.barh(i, speed, color="tab:blue")
+            note = f" {speed:,.0f} img/s, MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}" if speed else \
+                f" skipped: {skipped}"  # never a bar of 0
+            ax.text(speed or 0, i, note, va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), [loop for loop, *_ in rows], fontsize=8)
+        ax.set(xlim=(0, 1.6 * top), title=pair, xlabel="images/s (higher is better)")
+        ax.invert_yaxis()  # in bench.md's order, top to bottom
+    if not series:
+        _no_runs(axes[0])
+    _save(plt, fig, path)
+
+
+def write_figures(tc):
+    """The figures of a main, imagenet or ablations table into tc.figures: [(path, caption)], for its markdown."""
+    plt, pairs, figures = pyplot(), _pairs(tc), []
+    os.makedirs(tc.figures, exist_ok=True)
+    if tc.kind == "ablations":
+        for option, name, what, xlabel in (
+                ("q", "q", "Figure 3: top-1 against the number of projectors", "projectors q (0: none)"),
+                ("proj_depth", "depth", "Figure 4: top-1 against the projectors' depth", "layers per projector")):
+            path = os.path.join(tc.figures, f"ablations-{name}.png")
+            draw_ablation(plt, {p: ablation_series(tc, p, option) for p in pairs}, xlabel, what, path)
+            figures.append((path, what))
+    else:
+        columns = ("test_top1",) + ("test_top5",) * (tc.kind == "imagenet") + ("train_mda",)
+        prefix = "imagenet-" if tc.kind == "imagenet" else ""  # results/figures holds CIFAR's and ImageNet's
+        accuracy = "top-1 and top-5" if tc.kind == "imagenet" else "top-1"
+        for pair in pairs:
+            path = os.path.join(tc.figures, f"{prefix}{pair.replace(':', '-')}-curves.png")
+            arrow = pair.replace(":", " → ")
+            draw_curves(plt, *curve_series(tc, pair, columns), f"{arrow} (mean, min-max band over seeds)", path)
+            figures.append((path, f"{arrow}: test {accuracy} (%) of each method against epoch, mean over seeds with "
+                                  "their min-max band; PEFD's training MDA term where its runs logged it"))
+    if tc.kind != "imagenet":
+        path = os.path.join(tc.figures, f"{'ablations-' * (tc.kind == 'ablations')}cosine.png")
+        what = "Figure 2: between-class cosine of the student's features at the last epoch (lower: more separable)"
+        draw_bars(plt, {p: cosine_series(tc, p) for p in pairs}, what, "between-class cosine (mean ± std)", path)
+        figures.append((path, what))
+    print(f"wrote {len(figures)} figures to {tc.figures}")
+    return figures
+
+
+def write_bench_figure(tc):
+    """--kind bench: images/s and MFU of each loop of bench.json. Without matplotlib, one line and no figure:
+    `make bench` runs on GPU machines whose python cannot install anything."""
+    if not tc.figures:
+        raise UserError("--kind bench draws a figure: give --figures DIR")
+    try:
+        with open(tc.bench) as f:
+            report = json.load(f)
+        series, title = bench_series(report), f"projkd bench: {report['device']}, torch {report['torch']}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read {tc.bench} as projkd.py bench's report ({e!r}); make bench writes it") from None
+    try:
+        plt = pyplot()
+    except UserError as e:
+        print(f"tables: no bench figure: {e}")
+        return
+    os.makedirs(tc.figures, exist_ok=True)
+    path = os.path.join(tc.figures, "bench.png")
+    draw_bench(plt, series, title, path)
+    print(f"wrote {path}")
+
+
+def figure_links(figures, folder):
+    """The figures as markdown images, linked relative to the markdown file's folder."""
+    return "".join(f"\n![{what}]({os.path.relpath(path, folder or '.')})\n" for path, what in figures)
 
 
 # --- projkd.py eval: a checkpoint evaluated alone ---------------------------------------------------------------

@@ -1329,7 +1329,8 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once(tmp_path):
                  "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
                  "--resume"):
         assert flag in one
-    assert plan.count("tables.py") == 1 and "results/cifar100.md results/cifar100.csv" in plan
+    assert plan.count("tables.py") == 1
+    assert '--out "results/cifar100.md results/cifar100.csv" --figures results/figures' in plan
     # the evaluation step: each run's model.pt and each teacher checkpoint evaluated alone, once, before the tables
     evals = [c.split("--ckpt ")[1].split()[0] for c in plan.splitlines() if " projkd.py eval " in c]
     runs = [c.split("--run-dir ")[1].split()[0] for c in commands]
@@ -1346,7 +1347,7 @@ def test_make_plan_for_ablations_and_short_runs():
     assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
     assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
     assert all("runs/cifar100-e2/" in r and "checkpoints/cifar100-e2/" in r for r in runs)  # apart from real runs
-    assert "results/cifar100-e2/ablations.md" in plan
+    assert "--out results/cifar100-e2/ablations.md --figures results/cifar100-e2/figures" in plan
 
 
 @pytest.fixture(scope="module")
@@ -1376,6 +1377,16 @@ def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipel
     assert all(c[:3] == [str(root / "launch"), sys.executable, "projkd.py"] for c in computing)
     assert sorted(line.split() for line in log.read_text().splitlines()) == sorted(c[1:] for c in computing)
     assert any(line.startswith(f"{sys.executable} tables.py ") for line in first.stdout.splitlines())  # not launched
+    # its figures, linked from the table; a curve is the run's log.csv
+    import tables
+    assert sorted(p.name for p in linked_figures(root / "results" / "synthetic.md")) == [
+        "cosine.png", "resnet20-resnet8-curves.png"]
+    tc = tables.TableConfig(runs=f"{root}/runs", pairs="resnet20:resnet8", methods="pefd ce", seeds="1")
+    curves, _ = tables.curve_series(tc, "resnet20:resnet8", ("test_top1",))
+    log_csv = root / "runs" / "resnet20-resnet8" / "pefd-seed1" / "log.csv"
+    assert [mean for _, mean, _, _ in curves["test_top1"]["PEFD"]] == [
+        float(row["test_top1"]) for row in csv.DictReader(open(log_csv))]
+    assert list(curves["test_top1"]) == ["Student", "PEFD"]
 
 
 def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
@@ -1444,7 +1455,8 @@ def test_make_plan_for_imagenet_all():
         for a in ("densenet201", "resnet34", "resnet50"))
     assert not any("tcache" in line for line in plan)  # never on ImageNet
     assert f'{sys.executable} tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs ' \
-           f'"{IMAGENET_PAIRS}" --methods "pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv"' in plan
+           f'"{IMAGENET_PAIRS}" --methods "pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv" ' \
+           '--figures results/figures' in plan
     # each finished model evaluated alone, once: 10 runs and 3 teachers, on one GPU, without torchrun
     evals = [line for line in plan if " projkd.py eval " in line]
     assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
@@ -1482,7 +1494,9 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
         line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
         for line in launched if " eval " not in line)  # the evaluations: one process, one GPU
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
-    assert plan_lines("bench", f"LAUNCH={launch}")[-1] == f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results"
+    assert plan_lines("bench", f"LAUNCH={launch}")[-2:] == [  # its figure is drawn here, as the tables are
+        f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results",
+        f"{sys.executable} tables.py --kind bench --bench results/bench.json --figures results/figures"]
     # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
     plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
     assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
@@ -1622,19 +1636,70 @@ def test_the_readme_example_runs():
 # --- result tables (tables.py) -----------------------------------------------------------------------------------
 
 def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None,
-                  evaluated="same"):
-    """A finished run's metrics.json, and its model.eval.json saying model.pt evaluates to `evaluated` (top-1;
-    "same": the training loop's `last`; None: no evaluation yet)."""
+                  evaluated="same", history=()):
+    """A finished run's metrics.json (with `history`, also as log.csv), and its model.eval.json saying model.pt
+    evaluates to `evaluated` (top-1; "same": the training loop's `last`; None: no evaluation yet)."""
     os.makedirs(run_dir, exist_ok=True)
     metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
                "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
                "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
-               "config": {"dataset": "cifar100"}}
+               "config": {"dataset": "cifar100"}, "history": write_log(run_dir, history)}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f)
     if evaluated is not None:
         with open(os.path.join(run_dir, "model.eval.json"), "w") as f:
             json.dump({"top1": last if evaluated == "same" else evaluated, "top5": top5}, f)
+
+
+def write_log(run_dir, history):
+    """A run's log.csv as projkd.py writes it, from epoch rows (a run without metrics.json: unfinished)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if history:
+        with open(os.path.join(run_dir, "log.csv"), "w") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(history)
+    return list(history)
+
+
+def epochs(top1, mda=None, top5=None):
+    """Epoch rows as in metrics["history"]; train_mda only where given (runs from before it was logged have none)."""
+    return [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "test_top1": a, "test_top5": (top5 or top1)[e],
+             "between_class_cosine": 0.3, **({"train_mda": mda[e]} if mda else {})} for e, a in enumerate(top1)]
+
+
+def log_columns(*run_dirs, column):
+    """Per epoch, the mean, min and max of a log.csv column over the runs: what a curve must plot."""
+    values = [[float(row[column]) for row in csv.DictReader(open(os.path.join(d, "log.csv")))] for d in run_dirs]
+    return [(e + 1, sum(v) / len(v), min(v), max(v)) for e, v in enumerate(zip(*values))]
+
+
+def drawn_figures(monkeypatch):
+    """What each figure drawn from now on shows, by file name: (its panels, the texts written in them)."""
+    import tables
+
+    drawn, save = {}, tables._save
+    def record(plt, fig, path):
+        drawn[os.path.basename(path)] = (len(fig.axes), [t.get_text() for ax in fig.axes for t in ax.texts])
+        save(plt, fig, path)
+    monkeypatch.setattr(tables, "_save", record)
+    return drawn
+
+
+def decoded_pngs(*paths):
+    """The paths, each checked to be a PNG that decodes."""
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            image.verify()
+    return list(paths)
+
+
+def linked_figures(md):
+    """The figures a markdown file links to (relative links), each checked to be a PNG that decodes."""
+    return decoded_pngs(*(md.parent / link for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md.read_text())))
 
 
 def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
@@ -1742,3 +1807,119 @@ def test_imagenet_table_is_table_1_with_our_numbers_beside_the_paper(tmp_path):
                         "--out", str(md)]) == 0
     assert ("| Pair | Accuracy | Student | paper | KD | paper | SP | paper | CRD-lite | paper | PEFD | paper | Teacher "
             "| paper |") in md.read_text()
+
+
+def test_curve_figures_plot_each_methods_log_csv_mean_and_band(tmp_path, monkeypatch):
+    import tables
+
+    runs, drawn = tmp_path / "runs", drawn_figures(monkeypatch)
+    pefd = [runs / "vgg13-vgg8" / f"pefd-seed{s}" for s in (1, 2)]
+    write_metrics(pefd[0], 30.0, teacher=74.5, cosine=0.2, history=epochs([10, 20, 30], mda=[0.9, 0.5, 0.3]))
+    write_metrics(pefd[1], 40.0, teacher=74.5, cosine=0.4, history=epochs([14, 26, 40], mda=[0.7, 0.4, 0.2]))
+    write_log(runs / "vgg13-vgg8" / "pefd-seed3", epochs([99, 99, 99], mda=[9, 9, 9]))  # unfinished: never plotted
+    write_metrics(runs / "vgg13-vgg8" / "kd-seed1", 33.0, teacher=74.5, history=epochs([12, 22, 33]))  # no train_mda
+    write_metrics(runs / "vgg8" / "ce-seed1", 24.0, cosine=0.6, history=epochs([8, 16, 24]))
+    write_metrics(runs / "wrn_40_2-wrn_16_2" / "kd-seed1", 50.0, history=epochs([50]))  # an older run alone
+    pairs = "vgg13:vgg8 wrn_40_2:wrn_16_2 resnet32x4:resnet8x4"
+    md, figures = tmp_path / "out" / "cifar100.md", tmp_path / "out" / "figures"
+    assert tables.main(["--runs", str(runs), "--pairs", pairs, "--out", str(md), "--figures", str(figures)]) == 0
+    tc = tables.TableConfig(runs=str(runs), pairs=pairs)
+    series, teacher = tables.curve_series(tc, "vgg13:vgg8", ("test_top1", "train_mda"))
+    assert list(series["test_top1"]) == ["Student", "KD", "PEFD"] and list(series["train_mda"]) == ["PEFD"]
+    assert series["test_top1"]["PEFD"] == log_columns(*pefd, column="test_top1") == [
+        (1, 12, 10, 14), (2, 23, 20, 26), (3, 35, 30, 40)]  # mean, min, max over seeds 1 and 2 only
+    assert series["train_mda"]["PEFD"] == pytest.approx(log_columns(*pefd, column="train_mda"))
+    assert series["test_top1"]["KD"] == log_columns(runs / "vgg13-vgg8" / "kd-seed1", column="test_top1")
+    assert teacher == {"test_top1": 74.5}
+    assert tables.cosine_series(tc, "vgg13:vgg8") == [
+        ("Student", {"mean": 0.6, "std": None, "n": 1}), ("KD", {"mean": 0.5, "std": None, "n": 1}),
+        ("PEFD", {"mean": pytest.approx(0.3), "std": pytest.approx(0.1414, abs=1e-4), "n": 2})]  # SP, CRD: no bar
+    assert tables.curve_series(tc, "resnet32x4:resnet8x4", ("test_top1",)) == ({"test_top1": {}}, {"test_top1": None})
+    # every figure is linked from the table and decodes; the MDA panel only where a run logged the term
+    assert sorted(p.name for p in linked_figures(md)) == sorted(os.listdir(figures)) == [
+        "cosine.png", "resnet32x4-resnet8x4-curves.png", "vgg13-vgg8-curves.png", "wrn_40_2-wrn_16_2-curves.png"]
+    assert "](figures/vgg13-vgg8-curves.png)" in md.read_text().split("## Figures")[1]
+    assert drawn["vgg13-vgg8-curves.png"] == (2, []) and drawn["wrn_40_2-wrn_16_2-curves.png"] == (1, [])
+    assert drawn["resnet32x4-resnet8x4-curves.png"] == (1, [tables.NO_RUNS])
+    assert drawn["cosine.png"] == (3, [tables.NO_RUNS])  # a panel per pair; resnet32x4 → resnet8x4 has no run
+    # ImageNet: top-1 and top-5 against epoch per pair and method, in the same folder as CIFAR's
+    run = runs / "resnet34-resnet18" / "pefd-seed1"
+    write_metrics(run, 60.0, teacher=73.3, top5=85.0, teacher_top5=91.4, history=epochs([50, 60], top5=[80, 85]))
+    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", "resnet34:resnet18", "--seeds", "1",
+                        "--out", str(tmp_path / "out" / "imagenet.md"), "--figures", str(figures)]) == 0
+    tc = tables.TableConfig(runs=str(runs), pairs="resnet34:resnet18", seeds="1", kind="imagenet")
+    series, teacher = tables.curve_series(tc, "resnet34:resnet18", ("test_top1", "test_top5"))
+    assert series["test_top5"] == {"PEFD": log_columns(run, column="test_top5")} and teacher["test_top5"] == 91.4
+    assert [p.name for p in linked_figures(tmp_path / "out" / "imagenet.md")] == [
+        "imagenet-resnet34-resnet18-curves.png"]
+    assert drawn["imagenet-resnet34-resnet18-curves.png"] == (2, [])
+
+
+def test_ablation_figures_are_figures_3_and_4_beside_the_papers_pefd(tmp_path, monkeypatch):
+    import tables
+
+    runs, drawn = tmp_path / "runs", drawn_figures(monkeypatch)
+    for name, top1s in (("pefd", (74.0, 75.0)), ("pefd-q0", (73.0,)), ("pefd-q2", (73.5, 74.5)),
+                        ("pefd-depth2", (72.0,)), ("pefd-gelu", (76.0,))):
+        for seed, top1 in enumerate(top1s, 1):
+            write_metrics(runs / "vgg13-vgg8" / f"{name}-seed{seed}", top1, cosine=0.1 * seed, history=epochs([top1]))
+    write_log(runs / "vgg13-vgg8" / "pefd-q4-seed1", epochs([99.0]))  # unfinished: no point, never 0
+    pairs, variants = "vgg13:vgg8 resnet32x4:resnet8x4", "q0 q2 q4 depth2 depth3 gelu"
+    md, figures = tmp_path / "ablations.md", tmp_path / "figures"
+    assert tables.main(["--kind", "ablations", "--runs", str(runs), "--pairs", pairs, "--variants", variants,
+                        "--seeds", "1 2", "--out", str(md), "--figures", str(figures)]) == 0
+    tc = tables.TableConfig(runs=str(runs), pairs=pairs, variants=variants, seeds="1 2", kind="ablations")
+    points, paper = tables.ablation_series(tc, "vgg13:vgg8", "q")
+    assert [(x, s["mean"], s["n"]) for x, s in points] == [(0, 73.0, 1), (2, 74.0, 2), (3, 74.5, 2)]
+    assert points[1][1]["std"] == pytest.approx(0.7071, abs=1e-4) and paper == (3, 74.35, 0.12)  # Table 4's PEFD
+    points, paper = tables.ablation_series(tc, "vgg13:vgg8", "proj_depth")
+    assert [(x, s["mean"]) for x, s in points] == [(1, 74.5), (2, 72.0)] and paper == (1, 74.35, 0.12)
+    assert tables.ablation_series(tc, "resnet32x4:resnet8x4", "q") == ([], (3, 76.08, 0.33))
+    assert tables.ablation_series(tc, "resnet20:resnet8", "q") == ([], None)  # a pair the paper has no number for
+    assert [label for label, _ in tables.cosine_series(tc, "vgg13:vgg8")] == [
+        "no projector", "q=2", "q=3 (PEFD)", "depth 2", "GELU"]  # Figure 2(b)'s bars, every finished row
+    assert sorted(p.name for p in linked_figures(md)) == [
+        "ablations-cosine.png", "ablations-depth.png", "ablations-q.png"]
+    assert drawn["ablations-q.png"] == (2, [tables.NO_RUNS]) and drawn["ablations-depth.png"] == (2, [tables.NO_RUNS])
+
+
+def test_bench_figure_and_a_python_without_matplotlib(tmp_path, monkeypatch, capsys):
+    import tables
+
+    report = {"device": "NVIDIA H200", "torch": "2.14.1", "batch_size": 64, "pairs": [{"teacher": "vgg13",
+              "student": "vgg8", "rows": [
+                  {"loop": "classic", "cached": False, "images_per_s": 5000.0, "vs_classic": 1.0, "mfu": 0.01},
+                  {"loop": "ours, CUDA graph, teacher live", "cached": False, "images_per_s": None, "mfu": None,
+                   "skipped": "needs CUDA"},
+                  {"loop": "ours, CUDA graph, teacher cached", "cached": True, "images_per_s": 60000.0, "mfu": None}]}]}
+    bench_json, figures = tmp_path / "bench.json", tmp_path / "figures"
+    bench_json.write_text(json.dumps(report))
+    assert tables.bench_series(report) == {"vgg13 → vgg8": [
+        ("classic", 5000.0, 0.01, None), ("ours, CUDA graph, teacher live", None, None, "needs CUDA"),
+        ("ours, CUDA graph, teacher cached", 60000.0, None, None)]}
+    bench = ["--kind", "bench", "--bench", str(bench_json), "--figures", str(figures)]
+    assert tables.main(bench) == 0 and decoded_pngs(figures / "bench.png") and os.listdir(figures) == ["bench.png"]
+    assert tables.main(["--kind", "bench", "--bench", str(tmp_path / "none.json"), "--figures", str(figures)]) == 2
+    # a failed write (a full disk) leaves neither a PNG nor its temporary file
+    import matplotlib.figure
+    def full_disk(self, path, **kwargs):
+        open(path, "wb").write(b"half a PNG")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    os.remove(figures / "bench.png")
+    capsys.readouterr()
+    assert tables.main(bench) == 2 and os.listdir(figures) == []
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.undo()
+    # without matplotlib: make bench (a GPU node's python) skips its figure in one line; the tables stop in one line
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert tables.main(bench) == 0 and os.listdir(figures) == []
+    out, err = capsys.readouterr()
+    assert out.count("\n") == 1 and "no bench figure" in out and "pip install -r requirements.txt" in out and not err
+    md = tmp_path / "out" / "cifar100.md"
+    assert tables.main(["--runs", str(tmp_path), "--out", str(md), "--figures", str(figures)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -r requirements.txt" in err and not md.parent.exists()
+    # projkd.py eval imports tables.py: matplotlib is imported only for figures, never with the module
+    check = "import sys, projkd, tables; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=HERE).returncode == 0
