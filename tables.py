@@ -186,11 +186,23 @@ def _fmt(mean, std, n=None, digits=2):
     return text + (f" (n={n})" if n is not None else "")
 
 
+def teachers_used(found):
+    """Where the runs' teachers came from, from each run's teacher_provenance: e.g. 'vgg13 (fetched and verified,
+    sha256 32a60b50f9ac), ResNet50 (trained here, ...)'; 'not recorded' for runs from before projkd recorded it."""
+    teachers = set()
+    for m in found:
+        if m.get("config", {}).get("teacher"):
+            p = m.get("teacher_provenance") or {"how": "not recorded"}
+            teachers.add((m["config"]["teacher"], p["how"] + (f", sha256 {p['sha256'][:12]}" if p.get("sha256") else "")))
+    return ", ".join(f"{arch} ({how})" for arch, how in sorted(teachers, key=lambda t: (t[0].lower(), t[1]))) or "–"
+
+
 def conditions(found):
     """What the numbers were measured with, read from the runs themselves."""
     def values(get):
         return ", ".join(sorted({str(get(m)) for m in found})) or "–"
     return (f"epochs: {values(lambda m: m['epochs'])}; dataset: {values(lambda m: m['config']['dataset'])}; "
+            f"teachers: {teachers_used(found)}; "
             f"devices: {values(lambda m: m['device'])}; processes per run: {values(lambda m: m.get('world_size', 1))}; "
             f"torch: {values(lambda m: m['torch'])}; "
             f"code: {values(lambda m: m['code'])}; finished runs: {len(found)}")
