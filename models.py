@@ -868,6 +868,7 @@ def fetch_teachers(tc):
         archive = tc.archive or os.path.join("checkpoints", archive_name(tc.url))
         path, source = fetch_archive(tc.url, archive)
         members = archive_members(path, archs, downloaded=source == tc.url and "://" in tc.url)
+    made = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -896,5 +897,9 @@ def fetch_teachers(tc):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(staged)
     if any(refused):
-        raise WeightsError("; ".join(r for r in refused if r) + " (a wrong or damaged file: get it again, or train the "
-                           "teacher here: make TEACHERS_FROM=train)")
+        if made:  # leave no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise WeightsError("; ".join(r for r in refused if r) + " (not RepDistiller's file, or a damaged one: fetch "
+                           "it again, copy it into place unchecked to use it anyway, or train the teacher here: make "
+                           "TEACHERS_FROM=train)")

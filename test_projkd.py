@@ -1355,8 +1355,11 @@ def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypa
     mine = tmp_path / "my_resnet8.pth"
     mine.write_bytes(teachers_archive[1])
     top1 = measured_top1(tmp_path, "resnet8", mine)
-    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.1})
     hand = ["fetch-teachers", "--arch", "resnet8", "--out-dir", str(out), *TEACHER_ARGS]
+    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.11})
+    assert projkd.main([*hand, "--ckpt", str(mine)]) == 2
+    assert "copy it into place unchecked to use it anyway" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.1})
     assert projkd.main([*hand, "--ckpt", str(mine)]) == 0
     record = json.loads((out / "resnet8.json").read_text())
     assert (record["how"], record["source"], record["member"]) == ("copied in by hand, verified", str(mine), None)
