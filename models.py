@@ -607,7 +607,7 @@ def fetch_weights(wc):
     state = torchvision_state_dict(wc.arch, wc.weights, out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, f"{out}.tmp{os.getpid()}")
-    save({"arch": wc.arch, "how": f"fetched from torchvision ({wc.weights}, hash-checked)",  # provenance, before the file
+    save({"arch": wc.arch, "how": f"fetched from torchvision ({wc.weights}, hash-checked)",  # before the file itself
           "sha256": file_sha256(f"{out}.tmp{os.getpid()}")}, f"{os.path.splitext(out)[0]}.json")
     os.replace(f"{out}.tmp{os.getpid()}", out)
     print(f"torchvision's {wc.arch} {wc.weights} -> {out}")
@@ -620,7 +620,7 @@ def fetch_weights(wc):
 # (RepDistiller issue #29: a resnet110 that tested at 70.27%, not 74.31%).
 
 TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
-TEACHER_MEMBER = "cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"  # the archive's layout (RepDistiller's save/models/)
+TEACHER_MEMBER = "cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"  # its layout: RepDistiller's save/models/
 # arch -> top-1 (%) on the CIFAR-100 test set, as RepDistiller publishes it (its README; the paper's Teacher row)
 PUBLISHED_TEACHERS = {"wrn_40_2": 75.61, "vgg13": 74.64, "resnet32x4": 79.42, "ResNet50": 79.34, "resnet56": 72.34,
                       "resnet110": 74.31}
@@ -773,7 +773,7 @@ def fetch_archive(url, archive):
                 raise WeightsError(
                     f"downloading {url} failed ({reason}); get {name} from there by other means and put it at "
                     f"{archive} (or pass --url PATH), or train the teachers here (make TEACHERS_FROM=train)" +
-                    (f"; the {kept / 1e6:.1f} MB that arrived are kept in {part}: the same command resumes" * bool(kept))
+                    f"; the {kept / 1e6:.1f} MB that arrived are kept in {part}: the same command resumes" * bool(kept)
                 ) from None
             os.replace(part, archive)
     except OSError as e:

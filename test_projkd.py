@@ -1378,6 +1378,14 @@ def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypa
     assert provenance["sha256"] == models.file_sha256(out / "resnet8.pt")
 
 
+def test_fetch_weights_records_its_provenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "torchvision_state_dict", lambda arch, weights, put_at: {"w": torch.zeros(2)})
+    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(tmp_path / "resnet34.pt")]) == 0
+    provenance = models.teacher_provenance(str(tmp_path / "resnet34.pt"))
+    assert provenance["how"] == "fetched from torchvision (IMAGENET1K_V1, hash-checked)"
+    assert provenance["sha256"] == models.file_sha256(tmp_path / "resnet34.pt")
+
+
 @pytest.mark.parametrize("top1,published,ok", [
     (100 * 7551 / 10000, 75.61, True), (100 * 7571 / 10000, 75.61, True), (75.61, 75.61, True),  # 10 images either way
     (100 * 7550 / 10000, 75.61, False), (100 * 7572 / 10000, 75.61, False),  # 11 images
