@@ -1,8 +1,10 @@
-# projkd pipeline: teacher pretraining -> distillation for each pair, method and seed -> tables, all files.
+# projkd pipeline: teachers (fetched and verified, or trained) -> distillation for each pair, method and seed ->
+# tables, all files.
 # Every knob is in params.mk and can be overridden on the command line (make cifar-all EPOCHS=2 SEEDS=1).
 # `make help` lists the targets; `make -n cifar-all` prints the whole plan, each command in full.
 #
 #   $(TEACHERS)/<arch>.pt                          teacher checkpoint; one that exists is used as is
+#   $(TEACHERS)/<arch>.json                        where it came from (fetched and verified, or trained here)
 #   $(TEACHERS)/<arch>.tcache                      its outputs on every training view, for pefd/kd/crd on a GPU
 #   $(RUNS)/<arch>/ce-seed<N>/                     a model trained alone: a teacher, or the Student row
 #   $(RUNS)/<teacher>-<student>/<method>-seed<N>/  a distillation run (pefd-q2-seed1: an ablation variant)
@@ -37,6 +39,11 @@ RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone
 GPU_VISIBLE := $(if $(filter auto,$(DEVICE)),$(if $(filter auto,$(TEACHER_CACHE)),$(if $(strip $(LAUNCH)),yes,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes))))
 USE_CACHE := $(if $(ON_IMAGENET),,$(if $(filter on,$(TEACHER_CACHE)),yes,$(if $(filter auto,$(TEACHER_CACHE)),$(if $(filter cpu,$(DEVICE)),,$(if $(filter auto,$(DEVICE)),$(GPU_VISIBLE),yes)))))
 TABLE_KIND := $(if $(ON_IMAGENET),imagenet,main)
+# The teachers fetch-teachers installs from TEACHERS_URL on CIFAR-100 (models.PUBLISHED_TEACHERS); every other
+# teacher is trained. Short trials (EPOCHS other than 240) fetch them too, into their own $(TEACHERS): they are
+# the paper's teachers whatever the students' EPOCHS, and never depended on it.
+ARCHIVE_TEACHERS := wrn_40_2 vgg13 resnet32x4 ResNet50 resnet56 resnet110
+FETCHED := $(if $(filter cifar100,$(DATASET)),$(if $(filter fetch,$(TEACHERS_FROM)),$(ARCHIVE_TEACHERS)))
 # ImageNet runs every rule of this file in a make of its own: these knobs replace the CIFAR ones there.
 IMAGENET_KNOBS = DATASET=imagenet DATA_DIR=$(IMAGENET_DIR) EPOCHS=$(IMAGENET_EPOCHS) PAIRS="$(IMAGENET_PAIRS)" \
   METHODS="$(IMAGENET_METHODS)" SEEDS="$(IMAGENET_SEEDS)"
@@ -103,7 +110,7 @@ imagenet-r50-mobilenet:
 	$(MAKE) pair T=resnet50 S=mobilenet_v1 $(IMAGENET_KNOBS)
 	$(MAKE) tables $(IMAGENET_KNOBS)
 
-## teachers: pretrain the teachers of PAIRS (a checkpoint that exists is kept)
+## teachers: fetch (TEACHERS_FROM=fetch) or pretrain the teachers of PAIRS (a checkpoint that exists is kept)
 teachers: $(foreach a,$(TEACHER_ARCHS),$(TEACHERS)/$a.pt)
 
 ## pair T=vgg13 S=vgg8: every method and seed of one pair
@@ -154,17 +161,23 @@ $(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) $(MAIN_EVALS) | $(RESULTS) $(DEPS
 $(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) $(ABLATION_EVALS) | $(RESULTS) $(DEPS)
 	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@ --figures $(RESULTS)/figures
 
-# A teacher checkpoint that exists is used as is (RepDistiller's, say: README); otherwise it is the model.pt
-# of that architecture's ce run with TEACHER_SEED, or on ImageNet torchvision's pretrained weights (needs
-# internet; offline, projkd.py says which file to put where).
+# A teacher checkpoint that exists is used as is (one copied in by hand, say: README); otherwise it is, on CIFAR-100
+# with TEACHERS_FROM=fetch, RepDistiller's, fetched and checked against its published accuracy (it needs internet,
+# so it runs without LAUNCH; offline, projkd.py says which file to put where); on ImageNet torchvision's pretrained
+# weights (likewise); else the model.pt of that architecture's ce run with TEACHER_SEED, with a <arch>.json that
+# says so. (An explicit static rule, so it wins over the pattern rule for the archive's architectures.)
 ifeq ($(DATASET),imagenet)
 $(TEACHERS)/%.pt: | $(TEACHERS) $(DEPS)
 	$(PY) projkd.py fetch-weights --arch $* --out $@
 else
 $(TEACHERS)/%.pt: $$(if $$(wildcard $$@),,$(RUNS)/%/ce-seed$(TEACHER_SEED)/metrics.json) | $(TEACHERS)
+	printf '{"how": "trained here", "run": "%s"}\n' $(RUNS)/$*/ce-seed$(TEACHER_SEED) > $(TEACHERS)/$*.json.tmp
+	mv $(TEACHERS)/$*.json.tmp $(TEACHERS)/$*.json
 	cp $(RUNS)/$*/ce-seed$(TEACHER_SEED)/model.pt $@.tmp
 	mv $@.tmp $@
 endif
+$(FETCHED:%=$(TEACHERS)/%.pt): $(TEACHERS)/%.pt: | $(TEACHERS) $(DEPS) $(DATA)
+	$(PY) projkd.py fetch-teachers --arch $* --url $(TEACHERS_URL) --out-dir $(TEACHERS) --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE)
 
 # A teacher's outputs on all 162 crop/flip views of every training image: one file per checkpoint.
 $(TEACHERS)/%.tcache: $(TEACHERS)/%.pt | $(DEPS) $(DATA)

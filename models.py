@@ -19,10 +19,20 @@ The ImageNet architectures are the names in IMAGENET_ARCHS; every other key of M
 TORCHVISION_WEIGHTS names the published torchvision ImageNet file of each pretrained teacher. At the end, the
 weights of this zoo as they are published (ours, RepDistiller's, mdistiller's, torchvision's): read_state_dict,
 frozen_model, load_teacher (a teacher checkpoint, or one line saying where to get it), and fetch_weights, the
-`projkd.py fetch-weights` command; their errors are WeightsError, which projkd's CLI prints as one line.
+`projkd.py fetch-weights` command; their errors are WeightsError, which projkd's CLI prints as one line. Last,
+RepDistiller's CIFAR-100 teachers: fetch_teachers (`projkd.py fetch-teachers`) downloads them and installs each only
+if its measured top-1 matches the published one, recording where it came from; teacher_provenance reads that record
+back for every run that uses the teacher.
 """
+import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import re
+import shutil
+import tarfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -593,8 +603,303 @@ def fetch_weights(wc):
     if wc.arch not in TORCHVISION_WEIGHTS:
         raise WeightsError(f"fetch-weights takes --arch {' | '.join(TORCHVISION_WEIGHTS)}, not {wc.arch!r}")
     out = wc.out or os.path.join("checkpoints", "imagenet", f"{wc.arch}.pt")
+    from projkd import save
     state = torchvision_state_dict(wc.arch, wc.weights, out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, f"{out}.tmp{os.getpid()}")
+    save({"arch": wc.arch, "how": f"fetched from torchvision ({wc.weights}, hash-checked)",  # before the file itself
+          "sha256": file_sha256(f"{out}.tmp{os.getpid()}")}, f"{os.path.splitext(out)[0]}.json")
     os.replace(f"{out}.tmp{os.getpid()}", out)
     print(f"torchvision's {wc.arch} {wc.weights} -> {out}")
+
+
+# -----------------------------------------------------------------------------
+# RepDistiller's CIFAR-100 teachers, every number of the paper's Table 4 was distilled from: RepDistiller's own server
+# is gone, mdistiller hosts them as one tar, and nobody publishes checksums. So each one is evaluated on arrival and
+# installed only if its top-1 matches RepDistiller's published value: a downloaded file can be another model
+# (RepDistiller issue #29: a resnet110 that tested at 70.27%, not 74.31%).
+
+TEACHERS_URL = "https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar"
+TEACHER_MEMBER = "cifar_teachers/{arch}_vanilla/ckpt_epoch_240.pth"  # its layout: RepDistiller's save/models/
+# arch -> top-1 (%) on the CIFAR-100 test set, as RepDistiller publishes it (its README; the paper's Teacher row)
+PUBLISHED_TEACHERS = {"wrn_40_2": 75.61, "vgg13": 74.64, "resnet32x4": 79.42, "ResNet50": 79.34, "resnet56": 72.34,
+                      "resnet110": 74.31}
+TEACHER_TOLERANCE = 0.1  # points of top-1; one test image is 0.01, so this allows 10 images of difference
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def matches_published(top1, published, tolerance=TEACHER_TOLERANCE):
+    # the 1e-6 absorbs float rounding: 75.51 against 75.61 is 0.1 apart, and allowed
+    return abs(top1 - published) <= tolerance + 1e-6
+
+
+def teacher_provenance(ckpt, weights=""):
+    """Where a teacher's weights came from, for the metrics.json of each run that uses it: the <arch>.json beside the
+    checkpoint (written by fetch-teachers, fetch-weights or make's teacher training) if it describes this very file
+    (same sha256), else the file's path and sha256 with a note that nothing records where it came from."""
+    if weights:
+        return {"how": f"torchvision's {weights} weights, by name"}
+    sha, record = file_sha256(ckpt), None
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.splitext(ckpt)[0] + ".json") as f:
+            record = json.load(f)
+    record = record if isinstance(record, dict) else None
+    if record and record.get("how") == "trained here" and "sha256" not in record:  # make wrote it: compare the run's
+        with contextlib.suppress(OSError, TypeError):
+            record["sha256"] = file_sha256(os.path.join(record["run"], "model.pt"))
+    if record and record.get("sha256") == sha:
+        return {**record, "checkpoint": ckpt}
+    return {"how": "put in place by hand or trained here", "checkpoint": ckpt, "sha256": sha,
+            "note": f"{os.path.splitext(ckpt)[0]}.json " + ("describes another file" if record else "does not exist")}
+
+
+@dataclass
+class TeachersOptions:
+    arch: str = ""  # the teachers, space-separated, of wrn_40_2 vgg13 resnet32x4 ResNet50 resnet56 resnet110; default all
+    url: str = TEACHERS_URL  # the archive (mdistiller's copy of RepDistiller's teachers); another mirror's URL or a local file works the same
+    ckpt: str = ""  # instead of the archive, a checkpoint you copied in by hand: checked the same way (one --arch)
+    out_dir: str = ""  # where <arch>.pt and <arch>.json are installed; default checkpoints/<dataset>
+    archive: str = ""  # where a download is kept: resumed when interrupted, reused by later fetches; default checkpoints/<its file name>
+
+
+def __getattr__(name):
+    """TeachersConfig, the options of `projkd.py fetch-teachers`, is made on first use: it shares the options of
+    `projkd.py eval` (the data and the device to evaluate on), and models.py imports neither projkd nor tables at
+    its top."""
+    if name != "TeachersConfig":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import tables
+    from projkd import options_of
+    globals()[name] = options_of(name, TeachersOptions, _shared_eval_options(tables))
+    return globals()[name]
+
+
+def _shared_eval_options(tables):
+    return tuple(f.name for f in dataclasses.fields(tables.EvalConfig) if f.name not in ("arch", "ckpt", "out"))
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """`path`, opened for reading and appending and held under an exclusive lock (POSIX; elsewhere unlocked): the
+    fetches of several teachers that make -j starts at once download the archive once, one after the other."""
+    with open(path, "a+") as f:
+        with contextlib.suppress(ImportError):
+            import fcntl
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another fetch-teachers, which holds {path}", flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield f
+
+
+def download(url, part):
+    """The file at `url` streamed into `part`, after the bytes `part` already holds when the server can resume
+    (HTTP Range); otherwise from the start. Returns only once every byte announced has arrived."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    got, total, start, shown = have, None, time.time(), time.time()
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            resumed = have and response.status == 206
+            if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                os.remove(part)
+                raise WeightsError(f"{url} answered the resumed download with other bytes; {part} was removed: run "
+                                   f"the same command again to download it from the start")
+            got = have if resumed else 0
+            length = response.headers.get("Content-Length")
+            total = got + int(length) if length and length.isdigit() else None
+            print(f"downloading {url} -> {part}" + (f" (resuming after {got / 1e6:.1f} MB)" if resumed else "") +
+                  (f", {total / 1e6:.1f} MB" if total else ""), flush=True)
+            with open(part, "ab" if resumed else "wb") as f:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    got += len(block)
+                    if time.time() - shown >= 10:  # a progress line every 10 s: readable in a log file too
+                        shown, rate = time.time(), (got - have) / 1e6 / (time.time() - start)
+                        print(f"  {got / 1e6:.1f}" + (f" of {total / 1e6:.1f} MB ({100 * got // total}%)" if total
+                              else " MB") + f", {rate:.1f} MB/s", flush=True)
+        if total is not None and got != total:  # http.client returns what came when the connection closes early
+            raise OSError(f"the connection closed after {got:,} of {total:,} bytes")
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send after `have` bytes, or the part is not of this file
+            os.remove(part)
+            return download(url, part)
+        raise
+    except http.client.HTTPException as e:  # e.g. a chunked transfer cut short; not an OSError
+        raise OSError(f"{type(e).__name__}: {e}") from None
+    print(f"  {got / 1e6:.1f} MB in {time.time() - start:.0f} s", flush=True)
+
+
+def fetch_archive(url, archive):
+    """(path, source) of the teachers' archive: a local file as it is, or the download of `url` kept at `archive`
+    (beside it, archive.source names the URL it comes from, and is the lock that make -j's fetches share)."""
+    if "://" not in url:
+        if not os.path.isfile(url):
+            raise WeightsError(f"no archive at {url}: pass --url with a local copy of cifar_teachers.tar, or its URL "
+                               f"({TEACHERS_URL})")
+        return url, os.path.abspath(url)
+    name, part = archive_name(url), archive + ".part"
+    try:
+        os.makedirs(os.path.dirname(archive) or ".", exist_ok=True)
+        with _locked(archive + ".source") as source:
+            source.seek(0)
+            came_from = source.read().strip()
+            if os.path.isfile(archive):  # downloaded before (or put there by hand): every teacher reuses it
+                if came_from and came_from != url:
+                    print(f"note: {archive} was downloaded from {came_from}: delete it to download {url}")
+                return archive, came_from or f"{os.path.abspath(archive)}, put in place by hand"
+            if came_from != url:  # no partial download, or one of another URL: start from nothing
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(part)
+                source.truncate(0)
+                source.write(url)
+                source.flush()
+            try:
+                download(url, part)
+            except (OSError, ValueError) as e:
+                reason = str(getattr(e, "reason", "") or e).splitlines()[0] or type(e).__name__
+                kept = os.path.getsize(part) if os.path.exists(part) else 0
+                raise WeightsError(
+                    f"downloading {url} failed ({reason}); get {name} from there by other means and put it at "
+                    f"{archive} (or pass --url PATH), or train the teachers here (make TEACHERS_FROM=train)" +
+                    f"; the {kept / 1e6:.1f} MB that arrived are kept in {part}: the same command resumes" * bool(kept)
+                ) from None
+            os.replace(part, archive)
+    except OSError as e:
+        raise WeightsError(f"cannot write {e.filename or archive} ({e.strerror or e}); pass --archive PATH in a folder "
+                           f"you can write") from None
+    return archive, url
+
+
+def archive_name(url):
+    return os.path.basename(url.split("?")[0]) or "cifar_teachers.tar"
+
+
+def archive_members(path, archs, downloaded):
+    """{arch: member} of the tar at `path` for each of `archs`, in the layout TEACHER_MEMBER (with or without './')."""
+    try:
+        with tarfile.open(path) as tar:
+            files = {m.name.removeprefix("./"): m.name for m in tar if m.isfile()}
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if downloaded:  # our own download, damaged: a rerun fetches it again
+            os.remove(path)
+        raise WeightsError(f"{path} is not a complete tar archive ({e}); " + (
+            "it was removed: run the same command again to download it anew" if downloaded else
+            f"get cifar_teachers.tar again ({TEACHERS_URL})")) from None
+    missing = [TEACHER_MEMBER.format(arch=a) for a in archs if TEACHER_MEMBER.format(arch=a) not in files]
+    if missing:
+        raise WeightsError(f"{path} has no {', '.join(missing)}: not the archive of RepDistiller's teachers "
+                           f"(cifar_teachers/<arch>_vanilla/ckpt_epoch_240.pth), or one without them")
+    return {a: files[TEACHER_MEMBER.format(arch=a)] for a in archs}
+
+
+def install_teacher(tc, arch, staged, out, facts):
+    """Evaluates the checkpoint at `staged` on the test set (tables.evaluate_checkpoint, as `projkd.py eval`) and, if
+    its top-1 matches the published one, installs it at `out` (its provenance, `facts` with the measurements, first
+    in out's .json, then the file renamed into place). Returns None, or the line that refuses it."""
+    import io
+    import tables
+    from projkd import save
+    scratch = f"{out}.tmp{os.getpid()}.eval.json"  # evaluate_checkpoint's own record, folded into ours
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its line names the scratch files; ours below says it all
+            record = tables.evaluate_checkpoint(tables.EvalConfig(
+                arch=arch, ckpt=staged, out=scratch, **{k: getattr(tc, k) for k in _shared_eval_options(tables)}))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(scratch)
+    published = PUBLISHED_TEACHERS[arch]
+    if not matches_published(record["top1"], published):
+        return (f"{arch} from {facts['source']}{' (' + facts['member'] + ')' if facts.get('member') else ''} tests at "
+                f"top-1 {record['top1']:.2f}% on {tc.dataset}, but RepDistiller's {arch} has {published:.2f}%: more "
+                f"than {TEACHER_TOLERANCE} points apart, so it is not " + ("recorded as verified" if staged == out else
+                f"installed at {out}"))
+    evaluation = {k: v for k, v in record.items() if k != "ckpt"}
+    save({"arch": arch, **facts, "checkpoint": out, "sha256": file_sha256(staged), "top1": record["top1"],
+          "top5": record["top5"], "published_top1": published, "tolerance": TEACHER_TOLERANCE,
+          "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "evaluation": evaluation}, os.path.splitext(out)[0] + ".json")
+    if staged != out:
+        os.replace(staged, out)
+    print(f"{arch}: top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}% on the {record['images']} test images of "
+          f"{tc.dataset} (published top-1 {published:.2f}%): verified -> {out}, provenance in "
+          f"{os.path.splitext(out)[0]}.json", flush=True)
+    return None
+
+
+def fetch_teachers(tc):
+    """`projkd.py fetch-teachers`: RepDistiller's CIFAR-100 teachers from the archive at --url (or one checkpoint
+    copied in by hand, --ckpt), each checked against its published top-1 and, if it matches, installed as
+    <out-dir>/<arch>.pt with its provenance in <arch>.json. A teacher already installed is kept as it is."""
+    archs = tc.arch.split() or list(PUBLISHED_TEACHERS)
+    unknown = [a for a in archs if a not in PUBLISHED_TEACHERS]
+    if unknown:
+        raise WeightsError(f"fetch-teachers takes --arch {' | '.join(PUBLISHED_TEACHERS)} (RepDistiller's published "
+                           f"CIFAR-100 teachers), not {unknown[0]!r}")
+    if tc.dataset == "imagenet":
+        raise WeightsError("fetch-teachers installs CIFAR-100 teachers; ImageNet's come from fetch-weights --arch ARCH")
+    if tc.ckpt and (len(archs) != 1 or not os.path.isfile(tc.ckpt)):
+        raise WeightsError(f"no checkpoint at {tc.ckpt}" if len(archs) == 1 else
+                           "--ckpt checks one teacher: name its architecture, e.g. --arch vgg13 --ckpt my_vgg13.pth")
+    out_dir = tc.out_dir or os.path.join("checkpoints", tc.dataset)
+    outs = {a: os.path.join(out_dir, f"{a}.pt") for a in archs}
+    in_place = bool(tc.ckpt) and os.path.exists(outs[archs[0]]) and os.path.samefile(tc.ckpt, outs[archs[0]])
+    for arch in [a for a in archs if os.path.exists(outs[a]) and not in_place]:
+        if tc.ckpt:
+            raise WeightsError(f"{outs[arch]} exists already: delete it first, or check it where it is (--ckpt "
+                               f"{outs[arch]})")
+        print(f"{arch}: {outs[arch]} is in place, kept as it is ({teacher_provenance(outs[arch])['how']})")
+        archs.remove(arch)
+    if not archs:
+        return
+    if tc.ckpt:
+        path, source, members = tc.ckpt, os.path.abspath(tc.ckpt), {archs[0]: None}
+    else:
+        archive = tc.archive or os.path.join("checkpoints", archive_name(tc.url))
+        path, source = fetch_archive(tc.url, archive)
+        members = archive_members(path, archs, downloaded=source == tc.url and "://" in tc.url)
+    made = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise WeightsError(f"cannot make {out_dir} ({e.strerror}); pass --out-dir in a folder you can write") from None
+    refused = []
+    for arch in archs:
+        staged = outs[arch] if in_place else f"{outs[arch]}.tmp{os.getpid()}"
+        how = "fetched and verified" if members[arch] else "copied in by hand, verified"
+        try:
+            try:
+                if members[arch]:
+                    print(f"{arch}: {members[arch]} of {path}", flush=True)
+                    with tarfile.open(path) as tar, tar.extractfile(members[arch]) as src, open(staged, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)  # this member alone, under our name: no path from the tar
+                elif not in_place:
+                    shutil.copyfile(tc.ckpt, staged)
+            except tarfile.TarError as e:
+                raise WeightsError(f"{members[arch]} of {path} cannot be read ({e}); get the archive again") from None
+            except OSError as e:
+                raise WeightsError(f"cannot write {staged} ({e.strerror or e}); free space or pass --out-dir "
+                                   f"elsewhere") from None
+            refused.append(install_teacher(tc, arch, staged, outs[arch],
+                                           {"how": how, "source": source, "member": members[arch]}))
+        finally:
+            if staged != outs[arch]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(staged)
+    if any(refused):
+        if made:  # leave no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise WeightsError("; ".join(r for r in refused if r) + " (not RepDistiller's file, or a damaged one: fetch "
+                           "it again, copy it into place unchecked to use it anyway, or train the teacher here: make "
+                           "TEACHERS_FROM=train)")

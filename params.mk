@@ -14,7 +14,17 @@ METHODS ?= pefd kd sp crd ce
 # Seeds of every student run; the tables report mean ± std over them.
 SEEDS ?= 1 2 3
 
-# Seed of each teacher's pretraining (one teacher per architecture, shared by all its pairs).
+# Where the CIFAR-100 teachers come from: fetch (RepDistiller's published checkpoints, the paper's teachers, from
+# TEACHERS_URL, each installed only if its test top-1 matches the published one) or train (pretrained here, a ce
+# run each). fetch covers wrn_40_2 vgg13 resnet32x4 ResNet50 resnet56 resnet110 on DATASET=cifar100 at any EPOCHS;
+# other architectures and datasets are always trained.
+TEACHERS_FROM ?= fetch
+
+# The archive fetch-teachers downloads (mdistiller's copy; RepDistiller's server is gone). Another mirror's URL, or
+# the path of a copy you already have, works the same.
+TEACHERS_URL ?= https://github.com/megvii-research/mdistiller/releases/download/checkpoints/cifar_teachers.tar
+
+# Seed of each teacher's pretraining (one teacher per architecture, shared by all its pairs), for those trained here.
 TEACHER_SEED ?= 1
 
 # Training epochs of every run, teachers included (the paper: 240). Other values get their own

@@ -1038,6 +1038,7 @@ class Run:
     history: list = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
+    teacher_provenance: Optional[dict] = None  # where the teacher's weights came from (models.teacher_provenance)
 
 @contextlib.contextmanager
 def run_dir_lock(folder):
@@ -1144,6 +1145,7 @@ def setup_teacher(run, amp_dtype):
     the teacher made fast: weights in the autocast dtype, and either its output cache (returned) or hooks for the
     live forward pass (run.teacher_forward)."""
     cfg, data, teacher = run.cfg, run.data, run.teacher
+    run.teacher_provenance = zoo().teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
     if run.teacher_eval is None:
         run.teacher_eval = evaluate(teacher, data, cfg.eval_batch_size, run.memory_format)
         source = cfg.teacher_weights or cfg.teacher_ckpt
@@ -1296,6 +1298,7 @@ def finish_run(run):
                "last_top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
                "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
                "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"), "epochs": cfg.epochs,
+               "teacher_provenance": run.teacher_provenance,
                "wall_seconds": round(wall_seconds, 1),
                "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
                "world_size": run.world_size, "device": device_name(run.device), "torch": torch.__version__,
@@ -1332,7 +1335,8 @@ def train(cfg):
 
 # -----------------------------------------------------------------------------------------------------------------
 # 7. Entry points: training (no subcommand) and downloading CIFAR-100 here; evaluating a checkpoint alone, fetching
-#    torchvision's weights, the teacher cache and the bench in tables.py, models.py, teacher_cache.py and bench.py.
+#    torchvision's weights and RepDistiller's teachers, the teacher cache and the bench in tables.py, models.py,
+#    teacher_cache.py and bench.py.
 #    Each takes its options from a dataclass, as training does; those it shares with training mean the same.
 
 DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
@@ -1357,6 +1361,8 @@ COMMANDS = {
     "bench": ("bench", "run_bench", "BenchConfig", "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
     "fetch-weights": ("models", "fetch_weights", "WeightsConfig",
                       "python projkd.py fetch-weights --arch resnet34 [--out checkpoints/imagenet/resnet34.pt]"),
+    "fetch-teachers": ("models", "fetch_teachers", "TeachersConfig",
+                       "python projkd.py fetch-teachers [--arch \"vgg13 ...\"] [--url URL|FILE] [--ckpt BY_HAND.pth]"),
     "download": ("projkd", "download_command", "DownloadConfig", "python projkd.py download [--data-dir data]"),
 }
 
@@ -1378,7 +1384,8 @@ def main(argv=None):
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "run the same command again" if "--resume" in argv else "continue with the same command plus --resume"
+        again = "run the same command again" if "--resume" in argv or command is not train else \
+            "continue with the same command plus --resume"
         print(f"projkd: interrupted; {again}", file=sys.stderr)
         return 130
     finally:

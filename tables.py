@@ -246,11 +246,23 @@ def footnote_lines(footnotes):
     return [f"[^{i}]: {note}" for note, i in footnotes.items()] + [""] * bool(footnotes)
 
 
+def teachers_used(found):
+    """Where the runs' teachers came from, from each run's teacher_provenance: e.g. 'vgg13 (fetched and verified,
+    sha256 32a60b50f9ac), ResNet50 (trained here, ...)'; 'not recorded' for runs from before projkd recorded it."""
+    teachers = set()
+    for m in found:
+        if m.get("config", {}).get("teacher"):
+            p = m.get("teacher_provenance") or {"how": "not recorded"}
+            teachers.add((m["config"]["teacher"], p["how"] + (f", sha256 {p['sha256'][:12]}" if p.get("sha256") else "")))
+    return ", ".join(f"{arch} ({how})" for arch, how in sorted(teachers, key=lambda t: (t[0].lower(), t[1]))) or "–"
+
+
 def conditions(found):
     """What the numbers were measured with, read from the runs themselves."""
     def values(get):
         return ", ".join(sorted({str(get(m)) for m in found})) or "–"
     return (f"epochs: {values(lambda m: m['epochs'])}; dataset: {values(lambda m: m['config']['dataset'])}; "
+            f"teachers: {teachers_used(found)}; "
             f"devices: {values(lambda m: m['device'])}; processes per run: {values(lambda m: m.get('world_size', 1))}; "
             f"torch: {values(lambda m: m['torch'])}; "
             f"code: {values(lambda m: m['code'])}; finished runs: {len(found)}")
@@ -594,14 +606,6 @@ EvalConfig = options_of("EvalConfig", EvalOptions,
                         DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def test_set_sha256(data):
     """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or ImageNet's
     validation files by name, size and label (hashing 50,000 decoded JPEGs would cost as much as evaluating)."""
@@ -643,7 +647,7 @@ def evaluate_checkpoint(ec):
     model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
     result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
     out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
-    record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
+    record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": zoo().file_sha256(ec.ckpt),
               **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result, "test_set_sha256": test_set_sha256(data),
               "world_size": world, "device": device_name(device), "torch": torch.__version__}
     if _rank() == 0:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from models import file_sha256
 from projkd import (CROP_PADDING, Config, Taps, UserError, atomic_write, classifier_of, crop_flip, device_name,
                     load_data, log, normalize, options_of, plan_epoch, precision, resolve_config,
                     setup_torch, teacher_for_speed, zoo)
@@ -36,13 +37,6 @@ def view_draws(v, n, device, padding=CROP_PADDING):
     dy, dx = divmod(corner, 2 * padding + 1)
     return (torch.full((n,), dy, device=device), torch.full((n,), dx, device=device),
             torch.full((n,), bool(flip), device=device))
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 def cache_identity(cfg, data):
     """Everything a cache's contents depend on, and its key: the teacher checkpoint's content (not its name),

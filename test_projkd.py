@@ -1241,6 +1241,181 @@ def test_download_without_internet_is_one_line_from_make(tmp_path):
     assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
 
 
+TEACHER_ARGS = ["--dataset", "synthetic", "--synthetic-size", "128", "--device", "cpu"]  # 32 test images
+
+
+@pytest.fixture(scope="module")
+def teachers_archive(tmp_path_factory):
+    """cifar_teachers.tar in mdistiller's layout, of small generated checkpoints in RepDistiller's format (a dict
+    whose 'model' is the state_dict), for 10 classes; and the bytes of resnet8's member."""
+    folder = tmp_path_factory.mktemp("archive")
+    for arch in ("resnet8", "resnet14"):
+        torch.manual_seed(0)
+        member = folder / "cifar_teachers" / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
+        member.parent.mkdir(parents=True)
+        torch.save({"epoch": 240, "model": MODELS[arch](num_classes=10).state_dict(), "best_acc": torch.tensor(9.5)},
+                   member)
+    import tarfile
+    with tarfile.open(folder / "cifar_teachers.tar", "w") as tar:
+        tar.add(folder / "cifar_teachers", "cifar_teachers")
+    member = (folder / "cifar_teachers" / "resnet8_vanilla" / "ckpt_epoch_240.pth").read_bytes()
+    return folder / "cifar_teachers.tar", member
+
+
+@pytest.fixture
+def teachers_server(teachers_archive, monkeypatch):
+    """The archive on an HTTP server at 127.0.0.1 that answers Range requests (206), as GitHub's does; `cut` responses
+    stop half-way through the body they announced. Yields (url, state): state['ranges'] lists each request's Range."""
+    import http.server
+    import threading
+
+    payload, state = teachers_archive[0].read_bytes(), {"ranges": [], "cut": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked = self.headers.get("Range")
+            state["ranges"].append(asked)
+            start = int(asked[len("bytes="):-1]) if asked else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(payload) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+            self.end_headers()
+            body = payload[start:]
+            if state["cut"]:
+                state["cut"] -= 1
+                body = body[:len(body) // 2]
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/cifar_teachers.tar", state
+    server.shutdown()
+    server.server_close()
+
+
+def measured_top1(tmp_path, arch, ckpt):
+    assert projkd.main(["eval", "--arch", arch, "--ckpt", str(ckpt), "--out", str(tmp_path / "m.json"), *TEACHER_ARGS]) == 0
+    return json.loads((tmp_path / "m.json").read_text())["top1"]
+
+
+def test_fetch_teachers_installs_only_a_verified_teacher_and_resumes_a_cut_download(
+        tmp_path, teachers_archive, teachers_server, monkeypatch, capsys):
+    import hashlib
+    import tables
+
+    url, state = teachers_server
+    member = teachers_archive[1]
+    (tmp_path / "resnet8.pth").write_bytes(member)
+    top1 = measured_top1(tmp_path, "resnet8", tmp_path / "resnet8.pth")
+    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 + 0.1, "resnet14": top1 + 30})
+    out, archive = tmp_path / "ckpt", tmp_path / "dl" / "cifar_teachers.tar"
+    fetch = ["fetch-teachers", "--url", url, "--out-dir", str(out), "--archive", str(archive), *TEACHER_ARGS]
+    capsys.readouterr()
+    # the connection closes half-way: one line, nothing installed, the bytes that came kept for the rerun
+    state["cut"] = 1
+    assert projkd.main([*fetch, "--arch", "resnet8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"projkd: error: downloading {url} failed (the connection closed after " in err
+    assert f"MB that arrived are kept in {archive}.part: the same command resumes" in err
+    assert not out.exists() or os.listdir(out) == []
+    half = os.path.getsize(f"{archive}.part")
+    assert 0 < half < teachers_archive[0].stat().st_size and not archive.exists()
+    # the rerun asks for the rest, checks the teacher and installs it with its provenance; resnet14 stays in the tar
+    assert projkd.main([*fetch, "--arch", "resnet8"]) == 0
+    assert state["ranges"] == [None, f"bytes={half}-"]
+    assert archive.read_bytes() == teachers_archive[0].read_bytes()
+    assert sorted(os.listdir(out)) == ["resnet8.json", "resnet8.pt"]  # no temporary file left either
+    assert (out / "resnet8.pt").read_bytes() == member  # the archive's file, byte for byte
+    record = json.loads((out / "resnet8.json").read_text())
+    assert record["sha256"] == hashlib.sha256(member).hexdigest() and record["how"] == "fetched and verified"
+    assert (record["source"], record["member"]) == (url, "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth")
+    assert (record["top1"], record["published_top1"], record["evaluation"]["images"]) == (top1, top1 + 0.1, 32)
+    assert "verified ->" in capsys.readouterr().out
+    # a teacher whose accuracy is not the published one: refused with both numbers, the archive reused, not fetched
+    assert projkd.main([*fetch, "--arch", "resnet8 resnet14"]) == 2
+    captured = capsys.readouterr()
+    assert f"resnet8: {out / 'resnet8.pt'} is in place, kept as it is (fetched and verified)" in captured.out
+    assert captured.err.count("\n") == 1 and (f"resnet14 from {url} (cifar_teachers/resnet14_vanilla/ckpt_epoch_240"
+                                              f".pth) tests at top-1 ") in captured.err
+    assert f"but RepDistiller's resnet14 has {top1 + 30:.2f}%: more than 0.1 points apart, so it is not " \
+           f"installed at {out / 'resnet14.pt'}" in captured.err
+    assert sorted(os.listdir(out)) == ["resnet8.json", "resnet8.pt"] and len(state["ranges"]) == 2
+    # a run with the fetched teacher carries its provenance, and so does the table's conditions line
+    run_dir = tmp_path / "runs" / "resnet8-resnet8" / "kd-seed1"
+    assert projkd.main(synthetic_args("--teacher", "resnet8", "--teacher-ckpt", str(out / "resnet8.pt"), "--student",
+                                      "resnet8", "--method", "kd", "--run-dir", str(run_dir))) == 0
+    provenance = json.loads((run_dir / "metrics.json").read_text())["teacher_provenance"]
+    assert provenance == {**record, "checkpoint": str(out / "resnet8.pt")}
+    assert tables.main(["--runs", str(tmp_path / "runs"), "--pairs", "resnet8:resnet8", "--seeds", "1",
+                        "--out", str(tmp_path / "t.md")]) == 0
+    assert f"teachers: resnet8 (fetched and verified, sha256 {record['sha256'][:12]});" in (tmp_path / "t.md").read_text()
+
+
+def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: as offline as it gets, at once
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/cifar_teachers.tar"
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    out, archive = tmp_path / "ckpt", tmp_path / "dl" / "cifar_teachers.tar"
+    assert projkd.main(["fetch-teachers", "--arch", "vgg13", "--url", closed, "--out-dir", str(out), "--archive",
+                        str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"downloading {closed} failed (" in err and f"get cifar_teachers.tar from there by other means and put " \
+        f"it at {archive} (or pass --url PATH), or train the teachers here (make TEACHERS_FROM=train)" in err
+    assert not out.exists() and not os.path.exists(f"{archive}.part")
+    # a checkpoint copied in by hand: the same check, by one command; then checked again where it lies
+    mine = tmp_path / "my_resnet8.pth"
+    mine.write_bytes(teachers_archive[1])
+    top1 = measured_top1(tmp_path, "resnet8", mine)
+    hand = ["fetch-teachers", "--arch", "resnet8", "--out-dir", str(out), *TEACHER_ARGS]
+    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.11})
+    assert projkd.main([*hand, "--ckpt", str(mine)]) == 2
+    assert "copy it into place unchecked to use it anyway" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.1})
+    assert projkd.main([*hand, "--ckpt", str(mine)]) == 0
+    record = json.loads((out / "resnet8.json").read_text())
+    assert (record["how"], record["source"], record["member"]) == ("copied in by hand, verified", str(mine), None)
+    assert models.teacher_provenance(str(out / "resnet8.pt"))["how"] == "copied in by hand, verified"
+    assert projkd.main([*hand, "--ckpt", str(mine)]) == 2  # never over an installed one
+    assert f"{out / 'resnet8.pt'} exists already: delete it first" in capsys.readouterr().err
+    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 + 0.11})
+    assert projkd.main([*hand, "--ckpt", str(out / "resnet8.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"tests at top-1 {top1:.2f}% on synthetic, but RepDistiller's resnet8 has {top1 + 0.11:.2f}%" in err
+    assert "so it is not recorded as verified" in err and err.count("\n") == 1
+    # without a record that describes it, a teacher's provenance is its path and sha256, and says so
+    (out / "resnet8.pt").write_bytes(teachers_archive[1] + b"\0")
+    provenance = models.teacher_provenance(str(out / "resnet8.pt"))
+    assert provenance["how"] == "put in place by hand or trained here" and "describes another file" in provenance["note"]
+    assert provenance["sha256"] == models.file_sha256(out / "resnet8.pt")
+
+
+def test_fetch_weights_records_its_provenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "torchvision_state_dict", lambda arch, weights, put_at: {"w": torch.zeros(2)})
+    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(tmp_path / "resnet34.pt")]) == 0
+    provenance = models.teacher_provenance(str(tmp_path / "resnet34.pt"))
+    assert provenance["how"] == "fetched from torchvision (IMAGENET1K_V1, hash-checked)"
+    assert provenance["sha256"] == models.file_sha256(tmp_path / "resnet34.pt")
+
+
+@pytest.mark.parametrize("top1,published,ok", [
+    (100 * 7551 / 10000, 75.61, True), (100 * 7571 / 10000, 75.61, True), (75.61, 75.61, True),  # 10 images either way
+    (100 * 7550 / 10000, 75.61, False), (100 * 7572 / 10000, 75.61, False),  # 11 images
+    (100 * 7027 / 10000, 74.31, False)])  # RepDistiller #29: the resnet110 that tested at 70.27%
+def test_a_teacher_matches_its_published_top1_within_a_tenth_of_a_point(top1, published, ok):
+    assert models.matches_published(top1, published) is ok
+
+
 def test_subcommands_have_their_own_help(capsys):
     own = {  # subcommand: the options its help lists, and options of other commands that it must not list
         "eval": ({"--arch", "--ckpt", "--out", "--dataset", "--data-dir", "--device"},
@@ -1249,6 +1424,8 @@ def test_subcommands_have_their_own_help(capsys):
         "cache": ({"--teacher", "--teacher-ckpt", "--teacher-cache-file", "--dataset"},
                   {"--alpha", "--student", "--kd-T", "--epochs"}),
         "bench": ({"--pairs", "--out-dir"}, set()),
+        "fetch-teachers": ({"--arch", "--url", "--ckpt", "--out-dir", "--archive", "--dataset", "--data-dir", "--device"},
+                           {"--alpha", "--student", "--method"}),
     }
     assert set(own) <= set(projkd.COMMANDS)
     for command in projkd.COMMANDS:
@@ -1309,14 +1486,24 @@ def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
     return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
 
 
-def test_make_plan_for_cifar_all_trains_each_teacher_once(tmp_path):
-    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", env=path_with_nvidia_smi(tmp_path)).stdout
+@pytest.mark.parametrize("teachers_from", ["fetch", "train"])
+def test_make_plan_for_cifar_all_gets_each_teacher_once(tmp_path, teachers_from):
+    knobs = [] if teachers_from == "fetch" else ["TEACHERS_FROM=train"]  # fetch: the default
+    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", *knobs, env=path_with_nvidia_smi(tmp_path)).stdout
     commands = [line for line in plan.splitlines() if "projkd.py --dataset" in line]  # trainings, not teacher caches
-    teachers = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
-    assert sorted(t.split("/")[2] for t in teachers) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
+    fetched = [c for c in plan.splitlines() if "projkd.py fetch-teachers " in c]
+    copied = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
+    teachers = ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
+    if teachers_from == "fetch":
+        assert not copied and sorted(c.split("--arch ")[1].split()[0] for c in fetched) == teachers
+        assert f"{sys.executable} projkd.py fetch-teachers --arch vgg13 --url {models.TEACHERS_URL} --out-dir " \
+               "checkpoints/cifar100 --dataset cifar100 --data-dir data --device auto" in fetched
+    else:
+        assert not fetched and sorted(t.split("/")[2] for t in copied) == teachers
     alone = [c for c in commands if "--method ce" in c]
     distill = [c for c in commands if "--method ce" not in c]
-    assert len(alone) == 4 + 4 * 3  # 4 teachers; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
+    # 4 teachers when trained; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
+    assert len(alone) == 4 * (teachers_from == "train") + 4 * 3
     assert len(distill) == 5 * 4 * 3  # 5 pairs x (pefd kd sp crd) x 3 seeds
     assert len(set(commands)) == len(commands)
     # DEVICE=auto on a machine with a GPU: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
@@ -1334,9 +1521,9 @@ def test_make_plan_for_cifar_all_trains_each_teacher_once(tmp_path):
     # the evaluation step: each run's model.pt and each teacher checkpoint evaluated alone, once, before the tables
     evals = [c.split("--ckpt ")[1].split()[0] for c in plan.splitlines() if " projkd.py eval " in c]
     runs = [c.split("--run-dir ")[1].split()[0] for c in commands]
-    teacher_runs = [t.split()[1].removesuffix("/model.pt") for t in teachers]  # copied: their copies are evaluated
+    teacher_runs = [f"runs/cifar100/{t}/ce-seed1" for t in teachers]  # when trained, their copies are evaluated
     assert sorted(evals) == sorted([f"{r}/model.pt" for r in runs if r not in teacher_runs] +
-                                   [t.split()[2].removesuffix(".tmp") for t in teachers])
+                                   [f"checkpoints/cifar100/{t}.pt" for t in teachers])
     assert len(evals) == 12 + 60 + 4 and plan.index(" projkd.py eval ") < plan.index("tables.py")
 
 
@@ -1347,6 +1534,11 @@ def test_make_plan_for_ablations_and_short_runs():
     assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
     assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
     assert all("runs/cifar100-e2/" in r and "checkpoints/cifar100-e2/" in r for r in runs)  # apart from real runs
+    # the paper's teachers whatever the students' EPOCHS, fetched into the trial's own folder (not trained for 2 epochs)
+    fetched = [line for line in plan.splitlines() if "projkd.py fetch-teachers " in line]
+    assert sorted(f.split("--arch ")[1].split()[0] for f in fetched) == ["resnet32x4", "vgg13"]
+    assert all("--out-dir checkpoints/cifar100-e2 " in f for f in fetched)
+    assert not any("--method ce" in line for line in plan.splitlines())
     assert "--out results/cifar100-e2/ablations.md --figures results/cifar100-e2/figures" in plan
 
 
@@ -1371,6 +1563,9 @@ def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipel
     root, knobs, first, log = pipeline
     assert (root / "ckpt" / "resnet20.pt").exists()
     table = (root / "results" / "synthetic.md").read_text()
+    metrics = json.loads((root / "runs" / "resnet20-resnet8" / "pefd-seed1" / "metrics.json").read_text())
+    assert metrics["teacher_provenance"]["how"] == "trained here"  # make's record, checked against the run's model.pt
+    assert f"teachers: resnet20 (trained here, sha256 {metrics['teacher_provenance']['sha256'][:12]});" in table
     assert "| PEFD |" in table and "(n=1)" in table and "missing" not in table.split("## ")[1]
     computing = [line.split() for line in first.stdout.splitlines() if "projkd.py" in line]
     assert len(computing) == 3 + 3  # trainings (teacher, PEFD, Student), evaluations (their model files)
@@ -1402,7 +1597,7 @@ def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
         evaluated = json.loads((root / "runs" / run / "model.eval.json").read_text())
         assert evaluated["top1"] == pytest.approx(metrics["last_top1"], abs=1e-4)  # log rounding only
         assert evaluated["images"] == 64 and evaluated["synthetic_size"] == 256  # from the run's metrics.json
-        assert evaluated["sha256"] == tables.file_sha256(root / "runs" / run / "model.pt")
+        assert evaluated["sha256"] == models.file_sha256(root / "runs" / run / "model.pt")
     teacher = json.loads((root / "ckpt" / "resnet20.eval.json").read_text())
     assert teacher["test_set_sha256"] == evaluated["test_set_sha256"]  # the same 64 test images, via EVAL_EXTRA
     assert f"| Teacher | {teacher['top1']:.2f} |" in (root / "results" / "synthetic.md").read_text()
@@ -1486,8 +1681,9 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
     plan = plan_lines("cifar-all", f"LAUNCH={launch}")
     launched = [line for line in plan if line.startswith(launch + " ")]
     assert launched == [line for line in plan if any(f"projkd.py {c}" in line for c in ("--dataset", "cache", "eval"))]
-    assert len(launched) == 16 + 60 + 4 + 76  # models alone, distillations, teacher caches, evaluations
+    assert len(launched) == 12 + 60 + 4 + 76  # models alone, distillations, teacher caches, evaluations
     assert any(line.startswith(f"{sys.executable} tables.py ") for line in plan)  # the tables run here
+    assert any(line.startswith(f"{sys.executable} projkd.py fetch-teachers ") for line in plan)  # it needs internet
     plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
     launched = [line for line in plan if line.startswith(launch + " ")]
     assert len(launched) == 10 + 13 and all(
@@ -1520,6 +1716,8 @@ elif "cache" in args:
     touch(value("--teacher-cache-file"))
 elif "eval" in args:
     touch(os.path.splitext(value("--ckpt"))[0] + ".eval.json")
+elif "fetch-teachers" in args:
+    touch(os.path.join(value("--out-dir"), value("--arch") + ".pt"))
 else:  # fetch-weights --out PATH, tables.py --out "PATH ..."
     for path in value("--out").split():
         touch(path)
@@ -1607,6 +1805,33 @@ def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_pa
     assert len(cache) == 1 and len(runs) == 2 * 4 * 2 and redone[-1].startswith("tables.py ")  # 2 pairs x 4 x 2
     assert len([c for c in redone if c.startswith("projkd.py eval ")]) == 1 + 2 * 4 * 2  # the teacher's, the runs'
     assert len(readers) == 2 * 3 * 2 and cache[0] < min(readers)  # sp runs need no cache: -j may start them first
+
+
+def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    knobs = [f"PY={python}", "DEPS=", "DATA=", "PAIRS=vgg13:vgg8 resnet20:resnet8", "METHODS=kd ce", "SEEDS=1",
+             f"RUNS={tmp_path}/runs", f"RESULTS={tmp_path}/results"]
+    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/ckpt").returncode == 0
+    done = calls(log)
+    assert [c.split("--arch ")[1].split()[0] for c in done if c.startswith("projkd.py fetch-teachers ")] == ["vgg13"]
+    trained = [c for c in done if "--method ce" in c and "--student resnet20 " in c]  # not in the archive: trained
+    assert len(trained) == 1 and not any("--student vgg13 " in c for c in done)
+    assert json.loads((tmp_path / "ckpt" / "resnet20.json").read_text()) == {
+        "how": "trained here", "run": f"{tmp_path}/runs/resnet20/ce-seed1"}
+    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/ckpt").returncode == 0 and calls(log) == done
+    # TEACHERS_FROM=train trains vgg13 too; a checkpoint in place is used as it is, whatever TEACHERS_FROM says
+    os.makedirs(tmp_path / "other")
+    shutil.copy(tmp_path / "ckpt" / "resnet20.pt", tmp_path / "other" / "resnet20.pt")
+    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/other", "TEACHERS_FROM=train").returncode == 0
+    again = calls(log)[len(done):]
+    assert not any("fetch-teachers" in c for c in again) and not any("--student resnet20 " in c for c in again)
+    assert any("--method ce" in c and "--student vgg13 " in c for c in again)
+
+
+def test_make_and_models_name_the_same_archive():
+    makefile, params = (open(os.path.join(HERE, f)).read() for f in ("Makefile", "params.mk"))
+    assert re.search(r"^ARCHIVE_TEACHERS := (.*)$", makefile, re.M)[1].split() == list(models.PUBLISHED_TEACHERS)
+    assert re.search(r"^TEACHERS_URL \?= (.*)$", params, re.M)[1] == models.TEACHERS_URL
 
 
 def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
