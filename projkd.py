@@ -764,12 +764,23 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
 # 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
 #    train_step, eager or replayed as one CUDA graph), evaluate, record_epoch, save_checkpoint; then finish_run.
 
-log_label = ""  # the run's short name before each line where several runs share a terminal (make): train sets it
+log_label = ""  # put before each line: set by labelled_log while a run trains
 
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
         text = " ".join(map(str, args))
         print("\n".join(log_label + line for line in text.split("\n")), flush=True)
+
+@contextlib.contextmanager
+def labelled_log(run_dir):
+    """Under make, where several runs share a terminal, each line of this run starts with its short name."""
+    global log_label
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    log_label = f"[{os.path.relpath(run_dir, parent)}] " if "MAKELEVEL" in os.environ else ""
+    try:
+        yield
+    finally:
+        log_label = ""
 
 def atomic_write(path, write):
     """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`, and a write
@@ -1314,11 +1325,9 @@ def finish_run(run):
 def train(cfg):
     """Run one training (distillation, or the student alone for --method ce) and write its run directory.
     Returns the metrics dict that is also saved as metrics.json."""
-    global log_label
     resolved, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(resolved.run_dir)))
-    log_label = f"[{os.path.relpath(resolved.run_dir, parent)}] " if "MAKELEVEL" in os.environ else ""
-    with run_dir_lock(resolved.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    with labelled_log(resolved.run_dir), \
+            run_dir_lock(resolved.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         run, last_saved = setup_run(cfg, notes), time.time()
         cfg = run.cfg
         try:

@@ -262,11 +262,17 @@ def test_projkd_copied_alone_imports_and_runs(tmp_path):
     shutil.copy(os.path.join(HERE, "projkd.py"), tmp_path)
     code = textwrap.dedent("""
         import sys
-        import torch, torchvision  # torch imports subprocess, which imports fcntl on POSIX: it is in sys.modules
+        import torch  # torch imports subprocess, which imports fcntl on POSIX: it is in sys.modules
         sys.modules["fcntl"] = None  # so from here on `import fcntl` raises ImportError, as on Windows
         from projkd import CRDLite, ProjectorEnsemble, features_and_logits, kd_loss, mda_loss, sp_loss
         assert "models" not in sys.modules
-        model = torchvision.models.resnet18(num_classes=10)
+        class Net(torch.nn.Module):  # a user's own model, from no zoo: conv, pooling, a classifier
+            def __init__(self):
+                super().__init__()
+                self.conv1, self.fc = torch.nn.Conv2d(3, 512, 3), torch.nn.Linear(512, 10)
+            def forward(self, x):
+                return self.fc(self.conv1(x).relu().mean((2, 3)))
+        model = Net()
         feature, logits = features_and_logits(model, torch.randn(4, 3, 32, 32))
         assert feature.shape == (4, 512), feature.shape
         mda_loss(ProjectorEnsemble(512, 256)(feature), torch.randn(4, 256)).backward()
@@ -495,9 +501,11 @@ def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
 
 
 def test_importing_projkd_has_no_side_effects(tmp_path):
-    code = "import os, sys; sys.path.insert(0, sys.argv[1]); import projkd; print(sorted(os.listdir('.')))"
+    # nor tables.py (projkd.py eval imports it): matplotlib is imported only for figures, models.py where used
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import projkd, tables; "
+            "print(sorted(os.listdir('.')), 'matplotlib' in sys.modules, 'models' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip() == "[]" and result.stderr == ""
+    assert result.returncode == 0 and result.stdout.strip() == "[] False False" and result.stderr == ""
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -695,7 +703,6 @@ def test_progress_lines_within_an_epoch(tmp_path, capsys):
 
 def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_their_run(tmp_path, capsys,
                                                                                             monkeypatch):
-    monkeypatch.setattr(projkd, "log_label", "")  # train() sets it: put back for the tests after this one
     monkeypatch.setenv("MAKELEVEL", "1")  # as under make, where several runs share the terminal
     assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir",
                                       str(tmp_path / "resnet8" / "ce-seed1"))) == 0
@@ -1211,6 +1218,22 @@ def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, t
     assert "note: dataset=synthetic, synthetic_size=512 from the run's metrics.json" in capsys.readouterr().out
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["images"] == 128 and record["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+
+
+def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tmp_path, capsys, monkeypatch):
+    torch.manual_seed(0)
+    fc = MODELS[SMALL_STUDENT](num_classes=10).state_dict()
+    fc["fc.bias"][3] += 100.0  # a "teacher" that answers class 3 to everything: 10% on 10 balanced classes
+    torch.save(fc, tmp_path / "teacher.pt")
+    monkeypatch.setenv("MAKELEVEL", "1")  # under make: the teacher's evaluation step warns, its runs do not
+    args = synthetic_args("--teacher", SMALL_STUDENT, "--student", SMALL_STUDENT, "--method", "kd",
+                          "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--run-dir", str(tmp_path / "kd"))
+    assert projkd.main(args) == 0
+    assert "near chance" not in capsys.readouterr().out
+    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(tmp_path / "teacher.pt"), "--dataset",
+                        "synthetic", "--synthetic-size", "128", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 9.38%" in out and f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out  # 3 of 32
 
 
 def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch):
@@ -2145,6 +2168,4 @@ def test_bench_figure_and_a_python_without_matplotlib(tmp_path, monkeypatch, cap
     assert tables.main(["--runs", str(tmp_path), "--out", str(md), "--figures", str(figures)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install -r requirements.txt" in err and not md.parent.exists()
-    # projkd.py eval imports tables.py: matplotlib is imported only for figures, never with the module
-    check = "import sys, projkd, tables; sys.exit('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", check], cwd=HERE).returncode == 0
+    # (that importing tables.py, as projkd.py eval does, imports no matplotlib: test_importing_projkd_has_no_side_effects)
