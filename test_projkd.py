@@ -38,6 +38,16 @@ SMALL_TEACHER, SMALL_STUDENT = "resnet20", "resnet8"
 IMAGENET_PAIRS = "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def not_under_make():
+    """`make test` runs the suite under make, where a run labels its lines: every test starts outside make (those
+    that want make's behaviour set MAKELEVEL themselves, or run make)."""
+    level = os.environ.pop("MAKELEVEL", None)
+    yield
+    if level is not None:
+        os.environ["MAKELEVEL"] = level
+
+
 # Helpers that several sections use: small CLI runs on synthetic data, and a tiny ImageNet-style folder.
 
 def synthetic_args(*extra):
