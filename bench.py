@@ -254,9 +254,10 @@ def bench_markdown(report):
     lines = [f"# projkd bench: {report['device']}, torch {report['torch']}", "",
              f"PEFD, batch {report['batch_size']}, generated CIFAR-shaped data, random weights; images/s over "
              f"{report['steps']} steps of our loop and {report['classic_steps']} of the classic one "
-             f"({report['workers']} loader workers), after {report['warmup']} warm-up step{'s' * (report['warmup'] != 1)}; all in one "
-             f"process. 'teacher cached': the epoch's teacher rows are computed once before timing, as a cache file "
-             f"supplies them each epoch; the step is the same.{mfu_note}", ""]
+             f"({report['workers']} loader workers), after {report['warmup']} warm-up "
+             f"step{'s' * (report['warmup'] != 1)}; all in one process. 'teacher cached': the epoch's teacher rows "
+             f"are computed once before timing, as a cache file supplies them each epoch; the step is the same."
+             f"{mfu_note}", ""]
     for pair in report["pairs"]:
         lines += [f"## {pair['teacher']} → {pair['student']}", "",
                   "| loop | images/s | vs classic | GFLOPs/image | MFU | flags |", "|---|---|---|---|---|---|"]

@@ -1273,8 +1273,9 @@ def record_epoch(run, epoch, stats, result, seconds):
         save(run.history, os.path.join(cfg.run_dir, "log.csv"))
     here = run.history[run.start_epoch:]
     log(f"epoch {epoch + 1}/{cfg.epochs}  lr {h['lr']:.4g}  loss {h['train_loss']:.4f}" +
-        (f" (ce {h['train_ce']:.4f}, {term} {h[f'train_{term}']:.4f})" if term else "") + f"  train {h['train_acc']:.2f}%  "
-        f"test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  {h['images_per_s']:,.0f} img/s  eta "
+        (f" (ce {h['train_ce']:.4f}, {term} {h[f'train_{term}']:.4f})" if term else "") +
+        f"  train {h['train_acc']:.2f}%  test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  "
+        f"{h['images_per_s']:,.0f} img/s  eta "
         f"{_duration(sum(e['seconds'] for e in here) / len(here) * (cfg.epochs - epoch - 1))}" +
         f"  (waited {h['plan_wait_s']:.2f} s for its cached teacher rows)" * (cfg.teacher_cache == "on"))
 

@@ -253,7 +253,8 @@ def teachers_used(found):
     for m in found:
         if m.get("config", {}).get("teacher"):
             p = m.get("teacher_provenance") or {"how": "not recorded"}
-            teachers.add((m["config"]["teacher"], p["how"] + (f", sha256 {p['sha256'][:12]}" if p.get("sha256") else "")))
+            sha = f", sha256 {p['sha256'][:12]}" if p.get("sha256") else ""
+            teachers.add((m["config"]["teacher"], p["how"] + sha))
     return ", ".join(f"{arch} ({how})" for arch, how in sorted(teachers, key=lambda t: (t[0].lower(), t[1]))) or "–"
 
 
@@ -285,7 +286,7 @@ def render_markdown(tc, cells, found):
     lines = [f"# {heading}: `{tc.runs}`", "",
              f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
              f"'paper' = the PEFD paper's value (Table 4{', Table 5' if tc.kind == 'ablations' else ''})"
-             f"{'; its CRD row is full CRD, ours CRD-lite' if 'crd' in tc.methods.split() and tc.kind == 'main' else ''}"
+             f"{'; its CRD row is full CRD, ours CRD-lite' * ('crd' in tc.methods.split() and tc.kind == 'main')}"
              ". " + EVALUATED, "", conditions(found), ""]
     footnotes = {}
     for table in [t for t in ("last", "best", "cosine") if any(c["table"] == t for c in cells)]:
