@@ -837,10 +837,9 @@ def install_teacher(tc, arch, staged, out, facts):
     return None
 
 
-def fetch_teachers(tc):
-    """`projkd.py fetch-teachers`: RepDistiller's CIFAR-100 teachers from the archive at --url (or one checkpoint
-    copied in by hand, --ckpt), each checked against its published top-1 and, if it matches, installed as
-    <out-dir>/<arch>.pt with its provenance in <arch>.json. A teacher already installed is kept as it is."""
+def teachers_to_fetch(tc):
+    """(the teachers of --arch still to install, the folder, {arch: its path}, whether --ckpt is the installed file
+    itself) for fetch-teachers' options, which are checked here; teachers already in place are kept, and said so."""
     archs = tc.arch.split() or list(PUBLISHED_TEACHERS)
     unknown = [a for a in archs if a not in PUBLISHED_TEACHERS]
     if unknown:
@@ -860,6 +859,30 @@ def fetch_teachers(tc):
                                f"{outs[arch]})")
         print(f"{arch}: {outs[arch]} is in place, kept as it is ({teacher_provenance(outs[arch])['how']})")
         archs.remove(arch)
+    return archs, out_dir, outs, in_place
+
+
+def stage_teacher(tc, arch, archive, member, staged):
+    """The checkpoint to check, written to `staged`: `member` of the tar at `archive`, or else --ckpt's file."""
+    try:
+        if member:
+            print(f"{arch}: {member} of {archive}", flush=True)
+            with tarfile.open(archive) as tar, tar.extractfile(member) as src, open(staged, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)  # this member alone, under our name: no path from the tar
+        else:
+            shutil.copyfile(tc.ckpt, staged)
+    except tarfile.TarError as e:
+        raise WeightsError(f"{member} of {archive} cannot be read ({e}); get the archive again") from None
+    except OSError as e:
+        raise WeightsError(f"cannot write {staged} ({e.strerror or e}); free space or pass --out-dir "
+                           f"elsewhere") from None
+
+
+def fetch_teachers(tc):
+    """`projkd.py fetch-teachers`: RepDistiller's CIFAR-100 teachers from the archive at --url (or one checkpoint
+    copied in by hand, --ckpt), each checked against its published top-1 and, if it matches, installed as
+    <out-dir>/<arch>.pt with its provenance in <arch>.json. A teacher already installed is kept as it is."""
+    archs, out_dir, outs, in_place = teachers_to_fetch(tc)
     if not archs:
         return
     if tc.ckpt:
@@ -878,18 +901,8 @@ def fetch_teachers(tc):
         staged = outs[arch] if in_place else f"{outs[arch]}.tmp{os.getpid()}"
         how = "fetched and verified" if members[arch] else "copied in by hand, verified"
         try:
-            try:
-                if members[arch]:
-                    print(f"{arch}: {members[arch]} of {path}", flush=True)
-                    with tarfile.open(path) as tar, tar.extractfile(members[arch]) as src, open(staged, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)  # this member alone, under our name: no path from the tar
-                elif not in_place:
-                    shutil.copyfile(tc.ckpt, staged)
-            except tarfile.TarError as e:
-                raise WeightsError(f"{members[arch]} of {path} cannot be read ({e}); get the archive again") from None
-            except OSError as e:
-                raise WeightsError(f"cannot write {staged} ({e.strerror or e}); free space or pass --out-dir "
-                                   f"elsewhere") from None
+            if not in_place:
+                stage_teacher(tc, arch, path, members[arch], staged)
             refused.append(install_teacher(tc, arch, staged, outs[arch],
                                            {"how": how, "source": source, "member": members[arch]}))
         finally:
