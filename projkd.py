@@ -479,10 +479,9 @@ def resolve_device(name, world_size):
                         f"(cuda:LOCAL_RANK); use --device cuda")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.type == "cuda" and world_size > 1 else dev
 
-def resolve_config(cfg, command="train"):
-    """Checks every option and fills in what depends on others: the dataset's protocol, the device, the CUDA graph
-    and teacher-cache switches, the paths. Returns (resolved config, notes to print). command "cache": what
-    building a teacher cache needs (a teacher, no student)."""
+def check_roles(cfg, command):
+    """The choices and the models a command needs: a student to train, a teacher unless --method ce (the cache
+    needs a teacher and no student). Returns whether the teacher is needed."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UserError(f"unknown {_flag(name)} {getattr(cfg, name)!r}; choose {', '.join(choices)}")
@@ -500,7 +499,11 @@ def resolve_config(cfg, command="train"):
         raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; pass one")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    notes, protocol = [], PROTOCOLS[cfg.dataset]
+    return needs_teacher
+
+def with_protocol(cfg, notes):
+    """The options left at None from the dataset's protocol, then every number checked against its range."""
+    protocol = PROTOCOLS[cfg.dataset]
     defaults = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
     if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
         defaults["lr"] = 0.01
@@ -518,6 +521,14 @@ def resolve_config(cfg, command="train"):
             raise UserError(f"{_flag(name)} must be {low}, got {v}")
     if cfg.synthetic_classes < 2:
         raise UserError(f"--synthetic-classes must be at least 2, got {cfg.synthetic_classes}")
+    return cfg
+
+def resolve_config(cfg, command="train"):
+    """Checks every option and fills in what depends on others: the dataset's protocol, the device, the CUDA graph
+    and teacher-cache switches, the paths. Returns (resolved config, notes to print). command "cache": what
+    building a teacher cache needs (a teacher, no student)."""
+    needs_teacher, notes = check_roles(cfg, command), []
+    cfg = with_protocol(cfg, notes)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev, resident = resolve_device(cfg.device, world), cfg.dataset in RESIDENT_DATASETS
     if cfg.batch_size % world:
@@ -775,8 +786,7 @@ def log(*args):
 def labelled_log(run_dir):
     """Under make, where several runs share a terminal, each line of this run starts with its short name."""
     global log_label
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
-    log_label = f"[{os.path.relpath(run_dir, parent)}] " if "MAKELEVEL" in os.environ else ""
+    log_label = f"[{os.path.join(*os.path.abspath(run_dir).split(os.sep)[-2:])}] " if "MAKELEVEL" in os.environ else ""
     try:
         yield
     finally:
