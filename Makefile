@@ -146,9 +146,10 @@ smoke:
 	@echo "smoke: the whole chain ran. Its numbers only show that it works: 2 epochs on 512 generated images, 128" \
 	  "test images (one is 0.8 points), 2 seeds; they say nothing about the methods (README: make smoke)."
 
-## test: install requirements.txt into $(PY) if needed, then run the test suite (CPU)
+## test: install the requirements into $(PY) if needed, then lint (ruff) and run the test suite (CPU)
 test: | $(DEPS)
-	$(PY) -m pytest -q test_projkd.py
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
 
 ## clean: remove the smoke pipeline's files (runs/synthetic*, ...); real runs are only removed by hand
 clean:

@@ -17,9 +17,27 @@ import torch
 import torch.nn.functional as F
 
 from models import MODELS
-from projkd import (CIFAR100_MEAN, CIFAR100_STD, Config, ProjectorEnsemble, UserError, check_arch, classifier_of,
-                    code_version, device_name, features_and_logits, log, lr_at, make_synthetic, mda_loss, normalize,
-                    resolve_device, save, setup_run)
+from projkd import (
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    Config,
+    ProjectorEnsemble,
+    UserError,
+    check_arch,
+    classifier_of,
+    code_version,
+    device_name,
+    features_and_logits,
+    log,
+    lr_at,
+    make_synthetic,
+    mda_loss,
+    normalize,
+    resolve_device,
+    save,
+    setup_run,
+)
+
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for model-FLOPs utilisation; the first
 # name contained in the GPU's name applies.
 BF16_PEAK_FLOPS = {"GH200": 989e12, "H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -27,12 +45,14 @@ BF16_PEAK_FLOPS = {"GH200": 989e12, "H200 NVL": 835e12, "H200": 989e12, "H100 PC
 
 @dataclass
 class BenchConfig:
-    pairs: str = "vgg13:vgg8 resnet32x4:resnet8x4"  # teacher:student pairs, each timed with PEFD; on the CPU: resnet20:resnet8
+    pairs: str = "vgg13:vgg8 resnet32x4:resnet8x4"  # teacher:student pairs, each timed with PEFD;
+                                                    # on the CPU: resnet20:resnet8
     batch_size: int = 64  # the paper's CIFAR-100 batch
     steps: int = None  # timed steps of each variant of our loop: 400 on CUDA, 3 on the CPU
     classic_steps: int = None  # timed steps of the classic loop: 150 on CUDA, 3 on the CPU
     warmup: int = None  # untimed steps before each timing: 30 on CUDA, 1 on the CPU
-    workers: int = None  # DataLoader processes of the classic loop: min(8, CPUs), RepDistiller's default being 8
+    workers: int = None  # DataLoader processes of the classic loop: min(8, CPUs), RepDistiller's
+                         # default being 8
     check_steps: int = 200  # the graph-against-eager check: steps compared (CUDA only)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "results"  # bench.json and bench.md go here

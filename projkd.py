@@ -25,6 +25,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import inspect
 import io
@@ -126,12 +127,6 @@ def sp_loss(student_map, teacher_map):
         return F.normalize(a @ a.t(), dim=1)
     return (gram(teacher_map) - gram(student_map)).pow(2).sum() / (b * b)
 
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
 def _gather_rows(x):
     """The rows of x from every process, in rank order (x itself when there is one process)."""
     if _world_size() == 1:
@@ -202,13 +197,6 @@ class CRDLite(nn.Module):
                 self.queue_teacher.index_copy_(0, slots, keys_t)
                 self.queue_next.copy_(slots[-1] + 1)
         return loss_t + loss_s
-
-def between_class_cosine(class_sums):
-    """Mean cosine similarity between the class-mean features of different classes (the paper's Figure 2).
-    class_sums: num_classes x d sums (or means) of features per class; classes with no samples are skipped."""
-    means = _unit(class_sums[class_sums.abs().sum(1) > 0].double())
-    sim, n = means @ means.t(), len(means)
-    return ((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)).item()
 
 # -----------------------------------------------------------------------------------------------------------------
 # 3. Feature taps and the loss wiring: the pooled penultimate feature and the last-stage map are read with
@@ -309,24 +297,34 @@ class Config:
     teacher: str = ""  # teacher architecture (a key of models.MODELS); unused by --method ce
     student: str = ""  # student architecture (a key of models.MODELS)
     method: str = "pefd"  # pefd | kd | sp | crd | ce (ce: the student alone, e.g. to pretrain a teacher)
-    teacher_ckpt: str = ""  # teacher weights (ours, RepDistiller's, mdistiller's or torchvision's); default checkpoints/<dataset>/<teacher>.pt
-    teacher_weights: str = ""  # instead of a file, torchvision's ImageNet weights by name, e.g. IMAGENET1K_V1 (downloads: online only)
+    teacher_ckpt: str = ""  # teacher weights (ours, RepDistiller's, mdistiller's or torchvision's);
+                            # default checkpoints/<dataset>/<teacher>.pt
+    teacher_weights: str = ""  # instead of a file, torchvision's ImageNet weights by name, e.g.
+                               # IMAGENET1K_V1 (downloads: online only)
     # data
-    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for smoke runs and tests)
-    data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet: the folder holding train/ and val/
+    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for
+                               # smoke runs and tests)
+    data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet: the folder
+                            # holding train/ and val/
     download: bool = False  # download CIFAR-100 with torchvision if it is not in --data-dir
     synthetic_size: int = 2048  # training images of --dataset synthetic; its test set is a quarter of that
     synthetic_classes: int = 10  # classes of --dataset synthetic
-    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to 256/224 of it
-    workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its GPUs in use
+    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to
+                           # 256/224 of it
+    workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its
+                         # GPUs in use
     # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's protocol
     epochs: int = None  # training epochs: 240 on CIFAR-100, 100 on ImageNet
-    batch_size: int = None  # global batch (all GPUs together): 64 on CIFAR-100, 256 on ImageNet; the last incomplete batch is dropped
-    lr: float = None  # 0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), 0.1 on ImageNet; never rescaled by batch size
-    lr_decay_epochs: str = None  # comma-separated epochs after which lr is multiplied by lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on ImageNet
+    batch_size: int = None  # global batch (all GPUs together): 64 on CIFAR-100, 256 on ImageNet;
+                            # the last incomplete batch is dropped
+    lr: float = None  # 0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), 0.1
+                      # on ImageNet; never rescaled by batch size
+    lr_decay_epochs: str = None  # comma-separated epochs after which lr is multiplied by
+                                 # lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on ImageNet
     lr_decay_rate: float = 0.1  # factor applied at each of lr_decay_epochs
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = None  # on every trained parameter, projectors and CRD embeddings included: 5e-4 on CIFAR-100, 1e-4 on ImageNet
+    weight_decay: float = None  # on every trained parameter, projectors and CRD embeddings
+                                # included: 5e-4 on CIFAR-100, 1e-4 on ImageNet
     # PEFD (method pefd)
     alpha: float = 25.0  # weight of the MDA loss: loss = CE + alpha * MDA
     q: int = 3  # number of projectors; 0 = none (MDA on the raw student feature; needs equal widths)
@@ -342,21 +340,30 @@ class Config:
     crd_T: float = 0.07  # CRD temperature
     crd_negatives: int = 16384  # CRD negatives per anchor (size of CRD-lite's queue)
     # speed: neither changes what is computed beyond float rounding
-    graph: str = "auto"  # capture the whole training step as one CUDA graph: auto (on for one CUDA process on CIFAR-style data, amp bf16 or off) | on | off
-    teacher_cache: str = "auto"  # compute the teacher's outputs for all 162 crop/flip views of each image once and reuse them: auto (on CUDA for pefd/kd/crd on CIFAR-style data) | on | off
+    graph: str = "auto"  # capture the whole training step as one CUDA graph: auto (on for one CUDA
+                         # process on CIFAR-style data, amp bf16 or off) | on | off
+    teacher_cache: str = "auto"  # compute the teacher's outputs for all 162 crop/flip views of each
+                                 # image once and reuse them: auto (on CUDA for pefd/kd/crd on
+                                 # CIFAR-style data) | on | off
     teacher_cache_file: str = ""  # the cache of --teacher-ckpt; default: that path with the suffix .tcache
-    teacher_cache_ram: float = 0.25  # read the cache file whole into memory when it takes at most this share of the RAM
+    teacher_cache_ram: float = 0.25  # read the cache file whole into memory when it takes at most
+                                     # this share of the RAM
     # running
     seed: int = 1  # seeds initialisation, data order and augmentation
     deterministic: bool = False  # bit-identical reruns (on CPU; on CUDA as far as cuDNN allows), slower
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N; under torchrun each process takes cuda:LOCAL_RANK
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N; under torchrun
+                          # each process takes cuda:LOCAL_RANK
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with gradient scaling) | off; always off on CPU
     compile: bool = False  # torch.compile the student and teacher
-    sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global batch (SyncBatchNorm)
-    eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250 on ImageNet
-    checkpoint_seconds: float = 60.0  # write last.pt after an epoch once this long has passed since the last one (always after the final epoch)
+    sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global
+                           # batch (SyncBatchNorm)
+    eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250
+                                 # on ImageNet
+    checkpoint_seconds: float = 60.0  # write last.pt after an epoch once this long has passed since
+                                      # the last one (always after the final epoch)
     progress_seconds: float = 30.0  # within an epoch, print a progress line this often
-    run_dir: str = ""  # where the run's files go; default runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
+    run_dir: str = ""  # where the run's files go; default
+                       # runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
     resume: bool = False  # continue the run in --run-dir from its last.pt (starts fresh if there is none)
     overwrite: bool = False  # start over even if --run-dir already holds a run
 
@@ -775,6 +782,12 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
 # 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
 #    train_step, eager or replayed as one CUDA graph), evaluate, record_epoch, save_checkpoint; then finish_run.
 
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
 log_label = ""  # put before each line: set by labelled_log while a run trains
 
 def log(*args):
@@ -983,8 +996,7 @@ class ResidentFeed:
         n_used = self.steps_per_epoch * batch_size
         self.planner, self.plan = None, lambda epoch: plan_epoch(seed, epoch, n, n_used)
         if cache is not None:  # the next epoch's rows are read from disk while this one trains
-            from teacher_cache import EpochPlanner
-            self.planner = EpochPlanner(seed, n, n_used, cache, epochs)
+            self.planner = cache.planner(seed, n, n_used, epochs)
             self.plan = self.planner.plan
         self.images = torch.empty(n_used, h, w, c, dtype=torch.uint8, device=device)  # NHWC: a row gather keeps it
         self.labels = torch.empty(n_used, dtype=torch.long, device=device)
@@ -1052,14 +1064,16 @@ class Run:
     memory_format: torch.memory_format
     loss_sum: torch.Tensor  # the epoch's sums of the loss and its terms, accumulated on the device by every step
     correct: torch.Tensor
-    teacher_forward: Optional[object] = None  # x -> the teacher's Outputs; None when its outputs come from the cache
+    teacher_forward: Optional[object] = None  # x -> the teacher's Outputs; None when its outputs
+                                              # come from the cache
     feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
-    step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its CUDA graph
+    step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its
+                                   # CUDA graph
     start_epoch: int = 0
     history: list = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
-    teacher_provenance: Optional[dict] = None  # where the teacher's weights came from (models.teacher_provenance)
+    teacher_provenance: Optional[dict] = None  # where the teacher's weights came from (teacher_provenance)
 
 @contextlib.contextmanager
 def run_dir_lock(folder):
@@ -1166,7 +1180,7 @@ def setup_teacher(run, amp_dtype):
     the teacher made fast: weights in the autocast dtype, and either its output cache (returned) or hooks for the
     live forward pass (run.teacher_forward)."""
     cfg, data, teacher = run.cfg, run.data, run.teacher
-    run.teacher_provenance = zoo().teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
+    run.teacher_provenance = teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
     if run.teacher_eval is None:
         run.teacher_eval = evaluate(teacher, data, cfg.eval_batch_size, run.memory_format)
         source = cfg.teacher_weights or cfg.teacher_ckpt
@@ -1240,32 +1254,6 @@ def train_epoch(run, epoch):
             buffer /= run.world_size
     return {"loss": loss, "ce": ce, "term": term, "acc": 100 * correct / (steps * cfg.batch_size),
             "images_per_s": steps * cfg.batch_size / (time.time() - start)}
-
-@torch.no_grad()
-def evaluate(model, data, batch_size, memory_format):
-    """Top-1 and top-5 accuracy (%) on the test set and the between-class cosine of the penultimate features, in
-    float32. Under torchrun each process evaluates its share and the counts are summed over processes, so the
-    result equals one process evaluating the whole set."""
-    was_training, device, taps = model.training, data.mean.device, Taps(model.eval())
-    hits, n = torch.zeros(2, device=device, dtype=torch.long), 0  # top-1, top-5 on the device; images counted here
-    class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
-    try:
-        for images, labels in data.test_batches(batch_size):
-            logits = model(normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)).float()
-            best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum()])
-            n += len(labels)
-            class_sums.index_add_(0, labels, taps.feature.float())
-    finally:
-        taps.remove()
-        model.train(was_training)
-    counts = torch.cat([hits, torch.tensor([n], device=device)])  # one upload, not one per batch
-    if _world_size() > 1:
-        dist.all_reduce(counts)
-        dist.all_reduce(class_sums)
-    top1, top5, n = counts.tolist()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
-            "images": n}
 
 def record_epoch(run, epoch, stats, result, seconds):
     cfg = run.cfg
@@ -1354,10 +1342,150 @@ def train(cfg):
             run.feed.close()
 
 # -----------------------------------------------------------------------------------------------------------------
-# 7. Entry points: training (no subcommand) and downloading CIFAR-100 here; evaluating a checkpoint alone, fetching
-#    torchvision's weights and RepDistiller's teachers, the teacher cache and the bench in tables.py, models.py,
-#    teacher_cache.py and bench.py.
-#    Each takes its options from a dataclass, as training does; those it shares with training mean the same.
+# 7. Evaluation: top-1/top-5 and the between-class cosine (the paper's Figure 2) of a model on the test set, and
+#    `projkd.py eval`, which evaluates a model file alone and records what it evaluated: the file's sha256 and
+#    the test set's. The pipeline's tables read those records; every run records its teacher's provenance.
+
+@torch.no_grad()
+def evaluate(model, data, batch_size, memory_format):
+    """Top-1 and top-5 accuracy (%) on the test set and the between-class cosine of the penultimate features, in
+    float32. Under torchrun each process evaluates its share and the counts are summed over processes, so the
+    result equals one process evaluating the whole set."""
+    was_training, device, taps = model.training, data.mean.device, Taps(model.eval())
+    hits, n = torch.zeros(2, device=device, dtype=torch.long), 0  # top-1, top-5 on the device; images counted here
+    class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
+    try:
+        for images, labels in data.test_batches(batch_size):
+            logits = model(normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)).float()
+            best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum()])
+            n += len(labels)
+            class_sums.index_add_(0, labels, taps.feature.float())
+    finally:
+        taps.remove()
+        model.train(was_training)
+    counts = torch.cat([hits, torch.tensor([n], device=device)])  # one upload, not one per batch
+    if _world_size() > 1:
+        dist.all_reduce(counts)
+        dist.all_reduce(class_sums)
+    top1, top5, n = counts.tolist()
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
+            "images": n}
+
+def between_class_cosine(class_sums):
+    """Mean cosine similarity between the class-mean features of different classes (the paper's Figure 2).
+    class_sums: num_classes x d sums (or means) of features per class; classes with no samples are skipped."""
+    means = _unit(class_sums[class_sums.abs().sum(1) > 0].double())
+    sim, n = means @ means.t(), len(means)
+    return ((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)).item()
+
+
+def file_sha256(path):
+    """The identity of a model file: what runs, caches and evaluations record of the checkpoint they used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+def teacher_provenance(ckpt, weights=""):
+    """Where a teacher's weights came from, for the metrics.json of each run that uses it: the <arch>.json beside
+    the checkpoint (written by fetch-teachers, fetch-weights or make's teacher training) if it describes this very
+    file (same sha256), else the file's path and sha256 with a note that nothing records where it came from."""
+    if weights:
+        return {"how": f"torchvision's {weights} weights, by name"}
+    sha = file_sha256(ckpt)
+    record_path = os.path.splitext(ckpt)[0] + ".json"
+    record = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(record_path) as f:
+            record = json.load(f)
+    if not isinstance(record, dict):
+        record = None
+    if record and record.get("how") == "trained here" and "sha256" not in record:  # make wrote it: see its run
+        with contextlib.suppress(OSError, TypeError):
+            record["sha256"] = file_sha256(os.path.join(record["run"], "model.pt"))
+    if record and record.get("sha256") == sha:
+        return {**record, "checkpoint": ckpt}
+    if record:
+        note = f"{record_path} describes another file"
+    else:
+        note = f"{record_path} does not exist"
+    return {"how": "put in place by hand or trained here", "checkpoint": ckpt, "sha256": sha, "note": note}
+
+DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")  # what a test set depends on
+
+
+@dataclass
+class EvalOptions:
+    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
+    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file
+                    # or any state_dict
+    out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
+
+
+EvalConfig = options_of("EvalConfig", EvalOptions,
+                        DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
+
+
+def test_set_sha256(data):
+    """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or ImageNet's
+    validation files by name, size and label (hashing 50,000 decoded JPEGs would cost as much as evaluating)."""
+    digest = hashlib.sha256()
+    if data.test_x is not None:
+        for t in (data.test_x, data.test_y):
+            digest.update(t.cpu().contiguous().numpy().tobytes())
+    else:
+        for path, label in data.val_loader.dataset.dataset.samples:  # the whole set, not this process's shard
+            digest.update(f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} "
+                          f"{os.path.getsize(path)} {label}\n".encode())
+    return digest.hexdigest()
+
+
+def evaluate_checkpoint(ec):
+    """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
+    each process evaluates a shard. The data settings of the run that made it (its metrics.json beside it) are
+    used where --dataset and its sizes were left at their defaults. Prints the result and writes it as JSON."""
+    if not ec.arch or not ec.ckpt:
+        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
+    if not os.path.isfile(ec.ckpt):
+        raise UserError(f"no checkpoint at {ec.ckpt}")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
+            trained = json.load(f)["config"]
+        taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
+        ec = dataclasses.replace(ec, **taken)
+        if taken:
+            log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
+    if ec.dataset not in PROTOCOLS:
+        raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
+    check_arch(ec.arch, "arch", ec.dataset)
+    device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
+    _, world = setup_torch(device)
+    ec = dataclasses.replace(ec, eval_batch_size=ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"],
+                             workers=default_workers() if ec.workers is None else ec.workers)
+    data = load_data(ec, device)
+    memory_format = precision("off", device)[0]
+    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
+    result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
+    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
+    record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
+              **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result, "test_set_sha256": test_set_sha256(data),
+              "world_size": world, "device": device_name(device), "torch": torch.__version__}
+    if _rank() == 0:
+        save(record, out)
+    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
+        f"({result['images']} images) -> {out}")
+    if result["top1"] < 2 * 100 / data.num_classes:  # in the pipeline: once per teacher, not once per student run
+        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right file, trained long "
+            f"enough?")
+    return record
+
+# -----------------------------------------------------------------------------------------------------------------
+# 8. Entry points: training (no subcommand), `projkd.py eval` and `download` are here; the teacher cache, the bench
+#    and fetching weights are the tools above this file (teacher_cache.py, bench.py, fetch.py), imported by name
+#    when their subcommand runs. Each takes its options from a dataclass, as training does; those it shares with
+#    training mean the same.
 
 DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 
@@ -1365,47 +1493,66 @@ def download_command(cfg):
     """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official archive)."""
     if cfg.dataset == "imagenet":
         raise UserError(f"ImageNet cannot be downloaded for you: get ILSVRC2012's train and val images from "
-                        f"image-net.org and arrange them as {cfg.data_dir}/train/<class>/ and {cfg.data_dir}/val/<class>/ "
-                        f"(README: ImageNet)")
+                        f"image-net.org and arrange them as {cfg.data_dir}/train/<class>/ and "
+                        f"{cfg.data_dir}/val/<class>/ (docs/many-gpus.md: ImageNet)")
     if cfg.dataset == "cifar100":
         load_cifar100(cfg.data_dir, download=True)
         log(f"CIFAR-100 is in {os.path.join(cfg.data_dir, 'cifar-100-python')}")
 
 # Subcommands: name -> (module, function, options dataclass, usage). No subcommand: training.
 COMMANDS = {
-    "eval": ("tables", "evaluate_checkpoint", "EvalConfig",
+    "eval": ("projkd", "evaluate_checkpoint", "EvalConfig",
              "python projkd.py eval --arch ARCH --ckpt PATH [--dataset ...]  (or under torchrun)"),
     "cache": ("teacher_cache", "cache_command", "CacheConfig",
-              "python projkd.py cache --teacher ARCH [--teacher-ckpt PATH] [--dataset ...] [--teacher-cache-file F]"
-              "  (every training option is accepted; those below change the cache)"),
-    "bench": ("bench", "run_bench", "BenchConfig", "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
-    "fetch-weights": ("models", "fetch_weights", "WeightsConfig",
+              "python projkd.py cache --teacher ARCH [--teacher-ckpt PATH] [--dataset ...] "
+              "[--teacher-cache-file F]  (every training option is accepted; those below change the cache)"),
+    "bench": ("bench", "run_bench", "BenchConfig",
+              "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
+    "fetch-weights": ("fetch", "fetch_weights", "WeightsConfig",
                       "python projkd.py fetch-weights --arch resnet34 [--out checkpoints/imagenet/resnet34.pt]"),
-    "fetch-teachers": ("models", "fetch_teachers", "TeachersConfig",
+    "fetch-teachers": ("fetch", "fetch_teachers", "TeachersConfig",
                        "python projkd.py fetch-teachers [--arch \"vgg13 ...\"] [--url URL|FILE] [--ckpt BY_HAND.pth]"),
     "download": ("projkd", "download_command", "DownloadConfig", "python projkd.py download [--data-dir data]"),
 }
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    command, schema = train, Config
+def command_of(argv):
+    """(the function to run, its options dataclass, the usage line, the options) for a command line."""
     usage = f"python projkd.py [--option value ...]   (or a subcommand: {', '.join(COMMANDS)}; SUBCOMMAND --help)"
-    if argv and argv[0] in COMMANDS:
-        module_name, command_name, schema_name, usage = COMMANDS[argv[0]]
-        module = importlib.import_module(module_name)  # teacher_cache and bench only when asked for
-        command, schema, argv = getattr(module, command_name), getattr(module, schema_name), argv[1:]
-    if any(a in ("-h", "--help") for a in argv):
-        print(cli_help(schema, __doc__, usage))
-        return 0
+    if not argv or argv[0].startswith("-"):
+        return train, Config, usage, argv
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"unknown subcommand {argv[0]!r}; {hint}choose {', '.join(COMMANDS)}, or none to train")
+    module_name, function_name, schema_name, usage = COMMANDS[argv[0]]
+    module = importlib.import_module(module_name)  # a tool's module only when its subcommand runs
+    return getattr(module, function_name), getattr(module, schema_name), usage, argv[1:]
+
+def errors_to_report():
+    """The exceptions main() prints as one line: ours, and models.py's weight errors where models.py is here."""
     try:
+        return (UserError, zoo().WeightsError)
+    except ImportError:  # this file copied alone
+        return (UserError,)
+
+def main(argv=None):
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        command, schema, usage, argv = command_of(argv)
+        if "-h" in argv or "--help" in argv:
+            print(cli_help(schema, __doc__, usage))
+            return 0
         command(parse_args(argv, getattr(schema, "parse_as", schema)))
-    except (UserError, zoo().WeightsError) as e:
+    except errors_to_report() as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error: say it once
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "run the same command again" if "--resume" in argv or command is not train else \
-            "continue with the same command plus --resume"
+        if "--resume" in argv or command is not train:
+            again = "run the same command again"
+        else:
+            again = "continue with the same command plus --resume"
         print(f"projkd: interrupted; {again}", file=sys.stderr)
         return 130
     finally:
@@ -1414,9 +1561,11 @@ def main(argv=None):
     return 0
 
 if __name__ == "__main__":
-    import projkd  # run as the module `projkd`, the one teacher_cache.py and bench.py import, not a second copy
+    # The tools import this file as `projkd`: let them find this very module, not load a second copy with
+    # classes of its own (a UserError raised there would not be ours).
+    sys.modules["projkd"] = sys.modules[__name__]
     try:
-        sys.exit(projkd.main())
+        sys.exit(main())
     except BrokenPipeError:  # e.g. `projkd.py --help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

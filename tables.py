@@ -14,25 +14,18 @@ mean ± sample std over the seeds whose run has finished, with n; a cell without
 "missing", never 0. Runs are found where projkd.py puts them by default (projkd.run_path). With --figures the
 table's figures are drawn too (README: Figures) and linked from its markdown; they need matplotlib.
 
-Here too is `python projkd.py eval`, which evaluates a checkpoint alone and writes the JSON tables can read.
+The numbers of the last epoch and the teacher row are those of `projkd.py eval`, each model file evaluated alone.
 """
-import contextlib
 import csv
-import dataclasses
-import hashlib
 import io
 import json
 import os
 import re
 import sys
-import textwrap
 from dataclasses import dataclass
 
-import torch
-
-from projkd import (PROTOCOLS, Config, UserError, _rank, atomic_write, check_arch, cli_help, default_workers,
-                    device_name, evaluate, load_data, log, options_of, parse_args, precision, resolve_device, run_name,
-                    run_path, save, setup_torch, zoo)
+import figures
+from projkd import Config, UserError, cli_help, parse_args, run_name, run_path, save
 
 
 @dataclass
@@ -40,13 +33,19 @@ class TableConfig:
     runs: str = "runs/cifar100"  # the folder that holds the run directories (make's RUNS)
     pairs: str = "wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2"  # teacher:student columns
     methods: str = "ce kd sp crd pefd"  # rows of the main table (imagenet: columns), besides the teacher
-    variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD itself (make's ABLATION_VARIANTS)
+    variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD
+                                                                  # itself (make's
+                                                                  # ABLATION_VARIANTS)
     seeds: str = "1 2 3"  # the seeds every cell should have
-    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth, activation) | imagenet (Table 1) | bench
-    teachers: str = ""  # the folder of the teacher checkpoints, whose <arch>.eval.json give the teacher row (make's TEACHERS)
+    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth,
+                        # activation) | imagenet (Table 1) | bench
+    teachers: str = ""  # the folder of the teacher checkpoints, whose <arch>.eval.json give the
+                        # teacher row (make's TEACHERS)
     out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
-    figures: str = ""  # folder for the figures (PNG, needs matplotlib), linked from the markdown; empty: none
-    bench: str = "results/bench.json"  # --kind bench: projkd.py bench's report, drawn as <figures>/bench.png
+    figures: str = ""  # folder for the figures (PNG, needs matplotlib), linked from the markdown;
+                       # empty: none
+    bench: str = "results/bench.json"  # --kind bench: projkd.py bench's report, drawn as
+                                       # <figures>/bench.png
 
 
 ROW_NAMES = {"teacher": "Teacher", "ce": "Student", "kd": "KD", "sp": "SP", "crd": "CRD-lite", "pefd": "PEFD"}
@@ -366,11 +365,23 @@ def write_tables(tc):
     bad = [path for path in tc.out.split() if not path.endswith((".md", ".csv"))]
     if bad:
         raise UserError(f"--out {bad[0]!r} must end in .md or .csv")
-    collect_cells, render = (collect_imagenet, render_imagenet) if tc.kind == "imagenet" else (collect, render_markdown)
-    cells, found = collect_cells(tc)
-    figures = write_figures(tc) if tc.figures else []  # before the tables, which link to them
+    if tc.kind == "imagenet":
+        cells, found = collect_imagenet(tc)
+    else:
+        cells, found = collect(tc)
+    drawn = []
+    if tc.figures:
+        drawn = write_figures(tc)  # before the tables, which link to them
+
     def markdown(folder):
-        return render(tc, cells, found) + ("\n## Figures\n" + figure_links(figures, folder) if figures else "")
+        if tc.kind == "imagenet":
+            text = render_imagenet(tc, cells, found)
+        else:
+            text = render_markdown(tc, cells, found)
+        if drawn:
+            text += "\n## Figures\n" + figure_links(drawn, folder)
+        return text
+
     if not tc.out:
         print(markdown("."))
     for path in tc.out.split():
@@ -381,23 +392,10 @@ def write_tables(tc):
         print(f"wrote {path} from {len(found)} finished runs" + (f"; {missing} cells missing" if missing else ""))
 
 
-# --- figures (PNG): the tables' runs drawn as the paper draws them -------------------------------------------
-# Each figure is a pure function from run metrics to its series (what the tests check against log.csv) and a
-# drawing of that. matplotlib is imported here only when figures are asked for: projkd.py eval imports this file.
+# --- figures (PNG): what each of the tables' figures shows; figures.py draws it ----------------------------------
+# Each series is a pure function from run metrics (what the tests check against log.csv).
 
-NO_RUNS = "no finished runs yet"
-CURVE_LABELS = {"test_top1": "test top-1 (%)", "test_top5": "test top-5 (%)", "train_mda": "training MDA term"}
 TEACHER_OF = {"test_top1": "top1", "test_top5": "top5"}  # the teacher's line in a curve panel
-
-
-def pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("figures need matplotlib, which this python lacks: pip install -r requirements.txt") from None
-    matplotlib.use("Agg")  # headless: a cluster node has no display
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def epoch_series(runs, column):
@@ -414,154 +412,105 @@ def curve_series(tc, pair, columns):
     """Per history column, the epoch_series of each table row (method) that has it; and the teacher's accuracy
     (None where no run measured it) for the columns that have a teacher."""
     rows = table_rows(tc, pair)
-    series = {c: {label: s for _, label, _, runs in rows if (s := epoch_series(runs, c))} for c in columns}
-    runs = [m for *_, ms in rows for m in ms]
-    teacher = {c: next(iter(teacher_accuracy(tc, pair.split(":")[0], runs, TEACHER_OF[c])), None)
-               for c in columns if c in TEACHER_OF}  # the table's teacher row
+    series = {}
+    for column in columns:
+        series[column] = {}
+        for _, label, _, runs in rows:
+            points = epoch_series(runs, column)
+            if points:
+                series[column][label] = points
+    all_runs = [m for *_, runs in rows for m in runs]
+    teacher = {}
+    for column in columns:
+        if column in TEACHER_OF:  # the table's teacher row
+            accuracy = teacher_accuracy(tc, pair.split(":")[0], all_runs, TEACHER_OF[column])
+            teacher[column] = accuracy[0] if accuracy else None
     return series, teacher
 
 
 def cosine_series(tc, pair):
     """Figure 2: [(row label, summary of the last epoch's between-class cosine)] per row with a finished run."""
-    bars = [(label, summarize([m["between_class_cosine"] for m in runs])) for _, label, _, runs in table_rows(tc, pair)]
-    return [(label, s) for label, s in bars if s["n"]]
+    bars = []
+    for _, label, _, runs in table_rows(tc, pair):
+        summary = summarize([m["between_class_cosine"] for m in runs])
+        if summary["n"]:
+            bars.append((label, summary))
+    return bars
 
 
 def ablation_series(tc, pair, option):
     """Figures 3 (option q) and 4 (proj_depth): [(x, summary of last-epoch top-1)] for PEFD and each variant that
     changes only `option`, by x, where a run has finished; and the paper's PEFD (x, mean, std) or None."""
     default = getattr(Config, option)
-    points = [(variant.get(option, default), summarize([last_accuracy(m, "top1", []) for m in runs]))
-              for _, _, variant, runs in table_rows(tc, pair) if set(variant) <= {option}]
+    points = []
+    for _, _, variant, runs in table_rows(tc, pair):
+        summary = summarize([last_accuracy(m, "top1", []) for m in runs])
+        if set(variant) <= {option} and summary["n"]:
+            points.append((variant.get(option, default), summary))
     paper = PAPER.get(pair, {}).get("pefd")
-    return sorted([p for p in points if p[1]["n"]], key=lambda p: p[0]), (default, *paper) if paper else None
+    if paper:
+        paper = (default, *paper)
+    return sorted(points, key=lambda p: p[0]), paper
 
 
 def bench_series(report):
     """Per pair of bench.json: [(loop, images/s, MFU, why skipped)], images/s and MFU None where not measured."""
-    return {f"{p['teacher']} → {p['student']}": [(r["loop"], r["images_per_s"], r.get("mfu"), r.get("skipped"))
-                                                for r in p["rows"]] for p in report["pairs"]}
+    series = {}
+    for p in report["pairs"]:
+        rows = [(r["loop"], r["images_per_s"], r.get("mfu"), r.get("skipped")) for r in p["rows"]]
+        series[f"{p['teacher']} → {p['student']}"] = rows
+    return series
 
 
-def _panels(plt, n, title, width=4.8, stacked=False):
-    """n panels side by side, or one above the other; at least one, to say that there are no runs in."""
-    shape = (max(n, 1), 1) if stacked else (1, max(n, 1))
-    fig, axes = plt.subplots(*shape, figsize=(width * shape[1], 4 * shape[0]), squeeze=False)
-    fig.suptitle(textwrap.fill(title, int(11 * width * shape[1])))  # about 11 characters an inch: no title cut off
-    return fig, list(axes.flat)
-
-
-def _no_runs(ax, y=0.5):
-    ax.text(0.5, y, NO_RUNS, ha="center", va="center", transform=ax.transAxes, color="gray",
-            bbox={"facecolor": "white", "edgecolor": "none"})
-
-
-def _save(plt, fig, path):
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))  # never a half-written PNG
-    finally:
-        plt.close(fig)
-
-
-def draw_curves(plt, series, teacher, title, path):
-    """A panel per column; a training-term column that no run has (runs from before it was logged) is none."""
-    columns = [c for c in series if series[c] or not c.startswith("train_")]
-    fig, axes = _panels(plt, len(columns), title, width=5.5)
-    for ax, column in zip(axes, columns):
-        for label, points in series[column].items():
-            epochs, mean, low, high = zip(*points)
-            line, = ax.plot(epochs, mean, label=label, marker="o" if len(epochs) < 20 else None, markersize=3)
-            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)  # min-max over seeds
-        if teacher.get(column) is not None:
-            ax.axhline(teacher[column], color="black", linestyle="--", linewidth=1, label="Teacher")
-        if series[column]:
-            ax.legend(fontsize=8)
-        else:
-            _no_runs(ax)
-        ax.set(xlabel="epoch", ylabel=CURVE_LABELS.get(column, column))
-        ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # whole epochs, even for a run of one
-    _save(plt, fig, path)
-
-
-def draw_bars(plt, bars_by_pair, title, ylabel, path):
-    fig, axes = _panels(plt, len(bars_by_pair), title)
-    for ax, (pair, bars) in zip(axes, bars_by_pair.items()):
-        if bars:
-            labels, summaries = zip(*bars)
-            ax.bar(labels, [s["mean"] for s in summaries], yerr=[s["std"] or 0 for s in summaries], capsize=3)
-            ax.tick_params(axis="x", labelrotation=30)
-        else:
-            _no_runs(ax)
-        ax.set(title=pair.replace(":", " → "), ylabel=ylabel)
-    _save(plt, fig, path)
-
-
-def draw_ablation(plt, by_pair, xlabel, title, path):
-    fig, axes = _panels(plt, len(by_pair), title)
-    for ax, (pair, (points, paper)) in zip(axes, by_pair.items()):
-        xs = [x for x, _ in points]
-        if points:
-            ax.errorbar(xs, [s["mean"] for _, s in points], yerr=[s["std"] or 0 for _, s in points], marker="o",
-                        capsize=3, label="ours: mean ± std over seeds")
-        else:
-            _no_runs(ax, y=0.25)  # below the paper's mark, which is centred
-        if paper:
-            ax.errorbar([paper[0]], [paper[1]], yerr=[paper[2] or 0], marker="*", markersize=12, color="tab:red",
-                        linestyle="none", capsize=3, label="paper, Table 4 (PEFD)")
-        ax.set_xticks(sorted({*xs, *paper[:1]}) if paper else xs)
-        ax.set(title=pair.replace(":", " → "), xlabel=xlabel, ylabel="top-1 (%) at the last epoch")
-        if points or paper:
-            ax.legend(fontsize=8)
-    _save(plt, fig, path)
-
-
-def draw_bench(plt, series, title, path):
-    fig, axes = _panels(plt, len(series), title, width=8, stacked=True)  # its loops' names are long
-    for ax, (pair, rows) in zip(axes, series.items()):
-        top = max((speed or 0 for _, speed, _, _ in rows), default=0) or 1
-        for i, (_, speed, mfu, skipped) in enumerate(rows):
-            if speed:
-                ax.barh(i, speed, color="tab:blue")
-            note = f" {speed:,.0f} img/s, MFU {f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'}" if speed else \
-                f" skipped: {skipped}"  # never a bar of 0
-            ax.text(speed or 0, i, note, va="center", fontsize=8)
-        ax.set_yticks(range(len(rows)), [loop for loop, *_ in rows], fontsize=8)
-        ax.set(xlim=(0, 1.6 * top), title=pair, xlabel="images/s (higher is better)")
-        ax.invert_yaxis()  # in bench.md's order, top to bottom
-    if not series:
-        _no_runs(axes[0])
-    _save(plt, fig, path)
+ABLATION_FIGURES = (  # option, file name, caption, x axis
+    ("q", "q", "Figure 3: top-1 against the number of projectors", "projectors q (0: none)"),
+    ("proj_depth", "depth", "Figure 4: top-1 against the projectors' depth", "layers per projector"))
+COSINE_CAPTION = "Figure 2: between-class cosine of the student's features at the last epoch (lower: more separable)"
 
 
 def write_figures(tc):
     """The figures of a main, imagenet or ablations table into tc.figures: [(path, caption)], for its markdown."""
-    plt, pairs, figures = pyplot(), _pairs(tc), []
+    plt = figures.pyplot()
+    pairs = _pairs(tc)
+    drawn = []
     os.makedirs(tc.figures, exist_ok=True)
     if tc.kind == "ablations":
-        for option, name, what, xlabel in (
-                ("q", "q", "Figure 3: top-1 against the number of projectors", "projectors q (0: none)"),
-                ("proj_depth", "depth", "Figure 4: top-1 against the projectors' depth", "layers per projector")):
+        for option, name, caption, xlabel in ABLATION_FIGURES:
             path = os.path.join(tc.figures, f"ablations-{name}.png")
-            draw_ablation(plt, {p: ablation_series(tc, p, option) for p in pairs}, xlabel, what, path)
-            figures.append((path, what))
+            figures.draw_ablation(plt, {p: ablation_series(tc, p, option) for p in pairs}, xlabel, caption, path)
+            drawn.append((path, caption))
     else:
-        columns = ("test_top1",) + ("test_top5",) * (tc.kind == "imagenet") + ("train_mda",)
-        prefix = "imagenet-" if tc.kind == "imagenet" else ""  # results/figures holds CIFAR's and ImageNet's
-        accuracy = "top-1 and top-5" if tc.kind == "imagenet" else "top-1"
-        for pair in pairs:
-            path = os.path.join(tc.figures, f"{prefix}{pair.replace(':', '-')}-curves.png")
-            arrow = pair.replace(":", " → ")
-            draw_curves(plt, *curve_series(tc, pair, columns), f"{arrow} (mean, min-max band over seeds)", path)
-            figures.append((path, f"{arrow}: test {accuracy} (%) of each method against epoch, mean over seeds with "
-                                  "their min-max band; PEFD's training MDA term where its runs logged it"))
+        drawn += write_curves(tc, plt, pairs)
     if tc.kind != "imagenet":
-        path = os.path.join(tc.figures, f"{'ablations-' * (tc.kind == 'ablations')}cosine.png")
-        what = "Figure 2: between-class cosine of the student's features at the last epoch (lower: more separable)"
-        draw_bars(plt, {p: cosine_series(tc, p) for p in pairs}, what, "between-class cosine (mean ± std)", path)
-        figures.append((path, what))
-    print(f"wrote {len(figures)} figures to {tc.figures}")
-    return figures
+        name = "cosine.png"
+        if tc.kind == "ablations":
+            name = "ablations-cosine.png"
+        path = os.path.join(tc.figures, name)
+        bars = {p: cosine_series(tc, p) for p in pairs}
+        figures.draw_bars(plt, bars, COSINE_CAPTION, "between-class cosine (mean ± std)", path)
+        drawn.append((path, COSINE_CAPTION))
+    print(f"wrote {len(drawn)} figures to {tc.figures}")
+    return drawn
+
+
+def write_curves(tc, plt, pairs):
+    """Each pair's learning curves: test top-1 (and top-5 on ImageNet) and PEFD's MDA term against epoch."""
+    columns = ["test_top1", "train_mda"]
+    prefix = ""
+    accuracy = "top-1"
+    if tc.kind == "imagenet":  # results/figures holds CIFAR's and ImageNet's
+        columns = ["test_top1", "test_top5", "train_mda"]
+        prefix = "imagenet-"
+        accuracy = "top-1 and top-5"
+    drawn = []
+    for pair in pairs:
+        path = os.path.join(tc.figures, f"{prefix}{pair.replace(':', '-')}-curves.png")
+        arrow = pair.replace(":", " → ")
+        series, teacher = curve_series(tc, pair, columns)
+        figures.draw_curves(plt, series, teacher, f"{arrow} (mean, min-max band over seeds)", path)
+        drawn.append((path, f"{arrow}: test {accuracy} (%) of each method against epoch, mean over seeds with "
+                            "their min-max band; PEFD's training MDA term where its runs logged it"))
+    return drawn
 
 
 def write_bench_figure(tc):
@@ -572,93 +521,24 @@ def write_bench_figure(tc):
     try:
         with open(tc.bench) as f:
             report = json.load(f)
-        series, title = bench_series(report), f"projkd bench: {report['device']}, torch {report['torch']}"
+        series = bench_series(report)
+        title = f"projkd bench: {report['device']}, torch {report['torch']}"
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read {tc.bench} as projkd.py bench's report ({e!r}); make bench writes it") from None
     try:
-        plt = pyplot()
+        plt = figures.pyplot()
     except UserError as e:
         print(f"tables: no bench figure: {e}")
         return
     os.makedirs(tc.figures, exist_ok=True)
     path = os.path.join(tc.figures, "bench.png")
-    draw_bench(plt, series, title, path)
+    figures.draw_bench(plt, series, title, path)
     print(f"wrote {path}")
 
 
-def figure_links(figures, folder):
+def figure_links(drawn, folder):
     """The figures as markdown images, linked relative to the markdown file's folder."""
-    return "".join(f"\n![{what}]({os.path.relpath(path, folder or '.')})\n" for path, what in figures)
-
-
-# --- projkd.py eval: a checkpoint evaluated alone ---------------------------------------------------------------
-
-DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")  # what a test set depends on
-
-
-@dataclass
-class EvalOptions:
-    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
-    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
-    out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
-
-
-EvalConfig = options_of("EvalConfig", EvalOptions,
-                        DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
-
-
-def test_set_sha256(data):
-    """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or ImageNet's
-    validation files by name, size and label (hashing 50,000 decoded JPEGs would cost as much as evaluating)."""
-    digest = hashlib.sha256()
-    if data.test_x is not None:
-        for t in (data.test_x, data.test_y):
-            digest.update(t.cpu().contiguous().numpy().tobytes())
-    else:
-        for path, label in data.val_loader.dataset.dataset.samples:  # the whole set, not this process's shard
-            digest.update(f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} "
-                          f"{os.path.getsize(path)} {label}\n".encode())
-    return digest.hexdigest()
-
-
-def evaluate_checkpoint(ec):
-    """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
-    each process evaluates a shard. The data settings of the run that made it (its metrics.json beside it) are
-    used where --dataset and its sizes were left at their defaults. Prints the result and writes it as JSON."""
-    if not ec.arch or not ec.ckpt:
-        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
-    if not os.path.isfile(ec.ckpt):
-        raise UserError(f"no checkpoint at {ec.ckpt}")
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
-            trained = json.load(f)["config"]
-        taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
-        ec = dataclasses.replace(ec, **taken)
-        if taken:
-            log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
-    if ec.dataset not in PROTOCOLS:
-        raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
-    check_arch(ec.arch, "arch", ec.dataset)
-    device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
-    _, world = setup_torch(device)
-    ec = dataclasses.replace(ec, eval_batch_size=ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"],
-                             workers=default_workers() if ec.workers is None else ec.workers)
-    data = load_data(ec, device)
-    memory_format = precision("off", device)[0]
-    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
-    result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
-    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
-    record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": zoo().file_sha256(ec.ckpt),
-              **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result, "test_set_sha256": test_set_sha256(data),
-              "world_size": world, "device": device_name(device), "torch": torch.__version__}
-    if _rank() == 0:
-        save(record, out)
-    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-        f"({result['images']} images) -> {out}")
-    if result["top1"] < 2 * 100 / data.num_classes:  # in the pipeline: once per teacher, not once per student run
-        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right file, trained long "
-            f"enough?")
-    return record
+    return "".join(f"\n![{what}]({os.path.relpath(path, folder or '.')})\n" for path, what in drawn)
 
 
 def main(argv=None):

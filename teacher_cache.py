@@ -18,10 +18,27 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from models import file_sha256
-from projkd import (CROP_PADDING, Config, Taps, UserError, atomic_write, classifier_of, crop_flip, device_name,
-                    load_data, log, normalize, options_of, plan_epoch, precision, resolve_config,
-                    setup_torch, teacher_for_speed, zoo)
+from projkd import (
+    CROP_PADDING,
+    Config,
+    Taps,
+    UserError,
+    atomic_write,
+    classifier_of,
+    crop_flip,
+    device_name,
+    file_sha256,
+    load_data,
+    log,
+    normalize,
+    options_of,
+    plan_epoch,
+    precision,
+    resolve_config,
+    setup_torch,
+    teacher_for_speed,
+    zoo,
+)
 
 CACHE_VIEWS = (2 * CROP_PADDING + 1) ** 2 * 2
 CACHE_HEADER_BYTES = 4096  # a JSON header, space-padded; the rows follow
@@ -79,6 +96,10 @@ class TeacherCache:
         self.array = np.memmap(path, dtype=np.int16, mode="r", offset=CACHE_HEADER_BYTES,
                                shape=(CACHE_VIEWS * header["images"], header["width"]))
         self.read_whole = os.path.getsize(path) <= ram_share * physical_memory()
+
+    def planner(self, seed, n_train, n_used, epochs):
+        """The EpochPlanner of a training run that reads this cache."""
+        return EpochPlanner(seed, n_train, n_used, self, epochs)
 
     def rows(self, images, views):
         if self.read_whole and self.whole is None:

@@ -1,11 +1,8 @@
-"""Tests for projkd.py and models.py. CPU only, seconds each: python -m pytest -q
-
-The sections follow projkd.py's: the method, the baselines, feature taps, the architectures (models.py), config and
-CLI, data, the training loop, resume, distributed training, the teacher-output cache, the other entry points and
-bench; then the Make pipeline and the result tables (tables.py)."""
+"""Tests for projkd.py, the reference, in the order of its sections: the method, the baselines, feature taps,
+config and CLI, data, the training loop, resume, distributed training, evaluation and the entry points.
+CPU only, seconds each: make test (or python -m pytest -q)."""
 import contextlib
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -17,7 +14,6 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -25,73 +21,33 @@ import torch.nn.functional as F
 
 import models
 import projkd
-import teacher_cache
-from models import IMAGENET_ARCHS, MODELS, TORCHVISION_WEIGHTS
-from projkd import (CRDLite, ProjectorEnsemble, UserError, crop_flip, features_and_logits, kd_loss, load_cifar100,
-                    mda_loss, sp_loss)
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-COMPAT = os.path.join(HERE, "testdata", "repdistiller")
-# The two smallest architectures keep the end-to-end runs at a few seconds on two CPU cores.
-SMALL_TEACHER, SMALL_STUDENT = "resnet20", "resnet8"
-# The paper's four ImageNet pairs (its Table 1), as Make and tables.py take them.
-IMAGENET_PAIRS = "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def not_under_make():
-    """`make test` runs the suite under make, where a run labels its lines: every test starts outside make (those
-    that want make's behaviour set MAKELEVEL themselves, or run make)."""
-    level = os.environ.pop("MAKELEVEL", None)
-    yield
-    if level is not None:
-        os.environ["MAKELEVEL"] = level
-
-
-# Helpers that several sections use: small CLI runs on synthetic data, and a tiny ImageNet-style folder.
-
-def synthetic_args(*extra):
-    return ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "32", "--epochs", "1",
-            "--device", "cpu", *extra]
-
-
-@pytest.fixture(scope="module")
-def synthetic_teacher(tmp_path_factory):
-    """A small teacher trained with --method ce on synthetic data through the CLI."""
-    run_dir = tmp_path_factory.mktemp("teacher") / "run"
-    args = ["--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--epochs", "3",
-            "--device", "cpu", "--deterministic", "--student", SMALL_TEACHER, "--method", "ce", "--run-dir", str(run_dir)]
-    assert projkd.main(args) == 0
-    return run_dir
-
-
-def small_run(tmp_path, *extra, **changes):
-    """A Run set up exactly as training sets one up (synthetic data, CPU), without training it."""
-    args = projkd.parse_args(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
-                                            "--run-dir", str(tmp_path / "run"), *extra))
-    return projkd.setup_run(projkd.dataclasses.replace(args, **changes))
-
-
-def write_image_folder(root, classes=("ant", "bee", "cat"), train=4, val=2, seed=0):
-    """A tiny ImageNet-style tree: root/{train,val}/<class>/*.JPEG, small JPEGs of odd sizes."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", val)):
-        for c in classes:
-            os.makedirs(root / split / c, exist_ok=True)
-            for i in range(n):
-                h, w = rng.integers(21, 70, 2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.JPEG")
-    return root
-
-
-def imagenet_args(root, *extra):
-    return ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--batch-size", "4",
-            "--epochs", "1", "--device", "cpu", "--workers", "1", *extra]
-
+from conftest import (
+    HERE,
+    SMALL_STUDENT,
+    SMALL_TEACHER,
+    imagenet_args,
+    small_run,
+    synthetic_args,
+    torchrun,
+    write_cifar_pickles,
+    write_image_folder,
+)
+from models import MODELS
+from projkd import (
+    CRDLite,
+    ProjectorEnsemble,
+    UserError,
+    crop_flip,
+    features_and_logits,
+    kd_loss,
+    load_cifar100,
+    mda_loss,
+    sp_loss,
+)
 
 # --- method: ProjectorEnsemble and mda_loss ----------------------------------------------------------------------
+
+
 
 def test_mda_loss_hand_computed():
     f = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
@@ -102,6 +58,7 @@ def test_mda_loss_hand_computed():
     assert mda_loss(-t, t).item() == pytest.approx(2.0, abs=1e-6)
 
 
+
 def test_mda_loss_is_float32_and_finite_at_zero_vectors():
     f = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0]], requires_grad=True)
     t = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
@@ -110,6 +67,7 @@ def test_mda_loss_is_float32_and_finite_at_zero_vectors():
     assert loss.item() == pytest.approx(0.5, abs=1e-6)  # cos 0 for the zero row, 1 for the other
     assert torch.isfinite(f.grad).all()
     assert mda_loss(f.detach().bfloat16(), t.bfloat16()).dtype == torch.float32
+
 
 
 @pytest.mark.parametrize("act,depth", [("relu", 1), ("gelu", 2), ("none", 3)])
@@ -126,6 +84,7 @@ def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
     assert not torch.equal(projectors[0][0].weight, projectors[1][0].weight)  # independently initialised
 
 
+
 def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     torch.manual_seed(7)
     ens = ProjectorEnsemble(6, 4, q=2, depth=2)
@@ -137,12 +96,14 @@ def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     assert [tuple(p.shape) for p in ens.parameters()] == [(2, 4, 6), (2, 4, 4), (2, 4), (2, 4)]
 
 
+
 def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
     assert (ProjectorEnsemble(8, 5)(torch.randn(16, 8)) >= 0).all()
     with pytest.raises(ValueError):
         ProjectorEnsemble(8, 5, q=0)
     with pytest.raises(ValueError):
         ProjectorEnsemble(8, 5, act="tanh")
+
 
 
 def test_gradients_reach_student_and_projectors_but_not_the_teacher():
@@ -170,6 +131,8 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
 
 # --- baselines: KD, SP, CRD-lite ---------------------------------------------------------------------------------
 
+
+
 def test_kd_loss_hand_computed():
     T = 2.0
     student = torch.zeros(1, 2)
@@ -179,6 +142,7 @@ def test_kd_loss_hand_computed():
     # averaged over the batch: a second, perfectly matched row halves it
     both = kd_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]), T=T)
     assert both.item() == pytest.approx(kl * T * T / 2, rel=1e-5)
+
 
 
 def test_sp_loss_hand_computed():
@@ -192,6 +156,7 @@ def test_sp_loss_hand_computed():
     assert sp_loss(torch.randn(4, 8, 2, 2), torch.randn(4, 3, 4, 4)).shape == ()
 
 
+
 def crd_reference_loss(anchor, positive, negatives, log_z, T, n_data=50000):
     """CRD's eq. 18 written as CRD writes it: P = exp(v.u/T) / Z with Z = exp(log_z) * n_data, noise 1/n_data."""
     m = negatives.shape[0]
@@ -201,6 +166,7 @@ def crd_reference_loss(anchor, positive, negatives, log_z, T, n_data=50000):
     log_d1 = torch.log(p_pos / (p_pos + m * pn))
     log_d0 = torch.log(m * pn / (p_neg + m * pn))
     return -(log_d1.sum() + log_d0.sum()) / anchor.shape[0]
+
 
 
 def test_crd_lite_matches_crd_nce_and_updates_its_queue():
@@ -228,11 +194,13 @@ def test_crd_lite_matches_crd_nce_and_updates_its_queue():
     assert crd.queue_next.item() == 1 and torch.equal(crd.log_z, z_before)  # Z is fixed after the first batch
 
 
+
 def test_crd_lite_updates_its_queues_in_place():
     crd = CRDLite(6, 10, dim=4, negatives=5, T=0.5)
     pointers = [b.data_ptr() for b in crd.buffers()]
     crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
     assert [b.data_ptr() for b in crd.buffers()] == pointers
+
 
 
 def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
@@ -247,6 +215,7 @@ def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
     assert len(reduced) == 2 and int(crd.queue_next) == 3 * 3 * 2 % 8  # each step enqueues both processes' rows
 
 
+
 def test_between_class_cosine_hand_computed():
     sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
     # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
@@ -254,6 +223,8 @@ def test_between_class_cosine_hand_computed():
 
 
 # --- feature taps and the loss wiring ----------------------------------------------------------------------------
+
+
 
 def test_features_and_logits_on_a_torchvision_model():
     import torchvision
@@ -264,6 +235,7 @@ def test_features_and_logits_on_a_torchvision_model():
     assert feature.shape == (2, 512) and logits.shape == (2, 7)
     assert torch.allclose(model.fc(feature), logits, atol=1e-6)
     assert not model.fc._forward_pre_hooks  # the hook is gone afterwards
+
 
 
 def test_projkd_copied_alone_imports_and_runs(tmp_path):
@@ -297,140 +269,16 @@ def test_projkd_copied_alone_imports_and_runs(tmp_path):
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
 
 
-# --- models.py: the architectures --------------------------------------------------------------------------------
-
-def _fill():
-    spec = importlib.util.spec_from_file_location("compat_fill", os.path.join(COMPAT, "fill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.fill
-
-
-@pytest.fixture(scope="module")
-def compat():
-    with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
-        spec = json.load(f)
-    ref = torch.load(os.path.join(COMPAT, "repdistiller_ref_seed1.pt"), weights_only=True)
-    return spec, ref["ref"], _fill()
-
-
-def _rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-@pytest.mark.parametrize("arch", json.load(open(os.path.join(COMPAT, "repdistiller_spec.json"))))
-def test_architecture_matches_the_repdistiller_zoo(arch, compat):
-    spec, ref, fill = compat
-    model = MODELS[arch](num_classes=100)
-    ours = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
-    assert ours == spec[arch]  # names, order, shapes, dtypes
-    sd = fill(spec[arch], 1)
-    sd.update(ref[arch]["bn_buffers"])
-    model.load_state_dict(sd, strict=True)
-    model.eval()
-    taps = projkd.Taps(model, model.map_layer)
-    with torch.no_grad():
-        logits = model(ref[arch]["input"])
-    taps.remove()
-    assert _rel_err(logits, ref[arch]["logits"]) < 1e-4
-    assert _rel_err(taps.feature, ref[arch]["pooled"]) < 1e-4
-    assert _rel_err(taps.map, ref[arch]["map"]) < 1e-4
-
-
-def test_every_architecture_takes_num_classes_and_channels_last():
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    for arch, build in MODELS.items():
-        model = build(num_classes=10).to(memory_format=torch.channels_last)
-        feature, logits = features_and_logits(model, x)
-        assert logits.shape == (2, 10), arch
-        assert feature.shape == (2, projkd.classifier_of(model).in_features), arch
-
-
-# Feature width (the classifier's in_features, also the map's channels) of each ImageNet architecture.
-IMAGENET_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "densenet201": 1920, "mobilenet_v1": 1024}
-
-
-# The PEFD authors' MobileNet (github.com/chenyd7/PEFD, models/MobileNet.py) as (key, shape): its start, the
-# model1/model2 boundary and its end. Their checkpoints load only if ours has exactly these names.
-MOBILENET_V1_KEYS = {
-    "head": [("model1.0.0.weight", (32, 3, 3, 3)), ("model1.0.1.weight", (32,)), ("model1.0.1.bias", (32,)),
-             ("model1.0.1.running_mean", (32,)), ("model1.0.1.running_var", (32,)),
-             ("model1.0.1.num_batches_tracked", ()), ("model1.1.0.weight", (32, 1, 3, 3))],
-    "boundary": [("model1.11.4.num_batches_tracked", ()), ("model2.0.0.weight", (512, 1, 3, 3))],
-    "tail": [("model2.1.3.weight", (1024, 1024, 1, 1)), ("model2.1.4.weight", (1024,)), ("model2.1.4.bias", (1024,)),
-             ("model2.1.4.running_mean", (1024,)), ("model2.1.4.running_var", (1024,)),
-             ("model2.1.4.num_batches_tracked", ()), ("fc.weight", (1000, 1024)), ("fc.bias", (1000,))],
-}
-
-
-def test_mobilenet_v1_has_the_published_size_and_the_pefd_key_layout():
-    model = MODELS["mobilenet_v1"](num_classes=1000)
-    assert sum(p.numel() for p in model.parameters()) == 4_231_976  # Howard et al. 2017: 4.2M
-    layout = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    assert len(layout) == 164  # stem conv + BN (6), 13 blocks of 2 convs + 2 BNs (12 each), fc (2)
-    assert layout[:7] == MOBILENET_V1_KEYS["head"] and layout[-8:] == MOBILENET_V1_KEYS["tail"]
-    i = layout.index(MOBILENET_V1_KEYS["boundary"][1])
-    assert layout[i - 1:i + 1] == MOBILENET_V1_KEYS["boundary"]
-
-
-def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
-    model = MODELS["mobilenet_v1"](num_classes=1000).eval()
-    for size, side in ((224, 7), (64, 2)):  # total stride 32
-        maps = []
-        hook = model.get_submodule(model.map_layer).register_forward_hook(lambda m, args, out: maps.append(out))
-        with torch.no_grad():
-            feature, logits = features_and_logits(model, torch.randn(2, 3, size, size))
-        hook.remove()
-        assert logits.shape == (2, 1000) and feature.shape == (2, 1024)
-        assert torch.allclose(projkd.classifier_of(model)(feature), logits, atol=1e-5)
-        assert maps[0].shape == (2, 1024, side, side)
-        assert torch.allclose(maps[0].mean((2, 3)), feature, atol=1e-6)
-
-
-def test_imagenet_archs_name_models_and_their_torchvision_files():
-    import torchvision
-
-    assert len(set(IMAGENET_ARCHS)) == len(IMAGENET_ARCHS) == 5 and set(IMAGENET_ARCHS) == set(IMAGENET_WIDTHS)
-    assert set(IMAGENET_ARCHS) <= set(MODELS)
-    with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
-        assert not set(json.load(f)) & set(IMAGENET_ARCHS)  # RepDistiller's zoo is CIFAR
-    assert set(TORCHVISION_WEIGHTS) == set(IMAGENET_ARCHS) - {"mobilenet_v1"}
-    for arch, (file, url) in TORCHVISION_WEIGHTS.items():
-        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url and url.endswith("/" + file)
-
-
-@pytest.mark.parametrize("arch", list(IMAGENET_WIDTHS))
-def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
-    model = MODELS[arch](num_classes=10).eval()
-    width = IMAGENET_WIDTHS[arch]
-    assert projkd.classifier_of(model).in_features == width
-    taps = projkd.Taps(model, model.map_layer)
-    with torch.no_grad():
-        logits = model(torch.randn(2, 3, 64, 64))
-    taps.remove()
-    assert logits.shape == (2, 10) and taps.feature.shape == (2, width)
-    assert taps.map.shape[:2] == (2, width)
-    # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
-    # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
-    assert torch.allclose(taps.map.mean((2, 3)), taps.feature, atol=1e-6)
-
-
-def test_torchvision_densenet_files_load_with_their_old_names():
-    state = MODELS["densenet201"](num_classes=10).state_dict()
-    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
-           if not k.endswith("num_batches_tracked")}  # as torchvision's published file has them
-    assert any(".norm.1." in k for k in old)
-    model = models.frozen_model("densenet201", models.normalise_keys(old), 10, "densenet201-c1103571.pth")
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k in old or "norm1" in k)
-
-
 # --- config and CLI ----------------------------------------------------------------------------------------------
+
+
 
 def test_parse_args_types_flags_and_spellings():
     cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth", "2",
                              "--deterministic", "--no-resume"])
     assert (cfg.student, cfg.epochs, cfg.kd_T, cfg.proj_depth, cfg.deterministic, cfg.resume) == \
         ("vgg8", 3, 2.5, 2, True, False)
+
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -443,6 +291,7 @@ def test_parse_args_types_flags_and_spellings():
 def test_parse_args_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         projkd.parse_args(argv)
+
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -472,6 +321,7 @@ def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv
     assert not run_dir.exists()
 
 
+
 def test_protocols_per_dataset_and_explicit_values_win():
     cifar, _ = projkd.resolve_config(projkd.Config(student="vgg8", method="ce", device="cpu"))
     imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
@@ -487,6 +337,7 @@ def test_protocols_per_dataset_and_explicit_values_win():
     assert (explicit.epochs, explicit.lr, explicit.weight_decay) == (3, 0.2, 0.0)
 
 
+
 def test_help_lists_every_option_with_its_comment(capsys):
     assert projkd.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -495,10 +346,12 @@ def test_help_lists_every_option_with_its_comment(capsys):
     assert "weight of the MDA loss" in out
 
 
+
 def test_help_piped_into_head_ends_quietly():
     result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head -1", shell=True,
                             capture_output=True, text=True)
     assert result.stdout.startswith("projkd: Improved Feature Distillation") and result.stderr == ""
+
 
 
 def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
@@ -508,6 +361,7 @@ def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
     assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; choose one of "
                                      + ", ".join(MODELS))
     assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
+
 
 
 def test_importing_projkd_has_no_side_effects(tmp_path):
@@ -520,24 +374,6 @@ def test_importing_projkd_has_no_side_effects(tmp_path):
 
 # --- data --------------------------------------------------------------------------------------------------------
 
-def write_cifar_pickles(root, n_train=200, n_test=100, bytes_keys=True, seed=0):
-    """A small data set in the official cifar-100-python layout (pickled dicts; the official archive was
-    written by Python 2, so its keys read back as bytes)."""
-    rng = np.random.default_rng(seed)
-    folder = os.path.join(root, "cifar-100-python")
-    os.makedirs(folder, exist_ok=True)
-    out = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        labels = [i % 100 for i in range(n)]
-        d = {"data": data, "fine_labels": labels, "coarse_labels": [lab // 5 for lab in labels],
-             "filenames": [f"img{i}.png" for i in range(n)], "batch_label": split}
-        if bytes_keys:
-            d = {k.encode(): v for k, v in d.items()}
-        with open(os.path.join(folder, split), "wb") as f:
-            pickle.dump(d, f, protocol=2)
-        out[split] = (data, labels)
-    return out
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
@@ -552,9 +388,11 @@ def test_load_cifar100_reads_the_official_layout(tmp_path, bytes_keys):
     assert train_y.tolist() == labels
 
 
+
 def test_load_cifar100_missing_says_where_it_looked(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "cifar-100-python")):
         load_cifar100(str(tmp_path))
+
 
 
 def test_load_cifar100_refuses_pickles_that_run_code(tmp_path):
@@ -568,6 +406,7 @@ def test_load_cifar100_refuses_pickles_that_run_code(tmp_path):
         pickle.dump({"data": Evil()}, f)
     with pytest.raises(UserError, match="unexpected object"):
         load_cifar100(str(tmp_path))
+
 
 
 def test_crop_flip_offsets_padding_and_flips():
@@ -591,12 +430,14 @@ def test_crop_flip_offsets_padding_and_flips():
         assert torch.equal(out[i], ref.flip(2) if flip[i] else ref)
 
 
+
 def test_synthetic_data_is_deterministic_and_balanced():
     a = projkd.make_synthetic(200, 10)
     b = projkd.make_synthetic(200, 10)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert a[0].shape == (200, 3, 32, 32) and a[0].dtype == torch.uint8
     assert torch.bincount(a[1]).tolist() == [20] * 10
+
 
 
 @pytest.mark.parametrize("layout,message", [
@@ -621,6 +462,8 @@ def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, messag
 
 # --- the training loop -------------------------------------------------------------------------------------------
 
+
+
 def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     files = sorted(os.listdir(synthetic_teacher))
     assert files == ["last.pt", "log.csv", "metrics.json", "model.pt"]  # and no temporary leftovers
@@ -635,6 +478,7 @@ def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
     MODELS[SMALL_TEACHER](num_classes=10).load_state_dict(state, strict=True)  # plain state_dict, nothing else
+
 
 
 @pytest.mark.parametrize("method", ["pefd", "kd", "sp", "crd"])
@@ -661,10 +505,12 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     assert f"loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, {term} {row[f'train_{term}']:.4f})" in out
 
 
+
 def test_lr_schedule_steps_after_the_milestones():
     cfg = projkd.Config(lr=0.05, lr_decay_epochs="150,180,210")
     lrs = [projkd.lr_at(cfg, e) for e in (0, 149, 150, 179, 180, 210, 239)]
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
+
 
 
 def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypatch):
@@ -691,6 +537,7 @@ def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypa
     run.feed.close()
 
 
+
 def test_epoch_buffers_are_refilled_in_place(tmp_path):
     """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
     run = small_run(tmp_path, "--synthetic-size", "96")
@@ -703,12 +550,14 @@ def test_epoch_buffers_are_refilled_in_place(tmp_path):
     run.feed.close()
 
 
+
 def test_progress_lines_within_an_epoch(tmp_path, capsys):
     assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--progress-seconds", "1e-9",
                                       "--synthetic-size", "96", "--run-dir", str(tmp_path / "run"))) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
     assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
     assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
+
 
 
 def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_their_run(tmp_path, capsys,
@@ -724,6 +573,7 @@ def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_
     assert not any("amp off on CPU" in line for line in out)  # --amp was not asked for
 
 
+
 def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     """RepDistiller's {'model': state_dict} with DataParallel's 'module.' prefixes loads like our model.pt."""
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
@@ -733,6 +583,7 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     teacher = models.load_teacher(SMALL_TEACHER, str(repdistiller_style), 10)
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
 
 
 @pytest.mark.parametrize("problem,message", [
@@ -762,6 +613,7 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
     assert not (run_dir / "model.pt").exists()
 
 
+
 def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     path = tmp_path / "teacher.pt"
     torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)  # a whole module: needs unsafe unpickling
@@ -772,12 +624,14 @@ def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "weights_only" not in err
 
 
+
 def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert projkd.main(synthetic_args("--teacher", "vgg13", "--student", "vgg8")) == 2
     err = capsys.readouterr().err
     assert os.path.join("checkpoints", "synthetic", "vgg13.pt") in err and "--method ce" in err
     assert not (tmp_path / "runs").exists()
+
 
 
 def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
@@ -790,6 +644,7 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
     assert "holds a run with other settings (teacher" in capsys.readouterr().err
 
 
+
 def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(capsys):
     # /proc takes no new folders, whoever asks (as a read-only file system); --data-dir has no CIFAR-100 either:
     # the run directory's error must come first
@@ -797,6 +652,7 @@ def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(ca
                         "--run-dir", "/proc/projkd-test/run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("projkd: error: cannot write in --run-dir /proc/projkd-test/run") and err.count("\n") == 1
+
 
 
 def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
@@ -815,6 +671,7 @@ def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp
     assert not run_dir.exists() or not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
+
 def test_two_processes_cannot_train_into_one_run_dir(tmp_path, capsys):
     run_dir = tmp_path / "run"
     with projkd.run_dir_lock(str(run_dir)):  # as another process training there would hold it
@@ -823,6 +680,7 @@ def test_two_processes_cannot_train_into_one_run_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{run_dir} is being trained by another process (pid {os.getpid()})" in err and err.count("\n") == 1
     assert not run_dir.exists()  # the holder made it, and left it empty
+
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -834,6 +692,7 @@ def test_ctrl_c_says_how_to_continue(capsys, monkeypatch, resume):
     assert projkd.main(args) == 130
     err = capsys.readouterr().err
     assert ("run the same command again" in err) == resume and ("plus --resume" in err) != resume
+
 
 
 def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
@@ -862,6 +721,7 @@ def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
     # 3 classes: the top 5 hold every class, so top-5 is 100 whatever the weights. A top-5 that can miss is
     # checked on 10 classes in test_distributed_top1_equals_one_process_evaluating_model_pt.
     assert metrics["last_top5"] == 100.0 >= metrics["last_top1"]
+
 
 
 class FakeCUDA:
@@ -911,6 +771,7 @@ class FakeCUDA:
             self.steps += 1
 
 
+
 @pytest.mark.parametrize("failure", [None, "raises", "empty"])
 def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, failure):
     fake = FakeCUDA(monkeypatch, failure)
@@ -926,6 +787,7 @@ def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys,
         assert stepper.failure.startswith(reason[failure]) and "goes on eagerly" in out and out.count("warning") == 1
 
 
+
 def test_the_graph_side_stream_is_made_on_the_runs_device(monkeypatch):
     """--device cuda:1: the device becomes current before any stream is made, so the capture records the step's
     kernels (made on cuda:0, the side stream and the capture would record nothing)."""
@@ -933,6 +795,7 @@ def test_the_graph_side_stream_is_made_on_the_runs_device(monkeypatch):
     projkd.setup_torch(torch.device("cuda", 1))
     projkd.CUDAGraphStep(fake.step, fake.steps)
     assert fake.stream_devices == [1]
+
 
 
 def test_teacher_for_speed_keeps_batchnorm_in_float32():
@@ -945,6 +808,8 @@ def test_teacher_for_speed_keeps_batchnorm_in_float32():
 
 
 # --- resume ------------------------------------------------------------------------------------------------------
+
+
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher, capsys):
     common = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
@@ -969,6 +834,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
     mb = json.loads((resumed / "metrics.json").read_text())
     keys = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
     assert [{k: h[k] for k in keys} for h in ma["history"]] == [{k: h[k] for k in keys} for h in mb["history"]]
+
 
 
 def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
@@ -998,13 +864,6 @@ def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
 
 # --- distributed training (torchrun, gloo on the CPU) ------------------------------------------------------------
 
-def torchrun(*args, nproc=2, background=False):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(HERE, "projkd.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if background:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def ddp_args(synthetic_teacher, run_dir, *extra):
@@ -1014,12 +873,14 @@ def ddp_args(synthetic_teacher, run_dir, *extra):
             "--run-dir", str(run_dir), *extra]
 
 
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, synthetic_teacher):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
     result = torchrun(*ddp_args(synthetic_teacher, run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result.stdout
+
 
 
 def test_two_processes_train_one_model(ddp_run):
@@ -1032,6 +893,7 @@ def test_two_processes_train_one_model(ddp_run):
     assert metrics["world_size"] == 2 and len(metrics["history"]) == 3
 
 
+
 def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_path):
     run_dir, _ = ddp_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -1042,6 +904,7 @@ def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_pa
     assert single["images"] == 64 and single["world_size"] == 1
     assert single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
     assert single["top5"] == pytest.approx(metrics["last_top5"], abs=1e-3)
+
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_weights(ddp_run, synthetic_teacher, tmp_path):
@@ -1065,6 +928,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(ddp_run, synthetic
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
 def test_only_process_zero_writes(tmp_path, monkeypatch):
     run = small_run(tmp_path)
     projkd.train_epoch(run, 0)
@@ -1075,6 +939,7 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
     projkd.finish_run(run)
     assert not (tmp_path / "run").exists()
     run.feed.close()
+
 
 
 def test_imagenet_under_two_processes(tmp_path):
@@ -1091,134 +956,9 @@ def test_imagenet_under_two_processes(tmp_path):
     assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
 
 
-# --- the teacher-output cache ------------------------------------------------------------------------------------
-
-def test_view_numbers_cover_every_crop_and_flip_once():
-    views = [teacher_cache.view_draws(v, 1, "cpu") for v in range(teacher_cache.CACHE_VIEWS)]
-    assert teacher_cache.CACHE_VIEWS == 162
-    assert [teacher_cache.view_index(*draws).item() for draws in views] == list(range(162))
-    assert len({(dy.item(), dx.item(), f.item()) for dy, dx, f in views}) == 162
-
-
-@pytest.fixture(scope="module")
-def cache_teacher(tmp_path_factory):
-    """A small teacher (random weights: the cache must reproduce whatever the teacher computes) and its cache
-    on 32 synthetic images, built through the CLI."""
-    folder = tmp_path_factory.mktemp("cache")
-    torch.manual_seed(0)
-    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "resnet8.pt")
-    args = ["cache", "--teacher", "resnet8", "--teacher-ckpt", str(folder / "resnet8.pt"), "--dataset", "synthetic",
-            "--synthetic-size", "32", "--device", "cpu"]
-    assert projkd.main(args) == 0
-    return folder, args
-
-
-def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
-    folder, _ = cache_teacher
-    header = teacher_cache.read_cache_header(str(folder / "resnet8.tcache"))
-    assert (header["images"], header["views"], header["width"], header["dtype"]) == (32, 162, 64 + 10, "bfloat16")
-    cache = teacher_cache.TeacherCache(str(folder / "resnet8.tcache"), header)
-    teacher = models.load_teacher("resnet8", str(folder / "resnet8.pt"), 10)
-    train_x = projkd.make_synthetic(32, 10)[0]
-    g = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 32, (40,), generator=g)
-    dy, dx, flip = projkd.augmentation_draws(40, g)
-    rows = torch.from_numpy(cache.rows(images.numpy(), teacher_cache.view_index(dy, dx, flip).numpy())).view(torch.bfloat16)
-    x = projkd.normalize(crop_flip(train_x[images], dy, dx, flip), torch.full((1, 3, 1, 1), 0.5),
-                         torch.full((1, 3, 1, 1), 0.25))
-    with torch.no_grad():
-        feature, logits = features_and_logits(teacher, x)
-    live = torch.cat([feature, logits], dim=1)
-    # the cache stores bfloat16: 8 significant bits
-    assert torch.allclose(rows.float(), live, rtol=2 ** -8, atol=1e-6)
-    assert torch.equal(rows, live.to(torch.bfloat16))
-
-
-def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
-    folder, args = cache_teacher
-    path = str(folder / "resnet8.tcache")
-    built = teacher_cache.read_cache_header(path)
-    assert projkd.main(args) == 0  # identical: kept, only its time stamp renewed
-    assert "up to date" in capsys.readouterr().out and teacher_cache.read_cache_header(path) == built
-    torch.manual_seed(1)
-    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "other.pt")  # same name below, new content
-    os.replace(folder / "other.pt", folder / "resnet8.pt")
-    assert projkd.main(args) == 0
-    assert "rebuilding it" in capsys.readouterr().out
-    rebuilt = teacher_cache.read_cache_header(path)
-    assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"] and rebuilt["key"] != built["key"]
-    assert projkd.main(args[:-2] + ["--synthetic-size", "48", "--device", "cpu"]) == 0  # other images: rebuilt too
-    assert teacher_cache.read_cache_header(path)["images"] == 48
-
-
-def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
-    folder, _ = cache_teacher
-    common = ["--dataset", "synthetic", "--synthetic-size", "32", "--batch-size", "16", "--epochs", "2", "--device",
-              "cpu", "--deterministic", "--teacher", "resnet8", "--student", SMALL_STUDENT,
-              "--teacher-ckpt", str(folder / "resnet8.pt"), "--teacher-cache-file", str(tmp_path / "t.tcache")]
-    for cache in ("on", "off"):
-        assert projkd.main(common + ["--teacher-cache", cache, "--run-dir", str(tmp_path / cache)]) == 0
-    on, off = (json.loads((tmp_path / c / "metrics.json").read_text()) for c in ("on", "off"))
-    assert on["config"]["teacher_cache"] == "on" and off["config"]["teacher_cache"] == "off"
-    for a, b in zip(on["history"], off["history"]):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
-    assert all(h["plan_wait_s"] >= 0 for h in on["history"])  # how long each epoch waited for its rows, in log.csv too
-    wa, wb = (torch.load(tmp_path / c / "model.pt", weights_only=True) for c in ("on", "off"))
-    # the cached teacher outputs are bfloat16-rounded: the weights drift apart by a fraction of a percent
-    va, vb = (torch.cat([w[k].flatten() for k in w if w[k].is_floating_point()]) for w in (wa, wb))
-    assert (va - vb).norm() <= 3e-3 * va.norm()
-
-
-def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fits(cache_teacher):
-    folder, _ = cache_teacher
-    path = str(folder / "resnet8.tcache")
-    header = teacher_cache.read_cache_header(path)
-    g, n = torch.Generator().manual_seed(5), header["images"]
-    images, views = torch.randint(0, n, (500,), generator=g).numpy(), torch.randint(0, 162, (500,), generator=g).numpy()
-    on_disk, in_memory = (teacher_cache.TeacherCache(path, header, share) for share in (0.0, 1.0))
-    direct = np.memmap(path, dtype=np.int16, mode="r", offset=teacher_cache.CACHE_HEADER_BYTES,
-                       shape=(162, n, header["width"]))[views, images]  # the rows by plain indexing
-    assert not on_disk.read_whole and in_memory.read_whole
-    assert np.array_equal(on_disk.rows(images, views), direct) and np.array_equal(in_memory.rows(images, views), direct)
-    assert isinstance(in_memory.whole, np.ndarray) and not isinstance(in_memory.whole, np.memmap)
-
-
-def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys):
-    """Under torchrun the processes that do not build the cache wait on its lock, never in a collective (NCCL's
-    times out after 10 minutes): here the lock is held by another thread while the build waits."""
-    import fcntl
-    import threading
-    teacher = MODELS["resnet8"](num_classes=10).eval()
-    torch.save(teacher.state_dict(), tmp_path / "t.pt")
-    data = projkd.load_data(projkd.Config(dataset="synthetic", synthetic_size=32), torch.device("cpu"))
-    identity = teacher_cache.cache_identity(projkd.Config(teacher="resnet8", teacher_ckpt=str(tmp_path / "t.pt"),
-                                                          amp="off"), data)
-    holder = os.open(tmp_path, os.O_RDONLY)
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    threading.Timer(1.0, os.close, [holder]).start()  # the other process finishes
-    cache = teacher_cache.ensure_teacher_cache(str(tmp_path / "t.tcache"), identity, teacher, data,
-                                               contextlib.nullcontext(), torch.contiguous_format, 64)
-    assert "waits for another process to finish the teacher cache" in capsys.readouterr().out
-    assert cache.header["key"] == identity["key"]
-
-
-def shutil_usage(**fields):
-    import collections
-
-    return collections.namedtuple("usage", fields)(**fields)
-
-
-def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
-    torch.save(MODELS["resnet8"](num_classes=10).state_dict(), tmp_path / "resnet8.pt")
-    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=10 ** 9, free=1000))
-    assert projkd.main(["cache", "--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "resnet8.pt"),
-                        "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "the teacher cache needs 0.0 GB" in err and "--teacher-cache off" in err and err.count("\n") == 1
-    assert sorted(os.listdir(tmp_path)) == ["resnet8.pt"]
-
-
 # --- other entry points: fetch-weights, download, each subcommand's help -----------------------------------------
+
+
 
 def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, tmp_path, capsys):
     """eval of a run's model.pt without --dataset: the run's own test set (synthetic, 512 images), not the defaults."""
@@ -1228,6 +968,7 @@ def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, t
     assert "note: dataset=synthetic, synthetic_size=512 from the run's metrics.json" in capsys.readouterr().out
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["images"] == 128 and record["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+
 
 
 def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tmp_path, capsys, monkeypatch):
@@ -1246,207 +987,6 @@ def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tm
     assert "top-1 9.38%" in out and f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out  # 3 of 32
 
 
-def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch):
-    import torch.hub
-
-    def offline(*args, **kwargs):
-        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    out = tmp_path / "resnet34.pt"
-    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "resnet34-b627a593.pth" in err and str(out) in err and err.count("\n") == 1 and not out.exists()
-    assert projkd.main(["fetch-weights", "--arch", "mobilenet_v1"]) == 2
-    assert "fetch-weights takes --arch resnet18 | resnet34" in capsys.readouterr().err
-    assert projkd.main(imagenet_args(tmp_path, "--teacher", "resnet34", "--student", "resnet18",
-                                     "--run-dir", str(tmp_path / "run"))) == 2
-    err = capsys.readouterr().err
-    assert "no teacher checkpoint at checkpoints/imagenet/resnet34.pt: get torchvision's resnet34-b627a593.pth" in err
-
-
-def test_download_without_internet_is_one_line_from_make(tmp_path):
-    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
-    result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
-                             f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
-    assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
-
-
-TEACHER_ARGS = ["--dataset", "synthetic", "--synthetic-size", "128", "--device", "cpu"]  # 32 test images
-
-
-@pytest.fixture(scope="module")
-def teachers_archive(tmp_path_factory):
-    """cifar_teachers.tar in mdistiller's layout, of small generated checkpoints in RepDistiller's format (a dict
-    whose 'model' is the state_dict), for 10 classes; and the bytes of resnet8's member."""
-    folder = tmp_path_factory.mktemp("archive")
-    for arch in ("resnet8", "resnet14"):
-        torch.manual_seed(0)
-        member = folder / "cifar_teachers" / f"{arch}_vanilla" / "ckpt_epoch_240.pth"
-        member.parent.mkdir(parents=True)
-        torch.save({"epoch": 240, "model": MODELS[arch](num_classes=10).state_dict(), "best_acc": torch.tensor(9.5)},
-                   member)
-    import tarfile
-    with tarfile.open(folder / "cifar_teachers.tar", "w") as tar:
-        tar.add(folder / "cifar_teachers", "cifar_teachers")
-    member = (folder / "cifar_teachers" / "resnet8_vanilla" / "ckpt_epoch_240.pth").read_bytes()
-    return folder / "cifar_teachers.tar", member
-
-
-@pytest.fixture
-def teachers_server(teachers_archive, monkeypatch):
-    """The archive on an HTTP server at 127.0.0.1 that answers Range requests (206), as GitHub's does; `cut` responses
-    stop half-way through the body they announced. Yields (url, state): state['ranges'] lists each request's Range."""
-    import http.server
-    import threading
-
-    payload, state = teachers_archive[0].read_bytes(), {"ranges": [], "cut": 0}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked = self.headers.get("Range")
-            state["ranges"].append(asked)
-            start = int(asked[len("bytes="):-1]) if asked else 0
-            self.send_response(206 if start else 200)
-            self.send_header("Content-Length", str(len(payload) - start))
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
-            self.end_headers()
-            body = payload[start:]
-            if state["cut"]:
-                state["cut"] -= 1
-                body = body[:len(body) // 2]
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(proxy, raising=False)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/cifar_teachers.tar", state
-    server.shutdown()
-    server.server_close()
-
-
-def measured_top1(tmp_path, arch, ckpt):
-    assert projkd.main(["eval", "--arch", arch, "--ckpt", str(ckpt), "--out", str(tmp_path / "m.json"), *TEACHER_ARGS]) == 0
-    return json.loads((tmp_path / "m.json").read_text())["top1"]
-
-
-def test_fetch_teachers_installs_only_a_verified_teacher_and_resumes_a_cut_download(
-        tmp_path, teachers_archive, teachers_server, monkeypatch, capsys):
-    import hashlib
-    import tables
-
-    url, state = teachers_server
-    member = teachers_archive[1]
-    (tmp_path / "resnet8.pth").write_bytes(member)
-    top1 = measured_top1(tmp_path, "resnet8", tmp_path / "resnet8.pth")
-    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 + 0.1, "resnet14": top1 + 30})
-    out, archive = tmp_path / "ckpt", tmp_path / "dl" / "cifar_teachers.tar"
-    fetch = ["fetch-teachers", "--url", url, "--out-dir", str(out), "--archive", str(archive), *TEACHER_ARGS]
-    capsys.readouterr()
-    # the connection closes half-way: one line, nothing installed, the bytes that came kept for the rerun
-    state["cut"] = 1
-    assert projkd.main([*fetch, "--arch", "resnet8"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"projkd: error: downloading {url} failed (the connection closed after " in err
-    assert f"MB that arrived are kept in {archive}.part: the same command resumes" in err
-    assert not out.exists() or os.listdir(out) == []
-    half = os.path.getsize(f"{archive}.part")
-    assert 0 < half < teachers_archive[0].stat().st_size and not archive.exists()
-    # the rerun asks for the rest, checks the teacher and installs it with its provenance; resnet14 stays in the tar
-    assert projkd.main([*fetch, "--arch", "resnet8"]) == 0
-    assert state["ranges"] == [None, f"bytes={half}-"]
-    assert archive.read_bytes() == teachers_archive[0].read_bytes()
-    assert sorted(os.listdir(out)) == ["resnet8.json", "resnet8.pt"]  # no temporary file left either
-    assert (out / "resnet8.pt").read_bytes() == member  # the archive's file, byte for byte
-    record = json.loads((out / "resnet8.json").read_text())
-    assert record["sha256"] == hashlib.sha256(member).hexdigest() and record["how"] == "fetched and verified"
-    assert (record["source"], record["member"]) == (url, "cifar_teachers/resnet8_vanilla/ckpt_epoch_240.pth")
-    assert (record["top1"], record["published_top1"], record["evaluation"]["images"]) == (top1, top1 + 0.1, 32)
-    assert "verified ->" in capsys.readouterr().out
-    # a teacher whose accuracy is not the published one: refused with both numbers, the archive reused, not fetched
-    assert projkd.main([*fetch, "--arch", "resnet8 resnet14"]) == 2
-    captured = capsys.readouterr()
-    assert f"resnet8: {out / 'resnet8.pt'} is in place, kept as it is (fetched and verified)" in captured.out
-    assert captured.err.count("\n") == 1 and (f"resnet14 from {url} (cifar_teachers/resnet14_vanilla/ckpt_epoch_240"
-                                              f".pth) tests at top-1 ") in captured.err
-    assert f"but RepDistiller's resnet14 has {top1 + 30:.2f}%: more than 0.1 points apart, so it is not " \
-           f"installed at {out / 'resnet14.pt'}" in captured.err
-    assert sorted(os.listdir(out)) == ["resnet8.json", "resnet8.pt"] and len(state["ranges"]) == 2
-    # a run with the fetched teacher carries its provenance, and so does the table's conditions line
-    run_dir = tmp_path / "runs" / "resnet8-resnet8" / "kd-seed1"
-    assert projkd.main(synthetic_args("--teacher", "resnet8", "--teacher-ckpt", str(out / "resnet8.pt"), "--student",
-                                      "resnet8", "--method", "kd", "--run-dir", str(run_dir))) == 0
-    provenance = json.loads((run_dir / "metrics.json").read_text())["teacher_provenance"]
-    assert provenance == {**record, "checkpoint": str(out / "resnet8.pt")}
-    assert tables.main(["--runs", str(tmp_path / "runs"), "--pairs", "resnet8:resnet8", "--seeds", "1",
-                        "--out", str(tmp_path / "t.md")]) == 0
-    assert f"teachers: resnet8 (fetched and verified, sha256 {record['sha256'][:12]});" in (tmp_path / "t.md").read_text()
-
-
-def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypatch, capsys):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on: as offline as it gets, at once
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}/cifar_teachers.tar"
-    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(proxy, raising=False)
-    out, archive = tmp_path / "ckpt", tmp_path / "dl" / "cifar_teachers.tar"
-    assert projkd.main(["fetch-teachers", "--arch", "vgg13", "--url", closed, "--out-dir", str(out), "--archive",
-                        str(archive)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert f"downloading {closed} failed (" in err and f"get cifar_teachers.tar from there by other means and put " \
-        f"it at {archive} (or pass --url PATH), or train the teachers here (make TEACHERS_FROM=train)" in err
-    assert not out.exists() and not os.path.exists(f"{archive}.part")
-    # a checkpoint copied in by hand: the same check, by one command; then checked again where it lies
-    mine = tmp_path / "my_resnet8.pth"
-    mine.write_bytes(teachers_archive[1])
-    top1 = measured_top1(tmp_path, "resnet8", mine)
-    hand = ["fetch-teachers", "--arch", "resnet8", "--out-dir", str(out), *TEACHER_ARGS]
-    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.11})
-    assert projkd.main([*hand, "--ckpt", str(mine)]) == 2
-    assert "copy it into place unchecked to use it anyway" in capsys.readouterr().err and not out.exists()
-    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 - 0.1})
-    assert projkd.main([*hand, "--ckpt", str(mine)]) == 0
-    record = json.loads((out / "resnet8.json").read_text())
-    assert (record["how"], record["source"], record["member"]) == ("copied in by hand, verified", str(mine), None)
-    assert models.teacher_provenance(str(out / "resnet8.pt"))["how"] == "copied in by hand, verified"
-    assert projkd.main([*hand, "--ckpt", str(mine)]) == 2  # never over an installed one
-    assert f"{out / 'resnet8.pt'} exists already: delete it first" in capsys.readouterr().err
-    monkeypatch.setattr(models, "PUBLISHED_TEACHERS", {"resnet8": top1 + 0.11})
-    assert projkd.main([*hand, "--ckpt", str(out / "resnet8.pt")]) == 2
-    err = capsys.readouterr().err
-    assert f"tests at top-1 {top1:.2f}% on synthetic, but RepDistiller's resnet8 has {top1 + 0.11:.2f}%" in err
-    assert "so it is not recorded as verified" in err and err.count("\n") == 1
-    # without a record that describes it, a teacher's provenance is its path and sha256, and says so
-    (out / "resnet8.pt").write_bytes(teachers_archive[1] + b"\0")
-    provenance = models.teacher_provenance(str(out / "resnet8.pt"))
-    assert provenance["how"] == "put in place by hand or trained here" and "describes another file" in provenance["note"]
-    assert provenance["sha256"] == models.file_sha256(out / "resnet8.pt")
-
-
-def test_fetch_weights_records_its_provenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "torchvision_state_dict", lambda arch, weights, put_at: {"w": torch.zeros(2)})
-    assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(tmp_path / "resnet34.pt")]) == 0
-    provenance = models.teacher_provenance(str(tmp_path / "resnet34.pt"))
-    assert provenance["how"] == "fetched from torchvision (IMAGENET1K_V1, hash-checked)"
-    assert provenance["sha256"] == models.file_sha256(tmp_path / "resnet34.pt")
-
-
-@pytest.mark.parametrize("top1,published,ok", [
-    (100 * 7551 / 10000, 75.61, True), (100 * 7571 / 10000, 75.61, True), (75.61, 75.61, True),  # 10 images either way
-    (100 * 7550 / 10000, 75.61, False), (100 * 7572 / 10000, 75.61, False),  # 11 images
-    (100 * 7027 / 10000, 74.31, False)])  # RepDistiller #29: the resnet110 that tested at 70.27%
-def test_a_teacher_matches_its_published_top1_within_a_tenth_of_a_point(top1, published, ok):
-    assert models.matches_published(top1, published) is ok
 
 
 def test_subcommands_have_their_own_help(capsys):
@@ -1469,713 +1009,3 @@ def test_subcommands_have_their_own_help(capsys):
         wanted, foreign = own.get(command, (set(), set()))
         assert wanted <= listed, (command, sorted(wanted - listed))
         assert not foreign & listed, (command, sorted(foreign & listed))
-
-
-# --- bench -------------------------------------------------------------------------------------------------------
-
-def test_bench_runs_its_tiny_cpu_version(tmp_path):
-    assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(tmp_path), "--steps", "2",
-                        "--classic-steps", "2", "--workers", "1"]) == 0
-    report = json.loads((tmp_path / "bench.json").read_text())
-    (pair,) = report["pairs"]
-    assert (pair["teacher"], pair["student"]) == ("resnet20", "resnet8")
-    speeds = {row["loop"]: row["images_per_s"] for row in pair["rows"]}
-    assert len(speeds) == 5 and all(v > 0 for k, v in speeds.items() if "graph" not in k)
-    assert all(v is None for k, v in speeds.items() if "graph" in k)  # needs CUDA
-    flops = {row["cached"]: row["flops_per_image"] for row in pair["rows"]}
-    assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
-    text = (tmp_path / "bench.md").read_text()
-    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
-    # every row says how it ran: the classic loop as RepDistiller runs (cudnn.benchmark on, matmuls without TF32),
-    # ours as setup_run sets it up, whatever ran before
-    flags = {row["loop"]: row["flags"] for row in pair["rows"] if row["images_per_s"]}
-    assert flags["classic (DataLoader + PIL, fp32, .item() per step)"] == {
-        "cudnn_benchmark": True, "cudnn_deterministic": False, "matmul_tf32": False, "cudnn_tf32": True}
-    assert all(f["matmul_tf32"] and f["cudnn_benchmark"] for loop, f in flags.items() if loop.startswith("ours"))
-    assert "cudnn_benchmark on, cudnn_deterministic off, matmul_tf32 off, cudnn_tf32 on |" in text
-
-
-@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
-                                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                       ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None), ("NVIDIA L4", None)])
-def test_bench_peak_of_each_gpu_and_none_for_a_mig_slice(monkeypatch, name, peak):
-    import bench
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert bench.bf16_peak_flops(torch.device("cuda")) == peak
-
-
-# --- the Make pipeline -------------------------------------------------------------------------------------------
-
-def make(*args, cwd=HERE, env=None):
-    return subprocess.run(["make", "--no-print-directory", *args], capture_output=True, text=True, cwd=cwd, env=env)
-
-
-def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
-    """The environment with a stand-in nvidia-smi first on PATH, listing `listing` (empty: no GPU)."""
-    fake = folder / "bin" / "nvidia-smi"
-    fake.parent.mkdir(exist_ok=True)
-    fake.write_text(f"#!/bin/sh\necho '{listing}'\n")
-    fake.chmod(0o755)
-    return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-
-
-@pytest.mark.parametrize("teachers_from", ["fetch", "train"])
-def test_make_plan_for_cifar_all_gets_each_teacher_once(tmp_path, teachers_from):
-    knobs = [] if teachers_from == "fetch" else ["TEACHERS_FROM=train"]  # fetch: the default
-    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", *knobs, env=path_with_nvidia_smi(tmp_path)).stdout
-    commands = [line for line in plan.splitlines() if "projkd.py --dataset" in line]  # trainings, not teacher caches
-    fetched = [c for c in plan.splitlines() if "projkd.py fetch-teachers " in c]
-    copied = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
-    teachers = ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
-    if teachers_from == "fetch":
-        assert not copied and sorted(c.split("--arch ")[1].split()[0] for c in fetched) == teachers
-        assert f"{sys.executable} projkd.py fetch-teachers --arch vgg13 --url {models.TEACHERS_URL} --out-dir " \
-               "checkpoints/cifar100 --dataset cifar100 --data-dir data --device auto" in fetched
-    else:
-        assert not fetched and sorted(t.split("/")[2] for t in copied) == teachers
-    alone = [c for c in commands if "--method ce" in c]
-    distill = [c for c in commands if "--method ce" not in c]
-    # 4 teachers when trained; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
-    assert len(alone) == 4 * (teachers_from == "train") + 4 * 3
-    assert len(distill) == 5 * 4 * 3  # 5 pairs x (pefd kd sp crd) x 3 seeds
-    assert len(set(commands)) == len(commands)
-    # DEVICE=auto on a machine with a GPU: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
-    caches = [c for c in plan.splitlines() if "projkd.py cache " in c]
-    assert sorted(c.split("--teacher ")[1].split()[0] for c in caches) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
-    # every parameter of the pipeline is spelled out in the echoed command
-    one = next(c for c in distill if "--run-dir runs/cifar100/vgg13-vgg8/pefd-seed2" in c)
-    for flag in ("--dataset cifar100", "--data-dir data", "--device auto", "--epochs 240", "--teacher vgg13",
-                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--teacher-cache on",
-                 "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
-                 "--resume"):
-        assert flag in one
-    assert plan.count("tables.py") == 1
-    assert '--out "results/cifar100.md results/cifar100.csv" --figures results/figures' in plan
-    # the evaluation step: each run's model.pt and each teacher checkpoint evaluated alone, once, before the tables
-    evals = [c.split("--ckpt ")[1].split()[0] for c in plan.splitlines() if " projkd.py eval " in c]
-    runs = [c.split("--run-dir ")[1].split()[0] for c in commands]
-    teacher_runs = [f"runs/cifar100/{t}/ce-seed1" for t in teachers]  # when trained, their copies are evaluated
-    assert sorted(evals) == sorted([f"{r}/model.pt" for r in runs if r not in teacher_runs] +
-                                   [f"checkpoints/cifar100/{t}.pt" for t in teachers])
-    assert len(evals) == 12 + 60 + 4 and plan.index(" projkd.py eval ") < plan.index("tables.py")
-
-
-def test_make_plan_for_ablations_and_short_runs():
-    plan = make("-n", "ablations", "DEPS=", "DATA=", "EPOCHS=2", "SEEDS=1", f"PY={sys.executable}").stdout
-    runs = [line for line in plan.splitlines() if "projkd.py --dataset" in line and "--teacher " in line]
-    assert len(runs) == 2 * 10  # 2 pairs x (PEFD + 9 variants)
-    assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
-    assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
-    assert all("runs/cifar100-e2/" in r and "checkpoints/cifar100-e2/" in r for r in runs)  # apart from real runs
-    # the paper's teachers whatever the students' EPOCHS, fetched into the trial's own folder (not trained for 2 epochs)
-    fetched = [line for line in plan.splitlines() if "projkd.py fetch-teachers " in line]
-    assert sorted(f.split("--arch ")[1].split()[0] for f in fetched) == ["resnet32x4", "vgg13"]
-    assert all("--out-dir checkpoints/cifar100-e2 " in f for f in fetched)
-    assert not any("--method ce" in line for line in plan.splitlines())
-    assert "--out results/cifar100-e2/ablations.md --figures results/cifar100-e2/figures" in plan
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """A small real pipeline, `make -j2 cifar-all` on synthetic data: a teacher, its PEFD student and the Student
-    row, every command that computes started through a stand-in launcher that logs it (as srun would run it)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    launcher, log = root / "launch", root / "launched.log"
-    launcher.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec "$@"\n')
-    launcher.chmod(0o755)
-    knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
-             "PAIRS=resnet20:resnet8", "METHODS=pefd ce", f"RUNS={root}/runs", f"TEACHERS={root}/ckpt",
-             f"RESULTS={root}/results", "EXTRA=--synthetic-size 256 --batch-size 32",
-             "EVAL_EXTRA=--synthetic-size 256", f"LAUNCH={launcher}"]
-    first = make("-j2", "cifar-all", *knobs)  # the student's two runs side by side, after the teacher
-    assert first.returncode == 0, first.stderr
-    return root, knobs, first, log
-
-
-def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipeline):
-    root, knobs, first, log = pipeline
-    assert (root / "ckpt" / "resnet20.pt").exists()
-    table = (root / "results" / "synthetic.md").read_text()
-    metrics = json.loads((root / "runs" / "resnet20-resnet8" / "pefd-seed1" / "metrics.json").read_text())
-    assert metrics["teacher_provenance"]["how"] == "trained here"  # make's record, checked against the run's model.pt
-    assert f"teachers: resnet20 (trained here, sha256 {metrics['teacher_provenance']['sha256'][:12]});" in table
-    assert "| PEFD |" in table and "(n=1)" in table and "missing" not in table.split("## ")[1]
-    computing = [line.split() for line in first.stdout.splitlines() if "projkd.py" in line]
-    assert len(computing) == 3 + 3  # trainings (teacher, PEFD, Student), evaluations (their model files)
-    assert all(c[:3] == [str(root / "launch"), sys.executable, "projkd.py"] for c in computing)
-    assert sorted(line.split() for line in log.read_text().splitlines()) == sorted(c[1:] for c in computing)
-    assert any(line.startswith(f"{sys.executable} tables.py ") for line in first.stdout.splitlines())  # not launched
-    # its figures, linked from the table; a curve is the run's log.csv
-    import tables
-    assert sorted(p.name for p in linked_figures(root / "results" / "synthetic.md")) == [
-        "cosine.png", "resnet20-resnet8-curves.png"]
-    tc = tables.TableConfig(runs=f"{root}/runs", pairs="resnet20:resnet8", methods="pefd ce", seeds="1")
-    curves, _ = tables.curve_series(tc, "resnet20:resnet8", ("test_top1",))
-    log_csv = root / "runs" / "resnet20-resnet8" / "pefd-seed1" / "log.csv"
-    assert [mean for _, mean, _, _ in curves["test_top1"]["PEFD"]] == [
-        float(row["test_top1"]) for row in csv.DictReader(open(log_csv))]
-    assert list(curves["test_top1"]) == ["Student", "PEFD"]
-
-
-def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
-    import tables
-
-    root, knobs, first, _ = pipeline
-    evals = [line for line in first.stdout.splitlines() if " projkd.py eval " in line]
-    assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
-        [f"{root}/ckpt/resnet20.pt", f"{root}/runs/resnet8/ce-seed1/model.pt",
-         f"{root}/runs/resnet20-resnet8/pefd-seed1/model.pt"])
-    for run in ("resnet8/ce-seed1", "resnet20-resnet8/pefd-seed1"):
-        metrics = json.loads((root / "runs" / run / "metrics.json").read_text())
-        evaluated = json.loads((root / "runs" / run / "model.eval.json").read_text())
-        assert evaluated["top1"] == pytest.approx(metrics["last_top1"], abs=1e-4)  # log rounding only
-        assert evaluated["images"] == 64 and evaluated["synthetic_size"] == 256  # from the run's metrics.json
-        assert evaluated["sha256"] == models.file_sha256(root / "runs" / run / "model.pt")
-    teacher = json.loads((root / "ckpt" / "resnet20.eval.json").read_text())
-    assert teacher["test_set_sha256"] == evaluated["test_set_sha256"]  # the same 64 test images, via EVAL_EXTRA
-    assert f"| Teacher | {teacher['top1']:.2f} |" in (root / "results" / "synthetic.md").read_text()
-    assert "[^" not in (root / "results" / "synthetic.md").read_text()  # no disagreement to mark
-    # a model.pt changed after training (in a copy): its evaluation and the table's footnote show it
-    copy = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1"
-    shutil.copytree(root / "runs" / "resnet20-resnet8" / "pefd-seed1", copy)
-    state = torch.load(copy / "model.pt", weights_only=True)
-    state["fc.bias"][0] += 100.0  # every test image now goes to class 0, which 7 of the 64 are
-    torch.save(state, copy / "model.pt")
-    assert projkd.main(["eval", "--arch", "resnet8", "--ckpt", str(copy / "model.pt")]) == 0
-    assert json.loads((copy / "model.eval.json").read_text())["top1"] == 100 * 7 / 64
-    assert tables.main(["--runs", str(tmp_path / "runs"), "--pairs", "resnet20:resnet8", "--methods", "pefd",
-                        "--seeds", "1", "--out", str(tmp_path / "t.md")]) == 0
-    text = (tmp_path / "t.md").read_text()
-    assert "| PEFD | 10.94 (n=1) [^1] |" in text
-    assert f"[^1]: {copy}: model.pt evaluates to 10.94% top-1 alone, the training loop's last epoch measured " \
-           f"{metrics['last_top1']:.2f}%" in text
-
-
-def test_make_pipeline_redoes_nothing_and_continues_an_interrupted_run(pipeline):
-    root, knobs, _, log = pipeline
-    assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run or evaluate again
-    # an interrupted run (last.pt but no metrics.json) is continued and evaluated again, and nothing else is redone
-    pefd = root / "runs" / "resnet20-resnet8" / "pefd-seed1"
-    os.remove(pefd / "metrics.json")
-    again = make("cifar-all", *knobs)
-    assert again.returncode == 0, again.stderr
-    assert [line.split()[3] for line in again.stdout.splitlines() if " projkd.py" in line] == ["--dataset", "eval"]
-    assert f"resuming {pefd} after epoch 1" in again.stdout
-
-
-def plan_lines(*args):
-    return make("-n", *args, "DEPS=", "DATA=", f"PY={sys.executable}").stdout.splitlines()
-
-
-def test_make_plan_for_imagenet_all():
-    plan = plan_lines("imagenet-all")
-    trainings = [line for line in plan if "projkd.py --dataset" in line]
-    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=1 projkd.py"
-    assert all(t.startswith(f"{torchrun} --dataset imagenet --data-dir data/imagenet --device auto --epochs 100 ")
-               for t in trainings)
-    expected = [f"{p.replace(':', '-')}/{m}-seed1" for p in IMAGENET_PAIRS.split() for m in ("pefd", "kd")]
-    expected += ["resnet18/ce-seed1", "mobilenet_v1/ce-seed1"]  # the Student rows, each shared by two pairs
-    assert sorted(t.split("--run-dir ")[1].split()[0] for t in trainings) == sorted(f"runs/imagenet/{e}" for e in expected)
-    assert all(f"--teacher-ckpt checkpoints/imagenet/{t.split('--teacher ')[1].split()[0]}.pt " in t
-               for t in trainings if "--method ce" not in t)
-    assert sorted(line for line in plan if "fetch-weights" in line) == sorted(
-        f"{sys.executable} projkd.py fetch-weights --arch {a} --out checkpoints/imagenet/{a}.pt"
-        for a in ("densenet201", "resnet34", "resnet50"))
-    assert not any("tcache" in line for line in plan)  # never on ImageNet
-    assert f'{sys.executable} tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs ' \
-           f'"{IMAGENET_PAIRS}" --methods "pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv" ' \
-           '--figures results/figures' in plan
-    # each finished model evaluated alone, once: 10 runs and 3 teachers, on one GPU, without torchrun
-    evals = [line for line in plan if " projkd.py eval " in line]
-    assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
-        [f"runs/imagenet/{e}/model.pt" for e in expected] +
-        [f"checkpoints/imagenet/{a}.pt" for a in ("densenet201", "resnet34", "resnet50")])
-    assert all(e.startswith(f"{sys.executable} projkd.py eval --arch ") and "--dataset imagenet --data-dir "
-               "data/imagenet --device auto" in e for e in evals)
-    # more GPUs per run, seeds and a short trial, which gets folders of its own but the same pretrained teachers
-    plan = plan_lines("imagenet-all", "NPROC=8", "IMAGENET_SEEDS=1 2", "IMAGENET_EPOCHS=2")
-    trainings = [line for line in plan if "projkd.py --dataset" in line]
-    assert len(trainings) == 2 * 10 and all("--nproc_per_node=8 projkd.py" in t for t in trainings)
-    assert all("--run-dir runs/imagenet-e2/" in t and "--epochs 2 " in t for t in trainings)
-    assert len([line for line in plan if "fetch-weights" in line and "checkpoints/imagenet/" in line]) == 3
-    assert any("--out \"results/imagenet-e2/imagenet.md results/imagenet-e2/imagenet.csv\"" in line for line in plan)
-    # one pair alone: its runs and its teacher, then the whole table from whatever has finished
-    plan = plan_lines("imagenet-r34-r18")
-    assert sorted(line.split("--run-dir ")[1].split()[0] for line in plan if "projkd.py --dataset" in line) == [
-        "runs/imagenet/resnet18/ce-seed1", "runs/imagenet/resnet34-resnet18/kd-seed1",
-        "runs/imagenet/resnet34-resnet18/pefd-seed1"]
-    assert [line.split("--arch ")[1].split()[0] for line in plan if "fetch-weights" in line] == ["resnet34"]
-    assert any(f'tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs "{IMAGENET_PAIRS}"'
-               in line for line in plan)
-
-
-def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
-    launch = "srun -N1 -n1 --gres=gpu:1"
-    plan = plan_lines("cifar-all", f"LAUNCH={launch}")
-    launched = [line for line in plan if line.startswith(launch + " ")]
-    assert launched == [line for line in plan if any(f"projkd.py {c}" in line for c in ("--dataset", "cache", "eval"))]
-    assert len(launched) == 12 + 60 + 4 + 76  # models alone, distillations, teacher caches, evaluations
-    assert any(line.startswith(f"{sys.executable} tables.py ") for line in plan)  # the tables run here
-    assert any(line.startswith(f"{sys.executable} projkd.py fetch-teachers ") for line in plan)  # it needs internet
-    plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
-    launched = [line for line in plan if line.startswith(launch + " ")]
-    assert len(launched) == 10 + 13 and all(
-        line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
-        for line in launched if " eval " not in line)  # the evaluations: one process, one GPU
-    assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
-    assert plan_lines("bench", f"LAUNCH={launch}")[-2:] == [  # its figure is drawn here, as the tables are
-        f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results",
-        f"{sys.executable} tables.py --kind bench --bench results/bench.json --figures results/figures"]
-    # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
-    plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
-    assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
-
-
-STAND_IN_PYTHON = """#!{python}
-# Stands in for python in Make tests: logs its arguments, writes the files the real command would, empty.
-import os, sys
-args = sys.argv[1:]
-with open({log!r}, "a") as f:
-    f.write(" ".join(args) + "\\n")
-def touch(path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    open(path, "w").close()
-def value(flag):
-    return args[args.index(flag) + 1]
-if "--run-dir" in args:
-    touch(os.path.join(value("--run-dir"), "model.pt"))
-    touch(os.path.join(value("--run-dir"), "metrics.json"))
-elif "cache" in args:
-    touch(value("--teacher-cache-file"))
-elif "eval" in args:
-    touch(os.path.splitext(value("--ckpt"))[0] + ".eval.json")
-elif "fetch-teachers" in args:
-    touch(os.path.join(value("--out-dir"), value("--arch") + ".pt"))
-else:  # fetch-weights --out PATH, tables.py --out "PATH ..."
-    for path in value("--out").split():
-        touch(path)
-"""
-
-
-def stand_in_python(tmp_path):
-    python, log = tmp_path / "python", tmp_path / "calls.log"
-    python.write_text(STAND_IN_PYTHON.format(python=sys.executable, log=str(log)))
-    python.chmod(0o755)
-    return python, log
-
-
-def calls(log):
-    return log.read_text().splitlines() if log.exists() else []
-
-
-def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
-    plan = plan_lines("cifar-all", "SEEDS=1", "DEVICE=cuda")
-    caches = [line for line in plan if "projkd.py cache " in line]
-    assert len(caches) == 4  # one per teacher, each shared by its pairs (ResNet50 has two)
-    for cache in caches:
-        t = cache.split("--teacher ")[1].split()[0]
-        assert cache == (f"{sys.executable} projkd.py cache --teacher {t} --teacher-ckpt checkpoints/cifar100/{t}.pt "
-                         f"--teacher-cache-file checkpoints/cifar100/{t}.tcache --dataset cifar100 --data-dir data "
-                         "--device cuda ")
-    runs = [line for line in plan if "projkd.py --dataset" in line and "--teacher " in line]
-    assert len(runs) == 5 * 4
-    for run in runs:
-        t, method = run.split("--teacher ")[1].split()[0], run.split("--method ")[1].split()[0]
-        flags = f"--teacher-cache on --teacher-cache-file checkpoints/cifar100/{t}.tcache "
-        assert (flags in run) == (method in ("pefd", "kd", "crd")), run
-        cache = next(c for c in caches if f"--teacher {t} " in c)
-        assert plan.index(cache) < plan.index(run)  # built before any run that reads it
-    on_cpu = plan_lines("pair", "T=vgg13", "S=vgg8", "SEEDS=1", "TEACHER_CACHE=on", "DEVICE=cpu")
-    assert "--teacher-cache on " in on_cpu[-1] and any("projkd.py cache " in line for line in on_cpu)  # asked for
-    for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # auto: a CPU would take hours to build it
-        assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
-
-
-def test_git_ignores_what_the_readme_has_users_make():
-    made = [".venv/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json", "results/x.md",
-            "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
-    ignored = subprocess.run(["git", "check-ignore", *made], cwd=HERE, capture_output=True, text=True).stdout.split()
-    assert ignored == made
-
-
-def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_path):
-    """DEVICE=auto (the default) means the CPU where nvidia-smi lists no GPU: no cache builds planned there."""
-    for listing in ("", "GPU 0: NVIDIA H200 (UUID: GPU-0)"):
-        env = path_with_nvidia_smi(tmp_path, listing)
-        plan = make("-n", "pair", "T=vgg13", "S=vgg8", "SEEDS=1", "DEPS=", "DATA=", f"PY={sys.executable}", env=env)
-        assert ("projkd.py cache " in plan.stdout) == bool(listing), plan.stdout
-
-
-def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_path):
-    python, log = stand_in_python(tmp_path)
-    knobs = [f"PY={python}", "DEPS=", "DATASET=synthetic", "DEVICE=cuda", "PAIRS=resnet20:resnet8 resnet20:resnet14",
-             "SEEDS=1 2", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
-    first = make("-j4", "cifar-all", *knobs)
-    assert first.returncode == 0, first.stderr
-    log_lines = calls(log)
-    cache = [i for i, c in enumerate(log_lines) if c.startswith("projkd.py cache ")]
-    assert len(cache) == 1 and f"--teacher-cache-file {tmp_path}/ckpt/resnet20.tcache " in log_lines[cache[0]] + " "
-    readers = [i for i, c in enumerate(log_lines) if "--teacher-cache-file" in c and "--run-dir" in c]
-    assert len(readers) == 2 * 3 * 2 and min(readers) > cache[0]  # 2 pairs x (pefd kd crd) x 2 seeds, after the cache
-    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == len(log_lines)  # up to date
-    # the cache file is only needed while a run is to be done: deleting it redoes nothing, a run to redo rebuilds it
-    os.remove(tmp_path / "ckpt" / "resnet20.tcache")
-    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == len(log_lines)
-    os.remove(tmp_path / "runs" / "resnet20-resnet8" / "kd-seed2" / "metrics.json")
-    assert make("cifar-all", *knobs).returncode == 0
-    redone = calls(log)[len(log_lines):]
-    assert len(redone) == 4 and redone[0].startswith("projkd.py cache ") and redone[3].startswith("tables.py ")
-    assert f"--run-dir {tmp_path}/runs/resnet20-resnet8/kd-seed2 " in redone[1]
-    assert f"eval --arch resnet8 --ckpt {tmp_path}/runs/resnet20-resnet8/kd-seed2/model.pt " in redone[2]
-    # a new teacher checkpoint: its cache is rebuilt once, before all its distillation runs are redone
-    os.utime(tmp_path / "ckpt" / "resnet20.pt", (time.time() + 10,) * 2)
-    before = len(calls(log))
-    assert make("-j4", "cifar-all", *knobs).returncode == 0
-    redone = calls(log)[before:]
-    cache = [i for i, c in enumerate(redone) if c.startswith("projkd.py cache ")]
-    runs = [i for i, c in enumerate(redone) if c.startswith("projkd.py --dataset")]
-    readers = [i for i in runs if "--teacher-cache-file" in redone[i]]
-    assert len(cache) == 1 and len(runs) == 2 * 4 * 2 and redone[-1].startswith("tables.py ")  # 2 pairs x 4 x 2
-    assert len([c for c in redone if c.startswith("projkd.py eval ")]) == 1 + 2 * 4 * 2  # the teacher's, the runs'
-    assert len(readers) == 2 * 3 * 2 and cache[0] < min(readers)  # sp runs need no cache: -j may start them first
-
-
-def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
-    python, log = stand_in_python(tmp_path)
-    knobs = [f"PY={python}", "DEPS=", "DATA=", "PAIRS=vgg13:vgg8 resnet20:resnet8", "METHODS=kd ce", "SEEDS=1",
-             f"RUNS={tmp_path}/runs", f"RESULTS={tmp_path}/results"]
-    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/ckpt").returncode == 0
-    done = calls(log)
-    assert [c.split("--arch ")[1].split()[0] for c in done if c.startswith("projkd.py fetch-teachers ")] == ["vgg13"]
-    trained = [c for c in done if "--method ce" in c and "--student resnet20 " in c]  # not in the archive: trained
-    assert len(trained) == 1 and not any("--student vgg13 " in c for c in done)
-    assert json.loads((tmp_path / "ckpt" / "resnet20.json").read_text()) == {
-        "how": "trained here", "run": f"{tmp_path}/runs/resnet20/ce-seed1"}
-    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/ckpt").returncode == 0 and calls(log) == done
-    # TEACHERS_FROM=train trains vgg13 too; a checkpoint in place is used as it is, whatever TEACHERS_FROM says
-    os.makedirs(tmp_path / "other")
-    shutil.copy(tmp_path / "ckpt" / "resnet20.pt", tmp_path / "other" / "resnet20.pt")
-    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/other", "TEACHERS_FROM=train").returncode == 0
-    again = calls(log)[len(done):]
-    assert not any("fetch-teachers" in c for c in again) and not any("--student resnet20 " in c for c in again)
-    assert any("--method ce" in c and "--student vgg13 " in c for c in again)
-
-
-def test_make_and_models_name_the_same_archive():
-    makefile, params = (open(os.path.join(HERE, f)).read() for f in ("Makefile", "params.mk"))
-    assert re.search(r"^ARCHIVE_TEACHERS := (.*)$", makefile, re.M)[1].split() == list(models.PUBLISHED_TEACHERS)
-    assert re.search(r"^TEACHERS_URL \?= (.*)$", params, re.M)[1] == models.TEACHERS_URL
-
-
-def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
-    python, log = stand_in_python(tmp_path)
-    knobs = [f"PY={python}", "DEPS=", f"IMAGENET_DIR={tmp_path}/imagenet", f"RUNS={tmp_path}/runs",
-             f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
-    missing = make("imagenet-all", *knobs)
-    assert missing.returncode != 0 and f"no ImageNet in {tmp_path}/imagenet/" in missing.stderr and not calls(log)
-    os.makedirs(tmp_path / "imagenet" / "val")
-    first = make("-j4", "imagenet-all", *knobs)
-    assert first.returncode == 0, first.stderr
-    done = calls(log)
-    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * (3 + 13) + ["tables.py"]
-    assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
-    assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
-
-
-def test_the_readme_example_runs():
-    readme = open(os.path.join(HERE, "README.md")).read()
-    example = readme.split("## PEFD in your own code")[1].split("```python\n")[1].split("```")[0]
-    namespace = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    projectors = namespace["projectors"]
-    assert all(p.grad is not None for p in projectors.parameters())  # the example's step trained them
-
-
-# --- result tables (tables.py) -----------------------------------------------------------------------------------
-
-def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None,
-                  evaluated="same", history=()):
-    """A finished run's metrics.json (with `history`, also as log.csv), and its model.eval.json saying model.pt
-    evaluates to `evaluated` (top-1; "same": the training loop's `last`; None: no evaluation yet)."""
-    os.makedirs(run_dir, exist_ok=True)
-    metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
-               "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
-               "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
-               "config": {"dataset": "cifar100"}, "history": write_log(run_dir, history)}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
-    if evaluated is not None:
-        with open(os.path.join(run_dir, "model.eval.json"), "w") as f:
-            json.dump({"top1": last if evaluated == "same" else evaluated, "top5": top5}, f)
-
-
-def write_log(run_dir, history):
-    """A run's log.csv as projkd.py writes it, from epoch rows (a run without metrics.json: unfinished)."""
-    os.makedirs(run_dir, exist_ok=True)
-    if history:
-        with open(os.path.join(run_dir, "log.csv"), "w") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(history)
-    return list(history)
-
-
-def epochs(top1, mda=None, top5=None):
-    """Epoch rows as in metrics["history"]; train_mda only where given (runs from before it was logged have none)."""
-    return [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "test_top1": a, "test_top5": (top5 or top1)[e],
-             "between_class_cosine": 0.3, **({"train_mda": mda[e]} if mda else {})} for e, a in enumerate(top1)]
-
-
-def log_columns(*run_dirs, column):
-    """Per epoch, the mean, min and max of a log.csv column over the runs: what a curve must plot."""
-    values = [[float(row[column]) for row in csv.DictReader(open(os.path.join(d, "log.csv")))] for d in run_dirs]
-    return [(e + 1, sum(v) / len(v), min(v), max(v)) for e, v in enumerate(zip(*values))]
-
-
-def drawn_figures(monkeypatch):
-    """What each figure drawn from now on shows, by file name: (its panels, the texts written in them)."""
-    import tables
-
-    drawn, save = {}, tables._save
-    def record(plt, fig, path):
-        drawn[os.path.basename(path)] = (len(fig.axes), [t.get_text() for ax in fig.axes for t in ax.texts])
-        save(plt, fig, path)
-    monkeypatch.setattr(tables, "_save", record)
-    return drawn
-
-
-def decoded_pngs(*paths):
-    """The paths, each checked to be a PNG that decodes."""
-    from PIL import Image
-
-    for path in paths:
-        with Image.open(path) as image:
-            assert image.format == "PNG"
-            image.verify()
-    return list(paths)
-
-
-def linked_figures(md):
-    """The figures a markdown file links to (relative links), each checked to be a PNG that decodes."""
-    return decoded_pngs(*(md.parent / link for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md.read_text())))
-
-
-def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
-    import tables
-
-    runs = tmp_path / "runs"
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 70.0, best=71.0, teacher=74.5)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed2", 72.0, best=72.5, teacher=74.5)
-    for seed, acc in ((1, 69.0), (2, 70.0), (3, 71.0)):
-        write_metrics(runs / "vgg8" / f"ce-seed{seed}", acc)  # the Student row: the student trained alone
-    write_metrics(runs / "other-vgg8" / "kd-seed1", 99.0)  # another pair's run must not leak in
-    md, csv_path = tmp_path / "out" / "t.md", tmp_path / "out" / "t.csv"
-    assert tables.main(["--runs", str(runs), "--pairs", "vgg13:vgg8", "--out", f"{md} {csv_path}"]) == 0
-    text = md.read_text()
-    last = text.split("## ")[1]  # the last-epoch table comes first
-    assert "| PEFD | 71.00 ± 1.41 (n=2) | 74.35 ± 0.12 |" in last  # sample std of 70 and 72; the paper beside
-    assert "| Student | 70.00 ± 1.00 (n=3) | 70.74 ± 0.31 |" in last
-    assert "| Teacher | 74.50 | 74.64 |" in last
-    assert "| KD | missing | 72.98 ± 0.19 |" in last and "| SP | missing |" in last
-    assert "| PEFD | 71.75 ± 1.06 (n=2) |" in text.split("## ")[2]  # best epoch: 71 and 72.5
-    rows = list(csv.DictReader(open(csv_path)))
-    kd = next(r for r in rows if r["table"] == "last" and r["row"] == "KD")
-    assert (kd["mean"], kd["std"], kd["n"], kd["paper_mean"]) == ("", "", "0", "72.98")
-    pefd = next(r for r in rows if r["table"] == "last" and r["row"] == "PEFD")
-    assert (float(pefd["mean"]), float(pefd["std"]), pefd["n"]) == (71.0, pytest.approx(1.4142, abs=1e-4), "2")
-
-
-def test_tables_take_last_numbers_from_each_model_file_evaluated_alone_and_mark_disagreements(tmp_path):
-    import tables
-
-    runs, teachers = tmp_path / "runs", tmp_path / "ckpt"
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 70.0, teacher=74.5)  # model.pt evaluates as training did
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed2", 72.0, teacher=74.5, evaluated=71.5)  # model.pt differs
-    write_metrics(runs / "vgg13-vgg8" / "kd-seed1", 71.0, evaluated=71.015)  # within 0.02 points: float rounding
-    write_metrics(runs / "vgg13-vgg8" / "sp-seed1", 73.0, evaluated=None)  # not evaluated yet
-    teachers.mkdir()
-    (teachers / "vgg13.eval.json").write_text(json.dumps({"top1": 74.9, "top5": 92.0}))
-    md, csv_path = tmp_path / "t.md", tmp_path / "t.csv"
-    assert tables.main(["--runs", str(runs), "--teachers", str(teachers), "--pairs", "vgg13:vgg8", "--seeds", "1 2",
-                        "--out", f"{md} {csv_path}"]) == 0
-    text = md.read_text()
-    last, best = text.split("## ")[1:3]
-    assert "| Teacher | 74.90 | 74.64 |" in last  # the checkpoint's own evaluation, not the 74.5 its students saw
-    assert "| PEFD | 70.75 ± 1.06 (n=2) [^2] |" in last  # 70 and 71.5: what the files evaluate to, marked
-    assert "| KD | 71.02 (n=1) | 72.98 ± 0.19 |" in last and "| SP | 73.00 (n=1) [^1] |" in last
-    assert "| PEFD | 71.00 ± 1.41 (n=2) |" in best  # the best epoch is the training loop's (no file of it is kept)
-    assert f"[^2]: {runs}/vgg13-vgg8/pefd-seed2: model.pt evaluates to 71.50% top-1 alone, the training loop's last " \
-           "epoch measured 72.00%" in text
-    assert f"[^1]: {runs}/vgg13-vgg8/sp-seed1: the training loop's last epoch; model.pt not yet evaluated" in text
-    rows = {(r["table"], r["row"]): r for r in csv.DictReader(open(csv_path))}
-    assert "model.pt evaluates to 71.50%" in rows["last", "PEFD"]["notes"] and rows["best", "PEFD"]["notes"] == ""
-
-
-def test_ablation_table_finds_the_variant_runs(tmp_path):
-    import tables
-
-    runs = tmp_path / "runs"
-    write_metrics(runs / "vgg13-vgg8" / "pefd-seed1", 74.0, cosine=0.2)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-q0-seed1", 73.0, cosine=0.4)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-depth3-seed1", 72.0)
-    write_metrics(runs / "vgg13-vgg8" / "pefd-gelu-seed1", 74.5)
-    out = tmp_path / "ablations.md"
-    assert tables.main(["--kind", "ablations", "--runs", str(runs), "--pairs", "vgg13:vgg8", "--seeds", "1",
-                        "--variants", "gelu q0 depth3 none", "--out", str(out)]) == 0
-    last, _, cosine = out.read_text().split("## ")[1:]
-    labels = [line.split("|")[1].strip() for line in last.splitlines() if line.startswith("| ") and "→" not in line]
-    assert labels == ["no projector", "q=3 (PEFD)", "depth 3", "GELU", "no activation"]  # the paper's order
-    assert "| no projector | 73.00 (n=1) | – |" in last and "| GELU | 74.50 (n=1) | 74.39 ± 0.18 |" in last
-    assert "| no activation | missing | 73.46 ± 0.42 |" in last
-    assert "| no projector | 0.4000 (n=1) |" in cosine and "| q=3 (PEFD) | 0.2000 (n=1) |" in cosine
-    assert tables.main(["--kind", "ablations", "--variants", "q0 wide"]) == 2
-
-
-def test_imagenet_table_is_table_1_with_our_numbers_beside_the_paper(tmp_path):
-    import tables
-
-    runs = tmp_path / "runs"
-    for seed, top1, top5 in ((1, 71.0, 90.0), (2, 72.0, 91.0)):
-        write_metrics(runs / "resnet34-resnet18" / f"pefd-seed{seed}", top1, best=top1 + 0.5, teacher=73.3, top5=top5,
-                      teacher_top5=91.4)
-    write_metrics(runs / "resnet18" / "ce-seed1", 69.5, top5=89.0)  # the Student row of (a) and (c)
-    write_metrics(runs / "densenet201-mobilenet_v1" / "kd-seed1", 70.0, teacher=76.9, top5=89.9, teacher_top5=93.4)
-    md, csv_path = tmp_path / "imagenet.md", tmp_path / "imagenet.csv"
-    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--methods", "pefd kd ce",
-                        "--seeds", "1 2", "--out", f"{md} {csv_path}"]) == 0
-    text = md.read_text()
-    last, best = text.split("## ")[1:]
-    assert "| Pair | Accuracy | Student | paper | KD | paper | PEFD | paper | Teacher | paper |" in last
-    assert ("| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 71.50 ± 0.71 (n=2) | 71.94 "
-            "| 73.30 | 73.31 |") in last
-    assert "|  | Top-5 | 89.00 (n=1) | 89.07 | missing | 90.15 | 90.50 ± 0.71 (n=2) | 90.68 | 91.40 | 91.41 |" in last
-    assert "| (b) resnet50 → mobilenet_v1 | Top-1 | missing | 69.06 | missing | 70.65 | missing | 73.16 | missing | 76.13 |" \
-        in last  # nothing finished: missing, never 0
-    assert ("| (c) densenet201 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.38 | missing | 72.29 | missing "
-            "| 76.89 |") in last  # the same Student run as (a)
-    assert "|  | Top-5 | missing | 88.84 | 89.90 (n=1) | 89.93 | missing | 91.47 | 93.40 | 93.37 |" in last  # (d)
-    assert "| (a) resnet34 → resnet18 | Top-1 | 69.50 (n=1) | 69.75 | missing | 70.83 | 72.00 ± 0.71 (n=2) |" in best
-    assert "| 0.00" not in text and "SP" not in text
-    assert "finished runs: 4" in text  # the shared Student run counted once
-    rows = list(csv.DictReader(open(csv_path)))
-    pefd = next(r for r in rows if r["table"] == "last-top5" and r["row"] == "PEFD" and r["teacher"] == "resnet34")
-    assert (pefd["mean"], pefd["n"], pefd["paper_mean"], pefd["paper_std"]) == ("90.5", "2", "90.68", "")
-    # SP and CRD-lite are columns when asked for, in the paper's order
-    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", IMAGENET_PAIRS, "--seeds", "1",
-                        "--out", str(md)]) == 0
-    assert ("| Pair | Accuracy | Student | paper | KD | paper | SP | paper | CRD-lite | paper | PEFD | paper | Teacher "
-            "| paper |") in md.read_text()
-
-
-def test_curve_figures_plot_each_methods_log_csv_mean_and_band(tmp_path, monkeypatch):
-    import tables
-
-    runs, drawn = tmp_path / "runs", drawn_figures(monkeypatch)
-    pefd = [runs / "vgg13-vgg8" / f"pefd-seed{s}" for s in (1, 2)]
-    write_metrics(pefd[0], 30.0, teacher=74.5, cosine=0.2, history=epochs([10, 20, 30], mda=[0.9, 0.5, 0.3]))
-    write_metrics(pefd[1], 40.0, teacher=74.5, cosine=0.4, history=epochs([14, 26, 40], mda=[0.7, 0.4, 0.2]))
-    write_log(runs / "vgg13-vgg8" / "pefd-seed3", epochs([99, 99, 99], mda=[9, 9, 9]))  # unfinished: never plotted
-    write_metrics(runs / "vgg13-vgg8" / "kd-seed1", 33.0, teacher=74.5, history=epochs([12, 22, 33]))  # no train_mda
-    write_metrics(runs / "vgg8" / "ce-seed1", 24.0, cosine=0.6, history=epochs([8, 16, 24]))
-    write_metrics(runs / "wrn_40_2-wrn_16_2" / "kd-seed1", 50.0, history=epochs([50]))  # an older run alone
-    pairs = "vgg13:vgg8 wrn_40_2:wrn_16_2 resnet32x4:resnet8x4"
-    md, figures = tmp_path / "out" / "cifar100.md", tmp_path / "out" / "figures"
-    assert tables.main(["--runs", str(runs), "--pairs", pairs, "--out", str(md), "--figures", str(figures)]) == 0
-    tc = tables.TableConfig(runs=str(runs), pairs=pairs)
-    series, teacher = tables.curve_series(tc, "vgg13:vgg8", ("test_top1", "train_mda"))
-    assert list(series["test_top1"]) == ["Student", "KD", "PEFD"] and list(series["train_mda"]) == ["PEFD"]
-    assert series["test_top1"]["PEFD"] == log_columns(*pefd, column="test_top1") == [
-        (1, 12, 10, 14), (2, 23, 20, 26), (3, 35, 30, 40)]  # mean, min, max over seeds 1 and 2 only
-    assert series["train_mda"]["PEFD"] == pytest.approx(log_columns(*pefd, column="train_mda"))
-    assert series["test_top1"]["KD"] == log_columns(runs / "vgg13-vgg8" / "kd-seed1", column="test_top1")
-    assert teacher == {"test_top1": 74.5}
-    assert tables.cosine_series(tc, "vgg13:vgg8") == [
-        ("Student", {"mean": 0.6, "std": None, "n": 1}), ("KD", {"mean": 0.5, "std": None, "n": 1}),
-        ("PEFD", {"mean": pytest.approx(0.3), "std": pytest.approx(0.1414, abs=1e-4), "n": 2})]  # SP, CRD: no bar
-    assert tables.curve_series(tc, "resnet32x4:resnet8x4", ("test_top1",)) == ({"test_top1": {}}, {"test_top1": None})
-    # every figure is linked from the table and decodes; the MDA panel only where a run logged the term
-    assert sorted(p.name for p in linked_figures(md)) == sorted(os.listdir(figures)) == [
-        "cosine.png", "resnet32x4-resnet8x4-curves.png", "vgg13-vgg8-curves.png", "wrn_40_2-wrn_16_2-curves.png"]
-    assert "](figures/vgg13-vgg8-curves.png)" in md.read_text().split("## Figures")[1]
-    assert drawn["vgg13-vgg8-curves.png"] == (2, []) and drawn["wrn_40_2-wrn_16_2-curves.png"] == (1, [])
-    assert drawn["resnet32x4-resnet8x4-curves.png"] == (1, [tables.NO_RUNS])
-    assert drawn["cosine.png"] == (3, [tables.NO_RUNS])  # a panel per pair; resnet32x4 → resnet8x4 has no run
-    # ImageNet: top-1 and top-5 against epoch per pair and method, in the same folder as CIFAR's
-    run = runs / "resnet34-resnet18" / "pefd-seed1"
-    write_metrics(run, 60.0, teacher=73.3, top5=85.0, teacher_top5=91.4, history=epochs([50, 60], top5=[80, 85]))
-    assert tables.main(["--kind", "imagenet", "--runs", str(runs), "--pairs", "resnet34:resnet18", "--seeds", "1",
-                        "--out", str(tmp_path / "out" / "imagenet.md"), "--figures", str(figures)]) == 0
-    tc = tables.TableConfig(runs=str(runs), pairs="resnet34:resnet18", seeds="1", kind="imagenet")
-    series, teacher = tables.curve_series(tc, "resnet34:resnet18", ("test_top1", "test_top5"))
-    assert series["test_top5"] == {"PEFD": log_columns(run, column="test_top5")} and teacher["test_top5"] == 91.4
-    assert [p.name for p in linked_figures(tmp_path / "out" / "imagenet.md")] == [
-        "imagenet-resnet34-resnet18-curves.png"]
-    assert drawn["imagenet-resnet34-resnet18-curves.png"] == (2, [])
-
-
-def test_ablation_figures_are_figures_3_and_4_beside_the_papers_pefd(tmp_path, monkeypatch):
-    import tables
-
-    runs, drawn = tmp_path / "runs", drawn_figures(monkeypatch)
-    for name, top1s in (("pefd", (74.0, 75.0)), ("pefd-q0", (73.0,)), ("pefd-q2", (73.5, 74.5)),
-                        ("pefd-depth2", (72.0,)), ("pefd-gelu", (76.0,))):
-        for seed, top1 in enumerate(top1s, 1):
-            write_metrics(runs / "vgg13-vgg8" / f"{name}-seed{seed}", top1, cosine=0.1 * seed, history=epochs([top1]))
-    write_log(runs / "vgg13-vgg8" / "pefd-q4-seed1", epochs([99.0]))  # unfinished: no point, never 0
-    pairs, variants = "vgg13:vgg8 resnet32x4:resnet8x4", "q0 q2 q4 depth2 depth3 gelu"
-    md, figures = tmp_path / "ablations.md", tmp_path / "figures"
-    assert tables.main(["--kind", "ablations", "--runs", str(runs), "--pairs", pairs, "--variants", variants,
-                        "--seeds", "1 2", "--out", str(md), "--figures", str(figures)]) == 0
-    tc = tables.TableConfig(runs=str(runs), pairs=pairs, variants=variants, seeds="1 2", kind="ablations")
-    points, paper = tables.ablation_series(tc, "vgg13:vgg8", "q")
-    assert [(x, s["mean"], s["n"]) for x, s in points] == [(0, 73.0, 1), (2, 74.0, 2), (3, 74.5, 2)]
-    assert points[1][1]["std"] == pytest.approx(0.7071, abs=1e-4) and paper == (3, 74.35, 0.12)  # Table 4's PEFD
-    points, paper = tables.ablation_series(tc, "vgg13:vgg8", "proj_depth")
-    assert [(x, s["mean"]) for x, s in points] == [(1, 74.5), (2, 72.0)] and paper == (1, 74.35, 0.12)
-    assert tables.ablation_series(tc, "resnet32x4:resnet8x4", "q") == ([], (3, 76.08, 0.33))
-    assert tables.ablation_series(tc, "resnet20:resnet8", "q") == ([], None)  # a pair the paper has no number for
-    assert [label for label, _ in tables.cosine_series(tc, "vgg13:vgg8")] == [
-        "no projector", "q=2", "q=3 (PEFD)", "depth 2", "GELU"]  # Figure 2(b)'s bars, every finished row
-    assert sorted(p.name for p in linked_figures(md)) == [
-        "ablations-cosine.png", "ablations-depth.png", "ablations-q.png"]
-    assert drawn["ablations-q.png"] == (2, [tables.NO_RUNS]) and drawn["ablations-depth.png"] == (2, [tables.NO_RUNS])
-
-
-def test_bench_figure_and_a_python_without_matplotlib(tmp_path, monkeypatch, capsys):
-    import tables
-
-    report = {"device": "NVIDIA H200", "torch": "2.14.1", "batch_size": 64, "pairs": [{"teacher": "vgg13",
-              "student": "vgg8", "rows": [
-                  {"loop": "classic", "cached": False, "images_per_s": 5000.0, "vs_classic": 1.0, "mfu": 0.01},
-                  {"loop": "ours, CUDA graph, teacher live", "cached": False, "images_per_s": None, "mfu": None,
-                   "skipped": "needs CUDA"},
-                  {"loop": "ours, CUDA graph, teacher cached", "cached": True, "images_per_s": 60000.0, "mfu": None}]}]}
-    bench_json, figures = tmp_path / "bench.json", tmp_path / "figures"
-    bench_json.write_text(json.dumps(report))
-    assert tables.bench_series(report) == {"vgg13 → vgg8": [
-        ("classic", 5000.0, 0.01, None), ("ours, CUDA graph, teacher live", None, None, "needs CUDA"),
-        ("ours, CUDA graph, teacher cached", 60000.0, None, None)]}
-    bench = ["--kind", "bench", "--bench", str(bench_json), "--figures", str(figures)]
-    assert tables.main(bench) == 0 and decoded_pngs(figures / "bench.png") and os.listdir(figures) == ["bench.png"]
-    assert tables.main(["--kind", "bench", "--bench", str(tmp_path / "none.json"), "--figures", str(figures)]) == 2
-    # a failed write (a full disk) leaves neither a PNG nor its temporary file
-    import matplotlib.figure
-    def full_disk(self, path, **kwargs):
-        open(path, "wb").write(b"half a PNG")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
-    os.remove(figures / "bench.png")
-    capsys.readouterr()
-    assert tables.main(bench) == 2 and os.listdir(figures) == []
-    assert "No space left on device" in capsys.readouterr().err
-    monkeypatch.undo()
-    # without matplotlib: make bench (a GPU node's python) skips its figure in one line; the tables stop in one line
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    assert tables.main(bench) == 0 and os.listdir(figures) == []
-    out, err = capsys.readouterr()
-    assert out.count("\n") == 1 and "no bench figure" in out and "pip install -r requirements.txt" in out and not err
-    md = tmp_path / "out" / "cifar100.md"
-    assert tables.main(["--runs", str(tmp_path), "--out", str(md), "--figures", str(figures)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install -r requirements.txt" in err and not md.parent.exists()
-    # (that importing tables.py, as projkd.py eval does, imports no matplotlib: test_importing_projkd_has_no_side_effects)

@@ -1,0 +1,39 @@
+"""Tests for bench.py: its tiny CPU version runs every loop it measures, and the GPU peaks it computes MFU with."""
+import json
+
+import pytest
+import torch
+
+import projkd
+
+
+def test_bench_runs_its_tiny_cpu_version(tmp_path):
+    assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(tmp_path), "--steps", "2",
+                        "--classic-steps", "2", "--workers", "1"]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (pair,) = report["pairs"]
+    assert (pair["teacher"], pair["student"]) == ("resnet20", "resnet8")
+    speeds = {row["loop"]: row["images_per_s"] for row in pair["rows"]}
+    assert len(speeds) == 5 and all(v > 0 for k, v in speeds.items() if "graph" not in k)
+    assert all(v is None for k, v in speeds.items() if "graph" in k)  # needs CUDA
+    flops = {row["cached"]: row["flops_per_image"] for row in pair["rows"]}
+    assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
+    text = (tmp_path / "bench.md").read_text()
+    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
+    # every row says how it ran: the classic loop as RepDistiller runs (cudnn.benchmark on, matmuls without TF32),
+    # ours as setup_run sets it up, whatever ran before
+    flags = {row["loop"]: row["flags"] for row in pair["rows"] if row["images_per_s"]}
+    assert flags["classic (DataLoader + PIL, fp32, .item() per step)"] == {
+        "cudnn_benchmark": True, "cudnn_deterministic": False, "matmul_tf32": False, "cudnn_tf32": True}
+    assert all(f["matmul_tf32"] and f["cudnn_benchmark"] for loop, f in flags.items() if loop.startswith("ours"))
+    assert "cudnn_benchmark on, cudnn_deterministic off, matmul_tf32 off, cudnn_tf32 on |" in text
+
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 80GB HBM3 MIG 3g.40gb", None), ("NVIDIA L4", None)])
+def test_bench_peak_of_each_gpu_and_none_for_a_mig_slice(monkeypatch, name, peak):
+    import bench
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert bench.bf16_peak_flops(torch.device("cuda")) == peak

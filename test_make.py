@@ -1,0 +1,423 @@
+"""Tests for the Make pipeline (Makefile, params.mk): its plans (make -n), and a small real pipeline on generated
+data that trains, evaluates and tabulates through the launcher, redoes nothing and continues an interrupted run."""
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fetch
+import projkd
+from conftest import HERE, IMAGENET_PAIRS, calls, linked_figures, make
+
+
+def test_download_without_internet_is_one_line_from_make(tmp_path):
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
+    result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
+                             f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
+    assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
+
+
+
+def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
+    """The environment with a stand-in nvidia-smi first on PATH, listing `listing` (empty: no GPU)."""
+    fake = folder / "bin" / "nvidia-smi"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f"#!/bin/sh\necho '{listing}'\n")
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+
+@pytest.mark.parametrize("teachers_from", ["fetch", "train"])
+def test_make_plan_for_cifar_all_gets_each_teacher_once(tmp_path, teachers_from):
+    knobs = [] if teachers_from == "fetch" else ["TEACHERS_FROM=train"]  # fetch: the default
+    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", *knobs, env=path_with_nvidia_smi(tmp_path)).stdout
+    commands = [line for line in plan.splitlines() if "projkd.py --dataset" in line]  # trainings, not teacher caches
+    fetched = [c for c in plan.splitlines() if "projkd.py fetch-teachers " in c]
+    copied = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
+    teachers = ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
+    if teachers_from == "fetch":
+        assert not copied and sorted(c.split("--arch ")[1].split()[0] for c in fetched) == teachers
+        assert f"{sys.executable} projkd.py fetch-teachers --arch vgg13 --url {fetch.TEACHERS_URL} --out-dir " \
+               "checkpoints/cifar100 --dataset cifar100 --data-dir data --device auto" in fetched
+    else:
+        assert not fetched and sorted(t.split("/")[2] for t in copied) == teachers
+    alone = [c for c in commands if "--method ce" in c]
+    distill = [c for c in commands if "--method ce" not in c]
+    # 4 teachers when trained; 4 students x 3 seeds (vgg8's Student runs serve two pairs)
+    assert len(alone) == 4 * (teachers_from == "train") + 4 * 3
+    assert len(distill) == 5 * 4 * 3  # 5 pairs x (pefd kd sp crd) x 3 seeds
+    assert len(set(commands)) == len(commands)
+    # DEVICE=auto on a machine with a GPU: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
+    caches = [c for c in plan.splitlines() if "projkd.py cache " in c]
+    assert sorted(c.split("--teacher ")[1].split()[0] for c in caches) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
+    # every parameter of the pipeline is spelled out in the echoed command
+    one = next(c for c in distill if "--run-dir runs/cifar100/vgg13-vgg8/pefd-seed2" in c)
+    for flag in ("--dataset cifar100", "--data-dir data", "--device auto", "--epochs 240", "--teacher vgg13",
+                 "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--teacher-cache on",
+                 "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
+                 "--resume"):
+        assert flag in one
+    assert plan.count("tables.py") == 1
+    assert '--out "results/cifar100.md results/cifar100.csv" --figures results/figures' in plan
+    # the evaluation step: each run's model.pt and each teacher checkpoint evaluated alone, once, before the tables
+    evals = [c.split("--ckpt ")[1].split()[0] for c in plan.splitlines() if " projkd.py eval " in c]
+    runs = [c.split("--run-dir ")[1].split()[0] for c in commands]
+    teacher_runs = [f"runs/cifar100/{t}/ce-seed1" for t in teachers]  # when trained, their copies are evaluated
+    assert sorted(evals) == sorted([f"{r}/model.pt" for r in runs if r not in teacher_runs] +
+                                   [f"checkpoints/cifar100/{t}.pt" for t in teachers])
+    assert len(evals) == 12 + 60 + 4 and plan.index(" projkd.py eval ") < plan.index("tables.py")
+
+
+
+def test_make_plan_for_ablations_and_short_runs():
+    plan = make("-n", "ablations", "DEPS=", "DATA=", "EPOCHS=2", "SEEDS=1", f"PY={sys.executable}").stdout
+    runs = [line for line in plan.splitlines() if "projkd.py --dataset" in line and "--teacher " in line]
+    assert len(runs) == 2 * 10  # 2 pairs x (PEFD + 9 variants)
+    assert any("--q 0 " in r and "pefd-q0-seed1" in r for r in runs)
+    assert any("--proj-depth 4 " in r for r in runs) and any("--proj-act none " in r for r in runs)
+    assert all("runs/cifar100-e2/" in r and "checkpoints/cifar100-e2/" in r for r in runs)  # apart from real runs
+    # the paper's teachers whatever the students' EPOCHS, fetched into the trial's own folder (not trained for 2 epochs)
+    fetched = [line for line in plan.splitlines() if "projkd.py fetch-teachers " in line]
+    assert sorted(f.split("--arch ")[1].split()[0] for f in fetched) == ["resnet32x4", "vgg13"]
+    assert all("--out-dir checkpoints/cifar100-e2 " in f for f in fetched)
+    assert not any("--method ce" in line for line in plan.splitlines())
+    assert "--out results/cifar100-e2/ablations.md --figures results/cifar100-e2/figures" in plan
+
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A small real pipeline, `make -j2 cifar-all` on synthetic data: a teacher, its PEFD student and the Student
+    row, every command that computes started through a stand-in launcher that logs it (as srun would run it)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    launcher, log = root / "launch", root / "launched.log"
+    launcher.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec "$@"\n')
+    launcher.chmod(0o755)
+    knobs = [f"PY={sys.executable}", "DEPS=", "DATASET=synthetic", "EPOCHS=1", "SEEDS=1", "DEVICE=cpu",
+             "PAIRS=resnet20:resnet8", "METHODS=pefd ce", f"RUNS={root}/runs", f"TEACHERS={root}/ckpt",
+             f"RESULTS={root}/results", "EXTRA=--synthetic-size 256 --batch-size 32",
+             "EVAL_EXTRA=--synthetic-size 256", f"LAUNCH={launcher}"]
+    first = make("-j2", "cifar-all", *knobs)  # the student's two runs side by side, after the teacher
+    assert first.returncode == 0, first.stderr
+    return root, knobs, first, log
+
+
+
+def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipeline):
+    root, knobs, first, log = pipeline
+    assert (root / "ckpt" / "resnet20.pt").exists()
+    table = (root / "results" / "synthetic.md").read_text()
+    metrics = json.loads((root / "runs" / "resnet20-resnet8" / "pefd-seed1" / "metrics.json").read_text())
+    assert metrics["teacher_provenance"]["how"] == "trained here"  # make's record, checked against the run's model.pt
+    assert f"teachers: resnet20 (trained here, sha256 {metrics['teacher_provenance']['sha256'][:12]});" in table
+    assert "| PEFD |" in table and "(n=1)" in table and "missing" not in table.split("## ")[1]
+    computing = [line.split() for line in first.stdout.splitlines() if "projkd.py" in line]
+    assert len(computing) == 3 + 3  # trainings (teacher, PEFD, Student), evaluations (their model files)
+    assert all(c[:3] == [str(root / "launch"), sys.executable, "projkd.py"] for c in computing)
+    assert sorted(line.split() for line in log.read_text().splitlines()) == sorted(c[1:] for c in computing)
+    assert any(line.startswith(f"{sys.executable} tables.py ") for line in first.stdout.splitlines())  # not launched
+    # its figures, linked from the table; a curve is the run's log.csv
+    import tables
+    assert sorted(p.name for p in linked_figures(root / "results" / "synthetic.md")) == [
+        "cosine.png", "resnet20-resnet8-curves.png"]
+    tc = tables.TableConfig(runs=f"{root}/runs", pairs="resnet20:resnet8", methods="pefd ce", seeds="1")
+    curves, _ = tables.curve_series(tc, "resnet20:resnet8", ("test_top1",))
+    log_csv = root / "runs" / "resnet20-resnet8" / "pefd-seed1" / "log.csv"
+    assert [mean for _, mean, _, _ in curves["test_top1"]["PEFD"]] == [
+        float(row["test_top1"]) for row in csv.DictReader(open(log_csv))]
+    assert list(curves["test_top1"]) == ["Student", "PEFD"]
+
+
+
+def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
+    import tables
+
+    root, knobs, first, _ = pipeline
+    evals = [line for line in first.stdout.splitlines() if " projkd.py eval " in line]
+    assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
+        [f"{root}/ckpt/resnet20.pt", f"{root}/runs/resnet8/ce-seed1/model.pt",
+         f"{root}/runs/resnet20-resnet8/pefd-seed1/model.pt"])
+    for run in ("resnet8/ce-seed1", "resnet20-resnet8/pefd-seed1"):
+        metrics = json.loads((root / "runs" / run / "metrics.json").read_text())
+        evaluated = json.loads((root / "runs" / run / "model.eval.json").read_text())
+        assert evaluated["top1"] == pytest.approx(metrics["last_top1"], abs=1e-4)  # log rounding only
+        assert evaluated["images"] == 64 and evaluated["synthetic_size"] == 256  # from the run's metrics.json
+        assert evaluated["sha256"] == projkd.file_sha256(root / "runs" / run / "model.pt")
+    teacher = json.loads((root / "ckpt" / "resnet20.eval.json").read_text())
+    assert teacher["test_set_sha256"] == evaluated["test_set_sha256"]  # the same 64 test images, via EVAL_EXTRA
+    assert f"| Teacher | {teacher['top1']:.2f} |" in (root / "results" / "synthetic.md").read_text()
+    assert "[^" not in (root / "results" / "synthetic.md").read_text()  # no disagreement to mark
+    # a model.pt changed after training (in a copy): its evaluation and the table's footnote show it
+    copy = tmp_path / "runs" / "resnet20-resnet8" / "pefd-seed1"
+    shutil.copytree(root / "runs" / "resnet20-resnet8" / "pefd-seed1", copy)
+    state = torch.load(copy / "model.pt", weights_only=True)
+    state["fc.bias"][0] += 100.0  # every test image now goes to class 0, which 7 of the 64 are
+    torch.save(state, copy / "model.pt")
+    assert projkd.main(["eval", "--arch", "resnet8", "--ckpt", str(copy / "model.pt")]) == 0
+    assert json.loads((copy / "model.eval.json").read_text())["top1"] == 100 * 7 / 64
+    assert tables.main(["--runs", str(tmp_path / "runs"), "--pairs", "resnet20:resnet8", "--methods", "pefd",
+                        "--seeds", "1", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "| PEFD | 10.94 (n=1) [^1] |" in text
+    assert f"[^1]: {copy}: model.pt evaluates to 10.94% top-1 alone, the training loop's last epoch measured " \
+           f"{metrics['last_top1']:.2f}%" in text
+
+
+
+def test_make_pipeline_redoes_nothing_and_continues_an_interrupted_run(pipeline):
+    root, knobs, _, log = pipeline
+    assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run or evaluate again
+    # an interrupted run (last.pt but no metrics.json) is continued and evaluated again, and nothing else is redone
+    pefd = root / "runs" / "resnet20-resnet8" / "pefd-seed1"
+    os.remove(pefd / "metrics.json")
+    again = make("cifar-all", *knobs)
+    assert again.returncode == 0, again.stderr
+    assert [line.split()[3] for line in again.stdout.splitlines() if " projkd.py" in line] == ["--dataset", "eval"]
+    assert f"resuming {pefd} after epoch 1" in again.stdout
+
+
+
+def plan_lines(*args):
+    return make("-n", *args, "DEPS=", "DATA=", f"PY={sys.executable}").stdout.splitlines()
+
+
+
+def test_make_plan_for_imagenet_all():
+    plan = plan_lines("imagenet-all")
+    trainings = [line for line in plan if "projkd.py --dataset" in line]
+    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=1 projkd.py"
+    assert all(t.startswith(f"{torchrun} --dataset imagenet --data-dir data/imagenet --device auto --epochs 100 ")
+               for t in trainings)
+    expected = [f"{p.replace(':', '-')}/{m}-seed1" for p in IMAGENET_PAIRS.split() for m in ("pefd", "kd")]
+    expected += ["resnet18/ce-seed1", "mobilenet_v1/ce-seed1"]  # the Student rows, each shared by two pairs
+    assert sorted(t.split("--run-dir ")[1].split()[0] for t in trainings) == sorted(f"runs/imagenet/{e}" for e in expected)
+    assert all(f"--teacher-ckpt checkpoints/imagenet/{t.split('--teacher ')[1].split()[0]}.pt " in t
+               for t in trainings if "--method ce" not in t)
+    assert sorted(line for line in plan if "fetch-weights" in line) == sorted(
+        f"{sys.executable} projkd.py fetch-weights --arch {a} --out checkpoints/imagenet/{a}.pt"
+        for a in ("densenet201", "resnet34", "resnet50"))
+    assert not any("tcache" in line for line in plan)  # never on ImageNet
+    assert f'{sys.executable} tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs ' \
+           f'"{IMAGENET_PAIRS}" --methods "pefd kd ce" --seeds "1" --out "results/imagenet.md results/imagenet.csv" ' \
+           '--figures results/figures' in plan
+    # each finished model evaluated alone, once: 10 runs and 3 teachers, on one GPU, without torchrun
+    evals = [line for line in plan if " projkd.py eval " in line]
+    assert sorted(e.split("--ckpt ")[1].split()[0] for e in evals) == sorted(
+        [f"runs/imagenet/{e}/model.pt" for e in expected] +
+        [f"checkpoints/imagenet/{a}.pt" for a in ("densenet201", "resnet34", "resnet50")])
+    assert all(e.startswith(f"{sys.executable} projkd.py eval --arch ") and "--dataset imagenet --data-dir "
+               "data/imagenet --device auto" in e for e in evals)
+    # more GPUs per run, seeds and a short trial, which gets folders of its own but the same pretrained teachers
+    plan = plan_lines("imagenet-all", "NPROC=8", "IMAGENET_SEEDS=1 2", "IMAGENET_EPOCHS=2")
+    trainings = [line for line in plan if "projkd.py --dataset" in line]
+    assert len(trainings) == 2 * 10 and all("--nproc_per_node=8 projkd.py" in t for t in trainings)
+    assert all("--run-dir runs/imagenet-e2/" in t and "--epochs 2 " in t for t in trainings)
+    assert len([line for line in plan if "fetch-weights" in line and "checkpoints/imagenet/" in line]) == 3
+    assert any("--out \"results/imagenet-e2/imagenet.md results/imagenet-e2/imagenet.csv\"" in line for line in plan)
+    # one pair alone: its runs and its teacher, then the whole table from whatever has finished
+    plan = plan_lines("imagenet-r34-r18")
+    assert sorted(line.split("--run-dir ")[1].split()[0] for line in plan if "projkd.py --dataset" in line) == [
+        "runs/imagenet/resnet18/ce-seed1", "runs/imagenet/resnet34-resnet18/kd-seed1",
+        "runs/imagenet/resnet34-resnet18/pefd-seed1"]
+    assert [line.split("--arch ")[1].split()[0] for line in plan if "fetch-weights" in line] == ["resnet34"]
+    assert any(f'tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs "{IMAGENET_PAIRS}"'
+               in line for line in plan)
+
+
+
+def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
+    launch = "srun -N1 -n1 --gres=gpu:1"
+    plan = plan_lines("cifar-all", f"LAUNCH={launch}")
+    launched = [line for line in plan if line.startswith(launch + " ")]
+    assert launched == [line for line in plan if any(f"projkd.py {c}" in line for c in ("--dataset", "cache", "eval"))]
+    assert len(launched) == 12 + 60 + 4 + 76  # models alone, distillations, teacher caches, evaluations
+    assert any(line.startswith(f"{sys.executable} tables.py ") for line in plan)  # the tables run here
+    assert any(line.startswith(f"{sys.executable} projkd.py fetch-teachers ") for line in plan)  # it needs internet
+    plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
+    launched = [line for line in plan if line.startswith(launch + " ")]
+    assert len(launched) == 10 + 13 and all(
+        line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
+        for line in launched if " eval " not in line)  # the evaluations: one process, one GPU
+    assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
+    assert plan_lines("bench", f"LAUNCH={launch}")[-2:] == [  # its figure is drawn here, as the tables are
+        f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results",
+        f"{sys.executable} tables.py --kind bench --bench results/bench.json --figures results/figures"]
+    # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
+    plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
+    assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
+
+
+
+STAND_IN_PYTHON = """#!{python}
+# Stands in for python in Make tests: logs its arguments, writes the files the real command would, empty.
+import os, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+def touch(path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    open(path, "w").close()
+def value(flag):
+    return args[args.index(flag) + 1]
+if "--run-dir" in args:
+    touch(os.path.join(value("--run-dir"), "model.pt"))
+    touch(os.path.join(value("--run-dir"), "metrics.json"))
+elif "cache" in args:
+    touch(value("--teacher-cache-file"))
+elif "eval" in args:
+    touch(os.path.splitext(value("--ckpt"))[0] + ".eval.json")
+elif "fetch-teachers" in args:
+    touch(os.path.join(value("--out-dir"), value("--arch") + ".pt"))
+else:  # fetch-weights --out PATH, tables.py --out "PATH ..."
+    for path in value("--out").split():
+        touch(path)
+"""
+
+
+
+def stand_in_python(tmp_path):
+    python, log = tmp_path / "python", tmp_path / "calls.log"
+    python.write_text(STAND_IN_PYTHON.format(python=sys.executable, log=str(log)))
+    python.chmod(0o755)
+    return python, log
+
+
+
+def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
+    plan = plan_lines("cifar-all", "SEEDS=1", "DEVICE=cuda")
+    caches = [line for line in plan if "projkd.py cache " in line]
+    assert len(caches) == 4  # one per teacher, each shared by its pairs (ResNet50 has two)
+    for cache in caches:
+        t = cache.split("--teacher ")[1].split()[0]
+        assert cache == (f"{sys.executable} projkd.py cache --teacher {t} --teacher-ckpt checkpoints/cifar100/{t}.pt "
+                         f"--teacher-cache-file checkpoints/cifar100/{t}.tcache --dataset cifar100 --data-dir data "
+                         "--device cuda ")
+    runs = [line for line in plan if "projkd.py --dataset" in line and "--teacher " in line]
+    assert len(runs) == 5 * 4
+    for run in runs:
+        t, method = run.split("--teacher ")[1].split()[0], run.split("--method ")[1].split()[0]
+        flags = f"--teacher-cache on --teacher-cache-file checkpoints/cifar100/{t}.tcache "
+        assert (flags in run) == (method in ("pefd", "kd", "crd")), run
+        cache = next(c for c in caches if f"--teacher {t} " in c)
+        assert plan.index(cache) < plan.index(run)  # built before any run that reads it
+    on_cpu = plan_lines("pair", "T=vgg13", "S=vgg8", "SEEDS=1", "TEACHER_CACHE=on", "DEVICE=cpu")
+    assert "--teacher-cache on " in on_cpu[-1] and any("projkd.py cache " in line for line in on_cpu)  # asked for
+    for knobs in (["DEVICE=cpu"], ["TEACHER_CACHE=off"]):  # auto: a CPU would take hours to build it
+        assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
+
+
+
+def test_git_ignores_what_the_readme_has_users_make():
+    made = [".venv/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json", "results/x.md",
+            "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
+    ignored = subprocess.run(["git", "check-ignore", *made], cwd=HERE, capture_output=True, text=True).stdout.split()
+    assert ignored == made
+
+
+
+def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_path):
+    """DEVICE=auto (the default) means the CPU where nvidia-smi lists no GPU: no cache builds planned there."""
+    for listing in ("", "GPU 0: NVIDIA H200 (UUID: GPU-0)"):
+        env = path_with_nvidia_smi(tmp_path, listing)
+        plan = make("-n", "pair", "T=vgg13", "S=vgg8", "SEEDS=1", "DEPS=", "DATA=", f"PY={sys.executable}", env=env)
+        assert ("projkd.py cache " in plan.stdout) == bool(listing), plan.stdout
+
+
+
+def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    knobs = [f"PY={python}", "DEPS=", "DATASET=synthetic", "DEVICE=cuda", "PAIRS=resnet20:resnet8 resnet20:resnet14",
+             "SEEDS=1 2", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
+    first = make("-j4", "cifar-all", *knobs)
+    assert first.returncode == 0, first.stderr
+    log_lines = calls(log)
+    cache = [i for i, c in enumerate(log_lines) if c.startswith("projkd.py cache ")]
+    assert len(cache) == 1 and f"--teacher-cache-file {tmp_path}/ckpt/resnet20.tcache " in log_lines[cache[0]] + " "
+    readers = [i for i, c in enumerate(log_lines) if "--teacher-cache-file" in c and "--run-dir" in c]
+    assert len(readers) == 2 * 3 * 2 and min(readers) > cache[0]  # 2 pairs x (pefd kd crd) x 2 seeds, after the cache
+    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == len(log_lines)  # up to date
+    # the cache file is only needed while a run is to be done: deleting it redoes nothing, a run to redo rebuilds it
+    os.remove(tmp_path / "ckpt" / "resnet20.tcache")
+    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == len(log_lines)
+    os.remove(tmp_path / "runs" / "resnet20-resnet8" / "kd-seed2" / "metrics.json")
+    assert make("cifar-all", *knobs).returncode == 0
+    redone = calls(log)[len(log_lines):]
+    assert len(redone) == 4 and redone[0].startswith("projkd.py cache ") and redone[3].startswith("tables.py ")
+    assert f"--run-dir {tmp_path}/runs/resnet20-resnet8/kd-seed2 " in redone[1]
+    assert f"eval --arch resnet8 --ckpt {tmp_path}/runs/resnet20-resnet8/kd-seed2/model.pt " in redone[2]
+    # a new teacher checkpoint: its cache is rebuilt once, before all its distillation runs are redone
+    os.utime(tmp_path / "ckpt" / "resnet20.pt", (time.time() + 10,) * 2)
+    before = len(calls(log))
+    assert make("-j4", "cifar-all", *knobs).returncode == 0
+    redone = calls(log)[before:]
+    cache = [i for i, c in enumerate(redone) if c.startswith("projkd.py cache ")]
+    runs = [i for i, c in enumerate(redone) if c.startswith("projkd.py --dataset")]
+    readers = [i for i in runs if "--teacher-cache-file" in redone[i]]
+    assert len(cache) == 1 and len(runs) == 2 * 4 * 2 and redone[-1].startswith("tables.py ")  # 2 pairs x 4 x 2
+    assert len([c for c in redone if c.startswith("projkd.py eval ")]) == 1 + 2 * 4 * 2  # the teacher's, the runs'
+    assert len(readers) == 2 * 3 * 2 and cache[0] < min(readers)  # sp runs need no cache: -j may start them first
+
+
+
+def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    knobs = [f"PY={python}", "DEPS=", "DATA=", "PAIRS=vgg13:vgg8 resnet20:resnet8", "METHODS=kd ce", "SEEDS=1",
+             f"RUNS={tmp_path}/runs", f"RESULTS={tmp_path}/results"]
+    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/ckpt").returncode == 0
+    done = calls(log)
+    assert [c.split("--arch ")[1].split()[0] for c in done if c.startswith("projkd.py fetch-teachers ")] == ["vgg13"]
+    trained = [c for c in done if "--method ce" in c and "--student resnet20 " in c]  # not in the archive: trained
+    assert len(trained) == 1 and not any("--student vgg13 " in c for c in done)
+    assert json.loads((tmp_path / "ckpt" / "resnet20.json").read_text()) == {
+        "how": "trained here", "run": f"{tmp_path}/runs/resnet20/ce-seed1"}
+    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/ckpt").returncode == 0 and calls(log) == done
+    # TEACHERS_FROM=train trains vgg13 too; a checkpoint in place is used as it is, whatever TEACHERS_FROM says
+    os.makedirs(tmp_path / "other")
+    shutil.copy(tmp_path / "ckpt" / "resnet20.pt", tmp_path / "other" / "resnet20.pt")
+    assert make("cifar-all", *knobs, f"TEACHERS={tmp_path}/other", "TEACHERS_FROM=train").returncode == 0
+    again = calls(log)[len(done):]
+    assert not any("fetch-teachers" in c for c in again) and not any("--student resnet20 " in c for c in again)
+    assert any("--method ce" in c and "--student vgg13 " in c for c in again)
+
+
+
+def test_make_and_models_name_the_same_archive():
+    makefile, params = (open(os.path.join(HERE, f)).read() for f in ("Makefile", "params.mk"))
+    assert re.search(r"^ARCHIVE_TEACHERS := (.*)$", makefile, re.M)[1].split() == list(fetch.PUBLISHED_TEACHERS)
+    assert re.search(r"^TEACHERS_URL \?= (.*)$", params, re.M)[1] == fetch.TEACHERS_URL
+
+
+
+def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    knobs = [f"PY={python}", "DEPS=", f"IMAGENET_DIR={tmp_path}/imagenet", f"RUNS={tmp_path}/runs",
+             f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
+    missing = make("imagenet-all", *knobs)
+    assert missing.returncode != 0 and f"no ImageNet in {tmp_path}/imagenet/" in missing.stderr and not calls(log)
+    os.makedirs(tmp_path / "imagenet" / "val")
+    first = make("-j4", "imagenet-all", *knobs)
+    assert first.returncode == 0, first.stderr
+    done = calls(log)
+    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * (3 + 13) + ["tables.py"]
+    assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
+    assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
+
+
+
+def test_the_readme_example_runs():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("## PEFD in your own code")[1].split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    projectors = namespace["projectors"]
+    assert all(p.grad is not None for p in projectors.parameters())  # the example's step trained them
