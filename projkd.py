@@ -387,9 +387,9 @@ NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd
                 "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers", "teacher_cache_ram")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
 # Fields that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download", "eval_batch_size",
-                     "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file", "teacher_cache_ram", "workers",
-                     "checkpoint_seconds", "progress_seconds")
+RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download",
+                     "eval_batch_size", "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file",
+                     "teacher_cache_ram", "workers", "checkpoint_seconds", "progress_seconds")
 
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
@@ -397,55 +397,83 @@ class UserError(Exception):
 def _flag(name):
     return "--" + name.replace("_", "-")
 
+def field_comments(source):
+    """{field: its trailing comment} in a dataclass's source. A comment goes on over the lines below it that hold
+    only a comment indented past the field (group headings such as `# data` stand at the field's indent)."""
+    comments, field, indent = {}, None, 0
+    for line in source.splitlines():
+        declared = re.match(r"^(\s+)(\w+): \w+ = .*?  # (.*)$", line)
+        more = re.match(r"^(\s+)# (.*)$", line)
+        if declared:
+            indent, field = len(declared[1]), declared[2]
+            comments[field] = declared[3]
+        elif more and field and len(more[1]) > indent:
+            comments[field] += " " + more[2]
+        else:
+            field = None
+    return comments
+
 def cli_help(schema, doc, usage):
     """The first paragraph of `doc`, the usage line, and every field of `schema` with its default and the trailing
     comment of its declaration (read from the source of the dataclasses in schema.help_from)."""
     comments = {}
     for source in getattr(schema, "help_from", (schema,)):
         with contextlib.suppress(OSError, TypeError):
-            comments.update(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(source), flags=re.M))
+            comments.update(field_comments(inspect.getsource(source)))
     width = min(shutil.get_terminal_size().columns, 120) - 1
-    lines = [*textwrap.wrap(doc.strip().split("\n\n")[0], width), "",
-             *textwrap.wrap(f"usage: {usage}", width, subsequent_indent="  "), ""]
+    lines = [*textwrap.wrap(doc.strip().split("\n\n")[0], width), ""]
+    lines += [*textwrap.wrap(f"usage: {usage}", width, subsequent_indent="  "), ""]
     for f in dataclasses.fields(schema):
-        kind = "flag" if f.type is bool else f"{f.type.__name__} = {'auto' if f.default is None else repr(f.default)}"
-        lines += [f"  {_flag(f.name)}  {kind}", *textwrap.wrap(comments.get(f.name, ""), width, initial_indent=" " * 6,
-                                                              subsequent_indent=" " * 6)]
+        if f.type is bool:
+            kind = "flag"
+        elif f.default is None:
+            kind = f"{f.type.__name__} = auto"
+        else:
+            kind = f"{f.type.__name__} = {f.default!r}"
+        lines.append(f"  {_flag(f.name)}  {kind}")
+        lines += textwrap.wrap(comments.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     if schema is Config:
         with contextlib.suppress(ImportError):  # copied alone, without models.py
-            cifar = [a for a in zoo().MODELS if a not in zoo().IMAGENET_ARCHS]
-            lines += ["", *textwrap.wrap(f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; ImageNet "
-                                         f"{', '.join(zoo().IMAGENET_ARCHS)}", width, subsequent_indent="  ")]
+            imagenet = zoo().IMAGENET_ARCHS
+            cifar = [a for a in zoo().MODELS if a not in imagenet]
+            text = f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; ImageNet {', '.join(imagenet)}"
+            lines += ["", *textwrap.wrap(text, width, subsequent_indent="  ")]
     return "\n".join(lines)
 
+FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
 def parse_args(argv, schema=Config):
-    """--name value, --name=value, --flag, --no-flag; names use '-' or '_'. Unknown or ill-typed options raise UserError."""
-    fields, values, args = {f.name: f for f in dataclasses.fields(schema)}, {}, iter(argv)
+    """--name value, --name=value, --flag, --no-flag, --flag=yes|no; names use '-' or '_'. Unknown or ill-typed
+    options raise UserError."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    values = {}
+    args = iter(argv)
     for arg in args:
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: options look like --student vgg8 (see --help)")
         name, eq, value = arg[2:].partition("=")
         name = name.replace("-", "_")
         negated = name.startswith("no_") and name[3:] in fields and fields[name[3:]].type is bool
-        name = name[3:] if negated else name
+        if negated:
+            name = name[3:]
         if name not in fields:
             close = difflib.get_close_matches(name, fields, n=1)
-            raise UserError(f"unknown option {_flag(name)}{f' (did you mean {_flag(close[0])}?)' if close else ''}; "
-                            f"see --help")
-        ftype = fields[name].type
-        if ftype is bool:
-            truthy = value.lower() in ("1", "true", "yes", "on")
-            if eq and not negated and not truthy and value.lower() not in ("0", "false", "no", "off"):
+            hint = f" (did you mean {_flag(close[0])}?)" if close else ""
+            raise UserError(f"unknown option {_flag(name)}{hint}; see --help")
+        kind = fields[name].type
+        if kind is bool:
+            if eq and (negated or value.lower() not in FLAG_VALUES):
                 raise UserError(f"{_flag(name)} is a flag: use {_flag(name)} or --no-{_flag(name)[2:]}, not {value!r}")
-            values[name] = (truthy or not eq) and not negated
+            values[name] = FLAG_VALUES[value.lower()] if eq else not negated
             continue
-        value = value if eq else next(args, None)
+        if not eq:
+            value = next(args, None)
         if value is None:
-            raise UserError(f"{_flag(name)} needs a value ({ftype.__name__})")
+            raise UserError(f"{_flag(name)} needs a value ({kind.__name__})")
         try:
-            values[name] = ftype(value)
+            values[name] = kind(value)
         except ValueError:
-            raise UserError(f"{_flag(name)} expects {ftype.__name__}, got {value!r}") from None
+            raise UserError(f"{_flag(name)} expects {kind.__name__}, got {value!r}") from None
     return schema(**values)
 
 def options_of(name, own, shared):
@@ -472,7 +500,8 @@ def check_arch(arch, role, dataset):
 
 def resolve_device(name, world_size):
     """The torch.device for --device `name`; under torchrun each process takes cuda:LOCAL_RANK."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -484,7 +513,9 @@ def resolve_device(name, world_size):
     if dev.type == "cuda" and world_size > 1 and dev.index is not None:
         raise UserError(f"--device {name} does not go with torchrun, which gives each process its own GPU "
                         f"(cuda:LOCAL_RANK); use --device cuda")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.type == "cuda" and world_size > 1 else dev
+    if dev.type == "cuda" and world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
 
 def check_roles(cfg, command):
     """The choices and the models a command needs: a student to train, a teacher unless --method ce (the cache
@@ -530,50 +561,93 @@ def with_protocol(cfg, notes):
         raise UserError(f"--synthetic-classes must be at least 2, got {cfg.synthetic_classes}")
     return cfg
 
+def graph_blockers(device, world, resident, amp):
+    """Why the whole-step CUDA graph cannot run here: [] where it can."""
+    blockers = []
+    if device.type != "cuda":
+        blockers.append("it needs CUDA")
+    if world > 1:
+        blockers.append("it is single-process (under torchrun the eager step runs)")
+    if not resident:
+        blockers.append("it needs GPU-resident data (cifar100, synthetic)")
+    if amp == "fp16":
+        blockers.append("--amp fp16's gradient scaler runs eagerly; use --amp bf16")
+    return blockers
+
+def use_teacher_cache(cfg, command, device):
+    """Whether the teacher's outputs come from its cache. The cache holds the teacher's feature and logits of
+    CIFAR-style crops and flips: pefd, kd and crd on cifar100/synthetic; sp needs the teacher's maps, and
+    ImageNet's crops are not enumerable."""
+    resident = cfg.dataset in RESIDENT_DATASETS
+    if command == "cache" and not resident:
+        raise UserError(f"the teacher cache is for CIFAR-style data (cifar100, synthetic), not --dataset "
+                        f"{cfg.dataset}")
+    if command == "cache":
+        return True
+    cacheable = resident and cfg.method in CACHED_TEACHER_METHODS
+    if cfg.teacher_cache == "on" and not cacheable:
+        raise UserError(f"--teacher-cache on serves pefd, kd and crd on cifar100/synthetic, not --method "
+                        f"{cfg.method} on --dataset {cfg.dataset}; use --teacher-cache auto or off")
+    if cfg.teacher_cache == "auto":
+        return cacheable and device.type == "cuda"
+    return cfg.teacher_cache == "on"
+
 def resolve_config(cfg, command="train"):
     """Checks every option and fills in what depends on others: the dataset's protocol, the device, the CUDA graph
     and teacher-cache switches, the paths. Returns (resolved config, notes to print). command "cache": what
     building a teacher cache needs (a teacher, no student)."""
-    needs_teacher, notes = check_roles(cfg, command), []
+    notes = []
+    needs_teacher = check_roles(cfg, command)
     cfg = with_protocol(cfg, notes)
+
+    # the processes and the device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev, resident = resolve_device(cfg.device, world), cfg.dataset in RESIDENT_DATASETS
+    device = resolve_device(cfg.device, world)
     if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
-    if dev.type == "cpu" and cfg.amp not in (Config.amp, "off"):  # said only when asked for: --amp fp16
-        notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
-    if cfg.sync_bn and world > 1 and dev.type != "cuda":
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} "
+                        f"processes")
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
-    notes += ["--sync-bn has no effect in a single process"] * (cfg.sync_bn and world == 1)
-    amp = "off" if dev.type == "cpu" else cfg.amp
-    no_graph = [why for why, blocks in (
-        ("it needs CUDA", dev.type != "cuda"), ("it is single-process (under torchrun the eager step runs)", world > 1),
-        ("it needs GPU-resident data (cifar100, synthetic)", not resident),
-        ("--amp fp16's gradient scaler runs eagerly; use --amp bf16", amp == "fp16")) if blocks]
-    if cfg.graph == "on" and no_graph:
-        raise UserError(f"--graph on is not possible here: {no_graph[0]}; use --graph auto or off")
-    notes += [f"CUDA graph off: {no_graph[0]}"] * (cfg.graph == "auto" and dev.type == "cuda" and bool(no_graph))
-    # The cache holds the teacher's feature and logits of CIFAR-style crops and flips: pefd, kd and crd on
-    # cifar100/synthetic; sp needs the teacher's maps, and ImageNet's crops are not enumerable.
-    if command == "cache" and not resident:
-        raise UserError(f"the teacher cache is for CIFAR-style data (cifar100, synthetic), not --dataset {cfg.dataset}")
-    cacheable = resident and cfg.method in CACHED_TEACHER_METHODS
-    if command == "train" and cfg.teacher_cache == "on" and not cacheable:
-        raise UserError(f"--teacher-cache on serves pefd, kd and crd on cifar100/synthetic, not --method {cfg.method} "
-                        f"on --dataset {cfg.dataset}; use --teacher-cache auto or off")
-    cache = command == "cache" or cacheable and (cfg.teacher_cache == "on" or cfg.teacher_cache == "auto"
-                                                 and dev.type == "cuda")
-    notes += [f"--teacher {cfg.teacher} is not used by --method ce"] * (not needs_teacher and bool(cfg.teacher))
-    ckpt = cfg.teacher_ckpt or (os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
-                                if needs_teacher and not cfg.teacher_weights else "")
-    cfg = dataclasses.replace(
-        cfg, device=str(dev), amp=amp, graph="off" if cfg.graph == "off" or no_graph else "on", teacher_ckpt=ckpt,
-        workers=0 if resident else default_workers() if cfg.workers is None else cfg.workers,
-        teacher=cfg.teacher if needs_teacher else "", teacher_cache="on" if cache else "off",
-        teacher_cache_file=cfg.teacher_cache_file or (os.path.splitext(ckpt)[0] + ".tcache" if cache else ""))
-    run_dir = cfg.run_dir or run_path(os.path.join("runs", cfg.dataset), cfg.teacher, cfg.student, cfg.method,
-                                      cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
-    return dataclasses.replace(cfg, run_dir=run_dir if command == "train" else cfg.run_dir), notes
+    if cfg.sync_bn and world == 1:
+        notes.append("--sync-bn has no effect in a single process")
+
+    # the switches of speed
+    amp = cfg.amp
+    if device.type == "cpu":
+        amp = "off"
+        if cfg.amp not in (Config.amp, "off"):  # said only when asked for: --amp fp16
+            notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
+    blockers = graph_blockers(device, world, cfg.dataset in RESIDENT_DATASETS, amp)
+    if cfg.graph == "on" and blockers:
+        raise UserError(f"--graph on is not possible here: {blockers[0]}; use --graph auto or off")
+    if cfg.graph == "auto" and device.type == "cuda" and blockers:
+        notes.append(f"CUDA graph off: {blockers[0]}")
+    graph = "on"
+    if cfg.graph == "off" or blockers:
+        graph = "off"
+    cache = use_teacher_cache(cfg, command, device)
+
+    # the teacher's files, and where the run goes
+    if cfg.teacher and not needs_teacher:
+        notes.append(f"--teacher {cfg.teacher} is not used by --method ce")
+    teacher = cfg.teacher if needs_teacher else ""
+    ckpt = cfg.teacher_ckpt
+    if not ckpt and needs_teacher and not cfg.teacher_weights:
+        ckpt = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+    cache_file = cfg.teacher_cache_file
+    if cache and not cache_file:
+        cache_file = os.path.splitext(ckpt)[0] + ".tcache"
+    workers = cfg.workers
+    if cfg.dataset == "imagenet" and workers is None:
+        workers = default_workers()
+    run_dir = cfg.run_dir
+    if command == "train" and not run_dir:
+        run_dir = run_path(os.path.join("runs", cfg.dataset), teacher, cfg.student, cfg.method, cfg.seed,
+                           q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
+    cfg = dataclasses.replace(cfg, device=str(device), amp=amp, graph=graph, teacher=teacher, teacher_ckpt=ckpt,
+                              teacher_cache="on" if cache else "off", teacher_cache_file=cache_file,
+                              workers=workers, run_dir=run_dir)
+    return cfg, notes
 
 def config_lines(given, cfg):
     """The resolved config as a readable block: each value that is not Config's default, and where it came from
@@ -590,9 +664,12 @@ def config_lines(given, cfg):
 def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.proj_act):
     """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off the paper's."""
     parts = [method]
-    if method == "pefd":
-        parts += [f"q{q}"] * (q != Config.q) + [f"depth{proj_depth}"] * (proj_depth != Config.proj_depth)
-        parts += [proj_act] * (proj_act != Config.proj_act)
+    if method == "pefd" and q != Config.q:
+        parts.append(f"q{q}")
+    if method == "pefd" and proj_depth != Config.proj_depth:
+        parts.append(f"depth{proj_depth}")
+    if method == "pefd" and proj_act != Config.proj_act:
+        parts.append(proj_act)
     return "-".join(parts)
 
 def run_path(runs, teacher, student, method, seed, **projector):
@@ -625,8 +702,10 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _read_cifar_pickle(path):
     with open(path, "rb") as f:
-        d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in _ArrayUnpickler(f, encoding="bytes").load().items()}
-    x, y = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d["fine_labels"], dtype=np.int64)
+        raw = _ArrayUnpickler(f, encoding="bytes").load()
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}  # Python 2 pickles: bytes keys
+    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    y = np.asarray(d["fine_labels"], dtype=np.int64)
     if len(x) != len(y):
         raise ValueError(f"{len(x)} images but {len(y)} labels")
     return torch.from_numpy(x.copy()), torch.from_numpy(y)
@@ -641,7 +720,8 @@ def load_cifar100(root, download=False):
     if download and not all(map(os.path.isfile, paths)):
         import torchvision
         archive = os.path.join(root, "cifar-100-python.tar.gz")
-        had_root, had_archive = os.path.exists(root), os.path.exists(archive)
+        had_root = os.path.exists(root)
+        had_archive = os.path.exists(archive)
         try:
             for train in (True, False):
                 torchvision.datasets.CIFAR100(root, train=train, download=True)
@@ -687,10 +767,12 @@ def load_imagenet(root, image_size=224):
     Normalisation is left to the GPU."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
-    layout = (f"{os.path.join(root, 'train', '<class>', '<image>')} and {os.path.join(root, 'val', '<class>', '<image>')}"
-              f" with the same class folders in both (README: ImageNet)")
+    train_layout = os.path.join(root, "train", "<class>", "<image>")
+    val_layout = os.path.join(root, "val", "<class>", "<image>")
+    layout = f"{train_layout} and {val_layout} with the same class folders in both (docs/imagenet.md)"
+    resize = round(image_size * 256 / 224)
     transforms = {"train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]),
-                  "val": T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])}
+                  "val": T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])}
     sets = {}
     for split, transform in transforms.items():
         folder = os.path.join(root, split)
@@ -699,8 +781,8 @@ def load_imagenet(root, image_size=224):
         try:
             sets[split] = ImageFolder(folder, transform=transform)
         except (FileNotFoundError, OSError) as e:
-            raise UserError(f"{folder} is not an image class folder ({str(e).splitlines()[0]}); expected {layout}") \
-                from None
+            why = str(e).splitlines()[0]
+            raise UserError(f"{folder} is not an image class folder ({why}); expected {layout}") from None
     if sets["train"].classes != sets["val"].classes:
         raise UserError(f"{root}: train/ has {len(sets['train'].classes)} class folders and val/ "
                         f"{len(sets['val'].classes)}, or they differ in name; expected {layout}")
@@ -731,26 +813,30 @@ class Data:
         if self.test_x is None:
             return ((x.to(self.mean.device, non_blocking=True), y.to(self.mean.device, non_blocking=True))
                     for x, y in self.val_loader)
-        n, rank, world = len(self.test_x), _rank(), _world_size()
-        lo, hi = n * rank // world, n * (rank + 1) // world
+        n = len(self.test_x)
+        lo = n * _rank() // _world_size()
+        hi = n * (_rank() + 1) // _world_size()
         return ((self.test_x[i:min(i + batch_size, hi)], self.test_y[i:min(i + batch_size, hi)])
                 for i in range(lo, hi, batch_size))
 
 def load_data(cfg, device):
     """The data set of cfg.dataset for `device` (under torchrun, with this process's shard of ImageNet's val/)."""
+    def channels(values):
+        return torch.tensor(values, device=device).view(1, 3, 1, 1)
+
     if cfg.dataset == "imagenet":
         train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size)
-        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
         shard = torch.utils.data.Subset(val_set, range(_rank(), len(val_set), _world_size()))  # none twice
-        return Data(len(train_set.classes), mean, std, train_set=train_set,
-                    val_loader=image_loader(shard, cfg.eval_batch_size, cfg.workers, device))
+        val_loader = image_loader(shard, cfg.eval_batch_size, cfg.workers, device)
+        return Data(len(train_set.classes), channels(IMAGENET_MEAN), channels(IMAGENET_STD), train_set=train_set,
+                    val_loader=val_loader)
     if cfg.dataset == "cifar100":
-        tensors, num_classes, mean, std = load_cifar100(cfg.data_dir, cfg.download), 100, CIFAR100_MEAN, CIFAR100_STD
-    else:
-        tensors = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
-        num_classes, mean, std = cfg.synthetic_classes, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
-    return Data(num_classes, mean, std, *(t.to(device) for t in tensors))
+        tensors = load_cifar100(cfg.data_dir, cfg.download)
+        return Data(100, channels(CIFAR100_MEAN), channels(CIFAR100_STD), *(t.to(device) for t in tensors))
+    tensors = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
+    mean = channels((0.5, 0.5, 0.5))
+    std = channels((0.25, 0.25, 0.25))
+    return Data(cfg.synthetic_classes, mean, std, *(t.to(device) for t in tensors))
 
 def image_loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
     """A DataLoader of uint8 image batches: worker processes decode and augment, pinned memory for the copy."""
@@ -765,17 +851,22 @@ def normalize(images, mean, std):
 
 def augmentation_draws(n, generator, padding=CROP_PADDING):
     """One epoch's random crop offsets and flips, drawn on the CPU (the same numbers on every device)."""
-    dy, dx = (torch.randint(0, 2 * padding + 1, (n,), generator=generator) for _ in range(2))
-    return dy, dx, torch.randint(0, 2, (n,), generator=generator).bool()
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.randint(0, 2, (n,), generator=generator).bool()
+    return dy, dx, flip
 
 def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
     """Random crop with zero padding, then horizontal flip, for a whole batch in one gather. images: uint8 B x C x H
     x W; dy, dx in [0, 2*padding]: the crop's corner in the padded image, whose zeros are black pixels, exactly as
     torchvision's RandomCrop(32, padding=4)."""
-    (b, c, h, w), device = images.shape, images.device
-    rows, cols = dy[:, None] + torch.arange(h, device=device), dx[:, None] + torch.arange(w, device=device)
+    b, c, h, w = images.shape
+    device = images.device
+    rows = dy[:, None] + torch.arange(h, device=device)
+    cols = dx[:, None] + torch.arange(w, device=device)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # a mirrored crop is the crop read right to left
-    batch, chans = torch.arange(b, device=device)[:, None, None, None], torch.arange(c, device=device)[None, :, None, None]
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    chans = torch.arange(c, device=device)[None, :, None, None]
     return F.pad(images, (padding,) * 4)[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -172,8 +172,15 @@ def table_rows(tc, pair):
         rows = [(run_name("pefd", **variant), label, "pefd", variant) for label, variant in ablation_rows(tc.variants)]
     else:
         rows = [(r, ROW_NAMES[r], r, {}) for r in ROW_NAMES if r in tc.methods.split()]  # in the paper's row order
-    return [(key, label, variant, [m for s in tc.seeds.split() if (m := read_metrics(run_path(
-        tc.runs, teacher, student, method, s, **variant))) is not None]) for key, label, method, variant in rows]
+    table = []
+    for key, label, method, variant in rows:
+        runs = []
+        for seed in tc.seeds.split():
+            metrics = read_metrics(run_path(tc.runs, teacher, student, method, seed, **variant))
+            if metrics is not None:
+                runs.append(metrics)
+        table.append((key, label, variant, runs))
+    return table
 
 
 def collect(tc):
@@ -193,7 +200,10 @@ def collect(tc):
             values = {"last": [last_accuracy(m, "top1", notes) for m in runs[key]],
                       "best": [m["best_top1"] for m in runs[key]],
                       "cosine": [m["between_class_cosine"] for m in runs[key]]}
-            for table in ("last", "best") + ("cosine",) * (tc.kind == "ablations"):
+            tables = ["last", "best"]
+            if tc.kind == "ablations":
+                tables.append("cosine")
+            for table in tables:
                 paper = PAPER.get(pair, {}).get(key) if table != "cosine" else None
                 cells.append({"table": table, "row": label, "pair": pair, **summarize(values[table]), "paper": paper,
                               "notes": notes if table == "last" else []})
@@ -242,7 +252,10 @@ def footnoted(text, cell, footnotes):
 
 
 def footnote_lines(footnotes):
-    return [f"[^{i}]: {note}" for note, i in footnotes.items()] + [""] * bool(footnotes)
+    lines = [f"[^{i}]: {note}" for note, i in footnotes.items()]
+    if lines:
+        lines.append("")
+    return lines
 
 
 def teachers_used(found):
@@ -281,12 +294,16 @@ TITLES = {
 
 def render_markdown(tc, cells, found):
     pairs = _pairs(tc)
-    heading = "Distillation results" if tc.kind == "main" else "Projector ablations (PEFD)"
-    lines = [f"# {heading}: `{tc.runs}`", "",
-             f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished run. "
-             f"'paper' = the PEFD paper's value (Table 4{', Table 5' if tc.kind == 'ablations' else ''})"
-             f"{'; its CRD row is full CRD, ours CRD-lite' * ('crd' in tc.methods.split() and tc.kind == 'main')}"
-             ". " + EVALUATED, "", conditions(found), ""]
+    heading = "Distillation results"
+    sources = "Table 4"
+    if tc.kind == "ablations":
+        heading = "Projector ablations (PEFD)"
+        sources = "Table 4, Table 5"
+    legend = (f"Each cell: mean ± sample std over seeds {tc.seeds} (n = finished runs); 'missing' = no finished "
+              f"run. 'paper' = the PEFD paper's value ({sources})")
+    if tc.kind == "main" and "crd" in tc.methods.split():
+        legend += "; its CRD row is full CRD, ours CRD-lite"
+    lines = [f"# {heading}: `{tc.runs}`", "", legend + ". " + EVALUATED, "", conditions(found), ""]
     footnotes = {}
     for table in [t for t in ("last", "best", "cosine") if any(c["table"] == t for c in cells)]:
         with_paper = table != "cosine"
