@@ -11,7 +11,7 @@
 #   $(TEACHERS)/<arch>.eval.json, <run>/model.eval.json
 #                                                  each model file evaluated alone (projkd.py eval): the tables' numbers
 #   $(RESULTS)/<dataset>.md, .csv, ablations.md   the tables
-#   $(RESULTS)/figures/*.png                       their figures, linked from the .md (README: Figures)
+#   $(RESULTS)/figures/*.png                       their figures, linked from the .md (docs/protocol.md)
 # ImageNet (imagenet-all, the paper's Table 1) has the same layout under runs/imagenet/ and results/imagenet.md,
 # made by a make of its own with DATASET=imagenet; its teachers, checkpoints/imagenet/<arch>.pt, are torchvision's
 # pretrained weights, fetched, never trained.
@@ -144,7 +144,7 @@ smoke:
 	OMP_NUM_THREADS=1 $(MAKE) -j2 cifar-all ablations $(SMOKE) EPOCHS=2 \
 	  EXTRA="--synthetic-size 512 --batch-size 32 --lr-decay-epochs 1"
 	@echo "smoke: the whole chain ran. Its numbers only show that it works: 2 epochs on 512 generated images, 128" \
-	  "test images (one is 0.8 points), 2 seeds; they say nothing about the methods (README: make smoke)."
+	  "test images (one is 0.8 points), 2 seeds; they say nothing about the methods (docs/pipeline.md: make smoke)."
 
 ## test: install the requirements into $(PY) if needed, then lint (ruff) and run the test suite (CPU)
 test: | $(DEPS)
@@ -165,7 +165,7 @@ $(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) $(MAIN_EVALS) | $(RESULTS) $(DEPS
 $(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) $(ABLATION_EVALS) | $(RESULTS) $(DEPS)
 	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@ --figures $(RESULTS)/figures
 
-# A teacher checkpoint that exists is used as is (one copied in by hand, say: README); otherwise it is, on CIFAR-100
+# A teacher checkpoint that exists is used as is (one copied in by hand, say: docs/teachers.md); otherwise it is, on CIFAR-100
 # with TEACHERS_FROM=fetch, RepDistiller's, fetched and checked against its published accuracy (it needs internet,
 # so it runs without LAUNCH; offline, projkd.py says which file to put where); on ImageNet torchvision's pretrained
 # weights (likewise); else the model.pt of that architecture's ce run with TEACHER_SEED, with a <arch>.json that
@@ -207,9 +207,9 @@ $(TEACHERS)/%.eval.json: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
 $(DATA_DIR)/cifar-100-python/test: | $(DEPS)
 	$(PY) projkd.py download --dataset cifar100 --data-dir $(DATA_DIR)
 
-# ImageNet is never downloaded (README): without it, stop before any run starts.
+# ImageNet is never downloaded (docs/imagenet.md): without it, stop before any run starts.
 $(DATA_DIR)/val:
-	@echo "make: no ImageNet in $(DATA_DIR)/: put its train/ and val/ class folders there, or set IMAGENET_DIR (README)" >&2; exit 2
+	@echo "make: no ImageNet in $(DATA_DIR)/: put its train/ and val/ class folders there, or set IMAGENET_DIR (docs/imagenet.md)" >&2; exit 2
 
 $(DEPS): requirements.txt
 	$(PY) -m pip install -r requirements.txt

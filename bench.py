@@ -51,8 +51,7 @@ class BenchConfig:
     steps: int = None  # timed steps of each variant of our loop: 400 on CUDA, 3 on the CPU
     classic_steps: int = None  # timed steps of the classic loop: 150 on CUDA, 3 on the CPU
     warmup: int = None  # untimed steps before each timing: 30 on CUDA, 1 on the CPU
-    workers: int = None  # DataLoader processes of the classic loop: min(8, CPUs), RepDistiller's
-                         # default being 8
+    workers: int = None  # DataLoader processes of the classic loop: min(8, CPUs), RepDistiller's default being 8
     check_steps: int = 200  # the graph-against-eager check: steps compared (CUDA only)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "results"  # bench.json and bench.md go here
@@ -199,7 +198,7 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
     peak = bf16_peak_flops(device)
     rows = [{"loop": "classic (DataLoader + PIL, fp32, .item() per step)", "cached": False,
              "images_per_s": classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, device),
-             "flags": backend_flags()}]
+             "flags": backend_flags(device)}]
     for graph in (False, True):
         for cached in (False, True):
             name = f"ours, {'CUDA graph' if graph else 'eager'}, teacher {'cached' if cached else 'live'}"
@@ -210,7 +209,7 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
             speed = our_loop_images_per_s(run, bc)
             failure = getattr(run.step, "failure", None)
             rows.append({"loop": name, "cached": cached, "images_per_s": None if failure else speed,
-                         "flags": backend_flags(), **({"skipped": f"capture failed: {failure}"} if failure else {})})
+                         "flags": backend_flags(device), **({"skipped": f"capture failed: {failure}"} if failure else {})})
             run.feed.close()
     classic = rows[0]["images_per_s"]
     for row in rows:
@@ -225,9 +224,13 @@ def bf16_peak_flops(device):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name and "MIG" not in name), None)
 
-def backend_flags():
-    """The switches that change a step's speed, as they are now: every row of the bench says what it ran with."""
-    return {"cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+def backend_flags(device):
+    """The switches that change a step's speed, as they are now: every row of the bench says what it ran with.
+    They are cuDNN's and cuBLAS's, so a CPU row has none."""
+    if device.type != "cuda":
+        return {}
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32}
 
 def run_bench(bc):
@@ -286,7 +289,7 @@ def bench_markdown(report):
                 lines.append(f"| {row['loop']} | skipped: {row['skipped']} | | | | |")
                 continue
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-            flags = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in row["flags"].items())
+            flags = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in row["flags"].items()) or "– (CPU)"
             lines.append(f"| {row['loop']} | {row['images_per_s']:,.0f} | {row['vs_classic']:.2f}x | "
                          f"{row['flops_per_image'] / 1e9:.3f} | {mfu} | {flags} |")
         lines.append("")

@@ -30,7 +30,6 @@ SMALL_TEACHER, SMALL_STUDENT = "resnet20", "resnet8"
 IMAGENET_PAIRS = "resnet34:resnet18 resnet50:mobilenet_v1 densenet201:resnet18 densenet201:mobilenet_v1"
 
 
-
 @pytest.fixture(scope="session", autouse=True)
 def not_under_make():
     """`make test` runs the suite under make, where a run labels its lines: every test starts outside make (those
@@ -41,11 +40,9 @@ def not_under_make():
         os.environ["MAKELEVEL"] = level
 
 
-
 def synthetic_args(*extra):
     return ["--dataset", "synthetic", "--synthetic-size", "128", "--batch-size", "32", "--epochs", "1",
             "--device", "cpu", *extra]
-
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +55,11 @@ def synthetic_teacher(tmp_path_factory):
     return run_dir
 
 
-
 def small_run(tmp_path, *extra, **changes):
     """A Run set up exactly as training sets one up (synthetic data, CPU), without training it."""
     args = projkd.parse_args(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
                                             "--run-dir", str(tmp_path / "run"), *extra))
     return projkd.setup_run(projkd.dataclasses.replace(args, **changes))
-
 
 
 def write_image_folder(root, classes=("ant", "bee", "cat"), train=4, val=2, seed=0):
@@ -81,11 +76,9 @@ def write_image_folder(root, classes=("ant", "bee", "cat"), train=4, val=2, seed
     return root
 
 
-
 def imagenet_args(root, *extra):
     return ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--batch-size", "4",
             "--epochs", "1", "--device", "cpu", "--workers", "1", *extra]
-
 
 
 def write_cifar_pickles(root, n_train=200, n_test=100, bytes_keys=True, seed=0):
@@ -108,7 +101,6 @@ def write_cifar_pickles(root, n_train=200, n_test=100, bytes_keys=True, seed=0):
     return out
 
 
-
 def torchrun(*args, nproc=2, background=False):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(HERE, "projkd.py"), *args]
@@ -118,15 +110,12 @@ def torchrun(*args, nproc=2, background=False):
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-
 def make(*args, cwd=HERE, env=None):
     return subprocess.run(["make", "--no-print-directory", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-
 def calls(log):
     return log.read_text().splitlines() if log.exists() else []
-
 
 
 def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None, best_top5=None, teacher_top5=None,
@@ -145,7 +134,6 @@ def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None,
             json.dump({"top1": last if evaluated == "same" else evaluated, "top5": top5}, f)
 
 
-
 def write_log(run_dir, history):
     """A run's log.csv as projkd.py writes it, from epoch rows (a run without metrics.json: unfinished)."""
     os.makedirs(run_dir, exist_ok=True)
@@ -157,12 +145,10 @@ def write_log(run_dir, history):
     return list(history)
 
 
-
 def epochs(top1, mda=None, top5=None):
     """Epoch rows as in metrics["history"]; train_mda only where given (runs from before it was logged have none)."""
     return [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "test_top1": a, "test_top5": (top5 or top1)[e],
              "between_class_cosine": 0.3, **({"train_mda": mda[e]} if mda else {})} for e, a in enumerate(top1)]
-
 
 
 def decoded_pngs(*paths):
@@ -174,7 +160,6 @@ def decoded_pngs(*paths):
             assert image.format == "PNG"
             image.verify()
     return list(paths)
-
 
 
 def linked_figures(md):

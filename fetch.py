@@ -79,8 +79,7 @@ class TeachersOptions:
                     # resnet110; default all
     url: str = TEACHERS_URL  # the archive (mdistiller's copy of RepDistiller's teachers); another
                              # mirror's URL or a local file works the same
-    ckpt: str = ""  # instead of the archive, a checkpoint you copied in by hand: checked the same
-                    # way (one --arch)
+    ckpt: str = ""  # instead of the archive, a checkpoint you copied in by hand: checked the same way (one --arch)
     out_dir: str = ""  # where <arch>.pt and <arch>.json are installed; default checkpoints/<dataset>
     archive: str = ""  # where a download is kept: resumed when interrupted, reused by later
                        # fetches; default checkpoints/<its file name>

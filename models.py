@@ -561,6 +561,9 @@ def require_teacher_file(arch, path):
     """One line saying where to get a teacher checkpoint that is not at `path`."""
     if os.path.isfile(path):
         return
+    if os.path.isdir(path):
+        raise WeightsError(f"--teacher-ckpt {path} is a folder: pass the checkpoint file itself, e.g. "
+                           f"{os.path.join(path, 'ckpt_epoch_240.pth')} (RepDistiller's) or {arch}.pt")
     if arch in TORCHVISION_WEIGHTS:
         file, url = TORCHVISION_WEIGHTS[arch]
         raise WeightsError(f"no teacher checkpoint at {path}: get torchvision's {file} from {url} and put it there, "

@@ -34,7 +34,7 @@ EPOCHS ?= 240
 # cifar100, or synthetic (generated data; `make smoke` uses it).
 DATASET ?= cifar100
 
-# Folder holding cifar-100-python/{train,test} (see README: how to get CIFAR-100).
+# Folder holding cifar-100-python/{train,test} (README: CIFAR-100).
 DATA_DIR ?= data
 
 # Where runs execute: auto (CUDA if present, else CPU), cuda, cuda:N, cpu.

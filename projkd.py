@@ -302,17 +302,14 @@ class Config:
     teacher_weights: str = ""  # instead of a file, torchvision's ImageNet weights by name, e.g.
                                # IMAGENET1K_V1 (downloads: online only)
     # data
-    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for
-                               # smoke runs and tests)
+    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for smoke runs and tests)
     data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet: the folder
                             # holding train/ and val/
     download: bool = False  # download CIFAR-100 with torchvision if it is not in --data-dir
     synthetic_size: int = 2048  # training images of --dataset synthetic; its test set is a quarter of that
     synthetic_classes: int = 10  # classes of --dataset synthetic
-    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to
-                           # 256/224 of it
-    workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its
-                         # GPUs in use
+    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to 256/224 of it
+    workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its GPUs in use
     # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's protocol
     epochs: int = None  # training epochs: 240 on CIFAR-100, 100 on ImageNet
     batch_size: int = None  # global batch (all GPUs together): 64 on CIFAR-100, 256 on ImageNet;
@@ -346,8 +343,7 @@ class Config:
                                  # image once and reuse them: auto (on CUDA for pefd/kd/crd on
                                  # CIFAR-style data) | on | off
     teacher_cache_file: str = ""  # the cache of --teacher-ckpt; default: that path with the suffix .tcache
-    teacher_cache_ram: float = 0.25  # read the cache file whole into memory when it takes at most
-                                     # this share of the RAM
+    teacher_cache_ram: float = 0.25  # read the cache file whole into memory when it takes at most this share of the RAM
     # running
     seed: int = 1  # seeds initialisation, data order and augmentation
     deterministic: bool = False  # bit-identical reruns (on CPU; on CUDA as far as cuDNN allows), slower
@@ -355,15 +351,12 @@ class Config:
                           # each process takes cuda:LOCAL_RANK
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with gradient scaling) | off; always off on CPU
     compile: bool = False  # torch.compile the student and teacher
-    sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global
-                           # batch (SyncBatchNorm)
-    eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250
-                                 # on ImageNet
+    sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global batch (SyncBatchNorm)
+    eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250 on ImageNet
     checkpoint_seconds: float = 60.0  # write last.pt after an epoch once this long has passed since
                                       # the last one (always after the final epoch)
     progress_seconds: float = 30.0  # within an epoch, print a progress line this often
-    run_dir: str = ""  # where the run's files go; default
-                       # runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
+    run_dir: str = ""  # where the run's files go; default runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
     resume: bool = False  # continue the run in --run-dir from its last.pt (starts fresh if there is none)
     overwrite: bool = False  # start over even if --run-dir already holds a run
 
@@ -732,11 +725,11 @@ def load_cifar100(root, download=False):
                 os.remove(archive)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"downloading CIFAR-100 into {root} failed ({reason}); put a copy of cifar-100-python/ "
-                            f"there by hand (README: Getting CIFAR-100)") from None
+                            f"there by hand (README: CIFAR-100)") from None
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"CIFAR-100 not found: no {' or '.join(missing)}; pass --download, or --data-dir pointing "
-                        f"at a folder that holds cifar-100-python/{{train,test}} (README: Getting CIFAR-100)")
+                        f"at a folder that holds cifar-100-python/{{train,test}} (README: CIFAR-100)")
     try:
         return (*_read_cifar_pickle(paths[0]), *_read_cifar_pickle(paths[1]))
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
@@ -1155,11 +1148,9 @@ class Run:
     memory_format: torch.memory_format
     loss_sum: torch.Tensor  # the epoch's sums of the loss and its terms, accumulated on the device by every step
     correct: torch.Tensor
-    teacher_forward: Optional[object] = None  # x -> the teacher's Outputs; None when its outputs
-                                              # come from the cache
+    teacher_forward: Optional[object] = None  # x -> the teacher's Outputs; None when its outputs come from the cache
     feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
-    step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its
-                                   # CUDA graph
+    step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its CUDA graph
     start_epoch: int = 0
     history: list = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
@@ -1510,8 +1501,7 @@ DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size") 
 @dataclass
 class EvalOptions:
     arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
-    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file
-                    # or any state_dict
+    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
     out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
 
 
@@ -1585,7 +1575,7 @@ def download_command(cfg):
     if cfg.dataset == "imagenet":
         raise UserError(f"ImageNet cannot be downloaded for you: get ILSVRC2012's train and val images from "
                         f"image-net.org and arrange them as {cfg.data_dir}/train/<class>/ and "
-                        f"{cfg.data_dir}/val/<class>/ (docs/many-gpus.md: ImageNet)")
+                        f"{cfg.data_dir}/val/<class>/ (docs/imagenet.md)")
     if cfg.dataset == "cifar100":
         load_cifar100(cfg.data_dir, download=True)
         log(f"CIFAR-100 is in {os.path.join(cfg.data_dir, 'cifar-100-python')}")

@@ -12,7 +12,7 @@
 The Makefile calls these; run them by hand to see a table of whatever has finished so far. Each cell is the
 mean ± sample std over the seeds whose run has finished, with n; a cell without any finished run says
 "missing", never 0. Runs are found where projkd.py puts them by default (projkd.run_path). With --figures the
-table's figures are drawn too (README: Figures) and linked from its markdown; they need matplotlib.
+table's figures are drawn too (docs/protocol.md) and linked from its markdown; they need matplotlib.
 
 The numbers of the last epoch and the teacher row are those of `projkd.py eval`, each model file evaluated alone.
 """
@@ -42,10 +42,8 @@ class TableConfig:
     teachers: str = ""  # the folder of the teacher checkpoints, whose <arch>.eval.json give the
                         # teacher row (make's TEACHERS)
     out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
-    figures: str = ""  # folder for the figures (PNG, needs matplotlib), linked from the markdown;
-                       # empty: none
-    bench: str = "results/bench.json"  # --kind bench: projkd.py bench's report, drawn as
-                                       # <figures>/bench.png
+    figures: str = ""  # folder for the figures (PNG, needs matplotlib), linked from the markdown; empty: none
+    bench: str = "results/bench.json"  # --kind bench: projkd.py bench's report, drawn as <figures>/bench.png
 
 
 ROW_NAMES = {"teacher": "Teacher", "ce": "Student", "kd": "KD", "sp": "SP", "crd": "CRD-lite", "pefd": "PEFD"}

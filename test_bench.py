@@ -20,14 +20,19 @@ def test_bench_runs_its_tiny_cpu_version(tmp_path):
     assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
     text = (tmp_path / "bench.md").read_text()
     assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
-    # every row says how it ran: the classic loop as RepDistiller runs (cudnn.benchmark on, matmuls without TF32),
-    # ours as setup_run sets it up, whatever ran before
-    flags = {row["loop"]: row["flags"] for row in pair["rows"] if row["images_per_s"]}
-    assert flags["classic (DataLoader + PIL, fp32, .item() per step)"] == {
-        "cudnn_benchmark": True, "cudnn_deterministic": False, "matmul_tf32": False, "cudnn_tf32": True}
-    assert all(f["matmul_tf32"] and f["cudnn_benchmark"] for loop, f in flags.items() if loop.startswith("ours"))
-    assert "cudnn_benchmark on, cudnn_deterministic off, matmul_tf32 off, cudnn_tf32 on |" in text
+    # every row says how it ran; cuDNN's and cuBLAS's switches mean nothing on the CPU, so a CPU row lists none
+    assert all(row["flags"] == {} for row in pair["rows"] if row["images_per_s"])
+    assert "| – (CPU) |" in text and "cudnn" not in text
 
+
+def test_bench_rows_on_cuda_name_the_switches_they_ran_with(monkeypatch):
+    import bench
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert bench.backend_flags(torch.device("cuda")) == {
+        "cudnn_benchmark": True, "cudnn_deterministic": torch.backends.cudnn.deterministic, "matmul_tf32": False,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32}
+    assert bench.backend_flags(torch.device("cpu")) == {}
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),

@@ -31,9 +31,7 @@ def test_torchvision_weights_offline_name_the_file(tmp_path, capsys, monkeypatch
     assert "no teacher checkpoint at checkpoints/imagenet/resnet34.pt: get torchvision's resnet34-b627a593.pth" in err
 
 
-
 TEACHER_ARGS = ["--dataset", "synthetic", "--synthetic-size", "128", "--device", "cpu"]  # 32 test images
-
 
 
 def measured_top1(tmp_path, arch, ckpt):
@@ -57,7 +55,6 @@ def teachers_archive(tmp_path_factory):
         tar.add(folder / "cifar_teachers", "cifar_teachers")
     member = (folder / "cifar_teachers" / "resnet8_vanilla" / "ckpt_epoch_240.pth").read_bytes()
     return folder / "cifar_teachers.tar", member
-
 
 
 @pytest.fixture
@@ -95,7 +92,6 @@ def teachers_server(teachers_archive, monkeypatch):
     yield f"http://127.0.0.1:{server.server_port}/cifar_teachers.tar", state
     server.shutdown()
     server.server_close()
-
 
 
 def test_fetch_teachers_installs_only_a_verified_teacher_and_resumes_a_cut_download(
@@ -152,7 +148,6 @@ def test_fetch_teachers_installs_only_a_verified_teacher_and_resumes_a_cut_downl
     assert f"teachers: resnet8 (fetched and verified, sha256 {record['sha256'][:12]});" in (tmp_path / "t.md").read_text()
 
 
-
 def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypatch, capsys):
     import socket
 
@@ -169,6 +164,7 @@ def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypa
     assert f"downloading {closed} failed (" in err and f"get cifar_teachers.tar from there by other means and put " \
         f"it at {archive} (or pass --url PATH), or train the teachers here (make TEACHERS_FROM=train)" in err
     assert not out.exists() and not os.path.exists(f"{archive}.part")
+    assert not os.path.exists(f"{archive}.source")  # nothing arrived: no record of where it would have come from
     # a checkpoint copied in by hand: the same check, by one command; then checked again where it lies
     mine = tmp_path / "my_resnet8.pth"
     mine.write_bytes(teachers_archive[1])
@@ -196,14 +192,12 @@ def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypa
     assert provenance["sha256"] == projkd.file_sha256(out / "resnet8.pt")
 
 
-
 def test_fetch_weights_records_its_provenance(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch, "torchvision_state_dict", lambda arch, weights, put_at: {"w": torch.zeros(2)})
     assert projkd.main(["fetch-weights", "--arch", "resnet34", "--out", str(tmp_path / "resnet34.pt")]) == 0
     provenance = projkd.teacher_provenance(str(tmp_path / "resnet34.pt"))
     assert provenance["how"] == "fetched from torchvision (IMAGENET1K_V1, hash-checked)"
     assert provenance["sha256"] == projkd.file_sha256(tmp_path / "resnet34.pt")
-
 
 
 @pytest.mark.parametrize("top1,published,ok", [

@@ -17,7 +17,6 @@ def log_columns(*run_dirs, column):
     return [(e + 1, sum(v) / len(v), min(v), max(v)) for e, v in enumerate(zip(*values))]
 
 
-
 def drawn_figures(monkeypatch):
     """What each figure drawn from now on shows, by file name: (its panels, the texts written in them)."""
     drawn = {}
@@ -28,7 +27,6 @@ def drawn_figures(monkeypatch):
         save(plt, fig, path)
     monkeypatch.setattr(figures, "_save", record)
     return drawn
-
 
 
 def test_curve_figures_plot_each_methods_log_csv_mean_and_band(tmp_path, monkeypatch):
@@ -77,7 +75,6 @@ def test_curve_figures_plot_each_methods_log_csv_mean_and_band(tmp_path, monkeyp
     assert drawn["imagenet-resnet34-resnet18-curves.png"] == (2, [])
 
 
-
 def test_ablation_figures_are_figures_3_and_4_beside_the_papers_pefd(tmp_path, monkeypatch):
     import tables
 
@@ -104,7 +101,6 @@ def test_ablation_figures_are_figures_3_and_4_beside_the_papers_pefd(tmp_path, m
     assert sorted(p.name for p in linked_figures(md)) == [
         "ablations-cosine.png", "ablations-depth.png", "ablations-q.png"]
     assert drawn["ablations-q.png"] == (2, [figures.NO_RUNS]) and drawn["ablations-depth.png"] == (2, [figures.NO_RUNS])
-
 
 
 def test_bench_figure_and_a_python_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -26,7 +26,6 @@ def test_download_without_internet_is_one_line_from_make(tmp_path):
     assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
 
 
-
 def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
     """The environment with a stand-in nvidia-smi first on PATH, listing `listing` (empty: no GPU)."""
     fake = folder / "bin" / "nvidia-smi"
@@ -34,7 +33,6 @@ def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
     fake.write_text(f"#!/bin/sh\necho '{listing}'\n")
     fake.chmod(0o755)
     return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-
 
 
 @pytest.mark.parametrize("teachers_from", ["fetch", "train"])
@@ -78,7 +76,6 @@ def test_make_plan_for_cifar_all_gets_each_teacher_once(tmp_path, teachers_from)
     assert len(evals) == 12 + 60 + 4 and plan.index(" projkd.py eval ") < plan.index("tables.py")
 
 
-
 def test_make_plan_for_ablations_and_short_runs():
     plan = make("-n", "ablations", "DEPS=", "DATA=", "EPOCHS=2", "SEEDS=1", f"PY={sys.executable}").stdout
     runs = [line for line in plan.splitlines() if "projkd.py --dataset" in line and "--teacher " in line]
@@ -92,7 +89,6 @@ def test_make_plan_for_ablations_and_short_runs():
     assert all("--out-dir checkpoints/cifar100-e2 " in f for f in fetched)
     assert not any("--method ce" in line for line in plan.splitlines())
     assert "--out results/cifar100-e2/ablations.md --figures results/cifar100-e2/figures" in plan
-
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +106,6 @@ def pipeline(tmp_path_factory):
     first = make("-j2", "cifar-all", *knobs)  # the student's two runs side by side, after the teacher
     assert first.returncode == 0, first.stderr
     return root, knobs, first, log
-
 
 
 def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipeline):
@@ -136,7 +131,6 @@ def test_make_pipeline_trains_evaluates_and_tabulates_through_the_launcher(pipel
     assert [mean for _, mean, _, _ in curves["test_top1"]["PEFD"]] == [
         float(row["test_top1"]) for row in csv.DictReader(open(log_csv))]
     assert list(curves["test_top1"]) == ["Student", "PEFD"]
-
 
 
 def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
@@ -173,7 +167,6 @@ def test_make_pipeline_evaluates_every_model_from_its_file(pipeline, tmp_path):
            f"{metrics['last_top1']:.2f}%" in text
 
 
-
 def test_make_pipeline_redoes_nothing_and_continues_an_interrupted_run(pipeline):
     root, knobs, _, log = pipeline
     assert make("-q", "cifar-all", *knobs).returncode == 0  # up to date: nothing would run or evaluate again
@@ -186,10 +179,8 @@ def test_make_pipeline_redoes_nothing_and_continues_an_interrupted_run(pipeline)
     assert f"resuming {pefd} after epoch 1" in again.stdout
 
 
-
 def plan_lines(*args):
     return make("-n", *args, "DEPS=", "DATA=", f"PY={sys.executable}").stdout.splitlines()
-
 
 
 def test_make_plan_for_imagenet_all():
@@ -234,7 +225,6 @@ def test_make_plan_for_imagenet_all():
                in line for line in plan)
 
 
-
 def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
     launch = "srun -N1 -n1 --gres=gpu:1"
     plan = plan_lines("cifar-all", f"LAUNCH={launch}")
@@ -255,7 +245,6 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
     # the download (it needs the login node's internet) is not launched; one command, without a traceback offline
     plan = make("-n", "cifar-all", f"LAUNCH={launch}", f"DATA_DIR={tmp_path}", "DEPS=", f"PY={sys.executable}").stdout
     assert f"{sys.executable} projkd.py download --dataset cifar100 --data-dir {tmp_path}" in plan.splitlines()
-
 
 
 STAND_IN_PYTHON = """#!{python}
@@ -284,13 +273,11 @@ else:  # fetch-weights --out PATH, tables.py --out "PATH ..."
 """
 
 
-
 def stand_in_python(tmp_path):
     python, log = tmp_path / "python", tmp_path / "calls.log"
     python.write_text(STAND_IN_PYTHON.format(python=sys.executable, log=str(log)))
     python.chmod(0o755)
     return python, log
-
 
 
 def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
@@ -316,13 +303,11 @@ def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
         assert not any("tcache" in line for line in plan_lines("cifar-all", "ablations", "SEEDS=1", *knobs))
 
 
-
 def test_git_ignores_what_the_readme_has_users_make():
     made = [".venv/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json", "results/x.md",
             "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
     ignored = subprocess.run(["git", "check-ignore", *made], cwd=HERE, capture_output=True, text=True).stdout.split()
     assert ignored == made
-
 
 
 def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_path):
@@ -331,7 +316,6 @@ def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_p
         env = path_with_nvidia_smi(tmp_path, listing)
         plan = make("-n", "pair", "T=vgg13", "S=vgg8", "SEEDS=1", "DEPS=", "DATA=", f"PY={sys.executable}", env=env)
         assert ("projkd.py cache " in plan.stdout) == bool(listing), plan.stdout
-
 
 
 def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_path):
@@ -368,7 +352,6 @@ def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_pa
     assert len(readers) == 2 * 3 * 2 and cache[0] < min(readers)  # sp runs need no cache: -j may start them first
 
 
-
 def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
     python, log = stand_in_python(tmp_path)
     knobs = [f"PY={python}", "DEPS=", "DATA=", "PAIRS=vgg13:vgg8 resnet20:resnet8", "METHODS=kd ce", "SEEDS=1",
@@ -390,12 +373,10 @@ def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
     assert any("--method ce" in c and "--student vgg13 " in c for c in again)
 
 
-
 def test_make_and_models_name_the_same_archive():
     makefile, params = (open(os.path.join(HERE, f)).read() for f in ("Makefile", "params.mk"))
     assert re.search(r"^ARCHIVE_TEACHERS := (.*)$", makefile, re.M)[1].split() == list(fetch.PUBLISHED_TEACHERS)
     assert re.search(r"^TEACHERS_URL \?= (.*)$", params, re.M)[1] == fetch.TEACHERS_URL
-
 
 
 def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
@@ -411,7 +392,6 @@ def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
     assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * (3 + 13) + ["tables.py"]
     assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
     assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
-
 
 
 def test_the_readme_example_runs():

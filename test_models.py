@@ -24,7 +24,6 @@ def _fill():
     return module.fill
 
 
-
 @pytest.fixture(scope="module")
 def compat():
     with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
@@ -33,10 +32,8 @@ def compat():
     return spec, ref["ref"], _fill()
 
 
-
 def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
 
 
 @pytest.mark.parametrize("arch", json.load(open(os.path.join(COMPAT, "repdistiller_spec.json"))))
@@ -58,7 +55,6 @@ def test_architecture_matches_the_repdistiller_zoo(arch, compat):
     assert _rel_err(taps.map, ref[arch]["map"]) < 1e-4
 
 
-
 def test_every_architecture_takes_num_classes_and_channels_last():
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     for arch, build in MODELS.items():
@@ -68,10 +64,8 @@ def test_every_architecture_takes_num_classes_and_channels_last():
         assert feature.shape == (2, projkd.classifier_of(model).in_features), arch
 
 
-
 # Feature width (the classifier's in_features, also the map's channels) of each ImageNet architecture.
 IMAGENET_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "densenet201": 1920, "mobilenet_v1": 1024}
-
 
 
 # The PEFD authors' MobileNet (github.com/chenyd7/PEFD, models/MobileNet.py) as (key, shape): its start, the
@@ -87,7 +81,6 @@ MOBILENET_V1_KEYS = {
 }
 
 
-
 def test_mobilenet_v1_has_the_published_size_and_the_pefd_key_layout():
     model = MODELS["mobilenet_v1"](num_classes=1000)
     assert sum(p.numel() for p in model.parameters()) == 4_231_976  # Howard et al. 2017: 4.2M
@@ -96,7 +89,6 @@ def test_mobilenet_v1_has_the_published_size_and_the_pefd_key_layout():
     assert layout[:7] == MOBILENET_V1_KEYS["head"] and layout[-8:] == MOBILENET_V1_KEYS["tail"]
     i = layout.index(MOBILENET_V1_KEYS["boundary"][1])
     assert layout[i - 1:i + 1] == MOBILENET_V1_KEYS["boundary"]
-
 
 
 def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
@@ -113,7 +105,6 @@ def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
         assert torch.allclose(maps[0].mean((2, 3)), feature, atol=1e-6)
 
 
-
 def test_imagenet_archs_name_models_and_their_torchvision_files():
     import torchvision
 
@@ -124,7 +115,6 @@ def test_imagenet_archs_name_models_and_their_torchvision_files():
     assert set(TORCHVISION_WEIGHTS) == set(IMAGENET_ARCHS) - {"mobilenet_v1"}
     for arch, (file, url) in TORCHVISION_WEIGHTS.items():
         assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url and url.endswith("/" + file)
-
 
 
 @pytest.mark.parametrize("arch", list(IMAGENET_WIDTHS))
@@ -141,7 +131,6 @@ def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
     # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
     # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
     assert torch.allclose(taps.map.mean((2, 3)), taps.feature, atol=1e-6)
-
 
 
 def test_torchvision_densenet_files_load_with_their_old_names():

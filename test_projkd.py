@@ -571,6 +571,7 @@ def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_
     assert ["--student", "resnet8", "given"] in block and ["--lr", "0.05", "synthetic", "protocol"] in block
     assert ["--graph", "off", "resolved"] in block and not any(b[0] in ("--alpha", "--q", "--seed") for b in block)
     assert not any("amp off on CPU" in line for line in out)  # --amp was not asked for
+    assert not any(b[0] == "--workers" for b in block)  # ImageNet's loaders only: nothing to say on CIFAR-style data
 
 
 
@@ -623,6 +624,21 @@ def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     assert f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python objects" in err
     assert err.count("\n") == 1 and "weights_only" not in err
 
+
+
+def test_a_folder_given_as_teacher_checkpoint_is_named_as_a_folder(tmp_path, capsys):
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--teacher-ckpt", str(tmp_path),
+                          "--run-dir", str(tmp_path / "run"))
+    assert projkd.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--teacher-ckpt {tmp_path} is a folder: pass the checkpoint file itself" in err
+    assert err.count("\n") == 1 and "no teacher checkpoint" not in err
+
+
+def test_a_mistyped_subcommand_gets_a_did_you_mean(capsys):
+    assert projkd.main(["evaluate", "--arch", "vgg8"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'evaluate'; did you mean eval?" in err and err.count("\n") == 1
 
 
 def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkeypatch):

@@ -33,7 +33,6 @@ def test_tables_report_mean_std_n_and_missing_never_zero(tmp_path, capsys):
     assert (float(pefd["mean"]), float(pefd["std"]), pefd["n"]) == (71.0, pytest.approx(1.4142, abs=1e-4), "2")
 
 
-
 def test_tables_take_last_numbers_from_each_model_file_evaluated_alone_and_mark_disagreements(tmp_path):
     import tables
 
@@ -60,7 +59,6 @@ def test_tables_take_last_numbers_from_each_model_file_evaluated_alone_and_mark_
     assert "model.pt evaluates to 71.50%" in rows["last", "PEFD"]["notes"] and rows["best", "PEFD"]["notes"] == ""
 
 
-
 def test_ablation_table_finds_the_variant_runs(tmp_path):
     import tables
 
@@ -79,7 +77,6 @@ def test_ablation_table_finds_the_variant_runs(tmp_path):
     assert "| no activation | missing | 73.46 ± 0.42 |" in last
     assert "| no projector | 0.4000 (n=1) |" in cosine and "| q=3 (PEFD) | 0.2000 (n=1) |" in cosine
     assert tables.main(["--kind", "ablations", "--variants", "q0 wide"]) == 2
-
 
 
 def test_imagenet_table_is_table_1_with_our_numbers_beside_the_paper(tmp_path):

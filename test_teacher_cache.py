@@ -26,7 +26,6 @@ def test_view_numbers_cover_every_crop_and_flip_once():
     assert len({(dy.item(), dx.item(), f.item()) for dy, dx, f in views}) == 162
 
 
-
 @pytest.fixture(scope="module")
 def cache_teacher(tmp_path_factory):
     """A small teacher (random weights: the cache must reproduce whatever the teacher computes) and its cache
@@ -38,7 +37,6 @@ def cache_teacher(tmp_path_factory):
             "--synthetic-size", "32", "--device", "cpu"]
     assert projkd.main(args) == 0
     return folder, args
-
 
 
 def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
@@ -62,7 +60,6 @@ def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
     assert torch.equal(rows, live.to(torch.bfloat16))
 
 
-
 def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
     folder, args = cache_teacher
     path = str(folder / "resnet8.tcache")
@@ -78,7 +75,6 @@ def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
     assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"] and rebuilt["key"] != built["key"]
     assert projkd.main(args[:-2] + ["--synthetic-size", "48", "--device", "cpu"]) == 0  # other images: rebuilt too
     assert teacher_cache.read_cache_header(path)["images"] == 48
-
 
 
 def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
@@ -99,7 +95,6 @@ def test_cached_and_live_runs_agree(tmp_path, cache_teacher):
     assert (va - vb).norm() <= 3e-3 * va.norm()
 
 
-
 def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fits(cache_teacher):
     folder, _ = cache_teacher
     path = str(folder / "resnet8.tcache")
@@ -112,7 +107,6 @@ def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fit
     assert not on_disk.read_whole and in_memory.read_whole
     assert np.array_equal(on_disk.rows(images, views), direct) and np.array_equal(in_memory.rows(images, views), direct)
     assert isinstance(in_memory.whole, np.ndarray) and not isinstance(in_memory.whole, np.memmap)
-
 
 
 def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys):
@@ -134,12 +128,10 @@ def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys
     assert cache.header["key"] == identity["key"]
 
 
-
 def shutil_usage(**fields):
     import collections
 
     return collections.namedtuple("usage", fields)(**fields)
-
 
 
 def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
