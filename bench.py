@@ -180,7 +180,8 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
         run.feed.close()
     eager, graphed = np.array(losses[False]), np.array(losses[True])
     loss_rel = float(np.max(np.abs(eager - graphed) / np.maximum(np.abs(eager), 1e-12)))
-    weight_rel = max(float((weights[False][k] - weights[True][k]).abs().max() / weights[False][k].abs().max().clamp_min(1e-12))
+    weight_rel = max(float((weights[False][k] - weights[True][k]).abs().max()
+                           / weights[False][k].abs().max().clamp_min(1e-12))
                      for k in weights[False])
     tolerance = 1e-2  # bf16 has 8 significant bits
     return {"pair": f"{teacher_arch}:{student_arch}", "steps": bc.check_steps, "deterministic": True,
@@ -208,8 +209,10 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
             run = bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached)
             speed = our_loop_images_per_s(run, bc)
             failure = getattr(run.step, "failure", None)
-            rows.append({"loop": name, "cached": cached, "images_per_s": None if failure else speed,
-                         "flags": backend_flags(device), **({"skipped": f"capture failed: {failure}"} if failure else {})})
+            row = {"loop": name, "cached": cached, "images_per_s": speed, "flags": backend_flags(device)}
+            if failure:
+                row.update(images_per_s=None, skipped=f"capture failed: {failure}")
+            rows.append(row)
             run.feed.close()
     classic = rows[0]["images_per_s"]
     for row in rows:

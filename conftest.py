@@ -50,7 +50,8 @@ def synthetic_teacher(tmp_path_factory):
     """A small teacher trained with --method ce on synthetic data through the CLI."""
     run_dir = tmp_path_factory.mktemp("teacher") / "run"
     args = ["--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--epochs", "3",
-            "--device", "cpu", "--deterministic", "--student", SMALL_TEACHER, "--method", "ce", "--run-dir", str(run_dir)]
+            "--device", "cpu", "--deterministic", "--student", SMALL_TEACHER, "--method", "ce",
+            "--run-dir", str(run_dir)]
     assert projkd.main(args) == 0
     return run_dir
 
@@ -124,7 +125,8 @@ def write_metrics(run_dir, last, best=None, teacher=None, cosine=0.5, top5=None,
     evaluates to `evaluated` (top-1; "same": the training loop's `last`; None: no evaluation yet)."""
     os.makedirs(run_dir, exist_ok=True)
     metrics = {"last_top1": last, "best_top1": best if best is not None else last, "teacher_top1": teacher,
-               "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5, "teacher_top5": teacher_top5,
+               "last_top5": top5, "best_top5": best_top5 if best_top5 is not None else top5,
+               "teacher_top5": teacher_top5,
                "between_class_cosine": cosine, "epochs": 240, "device": "test", "torch": "x", "code": "abc",
                "config": {"dataset": "cifar100"}, "history": write_log(run_dir, history)}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:

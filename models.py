@@ -496,7 +496,8 @@ def load_checkpoint_file(path, what):
 
 
 # torchvision's published DenseNet files predate its module names: 'denselayer1.norm.1' is 'denselayer1.norm1' now.
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def normalise_keys(state_dict):

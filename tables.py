@@ -31,7 +31,8 @@ from projkd import Config, UserError, cli_help, parse_args, run_name, run_path, 
 @dataclass
 class TableConfig:
     runs: str = "runs/cifar100"  # the folder that holds the run directories (make's RUNS)
-    pairs: str = "wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2"  # teacher:student columns
+    # teacher:student columns
+    pairs: str = "wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2"
     methods: str = "ce kd sp crd pefd"  # rows of the main table (imagenet: columns), besides the teacher
     variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD
                                                                   # itself (make's
@@ -367,8 +368,9 @@ def render_csv(cells):
     for c in cells:
         teacher, student = c["pair"].split(":")
         paper = c["paper"] or (None, None)
-        writer.writerow([c["table"], c["row"], teacher, student, *("" if v is None else round(v, 4) for v in
-                         (c["mean"], c["std"])), c["n"], *("" if v is None else v for v in paper), "; ".join(c["notes"])])
+        ours = ["" if v is None else round(v, 4) for v in (c["mean"], c["std"])]
+        theirs = ["" if v is None else v for v in paper]
+        writer.writerow([c["table"], c["row"], teacher, student, *ours, c["n"], *theirs, "; ".join(c["notes"])])
     return out.getvalue()
 
 

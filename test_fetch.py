@@ -35,8 +35,9 @@ TEACHER_ARGS = ["--dataset", "synthetic", "--synthetic-size", "128", "--device",
 
 
 def measured_top1(tmp_path, arch, ckpt):
-    assert projkd.main(["eval", "--arch", arch, "--ckpt", str(ckpt), "--out", str(tmp_path / "m.json"), *TEACHER_ARGS]) == 0
-    return json.loads((tmp_path / "m.json").read_text())["top1"]
+    out = tmp_path / "m.json"
+    assert projkd.main(["eval", "--arch", arch, "--ckpt", str(ckpt), "--out", str(out), *TEACHER_ARGS]) == 0
+    return json.loads(out.read_text())["top1"]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_fetch_teachers_installs_only_a_verified_teacher_and_resumes_a_cut_downl
     assert provenance == {**record, "checkpoint": str(out / "resnet8.pt")}
     assert tables.main(["--runs", str(tmp_path / "runs"), "--pairs", "resnet8:resnet8", "--seeds", "1",
                         "--out", str(tmp_path / "t.md")]) == 0
-    assert f"teachers: resnet8 (fetched and verified, sha256 {record['sha256'][:12]});" in (tmp_path / "t.md").read_text()
+    conditions = (tmp_path / "t.md").read_text()
+    assert f"teachers: resnet8 (fetched and verified, sha256 {record['sha256'][:12]});" in conditions
 
 
 def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypatch, capsys):
@@ -188,7 +190,8 @@ def test_fetch_teachers_offline_and_by_hand(tmp_path, teachers_archive, monkeypa
     # without a record that describes it, a teacher's provenance is its path and sha256, and says so
     (out / "resnet8.pt").write_bytes(teachers_archive[1] + b"\0")
     provenance = projkd.teacher_provenance(str(out / "resnet8.pt"))
-    assert provenance["how"] == "put in place by hand or trained here" and "describes another file" in provenance["note"]
+    assert provenance["how"] == "put in place by hand or trained here"
+    assert "describes another file" in provenance["note"]
     assert provenance["sha256"] == projkd.file_sha256(out / "resnet8.pt")
 
 

@@ -38,7 +38,8 @@ def path_with_nvidia_smi(folder, listing="GPU 0: NVIDIA H200 (UUID: GPU-0)"):
 @pytest.mark.parametrize("teachers_from", ["fetch", "train"])
 def test_make_plan_for_cifar_all_gets_each_teacher_once(tmp_path, teachers_from):
     knobs = [] if teachers_from == "fetch" else ["TEACHERS_FROM=train"]  # fetch: the default
-    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", *knobs, env=path_with_nvidia_smi(tmp_path)).stdout
+    env = path_with_nvidia_smi(tmp_path)
+    plan = make("-n", "cifar-all", "DEPS=", "DATA=", f"PY={sys.executable}", *knobs, env=env).stdout
     commands = [line for line in plan.splitlines() if "projkd.py --dataset" in line]  # trainings, not teacher caches
     fetched = [c for c in plan.splitlines() if "projkd.py fetch-teachers " in c]
     copied = [c for c in plan.splitlines() if c.startswith("cp runs/cifar100/")]
@@ -57,13 +58,14 @@ def test_make_plan_for_cifar_all_gets_each_teacher_once(tmp_path, teachers_from)
     assert len(set(commands)) == len(commands)
     # DEVICE=auto on a machine with a GPU: each teacher's output cache is built once (test_make_plan_teacher_cache_...)
     caches = [c for c in plan.splitlines() if "projkd.py cache " in c]
-    assert sorted(c.split("--teacher ")[1].split()[0] for c in caches) == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
+    cached = sorted(c.split("--teacher ")[1].split()[0] for c in caches)
+    assert cached == ["ResNet50", "resnet32x4", "vgg13", "wrn_40_2"]
     # every parameter of the pipeline is spelled out in the echoed command
     one = next(c for c in distill if "--run-dir runs/cifar100/vgg13-vgg8/pefd-seed2" in c)
     for flag in ("--dataset cifar100", "--data-dir data", "--device auto", "--epochs 240", "--teacher vgg13",
                  "--teacher-ckpt checkpoints/cifar100/vgg13.pt", "--teacher-cache on",
-                 "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd", "--seed 2",
-                 "--resume"):
+                 "--teacher-cache-file checkpoints/cifar100/vgg13.tcache", "--student vgg8", "--method pefd",
+                 "--seed 2", "--resume"):
         assert flag in one
     assert plan.count("tables.py") == 1
     assert '--out "results/cifar100.md results/cifar100.csv" --figures results/figures' in plan
@@ -191,7 +193,8 @@ def test_make_plan_for_imagenet_all():
                for t in trainings)
     expected = [f"{p.replace(':', '-')}/{m}-seed1" for p in IMAGENET_PAIRS.split() for m in ("pefd", "kd")]
     expected += ["resnet18/ce-seed1", "mobilenet_v1/ce-seed1"]  # the Student rows, each shared by two pairs
-    assert sorted(t.split("--run-dir ")[1].split()[0] for t in trainings) == sorted(f"runs/imagenet/{e}" for e in expected)
+    run_dirs = sorted(t.split("--run-dir ")[1].split()[0] for t in trainings)
+    assert run_dirs == sorted(f"runs/imagenet/{e}" for e in expected)
     assert all(f"--teacher-ckpt checkpoints/imagenet/{t.split('--teacher ')[1].split()[0]}.pt " in t
                for t in trainings if "--method ce" not in t)
     assert sorted(line for line in plan if "fetch-weights" in line) == sorted(
@@ -221,8 +224,9 @@ def test_make_plan_for_imagenet_all():
         "runs/imagenet/resnet18/ce-seed1", "runs/imagenet/resnet34-resnet18/kd-seed1",
         "runs/imagenet/resnet34-resnet18/pefd-seed1"]
     assert [line.split("--arch ")[1].split()[0] for line in plan if "fetch-weights" in line] == ["resnet34"]
-    assert any(f'tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet --pairs "{IMAGENET_PAIRS}"'
-               in line for line in plan)
+    tables = (f'tables.py --kind imagenet --runs runs/imagenet --teachers checkpoints/imagenet '
+              f'--pairs "{IMAGENET_PAIRS}"')
+    assert any(tables in line for line in plan)
 
 
 def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):

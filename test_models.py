@@ -95,7 +95,10 @@ def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
     model = MODELS["mobilenet_v1"](num_classes=1000).eval()
     for size, side in ((224, 7), (64, 2)):  # total stride 32
         maps = []
-        hook = model.get_submodule(model.map_layer).register_forward_hook(lambda m, args, out: maps.append(out))
+
+        def keep(module, args, output, maps=maps):
+            maps.append(output)
+        hook = model.get_submodule(model.map_layer).register_forward_hook(keep)
         with torch.no_grad():
             feature, logits = features_and_logits(model, torch.randn(2, 3, size, size))
         hook.remove()

@@ -49,7 +49,8 @@ def test_cached_teacher_outputs_equal_the_live_teacher(cache_teacher):
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 32, (40,), generator=g)
     dy, dx, flip = projkd.augmentation_draws(40, g)
-    rows = torch.from_numpy(cache.rows(images.numpy(), teacher_cache.view_index(dy, dx, flip).numpy())).view(torch.bfloat16)
+    views = teacher_cache.view_index(dy, dx, flip).numpy()
+    rows = torch.from_numpy(cache.rows(images.numpy(), views)).view(torch.bfloat16)
     x = projkd.normalize(crop_flip(train_x[images], dy, dx, flip), torch.full((1, 3, 1, 1), 0.5),
                          torch.full((1, 3, 1, 1), 0.25))
     with torch.no_grad():
@@ -136,7 +137,8 @@ def shutil_usage(**fields):
 
 def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
     torch.save(MODELS["resnet8"](num_classes=10).state_dict(), tmp_path / "resnet8.pt")
-    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=10 ** 9, free=1000))
+    full = shutil_usage(total=10 ** 9, used=10 ** 9, free=1000)
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: full)
     assert projkd.main(["cache", "--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "resnet8.pt"),
                         "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
