@@ -1461,7 +1461,6 @@ def between_class_cosine(class_sums):
     sim, n = means @ means.t(), len(means)
     return ((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)).item()
 
-
 def file_sha256(path):
     """The identity of a model file: what runs, caches and evaluations record of the checkpoint they used."""
     digest = hashlib.sha256()
@@ -1497,17 +1496,14 @@ def teacher_provenance(ckpt, weights=""):
 
 DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")  # what a test set depends on
 
-
 @dataclass
 class EvalOptions:
     arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
     ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
     out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
 
-
 EvalConfig = options_of("EvalConfig", EvalOptions,
                         DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
-
 
 def test_set_sha256(data):
     """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or ImageNet's
@@ -1522,29 +1518,38 @@ def test_set_sha256(data):
                           f"{os.path.getsize(path)} {label}\n".encode())
     return digest.hexdigest()
 
+def with_run_data_settings(ec):
+    """`ec` with the data settings of the run that made the checkpoint (its metrics.json beside it), where
+    --dataset and its sizes were left at their defaults: a run's model.pt is evaluated on the run's test set."""
+    try:
+        with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
+            trained = json.load(f)["config"]
+        taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
+    except (OSError, ValueError, KeyError, TypeError):  # no run beside it: a teacher, a file of one's own
+        return ec
+    if taken:
+        log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
+    return dataclasses.replace(ec, **taken)
 
 def evaluate_checkpoint(ec):
-    """Top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in float32; under torchrun
-    each process evaluates a shard. The data settings of the run that made it (its metrics.json beside it) are
-    used where --dataset and its sizes were left at their defaults. Prints the result and writes it as JSON."""
+    """`projkd.py eval`: top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in
+    float32; under torchrun each process evaluates a shard. Prints the result and writes it as JSON, with the
+    sha256 of the file and of the test set."""
     if not ec.arch or not ec.ckpt:
         raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
     if not os.path.isfile(ec.ckpt):
         raise UserError(f"no checkpoint at {ec.ckpt}")
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
-            trained = json.load(f)["config"]
-        taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
-        ec = dataclasses.replace(ec, **taken)
-        if taken:
-            log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
+    ec = with_run_data_settings(ec)
     if ec.dataset not in PROTOCOLS:
         raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
     check_arch(ec.arch, "arch", ec.dataset)
     device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
     _, world = setup_torch(device)
-    ec = dataclasses.replace(ec, eval_batch_size=ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"],
-                             workers=default_workers() if ec.workers is None else ec.workers)
+    batch_size = ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"]
+    workers = ec.workers
+    if workers is None:
+        workers = default_workers()
+    ec = dataclasses.replace(ec, eval_batch_size=batch_size, workers=workers)
     data = load_data(ec, device)
     memory_format = precision("off", device)[0]
     model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
@@ -1558,8 +1563,8 @@ def evaluate_checkpoint(ec):
     log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
         f"({result['images']} images) -> {out}")
     if result["top1"] < 2 * 100 / data.num_classes:  # in the pipeline: once per teacher, not once per student run
-        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right file, trained long "
-            f"enough?")
+        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right file, trained "
+            f"long enough?")
     return record
 
 # -----------------------------------------------------------------------------------------------------------------
