@@ -382,9 +382,10 @@ NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd
                 "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers", "teacher_cache_ram")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
 # Fields that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
+# (run_dir: the folder is where last.pt is, however it is spelled or wherever it moved.)
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download", "eval_batch_size",
                      "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file", "teacher_cache_ram", "workers",
-                     "checkpoint_seconds", "progress_seconds")
+                     "checkpoint_seconds", "progress_seconds", "run_dir")
 
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
