@@ -1174,6 +1174,8 @@ def setup_run(cfg, notes=()):
         log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
     cache = setup_teacher(run, amp_dtype) if run.teacher is not None else None
     setup_feed(run, rank, cache)
+    if checkpoint is not None and checkpoint.get("epoch_rows") is not None:  # stopped within an epoch; after
+        restore_epoch_tensors(run, checkpoint["epoch_rows"])  # DDP, which sets process 0's buffers everywhere
     return run
 
 def build_run(cfg, device, world, data):
@@ -1251,14 +1253,6 @@ def restore(run, checkpoint):
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
-    rows = checkpoint.get("epoch_rows")  # stopped within an epoch: each process's epoch_tensors
-    if rows is not None:
-        # resumed on another number of processes: each takes the mean, and a share of the images counted
-        row = rows[_rank()] if len(rows) == run.world_size else rows.mean(0)
-        row[3] *= len(rows) / run.world_size
-        tensors = epoch_tensors(run)
-        for t, values in zip(tensors, row.split([t.numel() for t in tensors]), strict=True):
-            t.copy_(values)
     run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint.get("step", 0)
     run.best, run.history, run.teacher_eval = checkpoint["best"], checkpoint["history"], checkpoint["teacher_eval"]
     where = f"at step {run.start_step + 1} of epoch {run.start_epoch + 1}" if run.start_step else \
@@ -1273,6 +1267,15 @@ def epoch_tensors(run):
     """What each process accumulates within an epoch: its loss and accuracy sums, and its BatchNorm statistics
     (train_epoch averages them over the processes at the epoch's end)."""
     return [run.loss_sum, run.correct.view(1), *(b for b in run.student.buffers() if b.is_floating_point())]
+
+def restore_epoch_tensors(run, rows):
+    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on another number of
+    processes each takes their mean, and a share of the images counted (so the epoch's sums stay right)."""
+    row = rows[_rank()] if len(rows) == run.world_size else rows.mean(0)
+    row[3] *= len(rows) / run.world_size
+    tensors = epoch_tensors(run)
+    for t, values in zip(tensors, row.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(values)
 
 def train_epoch(run, epoch):
     """One pass over the training set, or the rest of it from run.start_step, whose sums restore() brought back.
