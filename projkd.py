@@ -776,15 +776,17 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
 
 # -----------------------------------------------------------------------------------------------------------------
 # 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
-#    train_step, eager or replayed as one CUDA graph), evaluate, record_epoch, save_checkpoint; then finish_run.
+#    train_step, eager or replayed as one CUDA graph; a check_point every few steps), evaluate,
+#    record_epoch, check_point; then finish_run. A check point writes last.pt or stops the run.
 
 log_label = ""  # put before each line: set by labelled_log while a run trains
 CHECKS_PER_EPOCH = 200  # check points (check_point) per epoch, where a run writes last.pt or stops
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
 class Stopped(KeyboardInterrupt):
-    """args: (signal number, message). A run that a signal stopped at a check point; like Ctrl-C, no `except
-    Exception` catches it. main() exits with 128 + the signal's number, as a shell reports one that killed."""
+    """args: (signal number, message). A run that a signal stopped at a check point; like Ctrl-C, no
+    `except Exception` catches it. main() exits with 128 + the signal's number, as a shell reports
+    one that killed."""
 
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
@@ -831,7 +833,7 @@ def save(obj, path):
                 return f.write(obj)
             try:
                 torch.save(obj, f)
-            except RuntimeError as e:  # torch's writer fails after an OSError (a full disk), kept inside
+            except RuntimeError as e:  # torch's writer, failing after an OSError (a full disk)
                 while e.__context__ is not None and not isinstance(e, OSError):
                     e = e.__context__
                 raise (e if isinstance(e, OSError) else OSError(str(e).splitlines()[0])) from None
@@ -990,10 +992,11 @@ def plan_epoch(seed, epoch, n_train, n_used):
     return EpochPlan(order[:n_used], *(t[:n_used] for t in augmentation_draws(n_train, g)))
 
 class ResidentFeed:
-    """CIFAR-style training data on the device. load(epoch, step) shuffles, crops and flips the whole epoch at once
-    into buffers allocated once and refilled in place (a CUDA graph keeps reading the same memory), with the epoch's
-    cached teacher rows if there is a cache; next_batch() returns this process's part of global batch `step` (a
-    device counter, set in place), read through an index computed on the device: on any number of processes."""
+    """CIFAR-style training data on the device. load(epoch, step) shuffles, crops and flips the
+    whole epoch at once into buffers allocated once and refilled in place (a CUDA graph keeps
+    reading the same memory), with the epoch's cached teacher rows if there is a cache; next_batch()
+    returns this process's part of global batch `step` (a device counter, set in place), read
+    through an index computed on the device: on any number of processes."""
     def __init__(self, data, batch_size, local_batch, rank, seed, epochs, cache=None):
         (n, c, h, w), device = data.train_x.shape, data.train_x.device
         self.data, self.batch_size, self.steps_per_epoch = data, batch_size, n // batch_size
@@ -1032,15 +1035,15 @@ class ResidentFeed:
             self.planner.close()
 
 class LoaderFeed:
-    """ImageNet: DataLoader workers decode and augment; each process reads its shard (DistributedSampler). A
-    resumed epoch skips, by index, the images its steps read; the workers' random state is not saved: resumed, a
-    run draws other crops and flips than it would have."""
+    """ImageNet: DataLoader workers decode and augment; each process reads its shard
+    (DistributedSampler). A resumed epoch skips, by index, the images its steps read; the workers'
+    random state is not saved: resumed, a run draws other crops and flips than it would have."""
     def __init__(self, data_set, local_batch, workers, device, seed):
         self.device, self.plan_wait, self.local_batch = device, 0.0, local_batch
         self.sampler = torch.utils.data.distributed.DistributedSampler(
             data_set, num_replicas=_world_size(), rank=_rank(), shuffle=True, seed=seed, drop_last=True)
         self.order = []  # the loader's sampler: this epoch's shard, from the step it starts at
-        self.loader = image_loader(data_set, local_batch, workers, device, self.order, drop_last=True)
+        self.loader = image_loader(data_set, local_batch, workers, device, self.order, True)
         self.steps_per_epoch = len(self.sampler) // local_batch
 
     def load(self, epoch, step=0):
@@ -1079,7 +1082,7 @@ class Run:
     step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its CUDA graph
     start_epoch: int = 0
     start_step: int = 0  # the steps of start_epoch done before a stop within it
-    last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was last written
+    last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was written
     stop: Optional[int] = None  # the number of a signal that asked the run to stop (stop_signals)
     history: list = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
@@ -1119,8 +1122,9 @@ def run_dir_lock(folder):
                 os.rmdir(made_here)
 
 def checkpoint_to_resume(cfg):
-    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it should not: other
-    settings than RESUMABLE_CHANGES, or another teacher file by its sha256 (by path if last.pt has none)."""
+    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it
+    should not: other settings than RESUMABLE_CHANGES, or another teacher file by its sha256 (by
+    path if last.pt has none)."""
     last_path = os.path.join(cfg.run_dir, "last.pt")
     if not cfg.resume and not cfg.overwrite and any(
             os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
@@ -1138,32 +1142,34 @@ def checkpoint_to_resume(cfg):
     if diffs:
         raise UserError(f"{cfg.run_dir} holds a run with other settings ({'; '.join(diffs)}); "
                         f"use another --run-dir, or --overwrite to start over")
-    # the teacher by its content (a missing file is setup_run's to report)
-    given_sha = zoo().file_sha256(cfg.teacher_ckpt) if sha and os.path.isfile(cfg.teacher_ckpt) else sha
+    given_sha = sha  # the teacher by its content (a missing file is setup_run's to report)
+    if sha and os.path.isfile(cfg.teacher_ckpt):
+        given_sha = zoo().file_sha256(cfg.teacher_ckpt)
     if given_sha != sha:
-        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) than "
-                        f"{cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as --teacher-ckpt, "
-                        f"or --overwrite to start over")
+        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) "
+                        f"than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as "
+                        f"--teacher-ckpt, or --overwrite to start over")
     begun = checkpoint["epoch"] + 1 if checkpoint.get("step") else checkpoint["epoch"]
     if begun > cfg.epochs:
-        raise UserError(f"{cfg.run_dir} has begun epoch {begun} already, beyond --epochs {cfg.epochs}")
+        raise UserError(f"{cfg.run_dir} has begun epoch {begun}, beyond --epochs {cfg.epochs}")
     return checkpoint
 
 def setup_run(cfg, notes=()):
     """Everything a run needs, from the resolved config to the first step. `notes`: those of a first
-    resolve_config of this config, if it had one (resolving again changes nothing, and notes nothing new)."""
+    resolve_config of this config, if it had one (resolving again changes nothing, and notes nothing
+    new)."""
     given, (cfg, again) = cfg, resolve_config(cfg)
     device = torch.device(cfg.device)
     rank, world = setup_torch(device, cfg.deterministic)
     checkpoint = checkpoint_to_resume(cfg)
-    if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which can take a while to read
+    if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
         zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
     notes = list(notes) or again
     if world > 1 or cfg.dataset == "imagenet":
-        notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch {cfg.batch_size}; "
-                     f"lr {cfg.lr} as given (never rescaled by batch size)")
-    log("\n".join(["config (where not a default; all of it goes into metrics.json):", *config_lines(given, cfg),
-                   *(f"note: {note}" for note in notes)]))
+        notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
+                     f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
+    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
+                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
@@ -1174,8 +1180,9 @@ def setup_run(cfg, notes=()):
         log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
     cache = setup_teacher(run, amp_dtype) if run.teacher is not None else None
     setup_feed(run, rank, cache)
-    if checkpoint is not None and checkpoint.get("epoch_rows") is not None:  # stopped within an epoch; after
-        restore_epoch_tensors(run, checkpoint["epoch_rows"])  # DDP, which sets process 0's buffers everywhere
+    # stopped within an epoch: after DDP, which can give every process the buffers of process 0
+    if checkpoint is not None and checkpoint.get("epoch_rows") is not None:
+        restore_epoch_tensors(run, checkpoint["epoch_rows"])
     return run
 
 def build_run(cfg, device, world, data):
@@ -1183,7 +1190,7 @@ def build_run(cfg, device, world, data):
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
     teacher = None if cfg.method == "ce" else zoo().load_teacher(
         cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights).to(device, memory_format=memory_format)
-    torch.manual_seed(cfg.seed)  # after the teacher: the same seed gives every method the same initial student
+    torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
     student = zoo().MODELS[cfg.student](num_classes=data.num_classes)
     student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
     aux = build_aux(cfg, classifier_of(student).in_features,
@@ -1197,13 +1204,15 @@ def build_run(cfg, device, world, data):
     return run, amp_dtype
 
 def setup_feed(run, rank, cache):
-    """The distiller wrapped (DDP, torch.compile), the data feed, and the step: eager, or its CUDA graph."""
+    """The distiller wrapped (DDP, torch.compile), the data feed, and the step: eager, or its CUDA
+    graph."""
     cfg, world, device = run.cfg, run.world_size, run.device
     run.distiller = distributed(run.distiller, device) if world > 1 else run.distiller
     run.distiller = torch.compile(run.distiller) if cfg.compile else run.distiller
-    run.feed = (LoaderFeed(run.data.train_set, cfg.batch_size // world, cfg.workers, device, cfg.seed)
+    local_batch = cfg.batch_size // world
+    run.feed = (LoaderFeed(run.data.train_set, local_batch, cfg.workers, device, cfg.seed)
                 if run.data.train_x is None else
-                ResidentFeed(run.data, cfg.batch_size, cfg.batch_size // world, rank, cfg.seed, cfg.epochs, cache))
+                ResidentFeed(run.data, cfg.batch_size, local_batch, rank, cfg.seed, cfg.epochs, cache))
     run.step = lambda: train_step(run, *run.feed.next_batch())
     run.step = CUDAGraphStep(run.step, run.feed.step) if cfg.graph == "on" else run.step
     run.distiller.train()
@@ -1254,23 +1263,27 @@ def restore(run, checkpoint):
     if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
     run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint.get("step", 0)
-    run.best, run.history, run.teacher_eval = checkpoint["best"], checkpoint["history"], checkpoint["teacher_eval"]
+    run.best, run.history = checkpoint["best"], checkpoint["history"]
+    run.teacher_eval = checkpoint["teacher_eval"]
     where = f"at step {run.start_step + 1} of epoch {run.start_epoch + 1}" if run.start_step else \
         f"after epoch {run.start_epoch}"
     if run.data.train_x is None:  # LoaderFeed
         where += " (ImageNet: in the same order of images, with new random crops and flips)"
-    if run.cfg.epochs != checkpoint["config"]["epochs"]:
-        where += f"; note: extending it from {checkpoint['config']['epochs']} to {run.cfg.epochs} epochs"
+    saved_epochs = checkpoint["config"]["epochs"]
+    if run.cfg.epochs != saved_epochs:
+        where += f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs"
     log(f"resuming {run.cfg.run_dir} {where}")
 
 def epoch_tensors(run):
-    """What each process accumulates within an epoch: its loss and accuracy sums, and its BatchNorm statistics
-    (train_epoch averages them over the processes at the epoch's end)."""
-    return [run.loss_sum, run.correct.view(1), *(b for b in run.student.buffers() if b.is_floating_point())]
+    """What each process accumulates within an epoch: its loss and accuracy sums, and its BatchNorm
+    statistics (train_epoch averages them over the processes at the epoch's end)."""
+    statistics = [b for b in run.student.buffers() if b.is_floating_point()]
+    return [run.loss_sum, run.correct.view(1), *statistics]
 
 def restore_epoch_tensors(run, rows):
-    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on another number of
-    processes each takes their mean, and a share of the images counted (so the epoch's sums stay right)."""
+    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on
+    another number of processes each takes their mean, and a share of the images counted (so the
+    epoch's sums stay right)."""
     row = rows[_rank()] if len(rows) == run.world_size else rows.mean(0)
     row[3] *= len(rows) / run.world_size
     tensors = epoch_tensors(run)
@@ -1278,8 +1291,8 @@ def restore_epoch_tensors(run, rows):
         t.copy_(values)
 
 def train_epoch(run, epoch):
-    """One pass over the training set, or the rest of it from run.start_step, whose sums restore() brought back.
-    Returns its mean loss, accuracy (%), and images/s."""
+    """One pass over the training set, or the rest of it from run.start_step, whose sums restore()
+    brought back. Returns its mean loss, accuracy (%), and images/s."""
     cfg, steps, first = run.cfg, run.feed.steps_per_epoch, run.start_step
     start = last_report = time.time()
     every = max(1, steps // CHECKS_PER_EPOCH)  # the same steps on every process
@@ -1295,9 +1308,10 @@ def train_epoch(run, epoch):
             continue
         if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
             last_report, per_step = time.time(), (time.time() - start) / (i - first)
-            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a host sync
-                f"{cfg.batch_size / per_step:,.0f} img/s  epoch eta {_duration(per_step * (steps - i))}  "
-                f"run eta {_duration(per_step * (steps - i + steps * (cfg.epochs - epoch - 1)))}")
+            left = per_step * (steps - i)
+            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a sync
+                f"{cfg.batch_size / per_step:,.0f} img/s  epoch eta {_duration(left)}  "
+                f"run eta {_duration(left + per_step * steps * (cfg.epochs - epoch - 1))}")
         check_point(run, epoch, i)
     sums = torch.cat([run.loss_sum.float(), run.correct.float().view(1)])
     if run.world_size > 1:
@@ -1314,8 +1328,9 @@ def train_epoch(run, epoch):
             "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
 
 def check_point(run, epoch, step=0):
-    """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds have passed,
-    and the end of a run a signal asked to stop. Under torchrun the processes agree by a host sync (all_reduce)."""
+    """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds
+    have passed, and the end of a run a signal asked to stop. Under torchrun the processes agree by
+    a host sync (all_reduce)."""
     save, stop = time.time() - run.last_saved >= run.cfg.checkpoint_seconds, run.stop or 0
     if run.world_size > 1:
         flags = torch.tensor([save, stop], device=run.device)
@@ -1376,12 +1391,15 @@ def record_epoch(run, epoch, stats, result, seconds):
         f"  train {h['train_acc']:.2f}%  test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  "
         f"{h['images_per_s']:,.0f} img/s  eta "
         f"{_duration(sum(e['seconds'] for e in here) / len(here) * (cfg.epochs - epoch - 1))}" +
-        f"  (waited {h['plan_wait_s']:.2f} s for its cached teacher rows)" * (cfg.teacher_cache == "on"))
+        (f"  (waited {h['plan_wait_s']:.2f} s for cached teacher rows)" if cfg.teacher_cache == "on" else ""))
 
 def save_checkpoint(run, epoch, step=0):
-    """last.pt: everything to continue exactly after `step` steps of `epoch` (0: before it), written by process 0.
-    Within an epoch it holds every process's epoch_tensors, gathered (under torchrun, a collective)."""
-    rows = _gather_rows(torch.cat([t.double() for t in epoch_tensors(run)])[None]).cpu() if step else None
+    """last.pt: everything to continue exactly after `step` steps of `epoch` (0: before it), written
+    by process 0. Within an epoch it holds every process's epoch_tensors, gathered (under torchrun,
+    a collective)."""
+    rows = None
+    if step:
+        rows = _gather_rows(torch.cat([t.double() for t in epoch_tensors(run)])[None]).cpu()
     run.last_saved = time.time()
     if _rank() != 0:
         return
@@ -1390,11 +1408,11 @@ def save_checkpoint(run, epoch, step=0):
         group["lr"] = float(group["lr"])  # a plain number in the file; restore() points it back at the device tensor
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)}
                                               if run.device.type == "cuda" else {})}
-    teacher_sha256 = (run.teacher_provenance or {}).get("sha256")  # of a teacher file: the run's identity
     save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "step": step, "epoch_rows": rows,
           "student": run.student.state_dict(), "aux": run.aux.state_dict(), "optimizer": optimizer,
           "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
-          "teacher_eval": run.teacher_eval, "teacher_sha256": teacher_sha256},
+          "teacher_eval": run.teacher_eval,  # and the teacher file's identity, checked on resuming:
+          "teacher_sha256": (run.teacher_provenance or {}).get("sha256")},
          os.path.join(run.cfg.run_dir, "last.pt"))
 
 def finish_run(run):
@@ -1435,9 +1453,9 @@ def train(cfg):
             run_dir_lock(resolved.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         run = setup_run(cfg, notes)
         cfg = run.cfg
-        def ask_to_stop(signum, frame):  # SIGTERM or SIGUSR1, while training: the next check point stops
+        def ask_to_stop(signum, frame):  # SIGTERM or SIGUSR1 while training: the next check point stops
             run.stop = signum
-        main_thread = threading.current_thread() is threading.main_thread()  # the only one to take handlers
+        main_thread = threading.current_thread() is threading.main_thread()  # alone takes handlers
         previous = [(s, signal.signal(s, ask_to_stop)) for s in STOP_SIGNALS] if main_thread else []
         try:
             for epoch in range(run.start_epoch, cfg.epochs):
@@ -1450,8 +1468,8 @@ def train(cfg):
                     save_checkpoint(run, epoch + 1)  # always after the final epoch
             return finish_run(run)
         finally:
-            for s, handler in previous:
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
+            for s, handler in previous:  # (None: a handler set outside Python)
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
             run.feed.close()
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1488,6 +1506,9 @@ COMMANDS = {
 }
 
 def main(argv=None):
+    """The exit status: 0 done; 2 a problem the user can fix, said in one line; 128 + a signal's
+    number when one stopped the run (Ctrl-C 130; SIGTERM 143 and SIGUSR1 138 on Linux, after writing
+    last.pt)."""
     argv = sys.argv[1:] if argv is None else argv
     command, schema = train, Config
     usage = f"python projkd.py [--option value ...]   (or a subcommand: {', '.join(COMMANDS)}; SUBCOMMAND --help)"

@@ -2378,3 +2378,15 @@ def test_make_installs_into_each_interpreter_once_and_not_past_a_touched_marker(
     assert make_test(venv) == [f"{venv} {install}", f"{venv} {tests}"]  # and new requirements
     (tmp_path / ".deps-installed").touch()  # use it as it is
     assert make_test(own_torch) == [f"{own_torch} {tests}"]
+
+
+def test_the_imagenet_feed_resumes_an_epoch_at_its_step_in_the_same_order():
+    images = torch.utils.data.TensorDataset(torch.arange(40), torch.arange(40))
+    feed = projkd.LoaderFeed(images, 4, 0, torch.device("cpu"), seed=1)
+    feed.load(3)
+    whole = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch)]
+    feed.load(3, step=6)
+    rest = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch - 6)]
+    assert feed.steps_per_epoch == 10 and all(torch.equal(a, b) for a, b in zip(whole[6:], rest, strict=True))
+    feed.load(4)
+    assert not torch.equal(feed.next_batch()[0], whole[0])  # and each epoch has its own order
