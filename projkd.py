@@ -1155,9 +1155,8 @@ def checkpoint_to_resume(cfg):
     return checkpoint
 
 def setup_run(cfg, notes=()):
-    """Everything a run needs, from the resolved config to the first step. `notes`: those of a first
-    resolve_config of this config, if it had one (resolving again changes nothing, and notes nothing
-    new)."""
+    """Everything a run needs, from the resolved config to the first step. `notes`: a first
+    resolve_config's of this config, if it had one (resolving again notes nothing new)."""
     given, (cfg, again) = cfg, resolve_config(cfg)
     device = torch.device(cfg.device)
     rank, world = setup_torch(device, cfg.deterministic)
@@ -1291,8 +1290,8 @@ def restore_epoch_tensors(run, rows):
         t.copy_(values)
 
 def train_epoch(run, epoch):
-    """One pass over the training set, or the rest of it from run.start_step, whose sums restore()
-    brought back. Returns its mean loss, accuracy (%), and images/s."""
+    """One pass over the training set, or the rest of it from run.start_step (whose sums
+    restore_epoch_tensors brought back). Returns its mean loss, accuracy (%), and images/s."""
     cfg, steps, first = run.cfg, run.feed.steps_per_epoch, run.start_step
     start = last_report = time.time()
     every = max(1, steps // CHECKS_PER_EPOCH)  # the same steps on every process

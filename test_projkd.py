@@ -2390,3 +2390,26 @@ def test_the_imagenet_feed_resumes_an_epoch_at_its_step_in_the_same_order():
     assert feed.steps_per_epoch == 10 and all(torch.equal(a, b) for a, b in zip(whole[6:], rest, strict=True))
     feed.load(4)
     assert not torch.equal(feed.next_batch()[0], whole[0])  # and each epoch has its own order
+
+
+def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
+    """A CUDA graph replays fixed addresses: resuming within an epoch sets the step counter and the epoch's sums
+    in place, like the buffers (test_epoch_buffers_are_refilled_in_place)."""
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    tensors = [run.feed.images, run.feed.labels, run.feed.step, run.lr, run.loss_sum, run.correct]
+    before = [t.data_ptr() for t in tensors]
+    os.makedirs(run.cfg.run_dir)
+    run.feed.load(0)
+    run.step()
+    run.step()
+    sums = [run.loss_sum.clone(), run.correct.clone()]
+    projkd.save_checkpoint(run, 0, step=2)
+    run.loss_sum.zero_()
+    run.correct.zero_()
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    projkd.restore(run, checkpoint)
+    projkd.restore_epoch_tensors(run, checkpoint["epoch_rows"])
+    assert torch.equal(run.loss_sum, sums[0]) and torch.equal(run.correct, sums[1]) and run.start_step == 2
+    projkd.train_epoch(run, 0)  # its third and last step
+    assert run.feed.step.item() == 3 and [t.data_ptr() for t in tensors] == before
+    run.feed.close()
