@@ -1330,7 +1330,8 @@ def check_point(run, epoch, step=0):
     """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds
     have passed, and the end of a run a signal asked to stop. Under torchrun the processes agree by
     a host sync (all_reduce)."""
-    save, stop = time.time() - run.last_saved >= run.cfg.checkpoint_seconds, run.stop or 0
+    save = time.time() - run.last_saved >= run.cfg.checkpoint_seconds
+    stop = run.stop or 0  # the signal's number
     if run.world_size > 1:
         flags = torch.tensor([save, stop], device=run.device)
         dist.all_reduce(flags, dist.ReduceOp.MAX)
