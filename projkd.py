@@ -784,9 +784,8 @@ CHECKS_PER_EPOCH = 200  # check points (check_point) per epoch, where a run writ
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
 class Stopped(KeyboardInterrupt):
-    """args: (signal number, message). A run that a signal stopped at a check point; like Ctrl-C, no
-    `except Exception` catches it. main() exits with 128 + the signal's number, as a shell reports
-    one that killed."""
+    """args: (signal number, message): a run a signal stopped at a check point. Like Ctrl-C, it
+    passes every `except Exception`; main() exits with 128 + the number, as a shell reports."""
 
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
@@ -1280,9 +1279,8 @@ def epoch_tensors(run):
     return [run.loss_sum, run.correct.view(1), *statistics]
 
 def restore_epoch_tensors(run, rows):
-    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on
-    another number of processes each takes their mean, and a share of the images counted (so the
-    epoch's sums stay right)."""
+    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on another
+    number of processes, their mean and a share of the images counted (the epoch's sums stay right)."""
     row = rows[_rank()] if len(rows) == run.world_size else rows.mean(0)
     row[3] *= len(rows) / run.world_size
     tensors = epoch_tensors(run)
@@ -1327,9 +1325,8 @@ def train_epoch(run, epoch):
             "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
 
 def check_point(run, epoch, step=0):
-    """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds
-    have passed, and the end of a run a signal asked to stop. Under torchrun the processes agree by
-    a host sync (all_reduce)."""
+    """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds have
+    passed, and the end of a run a signal asked to stop. Under torchrun: agreed by an all_reduce."""
     save = time.time() - run.last_saved >= run.cfg.checkpoint_seconds
     stop = run.stop or 0  # the signal's number
     if run.world_size > 1:
@@ -1394,9 +1391,8 @@ def record_epoch(run, epoch, stats, result, seconds):
         (f"  (waited {h['plan_wait_s']:.2f} s for cached teacher rows)" if cfg.teacher_cache == "on" else ""))
 
 def save_checkpoint(run, epoch, step=0):
-    """last.pt: everything to continue exactly after `step` steps of `epoch` (0: before it), written
-    by process 0. Within an epoch it holds every process's epoch_tensors, gathered (under torchrun,
-    a collective)."""
+    """last.pt: everything to continue exactly after `step` steps of `epoch` (0: before it), written by
+    process 0; within an epoch, every process's epoch_tensors (under torchrun a collective gathers)."""
     rows = None
     if step:
         rows = _gather_rows(torch.cat([t.double() for t in epoch_tensors(run)])[None]).cpu()
