@@ -26,8 +26,15 @@ TAG := $(DATASET)$(if $(filter $(if $(ON_IMAGENET),100,240),$(EPOCHS)),,-e$(EPOC
 RUNS := runs/$(TAG)
 TEACHERS := checkpoints/$(if $(ON_IMAGENET),imagenet,$(TAG))
 RESULTS := results$(if $(filter cifar100 imagenet,$(TAG)),,/$(TAG))
-# Stamp of `pip install -r requirements.txt` into $(PY), and the data every cifar100 (or imagenet) run needs.
-DEPS := .deps-installed
+# The stamp of `pip install -r requirements.txt -r requirements-dev.txt` into $(PY): one per interpreter, named by
+# its sys.executable (.deps-installed.d/usr/bin/python3), made again when a requirements file changes. A `touch
+# .deps-installed` instead means: use each PY as it is and install nothing (a GPU machine's own torch).
+ifeq ($(origin DEPS)$(wildcard .deps-installed),undefined)
+DEPS := .deps-installed.d$(shell $(PY) -c 'import sys; print(sys.executable)' 2>/dev/null || echo /$(PY))
+else
+DEPS ?= .deps-installed
+endif
+# The data every cifar100 (or imagenet) run needs.
 DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)$(if $(ON_IMAGENET),$(DATA_DIR)/val)
 # A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU.
 RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)) projkd.py \
@@ -146,7 +153,7 @@ smoke:
 	@echo "smoke: the whole chain ran. Its numbers only show that it works: 2 epochs on 512 generated images, 128" \
 	  "test images (one is 0.8 points), 2 seeds; they say nothing about the methods (docs/pipeline.md: make smoke)."
 
-## test: install the requirements into $(PY) if needed, then lint (ruff) and run the test suite (CPU)
+## test: install the requirements (and requirements-dev.txt's ruff) into $(PY) if needed, then lint and test (CPU)
 test: | $(DEPS)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
@@ -211,8 +218,9 @@ $(DATA_DIR)/cifar-100-python/test: | $(DEPS)
 $(DATA_DIR)/val:
 	@echo "make: no ImageNet in $(DATA_DIR)/: put its train/ and val/ class folders there, or set IMAGENET_DIR (docs/imagenet.md)" >&2; exit 2
 
-$(DEPS): requirements.txt
-	$(PY) -m pip install -r requirements.txt
+.deps-installed.d/%: requirements.txt requirements-dev.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	mkdir -p $(@D)
 	touch $@
 
 $(sort $(TEACHERS) $(RESULTS) results):

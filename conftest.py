@@ -167,3 +167,9 @@ def decoded_pngs(*paths):
 def linked_figures(md):
     """The figures a markdown file links to (relative links), each checked to be a PNG that decodes."""
     return decoded_pngs(*(md.parent / link for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md.read_text())))
+
+
+def shutil_usage(**fields):
+    import collections
+
+    return collections.namedtuple("usage", fields)(**fields)

@@ -36,9 +36,11 @@ import pickle
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -353,8 +355,10 @@ class Config:
     compile: bool = False  # torch.compile the student and teacher
     sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250 on ImageNet
-    checkpoint_seconds: float = 60.0  # write last.pt after an epoch once this long has passed since
-                                      # the last one (always after the final epoch)
+    checkpoint_seconds: float = 60.0  # write last.pt once this long has passed since the last one, within an
+                                      # epoch too (and after the final epoch). SIGTERM or SIGUSR1 (Slurm's
+                                      # --signal) writes it and stops the run with status 128 + the signal (143,
+                                      # 138; Ctrl-C: 130)
     progress_seconds: float = 30.0  # within an epoch, print a progress line this often
     run_dir: str = ""  # where the run's files go; default runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
     resume: bool = False  # continue the run in --run-dir from its last.pt (starts fresh if there is none)
@@ -380,9 +384,10 @@ NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd
                 "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers", "teacher_cache_ram")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
 # Fields that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
+# (run_dir: the folder is where last.pt is, however it is spelled or wherever it moved.)
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download",
                      "eval_batch_size", "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file",
-                     "teacher_cache_ram", "workers", "checkpoint_seconds", "progress_seconds")
+                     "teacher_cache_ram", "workers", "checkpoint_seconds", "progress_seconds", "run_dir")
 
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
@@ -864,7 +869,8 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
 
 # -----------------------------------------------------------------------------------------------------------------
 # 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
-#    train_step, eager or replayed as one CUDA graph), evaluate, record_epoch, save_checkpoint; then finish_run.
+#    train_step, eager or replayed as one CUDA graph; a check_point every few steps), evaluate,
+#    record_epoch, check_point; then finish_run. A check point writes last.pt or stops the run.
 
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -873,6 +879,12 @@ def _rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 log_label = ""  # put before each line: set by labelled_log while a run trains
+CHECKS_PER_EPOCH = 200  # check points (check_point) per epoch, where a run writes last.pt or stops
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+
+class Stopped(KeyboardInterrupt):
+    """args: (signal number, message): a run a signal stopped at a check point. Like Ctrl-C, it
+    passes every `except Exception`; main() exits with 128 + the number, as a shell reports."""
 
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
@@ -913,9 +925,16 @@ def save(obj, path):
         obj = out.getvalue()
     elif path.endswith(".json") and not isinstance(obj, str):
         obj = json.dumps(obj, indent=1) + "\n"
-    def write(tmp):  # through a Python file: a failed write is an OSError (torch.save to a path raises RuntimeError)
+    def write(tmp):  # through a Python file, whose failed writes raise OSError
         with open(tmp, "w" if isinstance(obj, str) else "wb") as f:
-            f.write(obj) if isinstance(obj, str) else torch.save(obj, f)
+            if isinstance(obj, str):
+                return f.write(obj)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's writer, failing after an OSError (a full disk)
+                while e.__context__ is not None and not isinstance(e, OSError):
+                    e = e.__context__
+                raise (e if isinstance(e, OSError) else OSError(str(e).splitlines()[0])) from None
     atomic_write(path, write)
 
 def code_version():
@@ -926,13 +945,14 @@ def code_version():
                          for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "-uno"]))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (commit + "+dirty" * bool(dirty)) if commit else "unknown"
+    if not commit:
+        return "unknown"
+    return commit + "+dirty" if dirty else commit
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"cpu ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)})"
+    return f"cpu ({platform.processor() or platform.machine()}, threads: {torch.get_num_threads()})"
 
 def _duration(seconds):
     seconds = int(seconds)
@@ -1070,10 +1090,11 @@ def plan_epoch(seed, epoch, n_train, n_used):
     return EpochPlan(order[:n_used], *(t[:n_used] for t in augmentation_draws(n_train, g)))
 
 class ResidentFeed:
-    """CIFAR-style training data on the device. load(epoch) shuffles, crops and flips the whole epoch at once into
-    buffers allocated once and refilled in place (a CUDA graph keeps reading the same memory), with the epoch's
-    cached teacher rows if there is a cache; next_batch() returns this process's part of the next global batch,
-    read through an index computed on the device."""
+    """CIFAR-style training data on the device. load(epoch, step) shuffles, crops and flips the
+    whole epoch at once into buffers allocated once and refilled in place (a CUDA graph keeps
+    reading the same memory), with the epoch's cached teacher rows if there is a cache; next_batch()
+    returns this process's part of global batch `step` (a device counter, set in place), read
+    through an index computed on the device: on any number of processes."""
     def __init__(self, data, batch_size, local_batch, rank, seed, epochs, cache=None):
         (n, c, h, w), device = data.train_x.shape, data.train_x.device
         self.data, self.batch_size, self.steps_per_epoch = data, batch_size, n // batch_size
@@ -1089,7 +1110,7 @@ class ResidentFeed:
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the epoch's next step, advanced by the step
         self.offsets = rank * local_batch + torch.arange(local_batch, device=device)
 
-    def load(self, epoch):
+    def load(self, epoch, step=0):
         start, device = time.time(), self.images.device
         plan = self.plan(epoch)
         self.plan_wait, order = time.time() - start, plan.order.to(device)  # the cache's rows can keep us waiting
@@ -1098,7 +1119,7 @@ class ResidentFeed:
         self.labels.copy_(self.data.train_y[order])
         if self.teacher is not None:
             self.planner.upload(plan.teacher_rows, self.teacher)
-        self.step.zero_()
+        self.step.fill_(step)
 
     def next_batch(self):
         idx = self.step * self.batch_size + self.offsets
@@ -1111,15 +1132,20 @@ class ResidentFeed:
             self.planner.close()
 
 class LoaderFeed:
-    """ImageNet: DataLoader workers decode and augment; each process reads its shard (DistributedSampler)."""
+    """ImageNet: DataLoader workers decode and augment; each process reads its shard
+    (DistributedSampler). A resumed epoch skips, by index, the images its steps read; the workers'
+    random state is not saved: resumed, a run draws other crops and flips than it would have."""
     def __init__(self, data_set, local_batch, workers, device, seed):
-        self.device, self.plan_wait, self.sampler = device, 0.0, torch.utils.data.distributed.DistributedSampler(
+        self.device, self.plan_wait, self.local_batch = device, 0.0, local_batch
+        self.sampler = torch.utils.data.distributed.DistributedSampler(
             data_set, num_replicas=_world_size(), rank=_rank(), shuffle=True, seed=seed, drop_last=True)
-        self.loader = image_loader(data_set, local_batch, workers, device, self.sampler, drop_last=True)
-        self.steps_per_epoch = len(self.loader)
+        self.order = []  # the loader's sampler: this epoch's shard, from the step it starts at
+        self.loader = image_loader(data_set, local_batch, workers, device, self.order, True)
+        self.steps_per_epoch = len(self.sampler) // local_batch
 
-    def load(self, epoch):
+    def load(self, epoch, step=0):
         self.sampler.set_epoch(epoch)
+        self.order[:] = list(self.sampler)[step * self.local_batch:]
         self.batches = iter(self.loader)
 
     def next_batch(self):
@@ -1152,6 +1178,9 @@ class Run:
     feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
     step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its CUDA graph
     start_epoch: int = 0
+    start_step: int = 0  # the steps of start_epoch done before a stop within it
+    last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was written
+    stop: Optional[int] = None  # the number of a signal that asked the run to stop (stop_signals)
     history: list = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
@@ -1190,7 +1219,9 @@ def run_dir_lock(folder):
                 os.rmdir(made_here)
 
 def checkpoint_to_resume(cfg):
-    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it should not."""
+    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it
+    should not: other settings than RESUMABLE_CHANGES, or another teacher file by its sha256 (by
+    path if last.pt has none)."""
     last_path = os.path.join(cfg.run_dir, "last.pt")
     if not cfg.resume and not cfg.overwrite and any(
             os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
@@ -1201,37 +1232,61 @@ def checkpoint_to_resume(cfg):
     checkpoint = zoo().load_checkpoint_file(last_path, "resume checkpoint")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
-    diffs = [f"{k}: {checkpoint['config'].get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-             if k not in RESUMABLE_CHANGES and checkpoint["config"].get(k) != v]
+    saved, sha = checkpoint["config"], checkpoint.get("teacher_sha256")
+    resumable = RESUMABLE_CHANGES + ("teacher_ckpt",) if sha else RESUMABLE_CHANGES
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in resumable and saved.get(k) != v]
     if diffs:
         raise UserError(f"{cfg.run_dir} holds a run with other settings ({'; '.join(diffs)}); "
                         f"use another --run-dir, or --overwrite to start over")
-    if checkpoint["epoch"] > cfg.epochs:
-        raise UserError(f"{cfg.run_dir} has trained {checkpoint['epoch']} epochs already, more than --epochs {cfg.epochs}")
+    given_sha = sha  # the teacher by its content (a missing file is setup_run's to report)
+    if sha and os.path.isfile(cfg.teacher_ckpt):
+        given_sha = zoo().file_sha256(cfg.teacher_ckpt)
+    if given_sha != sha:
+        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) "
+                        f"than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as "
+                        f"--teacher-ckpt, or --overwrite to start over")
+    begun = checkpoint["epoch"] + 1 if checkpoint.get("step") else checkpoint["epoch"]
+    if begun > cfg.epochs:
+        raise UserError(f"{cfg.run_dir} has begun epoch {begun}, beyond --epochs {cfg.epochs}")
     return checkpoint
 
 def setup_run(cfg, notes=()):
-    """Everything a run needs, from the resolved config to the first step: data, teacher (and its cache),
-    student, projectors, optimizer, the state of an interrupted run, the data feed. `notes`: those of a first
-    resolve_config of this config, if it had one (resolving again changes nothing, and notes nothing new)."""
+    """Everything a run needs, from the resolved config to the first step. `notes`: a first
+    resolve_config's of this config, if it had one (resolving again notes nothing new)."""
     given, (cfg, again) = cfg, resolve_config(cfg)
-    notes = list(notes) or again
     device = torch.device(cfg.device)
     rank, world = setup_torch(device, cfg.deterministic)
     checkpoint = checkpoint_to_resume(cfg)
-    if cfg.method != "ce" and not cfg.teacher_weights:
-        zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)  # before the data, which can take a while to read
-    notes += [f"processes: {world} x batch {cfg.batch_size // world} = global batch {cfg.batch_size}; lr {cfg.lr} "
-              f"as given (never rescaled by batch size)"] * (world > 1 or cfg.dataset == "imagenet")
-    log("\n".join(["config (where not a default; all of it goes into metrics.json):", *config_lines(given, cfg)] +
-                  [f"note: {note}" for note in notes]))
+    if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
+        zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
+    notes = list(notes) or again
+    if world > 1 or cfg.dataset == "imagenet":
+        notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
+                     f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
+    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
+                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
+    run, amp_dtype = build_run(cfg, device, world, data)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    elif cfg.resume:
+        log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
+    cache = setup_teacher(run, amp_dtype) if run.teacher is not None else None
+    setup_feed(run, rank, cache)
+    # stopped within an epoch: after DDP, which can give every process the buffers of process 0
+    if checkpoint is not None and checkpoint.get("epoch_rows") is not None:
+        restore_epoch_tensors(run, checkpoint["epoch_rows"])
+    return run
+
+def build_run(cfg, device, world, data):
+    """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
     teacher = None if cfg.method == "ce" else zoo().load_teacher(
         cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights).to(device, memory_format=memory_format)
-    torch.manual_seed(cfg.seed)  # here, after the teacher: the same seed gives every method the same initial student
+    torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
     student = zoo().MODELS[cfg.student](num_classes=data.num_classes)
     student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
     aux = build_aux(cfg, classifier_of(student).in_features,
@@ -1242,20 +1297,21 @@ def setup_run(cfg, notes=()):
     run = Run(cfg, device, world, data, student, aux, Distiller(cfg, student, aux, autocast), teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
               loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device))
-    if checkpoint is not None:
-        restore(run, checkpoint)
-    elif cfg.resume:
-        log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
-    cache = setup_teacher(run, amp_dtype) if teacher is not None else None
+    return run, amp_dtype
+
+def setup_feed(run, rank, cache):
+    """The distiller wrapped (DDP, torch.compile), the data feed, and the step: eager, or its CUDA
+    graph."""
+    cfg, world, device = run.cfg, run.world_size, run.device
     run.distiller = distributed(run.distiller, device) if world > 1 else run.distiller
     run.distiller = torch.compile(run.distiller) if cfg.compile else run.distiller
-    run.feed = (LoaderFeed(data.train_set, cfg.batch_size // world, cfg.workers, device, cfg.seed)
-                if data.train_x is None else
-                ResidentFeed(data, cfg.batch_size, cfg.batch_size // world, rank, cfg.seed, cfg.epochs, cache))
+    local_batch = cfg.batch_size // world
+    run.feed = (LoaderFeed(run.data.train_set, local_batch, cfg.workers, device, cfg.seed)
+                if run.data.train_x is None else
+                ResidentFeed(run.data, cfg.batch_size, local_batch, rank, cfg.seed, cfg.epochs, cache))
     run.step = lambda: train_step(run, *run.feed.next_batch())
     run.step = CUDAGraphStep(run.step, run.feed.step) if cfg.graph == "on" else run.step
     run.distiller.train()
-    return run
 
 def setup_teacher(run, amp_dtype):
     """The teacher's test accuracy (once per run, in float32, before its weights go to the autocast dtype), then
@@ -1302,27 +1358,56 @@ def restore(run, checkpoint):
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
-    run.start_epoch, run.best, run.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
-    run.teacher_eval, saved_epochs = checkpoint["teacher_eval"], checkpoint["config"]["epochs"]
-    log(f"resuming {run.cfg.run_dir} after epoch {run.start_epoch}" + (
-        f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs" * (run.cfg.epochs != saved_epochs)))
+    run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint.get("step", 0)
+    run.best, run.history = checkpoint["best"], checkpoint["history"]
+    run.teacher_eval = checkpoint["teacher_eval"]
+    where = f"at step {run.start_step + 1} of epoch {run.start_epoch + 1}" if run.start_step else \
+        f"after epoch {run.start_epoch}"
+    if run.data.train_x is None:  # LoaderFeed
+        where += " (ImageNet: in the same order of images, with new random crops and flips)"
+    saved_epochs = checkpoint["config"]["epochs"]
+    if run.cfg.epochs != saved_epochs:
+        where += f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs"
+    log(f"resuming {run.cfg.run_dir} {where}")
+
+def epoch_tensors(run):
+    """What each process accumulates within an epoch: its loss and accuracy sums, and its BatchNorm
+    statistics (train_epoch averages them over the processes at the epoch's end)."""
+    statistics = [b for b in run.student.buffers() if b.is_floating_point()]
+    return [run.loss_sum, run.correct.view(1), *statistics]
+
+def restore_epoch_tensors(run, rows):
+    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on another
+    number of processes, their mean and a share of the images counted (the epoch's sums stay right)."""
+    row = rows[_rank()] if len(rows) == run.world_size else rows.mean(0)
+    row[3] *= len(rows) / run.world_size
+    tensors = epoch_tensors(run)
+    for t, values in zip(tensors, row.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(values)
 
 def train_epoch(run, epoch):
-    """One pass over the training set. Returns its mean loss, accuracy (%), and images/s."""
-    cfg, steps = run.cfg, run.feed.steps_per_epoch
+    """One pass over the training set, or the rest of it from run.start_step (whose sums
+    restore_epoch_tensors brought back). Returns its mean loss, accuracy (%), and images/s."""
+    cfg, steps, first = run.cfg, run.feed.steps_per_epoch, run.start_step
     start = last_report = time.time()
+    every = max(1, steps // CHECKS_PER_EPOCH)  # the same steps on every process
     run.lr.fill_(lr_at(cfg, epoch))
-    run.loss_sum.zero_()
-    run.correct.zero_()
-    run.feed.load(epoch)
-    for i in range(1, steps + 1):
+    if first == 0:
+        run.loss_sum.zero_()
+        run.correct.zero_()
+    run.feed.load(epoch, first)
+    run.start_step = 0
+    for i in range(first + 1, steps + 1):
         run.step()
-        if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds and i < steps:
-            last_report, elapsed = time.time(), time.time() - start
-            left = elapsed / i * (steps - i)
-            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a host sync, rarely
-                f"{i * cfg.batch_size / elapsed:,.0f} img/s  epoch eta {_duration(left)}  "
-                f"run eta {_duration(left + elapsed / i * steps * (cfg.epochs - epoch - 1))}")
+        if i % every or i == steps:  # the clock is read at check points only
+            continue
+        if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
+            last_report, per_step = time.time(), (time.time() - start) / (i - first)
+            left = per_step * (steps - i)
+            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a sync
+                f"{cfg.batch_size / per_step:,.0f} img/s  epoch eta {_duration(left)}  "
+                f"run eta {_duration(left + per_step * steps * (cfg.epochs - epoch - 1))}")
+        check_point(run, epoch, i)
     sums = torch.cat([run.loss_sum.float(), run.correct.float().view(1)])
     if run.world_size > 1:
         dist.all_reduce(sums)
@@ -1335,7 +1420,25 @@ def train_epoch(run, epoch):
             dist.all_reduce(buffer)
             buffer /= run.world_size
     return {"loss": loss, "ce": ce, "term": term, "acc": 100 * correct / (steps * cfg.batch_size),
-            "images_per_s": steps * cfg.batch_size / (time.time() - start)}
+            "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
+
+def check_point(run, epoch, step=0):
+    """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds have
+    passed, and the end of a run a signal asked to stop. Under torchrun: agreed by an all_reduce."""
+    save = time.time() - run.last_saved >= run.cfg.checkpoint_seconds
+    stop = run.stop or 0  # the signal's number
+    if run.world_size > 1:
+        flags = torch.tensor([save, stop], device=run.device)
+        dist.all_reduce(flags, dist.ReduceOp.MAX)
+        save, stop = flags.tolist()
+    if save or stop:
+        save_checkpoint(run, epoch, step)
+    if stop:
+        if run.world_size > 1:
+            dist.barrier()  # process 0 has written last.pt before any process exits
+        where = f"step {step} of epoch {epoch + 1}" if step else f"epoch {epoch}"
+        raise Stopped(stop, f"{signal.Signals(stop).name}: stopped after {where}, kept in "
+                            f"{os.path.join(run.cfg.run_dir, 'last.pt')}")
 
 def record_epoch(run, epoch, stats, result, seconds):
     cfg = run.cfg
@@ -1357,10 +1460,15 @@ def record_epoch(run, epoch, stats, result, seconds):
         f"  train {h['train_acc']:.2f}%  test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  "
         f"{h['images_per_s']:,.0f} img/s  eta "
         f"{_duration(sum(e['seconds'] for e in here) / len(here) * (cfg.epochs - epoch - 1))}" +
-        f"  (waited {h['plan_wait_s']:.2f} s for its cached teacher rows)" * (cfg.teacher_cache == "on"))
+        (f"  (waited {h['plan_wait_s']:.2f} s for cached teacher rows)" if cfg.teacher_cache == "on" else ""))
 
-def save_checkpoint(run, epoch):
-    """last.pt: everything to continue exactly after `epoch` (written by one process)."""
+def save_checkpoint(run, epoch, step=0):
+    """last.pt: everything to continue exactly after `step` steps of `epoch` (0: before it), written by
+    process 0; within an epoch, every process's epoch_tensors (under torchrun a collective gathers)."""
+    rows = None
+    if step:
+        rows = _gather_rows(torch.cat([t.double() for t in epoch_tensors(run)])[None]).cpu()
+    run.last_saved = time.time()
     if _rank() != 0:
         return
     optimizer = run.optimizer.state_dict()
@@ -1368,9 +1476,11 @@ def save_checkpoint(run, epoch):
         group["lr"] = float(group["lr"])  # a plain number in the file; restore() points it back at the device tensor
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)}
                                               if run.device.type == "cuda" else {})}
-    save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "student": run.student.state_dict(),
-          "aux": run.aux.state_dict(), "optimizer": optimizer, "scaler": run.scaler.state_dict(), "rng": rng,
-          "best": run.best, "history": run.history, "teacher_eval": run.teacher_eval},
+    save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "step": step, "epoch_rows": rows,
+          "student": run.student.state_dict(), "aux": run.aux.state_dict(), "optimizer": optimizer,
+          "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
+          "teacher_eval": run.teacher_eval,  # and the teacher file's identity, checked on resuming:
+          "teacher_sha256": (run.teacher_provenance or {}).get("sha256")},
          os.path.join(run.cfg.run_dir, "last.pt"))
 
 def finish_run(run):
@@ -1409,18 +1519,25 @@ def train(cfg):
     resolved, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
     with labelled_log(resolved.run_dir), \
             run_dir_lock(resolved.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        run, last_saved = setup_run(cfg, notes), time.time()
+        run = setup_run(cfg, notes)
         cfg = run.cfg
+        def ask_to_stop(signum, frame):  # SIGTERM or SIGUSR1 while training: the next check point stops
+            run.stop = signum
+        main_thread = threading.current_thread() is threading.main_thread()  # alone takes handlers
+        previous = [(s, signal.signal(s, ask_to_stop)) for s in STOP_SIGNALS] if main_thread else []
         try:
             for epoch in range(run.start_epoch, cfg.epochs):
                 start, stats = time.time(), train_epoch(run, epoch)
                 result = evaluate(run.student, run.data, cfg.eval_batch_size, run.memory_format)
                 record_epoch(run, epoch, stats, result, time.time() - start)
-                if epoch + 1 == cfg.epochs or time.time() - last_saved >= cfg.checkpoint_seconds:
-                    save_checkpoint(run, epoch + 1)
-                    last_saved = time.time()
+                if epoch + 1 < cfg.epochs:
+                    check_point(run, epoch + 1)
+                else:
+                    save_checkpoint(run, epoch + 1)  # always after the final epoch
             return finish_run(run)
         finally:
+            for s, handler in previous:  # (None: a handler set outside Python)
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
             run.feed.close()
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1622,8 +1739,11 @@ def errors_to_report():
         return (UserError,)
 
 def main(argv=None):
+    """The exit status: 0 done; 2 a problem the user can fix, said in one line; 128 + a signal's number when one
+    stopped the run (Ctrl-C 130; SIGTERM 143 and SIGUSR1 138 on Linux, after writing last.pt)."""
     if argv is None:
         argv = sys.argv[1:]
+    command = train
     try:
         command, schema, usage, argv = command_of(argv)
         if "-h" in argv or "--help" in argv:
@@ -1634,13 +1754,17 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error: say it once
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or Stopped by SIGTERM or SIGUSR1 after writing last.pt
+        signum, why = signal.SIGINT, "interrupted"
+        if isinstance(e, Stopped):
+            signum, why = e.args
         if "--resume" in argv or command is not train:
             again = "run the same command again"
         else:
             again = "continue with the same command plus --resume"
-        print(f"projkd: interrupted; {again}", file=sys.stderr)
-        return 130
+        if os.environ.get("RANK", "0") == "0":
+            print(f"projkd: {why}; {again}", file=sys.stderr)
+        return 128 + signum
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -405,3 +405,38 @@ def test_the_readme_example_runs():
     exec(compile(example, "README.md", "exec"), namespace)
     projectors = namespace["projectors"]
     assert all(p.grad is not None for p in projectors.parameters())  # the example's step trained them
+
+
+STAND_IN_INTERPRETER = """#!/bin/sh
+# Stands in for python in the Makefile's install step: says its path as sys.executable would, logs the rest.
+if [ "$1" = "-c" ]; then echo "$0"; exit 0; fi
+echo "$0 $*" >> {log}
+"""
+
+
+def test_make_installs_into_each_interpreter_once_and_not_past_a_touched_marker(tmp_path):
+    for name in ("Makefile", "params.mk", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    log, pythons = tmp_path / "calls.log", []
+    for name in ("system", "venv", "own-torch"):
+        python = tmp_path / name / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        python.write_text(STAND_IN_INTERPRETER.format(log=log))
+        python.chmod(0o755)
+        pythons.append(python)
+    system, venv, own_torch = pythons
+
+    def make_test(python):
+        log.write_text("")
+        assert make("test", f"PY={python}", cwd=tmp_path).returncode == 0
+        return calls(log)
+    install = "-m pip install -r requirements.txt -r requirements-dev.txt"
+    lint, tests = "-m ruff check .", "-m pytest -q"
+    assert make_test(system) == [f"{system} {install}", f"{system} {lint}", f"{system} {tests}"]
+    assert make_test(system) == [f"{system} {lint}", f"{system} {tests}"]
+    # a new interpreter gets its own install
+    assert make_test(venv) == [f"{venv} {install}", f"{venv} {lint}", f"{venv} {tests}"]
+    os.utime(tmp_path / "requirements-dev.txt", (time.time() + 5, time.time() + 5))
+    assert make_test(venv) == [f"{venv} {install}", f"{venv} {lint}", f"{venv} {tests}"]  # and new requirements
+    (tmp_path / ".deps-installed").touch()  # use it as it is
+    assert make_test(own_torch) == [f"{own_torch} {lint}", f"{own_torch} {tests}"]

@@ -9,10 +9,10 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -21,16 +21,8 @@ import torch.nn.functional as F
 
 import models
 import projkd
-from conftest import (
-    HERE,
-    SMALL_STUDENT,
-    SMALL_TEACHER,
-    imagenet_args,
-    small_run,
-    synthetic_args,
-    torchrun,
-    write_cifar_pickles,
-    write_image_folder,
+import teacher_cache
+from conftest import HERE, SMALL_STUDENT, SMALL_TEACHER, imagenet_args, small_run, synthetic_args, torchrun, write_cifar_pickles, write_image_folder, shutil_usage
 )
 from models import MODELS
 from projkd import (
@@ -878,6 +870,230 @@ def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
     run.feed.close()
 
 
+# --- runs that survive: checkpoints within an epoch, signals, resume by identity, full disks ---------------------
+
+def survivor_args(run_dir, *extra):
+    """Two epochs of 4 steps, last.pt at every check point (every step but an epoch's last, and between epochs)."""
+    return synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--epochs", "2", "--checkpoint-seconds", "0",
+                          "--run-dir", str(run_dir), *extra)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert projkd.main(survivor_args(run_dir)) == 0
+    return run_dir
+
+
+TIMINGS = ("seconds", "images_per_s", "plan_wait_s")
+
+
+def assert_same_run(a, b):
+    """The same weights, and the same numbers in log.csv and metrics.json but for the timings."""
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    la, lb = (list(csv.DictReader(open(d / "log.csv"))) for d in (a, b))
+    for rows_a, rows_b in ((ma["history"], mb["history"]), (la, lb)):
+        assert [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows_a] == \
+            [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows_b]
+    assert all(ma[k] == mb[k] for k in ("last_top1", "last_top5", "best_top1", "between_class_cosine"))
+
+
+# Python that runs projkd.main and sends its own process a signal when train_step is called for the AT-th time
+# (under torchrun, in process RANK only): a kill at a known step, without polling.
+SIGNALLED = """import os, signal, sys
+sys.path.insert(0, {here!r})
+import projkd
+calls, train_step = [], projkd.train_step
+def step(*args):
+    calls.append(1)
+    if len(calls) == {at} and os.environ.get("RANK", "0") == "{rank}":
+        os.kill(os.getpid(), signal.{name})
+    return train_step(*args)
+projkd.train_step = step
+sys.exit(projkd.main(sys.argv[1:]))
+"""
+
+
+def signalled_script(tmp_path, name, at, rank=0):
+    script = tmp_path / f"{name.lower()}.py"
+    script.write_text(SIGNALLED.format(here=HERE, at=at, rank=rank, name=name))
+    return str(script)
+
+
+def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_run, capsys):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the float sums of this process's runs
+    killed = subprocess.run([sys.executable, signalled_script(tmp_path, "SIGKILL", at=7), *survivor_args(run_dir)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert (last["epoch"], last["step"]) == (1, 2)  # killed in the third step of epoch 2
+    assert projkd.main(survivor_args(run_dir, "--resume")) == 0
+    assert f"resuming {run_dir} at step 3 of epoch 2" in capsys.readouterr().out
+    assert_same_run(straight_run, run_dir)
+
+
+@pytest.mark.parametrize("name,at,status,kept", [("SIGTERM", 7, 143, (1, 3)), ("SIGUSR1", 2, 138, (0, 2)),
+                                                 ("SIGINT", 3, 130, (0, 2))])
+def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run, capsys, monkeypatch, name, at,
+                                                          status, kept):
+    """SIGTERM and Slurm's SIGUSR1 let the step finish, write last.pt and stop; Ctrl-C (SIGINT) stops at once and
+    keeps what the last check point wrote, in the first epoch too: the run folder stays."""
+    run_dir, signum, handlers = tmp_path / "run", getattr(signal, name), signal.getsignal(signal.SIGTERM)
+    calls, train_step = [], projkd.train_step
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+        return train_step(*args)
+    monkeypatch.setattr(projkd, "train_step", step)
+    assert projkd.main(survivor_args(run_dir)) == status
+    err = capsys.readouterr().err
+    epoch, steps = kept
+    why = "interrupted" if name == "SIGINT" else \
+        f"{name}: stopped after step {steps} of epoch {epoch + 1}, kept in {run_dir / 'last.pt'}"
+    assert err == f"projkd: {why}; continue with the same command plus --resume\n"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert (last["epoch"], last["step"]) == kept
+    assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv"][:1 + epoch]  # no .lock, nothing temporary
+    assert signal.getsignal(signal.SIGTERM) == handlers  # the handlers are training's alone
+    monkeypatch.setattr(projkd, "train_step", train_step)
+    assert projkd.main(survivor_args(run_dir, "--resume")) == 0
+    assert_same_run(straight_run, run_dir)
+
+
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(ddp_run, synthetic_teacher, tmp_path):
+    straight, _ = ddp_run
+    run_dir = tmp_path / "run"
+    script = signalled_script(tmp_path, "SIGUSR1", at=3, rank=1)  # process 1 alone gets the signal
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+               *ddp_args(synthetic_teacher, run_dir)]
+    stopped = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             timeout=300)
+    # process 0 says it: it stopped at process 1's step
+    assert "projkd: SIGUSR1: stopped after step 3 of epoch 1" in stopped.stderr, stopped.stdout + stopped.stderr
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert (last["epoch"], last["step"], len(last["epoch_rows"])) == (0, 3, 2)
+    assert sorted(os.listdir(run_dir)) == ["last.pt"]
+    resumed = torchrun(*ddp_args(synthetic_teacher, run_dir, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming {run_dir} at step 4 of epoch 1" in resumed.stdout
+    a = torch.load(straight / "model.pt", weights_only=True)
+    b = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm statistics too: each process kept its own
+
+
+def test_a_moved_run_resumes_and_knows_its_teacher_by_content(tmp_path, synthetic_teacher, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(synthetic_teacher / "model.pt", "teacher.pt")
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "kd")
+    assert projkd.main(args + ["--teacher-ckpt", "teacher.pt", "--run-dir", "runs/a"]) == 0
+    os.makedirs("moved")
+    shutil.move("runs/a", "moved/b")
+    shutil.copy("teacher.pt", "copy.pt")
+    capsys.readouterr()
+    # another spelling of another folder, and the same teacher at another path
+    assert projkd.main(args + ["--teacher-ckpt", str(tmp_path / "copy.pt"), "--run-dir", "./moved/b", "--resume",
+                               "--epochs", "2"]) == 0
+    assert "resuming ./moved/b after epoch 1" in capsys.readouterr().out
+    state = torch.load("teacher.pt", weights_only=True)
+    state["fc.bias"] += 1
+    torch.save(state, "other.pt")
+    assert projkd.main(args + ["--teacher-ckpt", "other.pt", "--run-dir", "moved/b", "--resume", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "another teacher file" in err and "--teacher-ckpt" in err and err.count("\n") == 1
+    for teacher in ("teacher.pt", "other.pt"):  # both named
+        assert f"sha256 {models.file_sha256(teacher)[:12]}" in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a disk that fills up (mounting one needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (mount needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(small_disk, capsys, monkeypatch):
+    run_dir = small_disk / "run"
+    assert projkd.main(survivor_args(run_dir)) == 2  # resnet8's last.pt takes 600 KB
+    err = capsys.readouterr().err
+    assert err == f"projkd: error: cannot write {run_dir}/last.pt (No space left on device); free space or choose " \
+                  "another folder\n"
+    assert os.listdir(small_disk) == []  # nothing was written: not even the run folder stays
+    # the teacher cache, full while being built (past the check of free space)
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=0,
+                                                                                          free=10 ** 9))
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 100)).eval()
+    images, mean = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.full((1, 3, 1, 1), 0.5)
+    path = small_disk / "teacher.tcache"  # 162 views x 8 images x 104 values x 2 bytes: 270 KB
+    with pytest.raises(UserError, match=re.escape(f"cannot write {path} (No space left on device)")):
+        teacher_cache.build_teacher_cache(str(path), teacher, images, mean, mean, contextlib.nullcontext(),
+                                          torch.contiguous_format, {"key": "k"}, 8)
+    assert os.listdir(small_disk) == []
+
+
+@pytest.mark.parametrize("chained", [True, False])
+def test_torch_saves_failure_is_one_line_with_its_cause(tmp_path, monkeypatch, chained):
+    """torch.save raises a RuntimeError from its writer ('unexpected pos'), after the OSError if there was one."""
+    torch_error = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 17"
+
+    def failing(obj, f):
+        f.write(b"half a checkpoint")
+        try:
+            if chained:
+                raise OSError(28, "No space left on device")
+        finally:
+            raise RuntimeError(torch_error)
+    monkeypatch.setattr(torch, "save", failing)
+    path = tmp_path / "last.pt"
+    cause = "No space left on device" if chained else torch_error
+    with pytest.raises(UserError, match=re.escape(f"cannot write {path} ({cause}); free space")):
+        projkd.save({"epoch": 1}, str(path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_imagenet_feed_resumes_an_epoch_at_its_step_in_the_same_order():
+    images = torch.utils.data.TensorDataset(torch.arange(40), torch.arange(40))
+    feed = projkd.LoaderFeed(images, 4, 0, torch.device("cpu"), seed=1)
+    feed.load(3)
+    whole = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch)]
+    feed.load(3, step=6)
+    rest = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch - 6)]
+    assert feed.steps_per_epoch == 10 and all(torch.equal(a, b) for a, b in zip(whole[6:], rest, strict=True))
+    feed.load(4)
+    assert not torch.equal(feed.next_batch()[0], whole[0])  # and each epoch has its own order
+
+
+def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
+    """A CUDA graph replays fixed addresses: resuming within an epoch sets the step counter and the epoch's sums
+    in place, like the buffers (test_epoch_buffers_are_refilled_in_place)."""
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    tensors = [run.feed.images, run.feed.labels, run.feed.step, run.lr, run.loss_sum, run.correct]
+    before = [t.data_ptr() for t in tensors]
+    os.makedirs(run.cfg.run_dir)
+    run.feed.load(0)
+    run.step()
+    run.step()
+    sums = [run.loss_sum.clone(), run.correct.clone()]
+    projkd.save_checkpoint(run, 0, step=2)
+    run.loss_sum.zero_()
+    run.correct.zero_()
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    projkd.restore(run, checkpoint)
+    projkd.restore_epoch_tensors(run, checkpoint["epoch_rows"])
+    assert torch.equal(run.loss_sum, sums[0]) and torch.equal(run.correct, sums[1]) and run.start_step == 2
+    projkd.train_epoch(run, 0)  # its third and last step
+    assert run.feed.step.item() == 3 and [t.data_ptr() for t in tensors] == before
+    run.feed.close()
+
+
 # --- distributed training (torchrun, gloo on the CPU) ------------------------------------------------------------
 
 
@@ -922,29 +1138,6 @@ def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_pa
     assert single["top5"] == pytest.approx(metrics["last_top5"], abs=1e-3)
 
 
-
-def test_a_killed_two_process_run_resumes_to_the_same_weights(ddp_run, synthetic_teacher, tmp_path):
-    straight, _ = ddp_run
-    run_dir = tmp_path / "run"
-    proc = torchrun(*ddp_args(synthetic_teacher, run_dir), background=True)
-    try:
-        deadline = time.time() + 120
-        while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-    finally:
-        proc.terminate()  # as a cluster's preemption does: torchrun ends both processes mid-run
-        proc.wait()
-    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
-    killed_after = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
-    resumed = torchrun(*ddp_args(synthetic_teacher, run_dir, "--resume"))
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resuming {run_dir} after epoch {killed_after}" in resumed.stdout and killed_after < 3
-    a = torch.load(straight / "model.pt", weights_only=True)
-    b = torch.load(run_dir / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-
 def test_only_process_zero_writes(tmp_path, monkeypatch):
     run = small_run(tmp_path)
     projkd.train_epoch(run, 0)
@@ -972,7 +1165,7 @@ def test_imagenet_under_two_processes(tmp_path):
     assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
 
 
-# --- other entry points: fetch-weights, download, each subcommand's help -----------------------------------------
+# --- evaluation and the entry points: projkd.py eval, each subcommand's help --------------------------------------
 
 
 

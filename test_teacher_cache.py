@@ -11,7 +11,7 @@ import torch
 import models
 import projkd
 import teacher_cache
-from conftest import SMALL_STUDENT
+from conftest import SMALL_STUDENT, shutil_usage
 from models import MODELS
 from projkd import (
     crop_flip,
@@ -127,12 +127,6 @@ def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys
                                                contextlib.nullcontext(), torch.contiguous_format, 64)
     assert "waits for another process to finish the teacher cache" in capsys.readouterr().out
     assert cache.header["key"] == identity["key"]
-
-
-def shutil_usage(**fields):
-    import collections
-
-    return collections.namedtuple("usage", fields)(**fields)
 
 
 def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys, monkeypatch):
