@@ -513,6 +513,8 @@ def resolve_device(name, world_size):
                         f"(cuda:LOCAL_RANK); use --device cuda")
     if dev.type == "cuda" and world_size > 1:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda" and dev.index is None:  # torch.cuda.set_device refuses a device without an index
+        return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 def check_roles(cfg, command):
@@ -1241,7 +1243,7 @@ def checkpoint_to_resume(cfg):
                         f"use another --run-dir, or --overwrite to start over")
     given_sha = sha  # the teacher by its content (a missing file is setup_run's to report)
     if sha and os.path.isfile(cfg.teacher_ckpt):
-        given_sha = zoo().file_sha256(cfg.teacher_ckpt)
+        given_sha = file_sha256(cfg.teacher_ckpt)
     if given_sha != sha:
         raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) "
                         f"than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as "

@@ -22,7 +22,17 @@ import torch.nn.functional as F
 import models
 import projkd
 import teacher_cache
-from conftest import HERE, SMALL_STUDENT, SMALL_TEACHER, imagenet_args, small_run, synthetic_args, torchrun, write_cifar_pickles, write_image_folder, shutil_usage
+from conftest import (
+    HERE,
+    SMALL_STUDENT,
+    SMALL_TEACHER,
+    imagenet_args,
+    shutil_usage,
+    small_run,
+    synthetic_args,
+    torchrun,
+    write_cifar_pickles,
+    write_image_folder,
 )
 from models import MODELS
 from projkd import (
@@ -627,6 +637,16 @@ def test_a_folder_given_as_teacher_checkpoint_is_named_as_a_folder(tmp_path, cap
     assert err.count("\n") == 1 and "no teacher checkpoint" not in err
 
 
+def test_a_bare_cuda_device_gets_the_index_that_set_device_needs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for name in ("cuda", "auto"):
+        assert projkd.resolve_device(name, 1) == torch.device("cuda", 0)
+    assert projkd.resolve_device("cuda:1", 1) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert projkd.resolve_device("cuda", 4) == torch.device("cuda", 3)
+
+
 def test_a_mistyped_subcommand_gets_a_did_you_mean(capsys):
     assert projkd.main(["evaluate", "--arch", "vgg8"]) == 2
     err = capsys.readouterr().err
@@ -1006,7 +1026,7 @@ def test_a_moved_run_resumes_and_knows_its_teacher_by_content(tmp_path, syntheti
     err = capsys.readouterr().err
     assert "another teacher file" in err and "--teacher-ckpt" in err and err.count("\n") == 1
     for teacher in ("teacher.pt", "other.pt"):  # both named
-        assert f"sha256 {models.file_sha256(teacher)[:12]}" in err
+        assert f"sha256 {projkd.file_sha256(teacher)[:12]}" in err
 
 
 @pytest.fixture
