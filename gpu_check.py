@@ -240,15 +240,18 @@ def test_results(xml_path, log_path):
             m = re.match(r"^\S+\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED)(?: \((.*)\))?", line)
             if m:
                 rows.append({"check": f"test {m.group(1)}", "result": outcomes[m.group(2)], "seconds": None,
-                             "detail": (m.group(3) or "") + " (from the log: pytest did not finish)"})
+                             "detail": " ".join(filter(None, (m.group(3), "(from the log: pytest did not finish)")))})
     return rows
 
 
 def step_rows(records):
     labels = {"pass": "pass", "fail": "fail", "timeout": "fail", "skip": "skip"}
-    return [{"check": f"step {r['name']}", "result": labels[r["status"]], "seconds": r["seconds"],
-             "detail": r["reason"] + (f"; last line: {r['tail'][-1]}" if r["status"] != "pass" and r["tail"] else "")}
-            for r in records]
+    rows = []
+    for r in records:
+        last = f"last line: {r['tail'][-1]}" if r["status"] != "pass" and r["tail"] else ""
+        rows.append({"check": f"step {r['name']}", "result": labels[r["status"]], "seconds": r["seconds"],
+                     "detail": "; ".join(part for part in (r["reason"], last) if part)})
+    return rows
 
 
 def run_summary(record):
@@ -280,7 +283,7 @@ def cache_summary(record):
     if header is None:
         return {"file": path, "built": False}
     return {"file": path, "built": True, "build_seconds": header["build_seconds"], "images": header["images"],
-            "views": header["views"], "gigabytes": round(os.path.getsize(path) / 1e9, 2), "device": header["device"],
+            "views": header["views"], "gigabytes": round(os.path.getsize(path) / 1e9, 3), "device": header["device"],
             "built_by_this_check": record["seconds"] >= header["build_seconds"]}
 
 
@@ -334,9 +337,9 @@ def runs_markdown(runs, cache):
     if first["finished"]:
         lines += [f"Teacher: {first['teacher']} (its test top-1 {first['teacher_top1']:.2f}%).", ""]
     if cache and cache["built"]:
-        lines += [f"Teacher cache: {cache['file']}, {cache['gigabytes']} GB, built in {cache['build_seconds']:.0f} s "
-                  f"on {cache['device']}" + ("" if cache["built_by_this_check"] else " (by an earlier check)") + ".",
-                  ""]
+        earlier = "" if cache["built_by_this_check"] else " (by an earlier check)"
+        lines += [f"Teacher cache: {cache['file']}, {cache['gigabytes']:.1f} GB, built in "
+                  f"{cache['build_seconds']:.0f} s on {cache['device']}{earlier}.", ""]
     lines += ["| run | teacher cache | CUDA graph | seconds per epoch | images/s per epoch | images/s after the first "
               "epoch | last top-1 | best top-1 |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -412,7 +415,8 @@ def main(argv=None):
         if argv[0] == "step":
             rest = argv[2:]
             split = rest.index("--") if "--" in rest else len(rest)
-            return step(parse_args(rest[:split], StepOptions), argv[1] if len(argv) > 1 else "", rest[split + 1:])
+            step(parse_args(rest[:split], StepOptions), argv[1] if len(argv) > 1 else "", rest[split + 1:])
+            return 0
         command, schema = COMMANDS[argv[0]]
         return command(parse_args(argv[1:], schema)) or 0
     except UserError as e:
