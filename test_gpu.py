@@ -19,13 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-# Set before any CUDA work, as --deterministic sets it: cuBLAS reads it when it first sizes its workspace, so a
-# test that runs after a non-deterministic one still gets cuBLAS's deterministic configuration.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-import models  # noqa: E402
-import projkd  # noqa: E402
-import teacher_cache  # noqa: E402
+import models
+import projkd
+import teacher_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHER, STUDENT, CLASSES = "resnet20", "resnet8", 10  # the smallest pair: seconds per run on a GPU
@@ -42,8 +38,15 @@ def needs_gpus(n):
                               reason=f"needs {n} GPUs, this machine has {torch.cuda.device_count()}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cublas_deterministic_config():
+    """Set before any CUDA work, as --deterministic sets it: cuBLAS's workspace is sized once, when first used, so
+    a deterministic test after a non-deterministic one still gets cuBLAS's deterministic configuration."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 @pytest.fixture(autouse=True)
-def first_gpu_current():
+def first_gpu_current(cublas_deterministic_config):
     """A run on cuda:1 leaves it the current device; every test starts on cuda:0."""
     torch.cuda.set_device(0)
     yield
@@ -79,10 +82,13 @@ def cli(cfg):
     """The command line of a Config: the tests that train whole runs go through projkd.main, as a user does."""
     args = []
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            flag = "--" + f.name.replace("_", "-")
-            args += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value == f.default:
+            continue
+        if f.type is bool:  # every flag's default is off
+            args.append(flag)
+        else:
+            args += [flag, str(value)]
     return args
 
 
@@ -506,7 +512,8 @@ def test_device_cuda1_trains_there_and_its_graph_records(folder, teacher_ckpt):
         assert isinstance(run.step, projkd.CUDAGraphStep)
         assert run.step.graph is not None and run.step.failure is None, run.step.failure
         assert run.feed.step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
-        assert update_gap(start, floats(run.student.state_dict()), start) > 0.5  # it trained: far from its start
+        end = floats(run.student.state_dict())
+        assert all(not torch.equal(start[k], end[k]) for k in start if "conv" in k)  # it trained
         assert torch.cuda.memory_allocated(0) == before, "the cuda:1 run allocated on cuda:0"
     finally:
         run.feed.close()
