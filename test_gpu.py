@@ -195,9 +195,9 @@ def test_graph_step_matches_the_eager_step_in_bf16(folder, teacher_ckpt):
 
 
 @pytest.mark.parametrize("device", ["cuda", "auto"])
-def test_device_cuda_and_auto_train_on_the_gpu(folder, teacher_ckpt, device, capsys):
+def test_device_cuda_and_auto_train_on_the_gpu(folder, device, capsys):
     """What users pass: --device cuda (and auto, its default on a GPU) must reach the GPU and its graph."""
-    cfg = config(folder, teacher_ckpt, f"device-{device}", device=device, method="ce", teacher="", teacher_ckpt="")
+    cfg = config(folder, "", f"device-{device}", device=device, method="ce", teacher="")
     assert projkd.main(cli(cfg)) == 0, capsys.readouterr().err
     metrics = json.loads(open(os.path.join(cfg.run_dir, "metrics.json")).read())
     assert metrics["config"]["device"].startswith("cuda") and metrics["config"]["graph"] == "on"
@@ -368,8 +368,8 @@ def test_resident_feed_batches_equal_the_cpu_reference(cuda_cache):
 # --- AMP: bf16 and fp16 ------------------------------------------------------------------------------------------
 
 def amp_config(folder, teacher_ckpt, amp, **changes):
-    return config(folder, teacher_ckpt, f"amp-{amp}", amp=amp, epochs=4, synthetic_size=2048, checkpoint_seconds=0,
-                  **changes)
+    return config(folder, teacher_ckpt, f"amp-{amp}", **{"amp": amp, "epochs": 4, "synthetic_size": 2048,
+                                                          "checkpoint_seconds": 0, **changes})
 
 
 @pytest.fixture(scope="module")
