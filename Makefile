@@ -144,6 +144,7 @@ bench: | results $(DEPS)
 GPU_CHECK_TEACHER ?= $(TEACHERS)/vgg13.pt
 # Epochs of each short run.
 GPU_CHECK_EPOCHS ?= 3
+# The GPU: DEVICE where it names one (cuda:N), else cuda:0.
 GPU_CHECK_DEVICE = $(if $(filter cuda:%,$(DEVICE)),$(DEVICE),cuda:0)
 GPU_CHECK_CKPT = $(or $(wildcard $(GPU_CHECK_TEACHER)),checkpoints/gpu-check/vgg13-random.pt)
 GPU_CHECK_CACHE = checkpoints/gpu-check/vgg13.tcache

@@ -250,3 +250,12 @@ def test_make_gpu_check_without_cuda_runs_nothing_after_its_refusal():
     assert result.stdout.splitlines() == [f"{sys.executable} gpu_check.py start --budget 480"]  # nothing after it
     assert result.stderr.splitlines()[0].startswith("gpu-check: needs a CUDA GPU")
     assert {p: os.path.exists(p) and os.path.getmtime(p) for p in made} == before
+
+
+def test_random_teacher_is_a_loadable_vgg13_whose_runs_say_how_it_was_made(tmp_path):
+    import models
+    out = str(tmp_path / "ckpt" / "vgg13-random.pt")
+    assert gpu_check.main(["random-teacher", "--arch", "vgg13", "--classes", "100", "--out", out]) == 0
+    assert models.load_teacher("vgg13", out, 100).classifier.out_features == 100
+    assert models.teacher_provenance(out)["how"].startswith("randomly initialised by gpu_check.py")
+    assert gpu_check.main(["random-teacher", "--arch", "vgg99", "--out", out]) == 2
