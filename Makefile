@@ -141,6 +141,40 @@ bench: | results $(DEPS)
 	$(LAUNCH) $(PY) projkd.py bench --device $(DEVICE) --out-dir results
 	$(PY) tables.py --kind bench --bench results/bench.json --figures results/figures
 
+## gpu-check: on a GPU machine, the gpu tests, make bench and two short vgg13->vgg8 runs (fast paths on, then off) -> results/gpu-check.md, .json
+# Each step is timed out and recorded by gpu_check.py, and the check goes on after a failure; the report says what
+# passed and ends non-zero if anything failed. About 6 minutes on one H100 (an estimate: docs/gpu-check.md), never
+# more than its 8-minute budget. Without CUDA it stops at its first command, writing nothing. It installs nothing
+# (DEPS= below): a GPU node's python3 cannot.
+# The teacher of the short runs: a VGG13 checkpoint (ours or RepDistiller's ckpt_epoch_240.pth); where there is
+# none, a randomly initialised VGG13, and the report says so.
+GPU_CHECK_TEACHER ?= $(TEACHERS)/vgg13.pt
+# Epochs of each short run.
+GPU_CHECK_EPOCHS ?= 3
+# The GPU: DEVICE where it names one (cuda:N), else cuda:0.
+GPU_CHECK_DEVICE = $(if $(filter cuda:%,$(DEVICE)),$(DEVICE),cuda:0)
+GPU_CHECK_CKPT = $(or $(wildcard $(GPU_CHECK_TEACHER)),checkpoints/gpu-check/vgg13-random.pt)
+GPU_CHECK_CACHE = checkpoints/gpu-check/vgg13.tcache
+# CIFAR-100 when DATA_DIR holds it, else generated data of its size and classes (the report says so plainly).
+GPU_CHECK_DATA = $(if $(wildcard $(DATA_DIR)/cifar-100-python/test),--dataset cifar100,--dataset synthetic \
+  --synthetic-size 50000 --synthetic-classes 100) --data-dir $(DATA_DIR)
+GPU_CHECK_RUN = $(PY) projkd.py $(GPU_CHECK_DATA) --device $(GPU_CHECK_DEVICE) --epochs $(GPU_CHECK_EPOCHS) \
+  --teacher vgg13 --teacher-ckpt $(GPU_CHECK_CKPT) --student vgg8 --method pefd --seed 1 --overwrite
+# make bench through a variable: make -n runs every line that names $(MAKE) itself, and this one records a step.
+GPU_CHECK_MAKE = $(MAKE)
+.PHONY: gpu-check
+gpu-check:
+	$(PY) gpu_check.py start --budget 480
+	$(PY) gpu_check.py step tests --timeout 210 -- $(PY) -m pytest -v -rs -m gpu -o junit_family=legacy --junitxml results/gpu-check/tests.xml test_gpu.py
+	$(PY) gpu_check.py step bench --timeout 180 -- $(GPU_CHECK_MAKE) bench PY=$(PY) DEVICE=$(GPU_CHECK_DEVICE) DEPS=
+ifeq ($(wildcard $(GPU_CHECK_TEACHER)),)
+	$(PY) gpu_check.py step teacher --timeout 60 -- $(PY) gpu_check.py random-teacher --arch vgg13 --classes 100 --out $(GPU_CHECK_CKPT)
+endif
+	$(PY) gpu_check.py step cache --needs teacher --timeout 200 -- $(PY) projkd.py cache --teacher vgg13 --teacher-ckpt $(GPU_CHECK_CKPT) --teacher-cache-file $(GPU_CHECK_CACHE) $(GPU_CHECK_DATA) --device $(GPU_CHECK_DEVICE)
+	$(PY) gpu_check.py step fast --needs teacher,cache --timeout 120 -- $(GPU_CHECK_RUN) --teacher-cache on --teacher-cache-file $(GPU_CHECK_CACHE) --graph on --run-dir runs/gpu-check/fast
+	$(PY) gpu_check.py step plain --needs teacher --timeout 120 -- $(GPU_CHECK_RUN) --teacher-cache off --graph off --run-dir runs/gpu-check/plain
+	$(PY) gpu_check.py report
+
 ## smoke: the whole chain (teacher, students, every method, 2 seeds, 3 ablations, tables) on generated data on the CPU
 # First its teacher, trained for 8 epochs into the checkpoint the 2-epoch pipeline then uses as it is (a teacher
 # trained longer than its students, as real ones are), then the pipeline itself; lr / 10 for the last epochs.

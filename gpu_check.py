@@ -1,0 +1,429 @@
+"""`make gpu-check`: projkd's GPU paths checked on one GPU, in one prepared command (docs/gpu-check.md).
+
+Not part of the reference: a tool above projkd.py, as bench.py is. Make runs it one step at a time, so that
+`make -n gpu-check` prints every command in full:
+
+    python3 gpu_check.py start [--budget 480]        # refuses without CUDA; records the GPU, torch and CUDA
+    python3 gpu_check.py step NAME [--timeout S] [--needs A,B] -- COMMAND ...   # runs it, times it out, records it
+    python3 gpu_check.py random-teacher --arch vgg13 --classes 100 --out PATH   # when no teacher file is given
+    python3 gpu_check.py report                       # results/gpu-check.md and .json; exit 1 if a check failed
+
+A step that fails or runs out of time is recorded and the check goes on; the budget (8 minutes: a 15-minute GPU
+lease can run the check and rerun it once) caps every step's timeout by what is left of it.
+"""
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import torch
+
+from projkd import UserError, code_version, parse_args
+
+CHECK_DIR = os.path.join("results", "gpu-check")  # the steps' records, logs and the tests' junit xml
+REPORT_MD, REPORT_JSON = os.path.join("results", "gpu-check.md"), os.path.join("results", "gpu-check.json")
+RUNS_DIR = os.path.join("runs", "gpu-check")  # the short runs; the teacher cache stays (checkpoints/gpu-check)
+BENCH_JSON, BENCH_MD = os.path.join("results", "bench.json"), os.path.join("results", "bench.md")
+REPORT_RESERVE_S = 10  # of the budget, kept for the report
+TAIL_LINES = 15  # of a step's output, kept in its record
+# A fast run and a plain one with the same seed, data and draws differ only by rounding (bf16 teacher rows, other
+# kernels); over a few epochs that moves top-1 by about a point. Further apart, one of the two paths is wrong.
+RUNS_TOP1_TOLERANCE = 5.0
+
+
+@dataclass
+class StartOptions:
+    budget: float = 480.0  # seconds the whole check may take: 8 minutes on one H100/H200
+
+
+@dataclass
+class StepOptions:
+    timeout: float = 120.0  # seconds this step may take (less if the check's budget has less left)
+    needs: str = ""  # comma-separated steps that must have passed, if they ran (else this one is skipped)
+
+
+@dataclass
+class TeacherOptions:
+    arch: str = "vgg13"  # the teacher architecture (a key of models.MODELS)
+    classes: int = 100  # its number of classes
+    seed: int = 0  # seeds its random initialisation
+    out: str = ""  # where its state_dict goes; a <out>.json beside it says how it was made
+
+
+def record_path(name):
+    return os.path.join(CHECK_DIR, f"step-{name}.json")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(obj, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+# --- start: the GPU, or one line saying there is none -----------------------------------------------------------
+
+def no_gpu_line():
+    build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (f"gpu-check: needs a CUDA GPU and torch {torch.__version__} ({build}) sees none; the CPU tests are "
+            f"`make test`")
+
+
+def driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def start(opts):
+    """Refuses without CUDA, writing nothing; else clears the last check's records and runs and records the GPU."""
+    if not torch.cuda.is_available():
+        raise UserError(no_gpu_line())
+    for old in (CHECK_DIR, RUNS_DIR):
+        shutil.rmtree(old, ignore_errors=True)
+    for old in (REPORT_MD, REPORT_JSON):
+        if os.path.exists(old):
+            os.remove(old)
+    props = torch.cuda.get_device_properties(0)
+    facts = {"started": time.time(), "budget_s": opts.budget, "gpu": props.name, "gpus": torch.cuda.device_count(),
+             "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
+             "compute_capability": f"{props.major}.{props.minor}", "driver": driver_version(),
+             "torch": torch.__version__, "cuda": torch.version.cuda,
+             "cudnn": torch.backends.cudnn.version(), "python": sys.version.split()[0], "code": code_version(),
+             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    write_json(facts, os.path.join(CHECK_DIR, "start.json"))
+    print(f"gpu-check: {facts['gpus']} x {facts['gpu']}, torch {facts['torch']}, CUDA {facts['cuda']}; "
+          f"budget {opts.budget:.0f} s")
+
+
+def started():
+    facts = read_json(os.path.join(CHECK_DIR, "start.json"))
+    if facts is None:
+        raise UserError(f"no {os.path.join(CHECK_DIR, 'start.json')}: run `make gpu-check`, whose first command "
+                        f"(gpu_check.py start) checks for a GPU")
+    return facts
+
+
+# --- step: one command, timed out, recorded --------------------------------------------------------------------
+
+def unmet_needs(needs):
+    """Why a step cannot run: a step it needs that ran and did not pass (one that did not run is no obstacle)."""
+    for name in filter(None, (n.strip() for n in needs.split(","))):
+        record = read_json(record_path(name))
+        if record is not None and record["status"] != "pass":
+            return f"it needs step {name}, which did not pass ({record['status']})"
+    return None
+
+
+def run_command(command, timeout, log_path):
+    """(exit status or None if it ran out of time, seconds, last lines): the command's output goes to the
+    terminal and to log_path as it comes. Its own process group, so that a timeout ends all it started."""
+    begin, tail = time.time(), []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True)
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                log.write(line)
+                tail.append(line.rstrip("\n"))
+                del tail[:-TAIL_LINES]
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=grace)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+        reader.join(timeout=10)
+    return rc, time.time() - begin, list(tail)
+
+
+def step(opts, name, command):
+    """Runs `command` as the check's step `name` and records it; exits 0 whatever it did, so the check goes on."""
+    facts = started()
+    if not re.fullmatch(r"[\w.-]+", name or ""):
+        raise UserError(f"a step needs a name of letters, digits, '.', '_' or '-', got {name!r}")
+    if not command:
+        raise UserError("a step needs a command after --, e.g. step bench -- make bench")
+    left = facts["started"] + facts["budget_s"] - REPORT_RESERVE_S - time.time()
+    record = {"name": name, "command": command, "status": "skip", "rc": None, "seconds": 0.0, "reason": "",
+              "log": os.path.join(CHECK_DIR, f"{name}.log"), "tail": [], "started": time.time()}
+    why_not = unmet_needs(opts.needs)
+    if why_not is None and left < 5:
+        why_not = f"the check's {facts['budget_s']:.0f} s budget was spent before this step"
+    if why_not is not None:
+        record["reason"] = why_not
+        print(f"gpu-check: step {name} skipped: {why_not}")
+    else:
+        timeout = min(opts.timeout, left)
+        print(f"gpu-check: step {name} (at most {timeout:.0f} s): {' '.join(command)}", flush=True)
+        rc, seconds, tail = run_command(command, timeout, record["log"])
+        status = "timeout" if rc is None else "pass" if rc == 0 else "fail"
+        reason = {"timeout": f"ran out of its {timeout:.0f} s", "fail": f"exit status {rc}", "pass": ""}[status]
+        record.update(status=status, rc=rc, seconds=round(seconds, 1), reason=reason, tail=tail)
+        print(f"gpu-check: step {name}: {status} in {seconds:.0f} s{f' ({reason})' if reason else ''}")
+    write_json(record, record_path(name))
+
+
+# --- random-teacher: a teacher file when none is given ------------------------------------------------------------
+
+def random_teacher(opts):
+    """A randomly initialised teacher, so that the short runs time the real pair without a trained checkpoint."""
+    import models
+    if opts.arch not in models.MODELS or not opts.out:
+        raise UserError(f"random-teacher needs --arch (one of {', '.join(models.MODELS)}) and --out PATH")
+    torch.manual_seed(opts.seed)
+    os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
+    torch.save(models.MODELS[opts.arch](num_classes=opts.classes).state_dict(), opts.out)
+    how = {"how": f"randomly initialised by gpu_check.py (seed {opts.seed}): no teacher file was given",
+           "sha256": models.file_sha256(opts.out)}
+    write_json(how, os.path.splitext(opts.out)[0] + ".json")  # read by models.teacher_provenance
+    print(f"gpu-check: {opts.out}: a randomly initialised {opts.arch} ({opts.classes} classes)")
+
+
+# --- report: results/gpu-check.md and .json ----------------------------------------------------------------------
+
+def option(command, flag):
+    """The value after `flag` in a recorded command (the steps' commands are the record of what ran)."""
+    return command[command.index(flag) + 1] if flag in command[:-1] else None
+
+
+def test_results(xml_path, log_path):
+    """One row per gpu test from pytest's junit xml; without one (pytest was cut off), from its -v log lines."""
+    rows = []
+    try:
+        suite = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError):
+        suite = None
+    for case in suite.iter("testcase") if suite is not None else ():
+        outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        result = {"failure": "fail", "error": "fail", "skipped": "skip"}.get(getattr(outcome, "tag", ""), "pass")
+        detail = (outcome.get("message") or "").splitlines()[0] if outcome is not None else ""
+        notes = [f"{p.get('name')}: {p.get('value')}" for p in case.iter("property")]
+        rows.append({"check": f"test {case.get('name')}", "result": result,
+                     "seconds": round(float(case.get("time") or 0), 1),
+                     "detail": "; ".join(part for part in [detail, *notes] if part)})
+    if suite is not None or not os.path.exists(log_path):
+        return rows
+    outcomes = {"PASSED": "pass", "FAILED": "fail", "ERROR": "fail", "SKIPPED": "skip"}
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = re.match(r"^\S+\.py::(\S+) (PASSED|FAILED|ERROR|SKIPPED)(?: \((.*)\))?", line)
+            if m:
+                rows.append({"check": f"test {m.group(1)}", "result": outcomes[m.group(2)], "seconds": None,
+                             "detail": " ".join(filter(None, (m.group(3), "(from the log: pytest did not finish)")))})
+    return rows
+
+
+def step_rows(records):
+    labels = {"pass": "pass", "fail": "fail", "timeout": "fail", "skip": "skip"}
+    rows = []
+    for r in records:
+        last = f"last line: {r['tail'][-1]}" if r["status"] != "pass" and r["tail"] else ""
+        rows.append({"check": f"step {r['name']}", "result": labels[r["status"]], "seconds": r["seconds"],
+                     "detail": "; ".join(part for part in (r["reason"], last) if part)})
+    return rows
+
+
+def run_summary(record):
+    """A short run's numbers from its metrics.json: per-epoch seconds and images/s, top-1, what it ran with."""
+    command, run_dir = record["command"], option(record["command"], "--run-dir")
+    metrics = read_json(os.path.join(run_dir, "metrics.json"))
+    summary = {"name": record["name"], "run_dir": run_dir, "dataset": option(command, "--dataset"),
+               "data_dir": option(command, "--data-dir"), "synthetic_size": option(command, "--synthetic-size"),
+               "teacher_cache": option(command, "--teacher-cache"), "graph": option(command, "--graph"),
+               "finished": metrics is not None}
+    if metrics is None:
+        return summary
+    history = metrics["history"]
+    later = history[1:] or history  # the first epoch also warms up: autotuning, the graph's capture
+    summary.update(
+        epochs=[{"epoch": h["epoch"], "seconds": h["seconds"], "images_per_s": h["images_per_s"],
+                 "train_loss": h["train_loss"], "test_top1": h["test_top1"]} for h in history],
+        steady_images_per_s=round(sum(h["images_per_s"] for h in later) / len(later), 1),
+        images_per_s=metrics["images_per_s"], last_top1=metrics["last_top1"], best_top1=metrics["best_top1"],
+        teacher_top1=metrics["teacher_top1"], teacher=(metrics.get("teacher_provenance") or {}).get("how"),
+        device=metrics["device"])
+    return summary
+
+
+def cache_summary(record):
+    from teacher_cache import read_cache_header
+    path = option(record["command"], "--teacher-cache-file")
+    header = read_cache_header(path) if path else None
+    if header is None:
+        return {"file": path, "built": False}
+    return {"file": path, "built": True, "build_seconds": header["build_seconds"], "images": header["images"],
+            "views": header["views"], "gigabytes": round(os.path.getsize(path) / 1e9, 3), "device": header["device"],
+            "built_by_this_check": record["seconds"] >= header["build_seconds"]}
+
+
+def fresh(path, since):
+    return os.path.exists(path) and os.path.getmtime(path) >= since
+
+
+def runs_agree_row(runs):
+    done = [r for r in runs if r["finished"]]
+    if len(done) < 2:
+        return []
+    gap = abs(done[0]["last_top1"] - done[1]["last_top1"])
+    return [{"check": f"runs {done[0]['name']} and {done[1]['name']} agree", "result":
+             "pass" if gap <= RUNS_TOP1_TOLERANCE else "fail", "seconds": None,
+             "detail": f"last top-1 {gap:.2f} points apart (tolerance {RUNS_TOP1_TOLERANCE:g})"}]
+
+
+def collect(folder=CHECK_DIR):
+    """Everything the report says, from the files the check's steps left."""
+    facts = started()
+    records = sorted(filter(None, (read_json(os.path.join(folder, f)) for f in os.listdir(folder)
+                                   if f.startswith("step-"))), key=lambda r: r["started"])
+    by_name = {r["name"]: r for r in records}
+    runs = [run_summary(r) for r in records if "--run-dir" in r["command"] and "projkd.py" in " ".join(r["command"])]
+    checks = step_rows(records) + runs_agree_row(runs)
+    if "tests" in by_name:
+        checks += test_results(os.path.join(folder, "tests.xml"), by_name["tests"]["log"])
+    bench = {"table": None, "report": None}
+    if fresh(BENCH_JSON, facts["started"]) and fresh(BENCH_MD, facts["started"]):
+        bench = {"table": open(BENCH_MD).read().strip(), "report": read_json(BENCH_JSON)}
+    cache = cache_summary(by_name["cache"]) if "cache" in by_name else None
+    failed = [c["check"] for c in checks if c["result"] == "fail"]
+    return {"gpu": {k: v for k, v in facts.items() if k not in ("started", "budget_s")},
+            "budget_s": facts["budget_s"], "seconds": round(sum(r["seconds"] for r in records), 1),
+            "passed": not failed, "failed": failed, "checks": checks, "bench": bench, "runs": runs, "cache": cache}
+
+
+def data_line(run):
+    if run["dataset"] == "cifar100":
+        return f"CIFAR-100 from {run['data_dir']}"
+    return (f"**synthetic data** ({run['synthetic_size']} generated training images, 100 classes): there is no "
+            f"cifar-100-python/ in {run['data_dir']}, so these are not CIFAR-100's numbers")
+
+
+def runs_markdown(runs, cache):
+    lines = ["## The short runs: vgg13 -> vgg8, PEFD", ""]
+    if not runs:
+        return lines + ["No run was recorded.", ""]
+    first = next((r for r in runs if r["finished"]), runs[0])
+    lines += [f"Data: {data_line(first)}.", ""]
+    if first["finished"]:
+        lines += [f"Teacher: {first['teacher']} (its test top-1 {first['teacher_top1']:.2f}%).", ""]
+    if cache and cache["built"]:
+        earlier = "" if cache["built_by_this_check"] else " (by an earlier check)"
+        lines += [f"Teacher cache: {cache['file']}, {cache['gigabytes']:.1f} GB, built in "
+                  f"{cache['build_seconds']:.0f} s on {cache['device']}{earlier}.", ""]
+    lines += ["| run | teacher cache | CUDA graph | seconds per epoch | images/s per epoch | images/s after the first "
+              "epoch | last top-1 | best top-1 |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if not r["finished"]:
+            lines.append(f"| {r['name']} | {r['teacher_cache']} | {r['graph']} | did not finish | | | | |")
+            continue
+        seconds = ", ".join(f"{e['seconds']:.1f}" for e in r["epochs"])
+        speeds = ", ".join(f"{e['images_per_s']:,.0f}" for e in r["epochs"])
+        lines.append(f"| {r['name']} | {r['teacher_cache']} | {r['graph']} | {seconds} | {speeds} | "
+                     f"{r['steady_images_per_s']:,.0f} | {r['last_top1']:.2f} | {r['best_top1']:.2f} |")
+    done = [r for r in runs if r["finished"]]
+    if len(done) == 2 and done[1]["steady_images_per_s"]:
+        ratio = done[0]["steady_images_per_s"] / done[1]["steady_images_per_s"]
+        lines += ["", f"{done[0]['name']} trains {ratio:.2f}x as many images per second as {done[1]['name']} "
+                      f"(epochs after the first)."]
+    return lines + [""]
+
+
+def render_markdown(report):
+    gpu = report["gpu"]
+    counts = {k: sum(c["result"] == k for c in report["checks"]) for k in ("pass", "fail", "skip")}
+    lines = [f"# make gpu-check: {gpu['gpu']}", "",
+             f"{gpu['date']}: {gpu['gpus']} x {gpu['gpu']} ({gpu['gpu_memory_gib']} GiB, compute capability "
+             f"{gpu['compute_capability']}, driver {gpu['driver'] or 'unknown'}); torch {gpu['torch']}, CUDA "
+             f"{gpu['cuda']}, cuDNN {gpu['cudnn']}, Python {gpu['python']}; code {gpu['code']}.", "",
+             f"**{'Passed' if report['passed'] else 'Failed'}**: {counts['pass']} checks passed, {counts['fail']} "
+             f"failed, {counts['skip']} skipped; the steps took {report['seconds']:.0f} s of a "
+             f"{report['budget_s']:.0f} s budget.", "", "## Checks", "", "| check | result | seconds | detail |",
+             "|---|---|---|---|"]
+    for c in report["checks"]:
+        seconds = "" if c["seconds"] is None else f"{c['seconds']:.1f}"
+        detail = c["detail"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {c['check']} | {c['result']} | {seconds} | {detail} |")
+    lines += ["", "## Bench (make bench: results/bench.md)", ""]
+    lines += [report["bench"]["table"] or "No bench table from this check: the bench step did not write one.", ""]
+    return "\n".join(lines + runs_markdown(report["runs"], report["cache"]))
+
+
+def write_report(report, md_path=REPORT_MD, json_path=REPORT_JSON):
+    os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
+    with open(md_path, "w") as f:
+        f.write(render_markdown(report) + "\n")
+    write_json(report, json_path)
+
+
+def report_command(_opts):
+    """Writes the report; exit status 1 if any check failed (every step has already run)."""
+    report = collect()
+    write_report(report)
+    print("\n".join(line for line in render_markdown(report).splitlines() if line.startswith("| ")
+                    and " | " in line and not line.startswith("| run ")))
+    print(f"gpu-check: {'passed' if report['passed'] else 'FAILED: ' + ', '.join(report['failed'])} -> "
+          f"{REPORT_MD}, {REPORT_JSON}")
+    return 0 if report["passed"] else 1
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+COMMANDS = {"start": (start, StartOptions), "random-teacher": (random_teacher, TeacherOptions),
+            "report": (report_command, NoOptions)}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    names = ", ".join([*COMMANDS, "step"])
+    try:
+        if not argv or argv[0] not in (*COMMANDS, "step"):
+            raise UserError(f"usage: gpu_check.py COMMAND [options], COMMAND one of {names} (make gpu-check runs "
+                            f"them in order)")
+        if argv[0] == "step":
+            rest = argv[2:]
+            split = rest.index("--") if "--" in rest else len(rest)
+            step(parse_args(rest[:split], StepOptions), argv[1] if len(argv) > 1 else "", rest[split + 1:])
+            return 0
+        command, schema = COMMANDS[argv[0]]
+        return command(parse_args(argv[1:], schema)) or 0
+    except UserError as e:
+        line = str(e) if str(e).startswith("gpu-check:") else f"gpu-check: error: {e}"
+        print(line, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
