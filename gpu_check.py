@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+import models
 from projkd import UserError, code_version, parse_args
 
 CHECK_DIR = os.path.join("results", "gpu-check")  # the steps' records, logs and the tests' junit xml
@@ -198,7 +199,6 @@ def step(opts, name, command):
 
 def random_teacher(opts):
     """A randomly initialised teacher, so that the short runs time the real pair without a trained checkpoint."""
-    import models
     if opts.arch not in models.MODELS or not opts.out:
         raise UserError(f"random-teacher needs --arch (one of {', '.join(models.MODELS)}) and --out PATH")
     torch.manual_seed(opts.seed)

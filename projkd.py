@@ -917,7 +917,8 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 def save(obj, path):
-    """obj written to `path` atomically: a str as text, to .json as JSON, to .csv from a list of dicts, else torch.save."""
+    """obj written to `path` atomically: a str as text, to .json as JSON, to .csv from a list of dicts, else
+    torch.save."""
     if path.endswith(".csv") and not isinstance(obj, str):
         out = io.StringIO()
         columns = list(dict.fromkeys(k for row in obj for k in row)) or ["epoch"]  # a resumed old run has fewer
@@ -958,7 +959,9 @@ def device_name(device):
 
 def _duration(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 # --- the device, the processes and the teacher ----------------------------------------------------------------
 
@@ -997,8 +1000,11 @@ def distributed(module, device):
     broadcast from process 0 at every forward: CRD-lite's queues are the same everywhere and would move megabytes
     per step for nothing. (torch 2.14 renamed broadcast_buffers to forward_sync_buffers.)"""
     ddp = nn.parallel.DistributedDataParallel
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+    no_sync = "broadcast_buffers"
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        no_sync = "forward_sync_buffers"
+    device_ids = [device.index] if device.type == "cuda" else None
+    return ddp(module, device_ids=device_ids, **{no_sync: False})
 
 def teacher_for_speed(teacher, amp_dtype, memory_format):
     """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would re-cast
@@ -1294,8 +1300,9 @@ def build_run(cfg, device, world, data):
     aux = build_aux(cfg, classifier_of(student).in_features,
                     classifier_of(teacher).in_features if teacher is not None else 0).to(device)
     lr = torch.tensor(cfg.lr, device=device)
-    optimizer = torch.optim.SGD([*student.to(device, memory_format=memory_format).parameters(), *aux.parameters()],
-                                lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    parameters = [*student.to(device, memory_format=memory_format).parameters(), *aux.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=device.type == "cuda")
     run = Run(cfg, device, world, data, student, aux, Distiller(cfg, student, aux, autocast), teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
               loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device))
@@ -1336,7 +1343,8 @@ def setup_teacher(run, amp_dtype):
     forward = torch.compile(teacher) if cfg.compile else teacher
 
     def teacher_forward(x):
-        # no_grad, not inference_mode: the losses save the teacher's outputs for backward, which inference tensors refuse
+        # no_grad, not inference_mode: the losses save the teacher's outputs for backward, which inference
+        # tensors refuse
         with torch.no_grad(), run.autocast:
             logits = forward(x)
         return Outputs(taps.feature, logits, taps.map)
