@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 import models
-from projkd import UserError, code_version, parse_args
+from projkd import UserError, code_version, file_sha256, parse_args
+from teacher_cache import read_cache_header
 
 CHECK_DIR = os.path.join("results", "gpu-check")  # the steps' records, logs and the tests' junit xml
 REPORT_MD, REPORT_JSON = os.path.join("results", "gpu-check.md"), os.path.join("results", "gpu-check.json")
@@ -205,7 +206,7 @@ def random_teacher(opts):
     os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
     torch.save(models.MODELS[opts.arch](num_classes=opts.classes).state_dict(), opts.out)
     how = {"how": f"randomly initialised by gpu_check.py (seed {opts.seed}): no teacher file was given",
-           "sha256": models.file_sha256(opts.out)}
+           "sha256": file_sha256(opts.out)}
     write_json(how, os.path.splitext(opts.out)[0] + ".json")  # read by models.teacher_provenance
     print(f"gpu-check: {opts.out}: a randomly initialised {opts.arch} ({opts.classes} classes)")
 
@@ -277,7 +278,6 @@ def run_summary(record):
 
 
 def cache_summary(record):
-    from teacher_cache import read_cache_header
     path = option(record["command"], "--teacher-cache-file")
     header = read_cache_header(path) if path else None
     if header is None:
