@@ -46,7 +46,7 @@ RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone
 GPU_VISIBLE := $(if $(filter auto,$(DEVICE)),$(if $(filter auto,$(TEACHER_CACHE)),$(if $(strip $(LAUNCH)),yes,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes))))
 USE_CACHE := $(if $(ON_IMAGENET),,$(if $(filter on,$(TEACHER_CACHE)),yes,$(if $(filter auto,$(TEACHER_CACHE)),$(if $(filter cpu,$(DEVICE)),,$(if $(filter auto,$(DEVICE)),$(GPU_VISIBLE),yes)))))
 TABLE_KIND := $(if $(ON_IMAGENET),imagenet,main)
-# The teachers fetch-teachers installs from TEACHERS_URL on CIFAR-100 (models.PUBLISHED_TEACHERS); every other
+# The teachers fetch-teachers installs from TEACHERS_URL on CIFAR-100 (fetch.PUBLISHED_TEACHERS); every other
 # teacher is trained. Short trials (EPOCHS other than 240) fetch them too, into their own $(TEACHERS): they are
 # the paper's teachers whatever the students' EPOCHS, and never depended on it.
 ARCHIVE_TEACHERS := wrn_40_2 vgg13 resnet32x4 ResNet50 resnet56 resnet110

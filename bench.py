@@ -275,14 +275,19 @@ def run_bench(bc):
 
 def bench_markdown(report):
     peak = report["bf16_peak_flops"]
-    mfu_note = (f" MFU: model FLOPs (torch.utils.flop_counter) x images/s over the GPU's dense bf16 peak "
-                f"({peak / 1e12:.0f} TFLOP/s)." if peak else " MFU: unknown peak for this device.")
+    mfu_note = " MFU: unknown peak for this device."
+    if peak:
+        mfu_note = (f" MFU: model FLOPs (torch.utils.flop_counter) x images/s over the GPU's dense bf16 peak "
+                    f"({peak / 1e12:.0f} TFLOP/s).")
+    warmup = f"{report['warmup']} warm-up steps"
+    if report["warmup"] == 1:
+        warmup = "1 warm-up step"
     lines = [f"# projkd bench: {report['device']}, torch {report['torch']}", "",
              f"PEFD, batch {report['batch_size']}, generated CIFAR-shaped data, random weights; images/s over "
              f"{report['steps']} steps of our loop and {report['classic_steps']} of the classic one "
-             f"({report['workers']} loader workers), after {report['warmup']} warm-up "
-             f"step{'s' * (report['warmup'] != 1)}; all in one process. 'teacher cached': the epoch's teacher rows "
-             f"are computed once before timing, as a cache file supplies them each epoch; the step is the same."
+             f"({report['workers']} loader workers), after {warmup}; all in one process. 'teacher cached': the "
+             f"epoch's teacher rows are computed once before timing, as a cache file supplies them each epoch; the "
+             f"step is the same."
              f"{mfu_note}", ""]
     for pair in report["pairs"]:
         lines += [f"## {pair['teacher']} → {pair['student']}", "",

@@ -207,7 +207,7 @@ def random_teacher(opts):
     torch.save(models.MODELS[opts.arch](num_classes=opts.classes).state_dict(), opts.out)
     how = {"how": f"randomly initialised by gpu_check.py (seed {opts.seed}): no teacher file was given",
            "sha256": file_sha256(opts.out)}
-    write_json(how, os.path.splitext(opts.out)[0] + ".json")  # read by models.teacher_provenance
+    write_json(how, os.path.splitext(opts.out)[0] + ".json")  # read by projkd.teacher_provenance
     print(f"gpu-check: {opts.out}: a randomly initialised {opts.arch} ({opts.classes} classes)")
 
 

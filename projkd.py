@@ -17,9 +17,10 @@ A run writes model.pt (the student's plain state_dict), metrics.json (resolved c
 timing, versions), log.csv and last.pt (all that --resume needs) into its --run-dir.
 
 Sections: 1 the method, 2 the baselines, 3 feature taps and the loss wiring, 4 config and CLI, 5 data, 6 the
-training loop, 7 entry points. Importing runs nothing, and sections 1-3 need only torch: copied alone, this
-file's ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite and features_and_logits work on any classifier
-whose head is a final nn.Linear. models.py, teacher_cache.py and bench.py are imported only where used.
+training loop, 7 evaluation, 8 entry points. Importing runs nothing, and sections 1-3 need only torch: copied
+alone, this file's ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite and features_and_logits work on any
+classifier whose head is a final nn.Linear. models.py is imported where it is used; the tools above this file
+(teacher_cache.py, bench.py, fetch.py) when their subcommand runs, and the teacher cache when a run opens it.
 """
 import contextlib
 import csv

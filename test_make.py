@@ -377,7 +377,7 @@ def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
     assert any("--method ce" in c and "--student vgg13 " in c for c in again)
 
 
-def test_make_and_models_name_the_same_archive():
+def test_make_and_fetch_name_the_same_archive():
     makefile, params = (open(os.path.join(HERE, f)).read() for f in ("Makefile", "params.mk"))
     assert re.search(r"^ARCHIVE_TEACHERS := (.*)$", makefile, re.M)[1].split() == list(fetch.PUBLISHED_TEACHERS)
     assert re.search(r"^TEACHERS_URL \?= (.*)$", params, re.M)[1] == fetch.TEACHERS_URL
