@@ -50,7 +50,6 @@ from projkd import (
 # --- method: ProjectorEnsemble and mda_loss ----------------------------------------------------------------------
 
 
-
 def test_mda_loss_hand_computed():
     f = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     t = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
@@ -58,7 +57,6 @@ def test_mda_loss_hand_computed():
     assert mda_loss(f, t).item() == pytest.approx(1 - (1 + 2 ** -0.5) / 2, abs=1e-6)
     assert mda_loss(5 * f, 0.1 * t).item() == pytest.approx(mda_loss(f, t).item(), abs=1e-6)  # directions only
     assert mda_loss(-t, t).item() == pytest.approx(2.0, abs=1e-6)
-
 
 
 def test_mda_loss_is_float32_and_finite_at_zero_vectors():
@@ -69,7 +67,6 @@ def test_mda_loss_is_float32_and_finite_at_zero_vectors():
     assert loss.item() == pytest.approx(0.5, abs=1e-6)  # cos 0 for the zero row, 1 for the other
     assert torch.isfinite(f.grad).all()
     assert mda_loss(f.detach().bfloat16(), t.bfloat16()).dtype == torch.float32
-
 
 
 @pytest.mark.parametrize("act,depth", [("relu", 1), ("gelu", 2), ("none", 3)])
@@ -86,7 +83,6 @@ def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
     assert not torch.equal(projectors[0][0].weight, projectors[1][0].weight)  # independently initialised
 
 
-
 def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     torch.manual_seed(7)
     ens = ProjectorEnsemble(6, 4, q=2, depth=2)
@@ -98,14 +94,12 @@ def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     assert [tuple(p.shape) for p in ens.parameters()] == [(2, 4, 6), (2, 4, 4), (2, 4), (2, 4)]
 
 
-
 def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
     assert (ProjectorEnsemble(8, 5)(torch.randn(16, 8)) >= 0).all()
     with pytest.raises(ValueError):
         ProjectorEnsemble(8, 5, q=0)
     with pytest.raises(ValueError):
         ProjectorEnsemble(8, 5, act="tanh")
-
 
 
 def test_gradients_reach_student_and_projectors_but_not_the_teacher():
@@ -134,7 +128,6 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
 # --- baselines: KD, SP, CRD-lite ---------------------------------------------------------------------------------
 
 
-
 def test_kd_loss_hand_computed():
     T = 2.0
     student = torch.zeros(1, 2)
@@ -144,7 +137,6 @@ def test_kd_loss_hand_computed():
     # averaged over the batch: a second, perfectly matched row halves it
     both = kd_loss(torch.cat([student, teacher]), torch.cat([teacher, teacher]), T=T)
     assert both.item() == pytest.approx(kl * T * T / 2, rel=1e-5)
-
 
 
 def test_sp_loss_hand_computed():
@@ -158,7 +150,6 @@ def test_sp_loss_hand_computed():
     assert sp_loss(torch.randn(4, 8, 2, 2), torch.randn(4, 3, 4, 4)).shape == ()
 
 
-
 def crd_reference_loss(anchor, positive, negatives, log_z, T, n_data=50000):
     """CRD's eq. 18 written as CRD writes it: P = exp(v.u/T) / Z with Z = exp(log_z) * n_data, noise 1/n_data."""
     m = negatives.shape[0]
@@ -168,7 +159,6 @@ def crd_reference_loss(anchor, positive, negatives, log_z, T, n_data=50000):
     log_d1 = torch.log(p_pos / (p_pos + m * pn))
     log_d0 = torch.log(m * pn / (p_neg + m * pn))
     return -(log_d1.sum() + log_d0.sum()) / anchor.shape[0]
-
 
 
 def test_crd_lite_matches_crd_nce_and_updates_its_queue():
@@ -196,13 +186,11 @@ def test_crd_lite_matches_crd_nce_and_updates_its_queue():
     assert crd.queue_next.item() == 1 and torch.equal(crd.log_z, z_before)  # Z is fixed after the first batch
 
 
-
 def test_crd_lite_updates_its_queues_in_place():
     crd = CRDLite(6, 10, dim=4, negatives=5, T=0.5)
     pointers = [b.data_ptr() for b in crd.buffers()]
     crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
     assert [b.data_ptr() for b in crd.buffers()] == pointers
-
 
 
 def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
@@ -218,7 +206,6 @@ def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
     assert len(reduced) == 2 and int(crd.queue_next) == 3 * 3 * 2 % 8  # each step enqueues both processes' rows
 
 
-
 def test_between_class_cosine_hand_computed():
     sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
     # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
@@ -226,7 +213,6 @@ def test_between_class_cosine_hand_computed():
 
 
 # --- feature taps and the loss wiring ----------------------------------------------------------------------------
-
 
 
 def test_features_and_logits_on_a_torchvision_model():
@@ -238,7 +224,6 @@ def test_features_and_logits_on_a_torchvision_model():
     assert feature.shape == (2, 512) and logits.shape == (2, 7)
     assert torch.allclose(model.fc(feature), logits, atol=1e-6)
     assert not model.fc._forward_pre_hooks  # the hook is gone afterwards
-
 
 
 def test_projkd_copied_alone_imports_and_runs(tmp_path):
@@ -275,13 +260,11 @@ def test_projkd_copied_alone_imports_and_runs(tmp_path):
 # --- config and CLI ----------------------------------------------------------------------------------------------
 
 
-
 def test_parse_args_types_flags_and_spellings():
     cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth", "2",
                              "--deterministic", "--no-resume"])
     assert (cfg.student, cfg.epochs, cfg.kd_T, cfg.proj_depth, cfg.deterministic, cfg.resume) == \
         ("vgg8", 3, 2.5, 2, True, False)
-
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -294,7 +277,6 @@ def test_parse_args_types_flags_and_spellings():
 def test_parse_args_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         projkd.parse_args(argv)
-
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -324,7 +306,6 @@ def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv
     assert not run_dir.exists()
 
 
-
 def test_protocols_per_dataset_and_explicit_values_win():
     cifar, _ = projkd.resolve_config(projkd.Config(student="vgg8", method="ce", device="cpu"))
     imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
@@ -340,7 +321,6 @@ def test_protocols_per_dataset_and_explicit_values_win():
     assert (explicit.epochs, explicit.lr, explicit.weight_decay) == (3, 0.2, 0.0)
 
 
-
 def test_help_lists_every_option_with_its_comment(capsys):
     assert projkd.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -349,12 +329,10 @@ def test_help_lists_every_option_with_its_comment(capsys):
     assert "weight of the MDA loss" in out
 
 
-
 def test_help_piped_into_head_ends_quietly():
     result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head -1", shell=True,
                             capture_output=True, text=True)
     assert result.stdout.startswith("projkd: Improved Feature Distillation") and result.stderr == ""
-
 
 
 def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
@@ -366,7 +344,6 @@ def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
 
 
-
 def test_importing_projkd_has_no_side_effects(tmp_path):
     # nor tables.py (projkd.py eval imports it): matplotlib is imported only for figures, models.py where used
     code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import projkd, tables; "
@@ -376,7 +353,6 @@ def test_importing_projkd_has_no_side_effects(tmp_path):
 
 
 # --- data --------------------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
@@ -391,11 +367,9 @@ def test_load_cifar100_reads_the_official_layout(tmp_path, bytes_keys):
     assert train_y.tolist() == labels
 
 
-
 def test_load_cifar100_missing_says_where_it_looked(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "cifar-100-python")):
         load_cifar100(str(tmp_path))
-
 
 
 def test_load_cifar100_refuses_pickles_that_run_code(tmp_path):
@@ -409,7 +383,6 @@ def test_load_cifar100_refuses_pickles_that_run_code(tmp_path):
         pickle.dump({"data": Evil()}, f)
     with pytest.raises(UserError, match="unexpected object"):
         load_cifar100(str(tmp_path))
-
 
 
 def test_crop_flip_offsets_padding_and_flips():
@@ -433,14 +406,12 @@ def test_crop_flip_offsets_padding_and_flips():
         assert torch.equal(out[i], ref.flip(2) if flip[i] else ref)
 
 
-
 def test_synthetic_data_is_deterministic_and_balanced():
     a = projkd.make_synthetic(200, 10)
     b = projkd.make_synthetic(200, 10)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert a[0].shape == (200, 3, 32, 32) and a[0].dtype == torch.uint8
     assert torch.bincount(a[1]).tolist() == [20] * 10
-
 
 
 @pytest.mark.parametrize("layout,message", [
@@ -466,7 +437,6 @@ def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, messag
 # --- the training loop -------------------------------------------------------------------------------------------
 
 
-
 def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     files = sorted(os.listdir(synthetic_teacher))
     assert files == ["last.pt", "log.csv", "metrics.json", "model.pt"]  # and no temporary leftovers
@@ -481,7 +451,6 @@ def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
     MODELS[SMALL_TEACHER](num_classes=10).load_state_dict(state, strict=True)  # plain state_dict, nothing else
-
 
 
 @pytest.mark.parametrize("method", ["pefd", "kd", "sp", "crd"])
@@ -511,12 +480,10 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     assert f"loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, {term} {row[f'train_{term}']:.4f})" in out
 
 
-
 def test_lr_schedule_steps_after_the_milestones():
     cfg = projkd.Config(lr=0.05, lr_decay_epochs="150,180,210")
     lrs = [projkd.lr_at(cfg, e) for e in (0, 149, 150, 179, 180, 210, 239)]
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
-
 
 
 def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypatch):
@@ -543,7 +510,6 @@ def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypa
     run.feed.close()
 
 
-
 def test_epoch_buffers_are_refilled_in_place(tmp_path):
     """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
     run = small_run(tmp_path, "--synthetic-size", "96")
@@ -556,14 +522,12 @@ def test_epoch_buffers_are_refilled_in_place(tmp_path):
     run.feed.close()
 
 
-
 def test_progress_lines_within_an_epoch(tmp_path, capsys):
     assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--progress-seconds", "1e-9",
                                       "--synthetic-size", "96", "--run-dir", str(tmp_path / "run"))) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
     assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
     assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
-
 
 
 def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_their_run(tmp_path, capsys,
@@ -580,7 +544,6 @@ def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_
     assert not any(b[0] == "--workers" for b in block)  # ImageNet's loaders only: nothing to say on CIFAR-style data
 
 
-
 def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     """RepDistiller's {'model': state_dict} with DataParallel's 'module.' prefixes loads like our model.pt."""
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
@@ -590,7 +553,6 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     teacher = models.load_teacher(SMALL_TEACHER, str(repdistiller_style), 10)
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
-
 
 
 @pytest.mark.parametrize("problem,message", [
@@ -620,7 +582,6 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
     assert not (run_dir / "model.pt").exists()
 
 
-
 def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     path = tmp_path / "teacher.pt"
     torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)  # a whole module: needs unsafe unpickling
@@ -629,7 +590,6 @@ def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python objects" in err
     assert err.count("\n") == 1 and "weights_only" not in err
-
 
 
 def test_a_folder_given_as_teacher_checkpoint_is_named_as_a_folder(tmp_path, capsys):
@@ -665,7 +625,6 @@ def test_default_teacher_location_is_named_with_the_fix(tmp_path, capsys, monkey
     assert not (tmp_path / "runs").exists()
 
 
-
 def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir))
@@ -676,7 +635,6 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
     assert "holds a run with other settings (teacher" in capsys.readouterr().err
 
 
-
 def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(capsys):
     # /proc takes no new folders, whoever asks (as a read-only file system); --data-dir has no CIFAR-100 either:
     # the run directory's error must come first
@@ -684,7 +642,6 @@ def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(ca
                         "--run-dir", "/proc/projkd-test/run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("projkd: error: cannot write in --run-dir /proc/projkd-test/run") and err.count("\n") == 1
-
 
 
 def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
@@ -703,7 +660,6 @@ def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp
     assert not run_dir.exists() or not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
-
 def test_two_processes_cannot_train_into_one_run_dir(tmp_path, capsys):
     run_dir = tmp_path / "run"
     with projkd.run_dir_lock(str(run_dir)):  # as another process training there would hold it
@@ -712,7 +668,6 @@ def test_two_processes_cannot_train_into_one_run_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{run_dir} is being trained by another process (pid {os.getpid()})" in err and err.count("\n") == 1
     assert not run_dir.exists()  # the holder made it, and left it empty
-
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -724,7 +679,6 @@ def test_ctrl_c_says_how_to_continue(capsys, monkeypatch, resume):
     assert projkd.main(args) == 130
     err = capsys.readouterr().err
     assert ("run the same command again" in err) == resume and ("plus --resume" in err) != resume
-
 
 
 def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
@@ -753,7 +707,6 @@ def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
     # 3 classes: the top 5 hold every class, so top-5 is 100 whatever the weights. A top-5 that can miss is
     # checked on 10 classes in test_distributed_top1_equals_one_process_evaluating_model_pt.
     assert metrics["last_top5"] == 100.0 >= metrics["last_top1"]
-
 
 
 class FakeCUDA:
@@ -803,7 +756,6 @@ class FakeCUDA:
             self.steps += 1
 
 
-
 @pytest.mark.parametrize("failure", [None, "raises", "empty"])
 def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, failure):
     fake = FakeCUDA(monkeypatch, failure)
@@ -819,7 +771,6 @@ def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys,
         assert stepper.failure.startswith(reason[failure]) and "goes on eagerly" in out and out.count("warning") == 1
 
 
-
 def test_the_graph_side_stream_is_made_on_the_runs_device(monkeypatch):
     """--device cuda:1: the device becomes current before any stream is made, so the capture records the step's
     kernels (made on cuda:0, the side stream and the capture would record nothing)."""
@@ -827,7 +778,6 @@ def test_the_graph_side_stream_is_made_on_the_runs_device(monkeypatch):
     projkd.setup_torch(torch.device("cuda", 1))
     projkd.CUDAGraphStep(fake.step, fake.steps)
     assert fake.stream_devices == [1]
-
 
 
 def test_teacher_for_speed_keeps_batchnorm_in_float32():
@@ -840,7 +790,6 @@ def test_teacher_for_speed_keeps_batchnorm_in_float32():
 
 
 # --- resume ------------------------------------------------------------------------------------------------------
-
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher, capsys):
@@ -866,7 +815,6 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
     mb = json.loads((resumed / "metrics.json").read_text())
     keys = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
     assert [{k: h[k] for k in keys} for h in ma["history"]] == [{k: h[k] for k in keys} for h in mb["history"]]
-
 
 
 def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
@@ -1121,13 +1069,11 @@ def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
 # --- distributed training (torchrun, gloo on the CPU) ------------------------------------------------------------
 
 
-
 def ddp_args(synthetic_teacher, run_dir, *extra):
     return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "3", "--device",
             "cpu", "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "crd",
             "--crd-negatives", "64", "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--checkpoint-seconds", "0",
             "--run-dir", str(run_dir), *extra]
-
 
 
 @pytest.fixture(scope="module")
@@ -1138,7 +1084,6 @@ def ddp_run(tmp_path_factory, synthetic_teacher):
     return run_dir, result.stdout
 
 
-
 def test_two_processes_train_one_model(ddp_run):
     run_dir, out = ddp_run
     assert "the weights are the same in all 2 processes" in out  # checked by the processes themselves
@@ -1147,7 +1092,6 @@ def test_two_processes_train_one_model(ddp_run):
     assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv", "metrics.json", "model.pt"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["history"]) == 3
-
 
 
 def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_path):
@@ -1174,7 +1118,6 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
     run.feed.close()
 
 
-
 def test_imagenet_under_two_processes(tmp_path):
     root = write_image_folder(tmp_path / "imagenet", val=3)
     run_dir = tmp_path / "run"
@@ -1192,7 +1135,6 @@ def test_imagenet_under_two_processes(tmp_path):
 # --- evaluation and the entry points: projkd.py eval, each subcommand's help --------------------------------------
 
 
-
 def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, tmp_path, capsys):
     """eval of a run's model.pt without --dataset: the run's own test set (synthetic, 512 images), not the defaults."""
     metrics = json.loads((synthetic_teacher / "metrics.json").read_text())
@@ -1201,7 +1143,6 @@ def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, t
     assert "note: dataset=synthetic, synthetic_size=512 from the run's metrics.json" in capsys.readouterr().out
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["images"] == 128 and record["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
-
 
 
 def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tmp_path, capsys, monkeypatch):
@@ -1218,8 +1159,6 @@ def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tm
                         "synthetic", "--synthetic-size", "128", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "top-1 9.38%" in out and f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out  # 3 of 32
-
-
 
 
 def test_subcommands_have_their_own_help(capsys):
