@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from models import TORCHVISION_WEIGHTS, WeightsError, torchvision_state_dict
-from projkd import EvalConfig, evaluate_checkpoint, file_sha256, options_of, save, teacher_provenance
+from projkd import EvalConfig, atomic_write, evaluate_checkpoint, file_sha256, options_of, save, teacher_provenance
 
 # -----------------------------------------------------------------------------------------------------------------
 # torchvision's ImageNet weights: the paper's ImageNet teachers
@@ -46,19 +46,14 @@ def fetch_weights(wc):
         raise WeightsError(f"fetch-weights takes --arch {' | '.join(TORCHVISION_WEIGHTS)}, not {wc.arch!r}")
     out = wc.out or os.path.join("checkpoints", "imagenet", f"{wc.arch}.pt")
     state = torchvision_state_dict(wc.arch, wc.weights, out)
-    staged = f"{out}.tmp{os.getpid()}"
-    try:
+
+    def write(staged):  # the record first, then atomic_write renames the file into place
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         save(state, staged)
         record = {"arch": wc.arch, "how": f"fetched from torchvision ({wc.weights}, hash-checked)",
                   "sha256": file_sha256(staged)}
         save(record, f"{os.path.splitext(out)[0]}.json")
-        os.replace(staged, out)
-    except OSError as e:
-        raise WeightsError(f"cannot write {out} ({e.strerror or e}); pass --out in a folder you can write") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(staged)
+    atomic_write(out, write)
     print(f"torchvision's {wc.arch} {wc.weights} -> {out}")
 
 

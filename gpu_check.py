@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import models
-from projkd import UserError, code_version, file_sha256, parse_args
+from projkd import UserError, code_version, file_sha256, parse_args, save
 from teacher_cache import read_cache_header
 
 CHECK_DIR = os.path.join("results", "gpu-check")  # the steps' records, logs and the tests' junit xml
@@ -73,11 +73,8 @@ def read_json(path):
 
 
 def write_json(obj, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save(obj, path)  # atomic; a failed write is one line
 
 
 # --- start: the GPU, or one line saying there is none -----------------------------------------------------------
