@@ -387,7 +387,8 @@ def render_markdown(tc, cells, found):
         paper_column = " | paper" if with_paper else ""
         header = ["", *(f"{p.replace(':', ' → ')}{paper_column}" for p in pairs)]
         lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * (1 + len(pairs) * (2 if with_paper else 1)))
+        columns_per_pair = 2 if with_paper else 1  # ours, and the paper's beside it
+        lines.append("|" + "---|" * (1 + len(pairs) * columns_per_pair))
         labels = list(dict.fromkeys(c["row"] for c in cells if c["table"] == table))
         for label in labels:
             row = [label]
