@@ -1,9 +1,10 @@
 """The house in layers: which project file may import which, checked on the source with `ast`.
 
-Every file sits in a layer and imports only from the layers below it, at the top of the file. projkd.py, the
-reference, reaches models.py lazily (so that it copies alone), and has the one upward import the design allows:
-training opens the teacher cache. The subcommand table (projkd.COMMANDS) names the tools' modules as strings,
-imported with importlib when a subcommand runs; that is the other way up, and not an import statement."""
+Every file sits in a layer and imports only from the layers below it, at the top of the file.
+projkd.py, the reference, reaches models.py lazily (so that it copies alone), and has the one upward
+import the design allows: training opens the teacher cache. The subcommand table (projkd.COMMANDS)
+names the tools' modules as strings, imported with importlib when a subcommand runs; that is the
+other way up, and not an import statement."""
 import ast
 import glob
 import os
@@ -16,8 +17,10 @@ from conftest import HERE
 LAYERS = ["models", "projkd", "teacher_cache", "bench", "figures", "tables", "fetch", "gpu_check"]
 # (importer, imported) imports made inside a function rather than at the top of the file.
 LAZY = {
-    ("projkd", "models"): "copied alone, projkd.py imports anywhere: models.py only where it is used",
-    ("projkd", "teacher_cache"): "the one place where training opens the teacher cache (setup_teacher)",
+    ("projkd", "models"):
+        "copied alone, projkd.py imports anywhere: models.py only where it is used",
+    ("projkd", "teacher_cache"):
+        "the one place where training opens the teacher cache (setup_teacher)",
 }
 
 
@@ -29,7 +32,8 @@ def project_files(folder):
 
 
 def project_imports(path, modules):
-    """[(imported module, whether at module level, line)] of the imports of project modules in the file."""
+    """[(imported module, whether at module level, line)] of the imports of project modules in the
+    file."""
     tree = ast.parse(open(path).read(), path)
     top_level = {id(node) for node in tree.body}
     found = []
@@ -48,7 +52,8 @@ def project_imports(path, modules):
 def layer_violations(folder):
     """Every import that breaks the layers, as a readable line; [] for a house in order."""
     files = project_files(folder)
-    problems = [f"{name}.py is in no layer: add it to LAYERS" for name in files if name not in LAYERS]
+    problems = [f"{name}.py is in no layer: add it to LAYERS"
+                for name in files if name not in LAYERS]
     for name, path in files.items():
         if name not in LAYERS:
             continue
@@ -102,7 +107,8 @@ def test_a_lazy_import_of_a_lower_layer_and_a_new_file_fail_the_layer_check(tmp_
     (tmp_path / "bench.py").write_text("import models\nimport projkd\nimport teacher_cache\n")
     (tmp_path / "projkd.py").write_text("import teacher_cache\n")
     problems = layer_violations(tmp_path)
-    assert "tables.py:2 imports projkd inside a function: imports go at the top of the file" in problems
+    assert ("tables.py:2 imports projkd inside a function: imports go at the top of the file"
+            in problems)
     assert "helpers.py is in no layer: add it to LAYERS" in problems
     assert not [p for p in problems if p.startswith("bench.py")]
     assert any(p.startswith("projkd.py:1 imports teacher_cache at the top") for p in problems)
