@@ -36,8 +36,9 @@ DEPS ?= .deps-installed
 endif
 # The data every cifar100 (or imagenet) run needs.
 DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)$(if $(ON_IMAGENET),$(DATA_DIR)/val)
-# A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU.
-RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)) projkd.py \
+# A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU,
+# through torchrun_signals.py, which passes SIGUSR1 and SIGTERM on to every worker (docs/many-gpus.md).
+RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), torchrun_signals.py --standalone --nproc_per_node=$(NPROC)) projkd.py \
   --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
 # The teacher-output cache: one file per teacher checkpoint, built once, read by its pefd, kd and crd runs on
 # CIFAR-style data (their --teacher-cache on). With TEACHER_CACHE=auto only on a GPU: not for DEVICE=cpu, and for

@@ -188,7 +188,7 @@ def plan_lines(*args):
 def test_make_plan_for_imagenet_all():
     plan = plan_lines("imagenet-all")
     trainings = [line for line in plan if "projkd.py --dataset" in line]
-    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=1 projkd.py"
+    torchrun = f"{sys.executable} torchrun_signals.py --standalone --nproc_per_node=1 projkd.py"
     assert all(t.startswith(f"{torchrun} --dataset imagenet --data-dir data/imagenet --device auto --epochs 100 ")
                for t in trainings)
     expected = [f"{p.replace(':', '-')}/{m}-seed1" for p in IMAGENET_PAIRS.split() for m in ("pefd", "kd")]
@@ -240,7 +240,7 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
     plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
     launched = [line for line in plan if line.startswith(launch + " ")]
     assert len(launched) == 10 + 13 and all(
-        line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
+        line.startswith(f"{launch} {sys.executable} torchrun_signals.py --standalone --nproc_per_node=4 ")
         for line in launched if " eval " not in line)  # the evaluations: one process, one GPU
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
     assert plan_lines("bench", f"LAUNCH={launch}")[-2:] == [  # its figure is drawn here, as the tables are
@@ -393,7 +393,8 @@ def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
     first = make("-j4", "imagenet-all", *knobs)
     assert first.returncode == 0, first.stderr
     done = calls(log)
-    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * (3 + 13) + ["tables.py"]
+    assert sorted(c.split()[0] for c in done) == ["projkd.py"] * (3 + 13) + ["tables.py"] + \
+        ["torchrun_signals.py"] * 10
     assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
     assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
 
