@@ -237,8 +237,12 @@ def open_for_run(run):
     cache's file lock, so one builds it while the others wait on the lock, not in a collective whose timeout
     (NCCL's: 10 minutes) a long build would exceed; on nodes without a shared file system each node builds its own."""
     cfg, data = run.cfg, run.data
-    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), run.teacher, data, run.autocast,
-                                 run.memory_format, cfg.eval_batch_size, cfg.teacher_cache_ram)
+    # Each process that reads the file whole holds a copy of its own: the processes of this machine share
+    # --teacher-cache-ram out among them (8 copies of vgg13's 9.9 GB would not fit where one does).
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ram_share = cfg.teacher_cache_ram / local_processes
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), run.teacher, data,
+                                 run.autocast, run.memory_format, cfg.eval_batch_size, ram_share)
     log(f"teacher cache: {cfg.teacher_cache_file} (built in {cache.header['build_seconds']:.0f} s on "
         f"{cache.header['device']}{'; read whole into memory' if cache.read_whole else ''})")
     return cache

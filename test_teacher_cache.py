@@ -110,6 +110,25 @@ def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fit
     assert isinstance(in_memory.whole, np.ndarray) and not isinstance(in_memory.whole, np.memmap)
 
 
+def test_the_processes_of_one_machine_share_the_memory_budget_of_the_cache(tmp_path, monkeypatch):
+    """Under torchrun each of LOCAL_WORLD_SIZE processes would read its own copy: the file is read whole only
+    if all the copies fit in --teacher-cache-ram of the memory."""
+    import types
+    teacher = MODELS["resnet8"](num_classes=10).eval()
+    torch.save(teacher.state_dict(), tmp_path / "t.pt")
+    cfg = projkd.Config(teacher="resnet8", teacher_ckpt=str(tmp_path / "t.pt"), amp="off",
+                        dataset="synthetic", synthetic_size=8, teacher_cache_ram=0.25, eval_batch_size=64,
+                        teacher_cache_file=str(tmp_path / "t.tcache"))
+    run = types.SimpleNamespace(cfg=cfg, data=projkd.load_data(cfg, torch.device("cpu")), teacher=teacher,
+                                autocast=contextlib.nullcontext(), memory_format=torch.contiguous_format)
+    teacher_cache.open_for_run(run)  # builds it
+    size = os.path.getsize(tmp_path / "t.tcache")
+    monkeypatch.setattr(teacher_cache, "physical_memory", lambda: 8 * size)  # a quarter: 2 copies
+    for processes, whole in (("1", True), ("2", True), ("3", False), ("8", False)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert teacher_cache.open_for_run(run).read_whole == whole, processes
+
+
 def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys):
     """Under torchrun the processes that do not build the cache wait on its lock, never in a collective (NCCL's
     times out after 10 minutes): here the lock is held by another thread while the build waits."""
