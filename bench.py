@@ -6,8 +6,10 @@ image and MFU; and a check that the graphed step equals the eager one. Writes <o
 """
 import contextlib
 import dataclasses
+import importlib
 import io
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -105,6 +107,17 @@ def classic_loop_images_per_s(teacher_arch, student_arch, images, labels, bc, de
             break
     synchronize(device)
     return bc.classic_steps * bc.batch_size / (time.time() - start)
+
+def check_classic_loop_packages():
+    """The classic loop reads images as KD codebases do, through torchvision's transforms on PIL images:
+    without either package, one line saying what to install, before anything is measured or written."""
+    for module, package in (("PIL", "Pillow"), ("torchvision.transforms", "torchvision")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            matching = f" (the build for torch {torch.__version__})" if package == "torchvision" else ""
+            raise UserError(f"bench's classic loop needs {package}, which {sys.executable} cannot import: "
+                            f"pip install {package}{matching}, as requirements.txt lists it") from None
 
 def synchronize(device):
     if device.type == "cuda":
@@ -248,6 +261,7 @@ def run_bench(bc):
         defaults["pairs"] = bc.pairs
     bc = dataclasses.replace(bc, **{k: v for k, v in defaults.items() if getattr(bc, k) is None or k == "pairs"})
     pairs = [p.split(":") for p in bc.pairs.split()]
+    check_classic_loop_packages()
     for teacher_arch, student_arch in pairs:
         check_arch(teacher_arch, "teacher", "cifar100")
         check_arch(student_arch, "student", "cifar100")

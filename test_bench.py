@@ -1,5 +1,6 @@
 """Tests for bench.py: its tiny CPU version runs every loop it measures, and the GPU peaks it computes MFU with."""
 import json
+import sys
 
 import pytest
 import torch
@@ -42,3 +43,17 @@ def test_bench_peak_of_each_gpu_and_none_for_a_mig_slice(monkeypatch, name, peak
     import bench
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert bench.bf16_peak_flops(torch.device("cuda")) == peak
+
+
+@pytest.mark.parametrize("module,package", [("PIL", "Pillow"), ("torchvision", "torchvision"),
+                                            ("torchvision.transforms", "torchvision")])
+def test_bench_without_torchvision_or_pillow_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
+                                                                             module, package):
+    monkeypatch.setitem(sys.modules, module, None)  # import of it fails, as where it is not installed
+    out = tmp_path / "results"
+    assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(out), "--steps", "1",
+                        "--classic-steps", "1", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"projkd: error: bench's classic loop needs {package}, which ") and err.count("\n") == 1
+    assert f"pip install {package}" in err and "Traceback" not in err
+    assert not out.exists()
