@@ -208,6 +208,58 @@ def random_teacher(opts):
     print(f"gpu-check: {opts.out}: a randomly initialised {opts.arch} ({opts.classes} classes)")
 
 
+# --- differences: how far apart two results are that should be bitwise equal ------------------------
+
+def tensor_differences(reference, other):
+    """Per tensor of `reference` (a name -> tensor dict) that `other` does not equal bitwise: its name,
+    largest absolute difference and largest relative one (to the larger magnitude of the two values),
+    largest relative first."""
+    rows = []
+    for name, a in reference.items():
+        b = other[name]
+        if torch.equal(a, b):
+            continue
+        a, b = a.detach().double().cpu(), b.detach().double().cpu()
+        gap = (a - b).abs()
+        relative = gap / torch.maximum(a.abs(), b.abs()).clamp_min(1e-30)
+        rows.append((name, gap.max().item(), relative.max().item()))
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def first_difference(reference, other):
+    """The index of the first value (a step's loss, an epoch's) that differs, or None."""
+    for i, (a, b) in enumerate(zip(reference, other)):
+        if a != b:
+            return i
+    if len(reference) != len(other):
+        return min(len(reference), len(other))
+    return None
+
+
+def difference_report(reference, other, reference_losses, other_losses, unit="step"):
+    """What a failed bitwise comparison says: a first line with the first `unit` whose loss differs and the
+    tensor furthest off, then one line per tensor that differs. Empty when both are bitwise equal."""
+    first = first_difference(reference_losses, other_losses)
+    tensors = tensor_differences(reference, other)
+    if first is None and not tensors:
+        return ""
+    summary = [f"no {unit}'s loss differs"]
+    if first is not None:
+        losses = [values[first] if first < len(values) else "none"
+                  for values in (reference_losses, other_losses)]
+        summary = [f"first {unit} that differs: {first + 1} (loss {losses[0]!r} against {losses[1]!r})"]
+    if tensors:
+        name, gap, relative = tensors[0]
+        summary.append(f"{len(tensors)} of {len(reference)} tensors differ, most {name} (largest absolute "
+                       f"difference {gap:.3g}, relative {relative:.3g})")
+    else:
+        summary.append(f"all {len(reference)} tensors are bitwise equal")
+    lines = ["; ".join(summary)]
+    for name, gap, relative in tensors:
+        lines.append(f"  {name}: largest absolute difference {gap:.3g}, relative {relative:.3g}")
+    return "\n".join(lines)
+
+
 # --- report: results/gpu-check.md and .json ----------------------------------------------------------------------
 
 def option(command, flag):

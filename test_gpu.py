@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpu_check
 import models
 import projkd
 import teacher_cache
@@ -121,14 +122,20 @@ def determinism_alerts():
     alerts += sorted({str(w.message).splitlines()[0][:160] for w in caught if "deterministic" in str(w.message)})
 
 
-def assert_bitwise_or_explained(alerts, record_property, equal, gaps, tolerance):
-    """Bitwise when no op alerted; else within `tolerance` (fp32 reductions in another order), saying why."""
+def assert_bitwise_or_explained(alerts, record_property, report, gaps, tolerance):
+    """Bitwise when no op alerted; else within `tolerance` (fp32 reductions in another order), saying why.
+    `report` is gpu_check.difference_report's (empty: bitwise equal): where the runs part and by how much
+    per tensor, in the failure's message and, its first line, in the test's record (the gpu-check report),
+    so that one GPU session tells noise from a defect."""
+    if report:
+        record_property("differences", report.splitlines()[0])
     if not alerts:
-        assert equal, (f"not bitwise equal, and no op reported itself nondeterministic (torch may warn once per "
-                       f"process); gaps {gaps}")
+        summary, _, per_tensor = report.partition("\n")
+        assert not report, (f"not bitwise equal ({summary}), and no op reported itself nondeterministic "
+                            f"(torch may warn once per process); gaps {gaps}\n{per_tensor}")
         return
     record_property("not bitwise because", "; ".join(alerts))
-    assert max(gaps.values()) <= tolerance, (gaps, alerts)
+    assert max(gaps.values()) <= tolerance, (gaps, alerts, report)
 
 
 # --- the CUDA graph against the eager step ---------------------------------------------------------------------
@@ -174,11 +181,11 @@ def test_graph_step_is_bitwise_the_eager_step_in_fp32_deterministic(folder, teac
                                        deterministic=True, teacher_cache=cache), n) for graph in ("off", "on")}
     eager, graphed = runs["off"], runs["on"]
     assert_the_graph_replayed(graphed, n)
-    equal = eager["losses"] == graphed["losses"] and all(torch.equal(eager["end"][k], graphed["end"][k])
-                                                         for k in eager["end"])
+    report = gpu_check.difference_report(eager["end"], graphed["end"], eager["losses"],
+                                         graphed["losses"])
     gaps = {"loss": loss_gap(graphed["losses"], eager["losses"]),
             "update": update_gap(eager["start"], graphed["end"], eager["end"])}
-    assert_bitwise_or_explained(alerts, record_property, equal, gaps, tolerance=1e-3)
+    assert_bitwise_or_explained(alerts, record_property, report, gaps, tolerance=1e-3)
 
 
 def test_graph_step_matches_the_eager_step_in_bf16(folder, teacher_ckpt):
@@ -372,20 +379,28 @@ def amp_config(folder, teacher_ckpt, amp, **changes):
                                                           "checkpoint_seconds": 0, **changes})
 
 
+def amp_run(folder, teacher_ckpt, amp):
+    cfg = amp_config(folder, teacher_ckpt, amp)
+    assert projkd.main(cli(cfg)) == 0, f"the 4-epoch {amp} run failed"
+    return cfg
+
+
+# One fixture per precision: a failing fp16 run errs its own test alone, not bf16's or the evaluation's.
 @pytest.fixture(scope="module")
-def amp_runs(folder, teacher_ckpt):
-    """4-epoch runs in bf16 (the CUDA graph on) and fp16 (its gradient scaler: eager), through the CLI."""
-    runs = {}
-    for amp in ("bf16", "fp16"):
-        cfg = amp_config(folder, teacher_ckpt, amp)
-        assert projkd.main(cli(cfg)) == 0
-        runs[amp] = cfg
-    return runs
+def bf16_run(folder, teacher_ckpt):
+    """A 4-epoch run in bf16 (the CUDA graph on), through the CLI."""
+    return amp_run(folder, teacher_ckpt, "bf16")
+
+
+@pytest.fixture(scope="module")
+def fp16_run(folder, teacher_ckpt):
+    """A 4-epoch run in fp16 (its gradient scaler: eager), through the CLI."""
+    return amp_run(folder, teacher_ckpt, "fp16")
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_bf16_and_fp16_train_with_finite_falling_losses(amp_runs, amp):
-    metrics = history_of(amp_runs[amp].run_dir)
+def test_bf16_and_fp16_train_with_finite_falling_losses(request, amp):
+    metrics = history_of(request.getfixturevalue(f"{amp}_run").run_dir)
     losses = [h["train_loss"] for h in metrics["history"]]
     assert metrics["config"]["amp"] == amp and len(losses) == 4
     assert metrics["config"]["graph"] == ("on" if amp == "bf16" else "off")  # fp16's scaler runs eagerly
@@ -462,19 +477,19 @@ def test_a_cuda_run_resumes_bit_identically_under_deterministic(folder, teacher_
     a, b = (torch.load(os.path.join(c.run_dir, "model.pt"), weights_only=True) for c in (straight, resumed))
     la, lb = ([h["train_loss"] for h in history_of(c.run_dir)["history"]] for c in (straight, resumed))
     zero = {k: torch.zeros_like(v) for k, v in floats(a).items()}  # relative to the weights: no start was kept
-    equal = la == lb and all(torch.equal(a[k], b[k]) for k in a)
+    report = gpu_check.difference_report(a, b, la, lb, unit="epoch")  # log.csv has losses per epoch
     gaps = {"loss": loss_gap(lb, la), "weights": update_gap(zero, floats(b), floats(a))}
-    assert_bitwise_or_explained(alerts, record_property, equal, gaps, tolerance=1e-4)
+    assert_bitwise_or_explained(alerts, record_property, report, gaps, tolerance=1e-4)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
-def test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32(amp_runs):
+def test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32(bf16_run):
     """The bf16 run's model on 10,000 generated test images: top-1 within 0.1 points (10 images) of CPU float32."""
     cpu = torch.device("cpu")
     data = projkd.load_data(projkd.Config(dataset="synthetic", synthetic_size=40000, synthetic_classes=CLASSES), cpu)
     data = dataclasses.replace(data, train_x=None, train_y=None)
-    state = torch.load(os.path.join(amp_runs["bf16"].run_dir, "model.pt"), weights_only=True)
+    state = torch.load(os.path.join(bf16_run.run_dir, "model.pt"), weights_only=True)
     model = models.MODELS[STUDENT](num_classes=CLASSES)
     model.load_state_dict(state)
     reference = projkd.evaluate(model, data, 1000, torch.contiguous_format)

@@ -253,3 +253,37 @@ def test_random_teacher_is_a_loadable_vgg13_whose_runs_say_how_it_was_made(tmp_p
     assert models.load_teacher("vgg13", out, 100).classifier.out_features == 100
     assert projkd.teacher_provenance(out)["how"].startswith("randomly initialised by gpu_check.py")
     assert gpu_check.main(["random-teacher", "--arch", "vgg99", "--out", out]) == 2
+
+
+def test_a_bitwise_comparison_says_where_the_runs_part_and_by_how_much():
+    """test_gpu.py's fp32 bitwise tests on failure: the first step whose loss differs, and per tensor the
+    largest absolute and relative difference; here from hand-made tensors (those tests skip without CUDA)."""
+    import torch
+
+    from test_gpu import assert_bitwise_or_explained
+    reference = {"conv.weight": torch.tensor([1.0, 2.0, -4.0]), "bn.bias": torch.tensor([0.5, 0.0]),
+                 "bn.num_batches_tracked": torch.tensor(7)}
+    other = {"conv.weight": torch.tensor([1.0, 2.5, -4.0]), "bn.bias": torch.tensor([0.5, 1e-6]),
+             "bn.num_batches_tracked": torch.tensor(7)}
+    report = gpu_check.difference_report(reference, other, [2.0, 1.5, 1.25, 1.0], [2.0, 1.5, 1.3, 1.0])
+    assert report.splitlines() == [
+        "first step that differs: 3 (loss 1.25 against 1.3); 2 of 3 tensors differ, most bn.bias (largest "
+        "absolute difference 1e-06, relative 1)",
+        "  bn.bias: largest absolute difference 1e-06, relative 1",  # 0 against 1e-6: wholly off
+        "  conv.weight: largest absolute difference 0.5, relative 0.2"]  # 2.5 against 2.0
+    same = {k: v.clone() for k, v in reference.items()}
+    assert gpu_check.difference_report(reference, same, [2.0, 1.5], [2.0, 1.5]) == ""
+    assert gpu_check.difference_report(reference, same, [2.0, 1.5], [2.0, 1.75], unit="epoch") == \
+        "first epoch that differs: 2 (loss 1.5 against 1.75); all 3 tensors are bitwise equal"
+    assert gpu_check.difference_report(reference, other, [2.0], [2.0]).startswith("no step's loss differs; ")
+    # the failure as pytest shows it, and as the gpu-check report's table has it (the first line)
+    properties = []
+    with pytest.raises(AssertionError) as failed:
+        assert_bitwise_or_explained([], lambda *p: properties.append(p), report, {"loss": 0.04},
+                                    tolerance=1e-3)
+    message = str(failed.value)
+    assert message.splitlines()[0].startswith("not bitwise equal (first step that differs: 3 (loss 1.25 "
+                                              "against 1.3); 2 of 3 tensors differ, most bn.bias")
+    assert "  conv.weight: largest absolute difference 0.5, relative 0.2" in message
+    assert properties == [("differences", report.splitlines()[0])]
+    assert_bitwise_or_explained([], lambda *p: None, "", {"loss": 0.0}, tolerance=1e-3)  # equal: passes
