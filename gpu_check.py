@@ -12,6 +12,7 @@ A step that fails or runs out of time is recorded and the check goes on; the bud
 lease can run the check and rerun it once) caps every step's timeout by what is left of it.
 """
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -445,13 +446,99 @@ def report_command(_opts):
     return 0 if report["passed"] else 1
 
 
+# --- preflight: the checks that guard the default path, before a pipeline spends GPU-hours -------------
+
+PREFLIGHT_JSON = os.path.join("results", "gpu-preflight.json")
+# The checks and the test_gpu.py tests that make each: the default path of a run on a GPU (the CUDA graph,
+# the teacher cache, bf16 autocast, evaluation in bf16 and channels_last). The tests say their tolerances.
+PREFLIGHT_CHECKS = {
+    "graph = eager": "test_graph_step_matches_the_eager_step_in_bf16",
+    "cache = live": "test_cached_rows_are_the_live_teachers_on_cuda_for_every_view",
+    "bf16 losses finite and falling": "test_bf16_and_fp16_train_with_finite_falling_losses[bf16]",
+    "eval on CUDA = eval on CPU": "test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32",
+}
+
+
+@dataclass
+class PreflightOptions:
+    out: str = PREFLIGHT_JSON  # the report: made once per GPU model and torch version
+    timeout: float = 180.0  # seconds the checks may take
+    off: bool = False  # PREFLIGHT=off: record that the checks were skipped, and check nothing
+
+
+def preflight_verdicts(rows):
+    """One row per check from the test rows (test_results): a check passes only if its test ran and
+    passed; a skipped one proved nothing."""
+    by_test = {row["check"].removeprefix("test "): row for row in rows}
+    verdicts = []
+    for check, test in PREFLIGHT_CHECKS.items():
+        row = by_test.get(test, {"result": "fail", "seconds": None, "detail": "did not run"})
+        result = "pass" if row["result"] == "pass" else "fail"
+        detail = row["detail"] or ("" if result == "pass" else "skipped")
+        verdicts.append({"check": check, "test": test, "result": result, "seconds": row["seconds"],
+                         "detail": detail})
+    return verdicts
+
+
+def preflight_command(opts):
+    """Runs the preflight checks through pytest, unless opts.out already holds a passed report of this GPU
+    model and torch version; writes opts.out either way. Exit status 1 and one line if a check failed."""
+    if opts.off:
+        write_json({"status": "off", "torch": torch.__version__, "code": code_version(),
+                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+                   opts.out)
+        print(f"gpu-preflight: off (PREFLIGHT=off): the GPU is not checked before the trainings; the "
+              f"tables' conditions say so ({opts.out})")
+        return 0
+    if not torch.cuda.is_available():
+        raise UserError(f"the preflight needs a CUDA GPU and torch {torch.__version__} sees none: run it "
+                        f"through LAUNCH on a GPU node, or train with DEVICE=cpu (no preflight)")
+    if importlib.util.find_spec("pytest") is None:
+        raise UserError(f"the preflight runs test_gpu.py's checks with pytest, which {sys.executable} cannot "
+                        f"import: pip install pytest (requirements.txt lists it), or PREFLIGHT=off")
+    gpu = torch.cuda.get_device_name(0)
+    earlier = read_json(opts.out) or {}
+    if earlier.get("status") == "passed" and (earlier.get("gpu"), earlier.get("torch")) == \
+            (gpu, torch.__version__):
+        print(f"gpu-preflight: passed on {gpu} with torch {torch.__version__} ({earlier['date']}): "
+              f"{opts.out}")
+        return 0
+    folder = os.path.join(os.path.dirname(opts.out) or ".", "gpu-preflight")
+    os.makedirs(folder, exist_ok=True)
+    xml, log_path = os.path.join(folder, "tests.xml"), os.path.join(folder, "tests.log")
+    if os.path.exists(xml):
+        os.remove(xml)  # an earlier preflight's
+    test_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_gpu.py")
+    command = [sys.executable, "-m", "pytest", "-v", "-rs", "-m", "gpu", "-o", "junit_family=legacy",
+               "--junitxml", xml, *(f"{test_file}::{test}" for test in PREFLIGHT_CHECKS.values())]
+    print(f"gpu-preflight: checking {gpu} with torch {torch.__version__} (at most {opts.timeout:.0f} s): "
+          f"{', '.join(PREFLIGHT_CHECKS)}", flush=True)
+    rc, seconds, _ = run_command(command, opts.timeout, log_path)
+    checks = preflight_verdicts(test_results(xml, log_path))
+    failed = [c for c in checks if c["result"] != "pass"]
+    if rc is None:
+        failed = failed or [{"check": "time", "detail": f"the checks ran out of their {opts.timeout:.0f} s"}]
+    report = {"status": "failed" if failed else "passed", "gpu": gpu, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "code": code_version(), "seconds": round(seconds, 1),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "checks": checks, "log": log_path}
+    write_json(report, opts.out)
+    if failed:
+        first = failed[0]
+        print(f"gpu-preflight: FAILED: {first['check']}: {first['detail']} (report {opts.out}, log "
+              f"{log_path}); PREFLIGHT=off trains without the check", file=sys.stderr)
+        return 1
+    print(f"gpu-preflight: passed on {gpu} with torch {torch.__version__} in {seconds:.0f} s: {opts.out}")
+    return 0
+
+
 @dataclass
 class NoOptions:
     pass
 
 
 COMMANDS = {"start": (start, StartOptions), "random-teacher": (random_teacher, TeacherOptions),
-            "report": (report_command, NoOptions)}
+            "report": (report_command, NoOptions), "preflight": (preflight_command, PreflightOptions)}
 
 
 def main(argv=None):

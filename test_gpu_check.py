@@ -5,6 +5,7 @@ CUDA. The GPU checks themselves are test_gpu.py's, which skip here.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -287,3 +288,188 @@ def test_a_bitwise_comparison_says_where_the_runs_part_and_by_how_much():
     assert "  conv.weight: largest absolute difference 0.5, relative 0.2" in message
     assert properties == [("differences", report.splitlines()[0])]
     assert_bitwise_or_explained([], lambda *p: None, "", {"loss": 0.0}, tolerance=1e-3)  # equal: passes
+
+
+# --- the GPU preflight: gpu_check.py preflight and the Makefile's trainings waiting for it -----------
+
+PREFLIGHT_TESTS = list(gpu_check.PREFLIGHT_CHECKS.values())
+
+
+def preflight_junit(failing=None, message="", skipped=None):
+    """pytest's junit xml of the preflight's tests: each passes, but `failing` (with `message`) and
+    `skipped`."""
+    cases = []
+    for test in PREFLIGHT_TESTS:
+        outcome = ""
+        if test == failing:
+            outcome = f'<failure message="{message}">trace</failure>'
+        if test == skipped:
+            outcome = '<skipped type="pytest.skip" message="needs CUDA">skip</skipped>'
+        cases.append(f'<testcase classname="test_gpu" name="{test}" time="2.5">{outcome}</testcase>')
+    return ('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">'
+            + "".join(cases) + "</testsuite></testsuites>")
+
+
+@pytest.fixture
+def stand_in_gpu(monkeypatch):
+    """A CUDA GPU as gpu_check sees one, and pytest's run of the checks replaced by the junit xml that
+    `results["xml"]` holds (None: pytest ran out of time and wrote none); `results["calls"]` counts runs."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    results = {"xml": preflight_junit(), "calls": 0}
+
+    def run_command(command, timeout, log_path):
+        results["calls"] += 1
+        assert command[1:3] == ["-m", "pytest"] and timeout == 180
+        assert [c.split("::")[1] for c in command if "::" in c] == PREFLIGHT_TESTS
+        write(log_path, "")
+        if results["xml"] is None:
+            return None, 180.0, []
+        write(command[command.index("--junitxml") + 1], results["xml"])
+        return 0 if "<failure" not in results["xml"] else 1, 61.0, []
+    monkeypatch.setattr(gpu_check, "run_command", run_command)
+    return results
+
+
+def test_preflight_passes_once_per_gpu_model_and_torch_version(tmp_path, monkeypatch, capsys, stand_in_gpu):
+    import torch
+    monkeypatch.chdir(tmp_path)
+    out = gpu_check.PREFLIGHT_JSON
+    assert gpu_check.main(["preflight"]) == 0
+    report = json.loads((tmp_path / out).read_text())
+    assert report["status"] == "passed" and report["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert report["torch"] == torch.__version__
+    assert [(c["check"], c["result"]) for c in report["checks"]] == [
+        ("graph = eager", "pass"), ("cache = live", "pass"), ("bf16 losses finite and falling", "pass"),
+        ("eval on CUDA = eval on CPU", "pass")]
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"gpu-preflight: passed on NVIDIA H100 80GB HBM3 with torch {torch.__version__} in 61 s: {out}"
+    assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 1  # the same GPU and torch
+    assert capsys.readouterr().out.startswith("gpu-preflight: passed on NVIDIA H100 80GB HBM3 with torch ")
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # another torch: checked again
+    assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 2
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")  # another GPU
+    assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 3
+    assert json.loads((tmp_path / out).read_text())["gpu"] == "NVIDIA H200"
+
+
+@pytest.mark.parametrize("case", ["failure", "skipped", "missing", "timeout"])
+def test_a_failed_preflight_check_is_one_line_naming_it_its_numbers_and_the_report(
+        tmp_path, monkeypatch, capsys, stand_in_gpu, case):
+    monkeypatch.chdir(tmp_path)
+    graph_test = gpu_check.PREFLIGHT_CHECKS["graph = eager"]
+    stand_in_gpu["xml"] = {
+        "failure": preflight_junit(failing=graph_test, message="AssertionError: assert 0.034 &lt;= 0.01"),
+        "skipped": preflight_junit(skipped=graph_test),
+        "missing": preflight_junit().replace(f'name="{graph_test}"', 'name="test_renamed"'),
+        "timeout": None}[case]
+    assert gpu_check.main(["preflight"]) == 1
+    err = capsys.readouterr().err
+    why = {"failure": "AssertionError: assert 0.034 <= 0.01", "skipped": "needs CUDA",
+           "missing": "did not run", "timeout": "did not run"}[case]
+    assert err == (f"gpu-preflight: FAILED: graph = eager: {why} (report {gpu_check.PREFLIGHT_JSON}, log "
+                   f"results/gpu-preflight/tests.log); PREFLIGHT=off trains without the check\n")
+    report = json.loads((tmp_path / gpu_check.PREFLIGHT_JSON).read_text())  # kept, for the reader
+    assert report["status"] == "failed" and report["checks"][0]["result"] == "fail"
+    stand_in_gpu["xml"] = preflight_junit()
+    assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 2  # a failure is checked again
+
+
+def test_preflight_off_records_the_skip_and_without_cuda_it_refuses_writing_nothing(tmp_path, monkeypatch,
+                                                                                    capsys):
+    import torch
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["preflight"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu-check: error: the preflight needs a CUDA GPU") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytest" else find_spec(name, *a))
+    assert gpu_check.main(["preflight"]) == 2  # a GPU node's python without pytest
+    assert "pip install pytest" in capsys.readouterr().err and os.listdir(tmp_path) == []
+    assert gpu_check.main(["preflight", "--off"]) == 0
+    assert json.loads((tmp_path / gpu_check.PREFLIGHT_JSON).read_text())["status"] == "off"
+    assert capsys.readouterr().out.startswith("gpu-preflight: off (PREFLIGHT=off)")
+
+
+def fake_nvidia_smi(tmp_path, gpus):
+    """A PATH whose nvidia-smi lists `gpus` (the Makefile asks it whether DEVICE=auto has a GPU)."""
+    folder = tmp_path / f"bin-{len(gpus)}"
+    folder.mkdir()
+    listing = "".join(f"echo 'GPU {i}: {name}'; " for i, name in enumerate(gpus))
+    (folder / "nvidia-smi").write_text(f"#!/bin/sh\n{listing}exit 0\n")
+    (folder / "nvidia-smi").chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def pipeline_plan(*knobs, env=None):
+    result = subprocess.run(["make", "--no-print-directory", "-n", "cifar-all", "SEEDS=1", "PY=py", "DEPS=",
+                             "DATA=", *knobs], cwd=HERE, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_make_plan_trains_on_a_gpu_only_after_the_preflight(tmp_path):
+    preflight = "py gpu_check.py preflight --timeout 180 --out results/gpu-preflight.json"
+    for knobs, env in ((["DEVICE=cuda:0"], None), (["DEVICE=cuda"], None),
+                       ([], fake_nvidia_smi(tmp_path, ["NVIDIA H100 80GB HBM3"]))):
+        plan = pipeline_plan(*knobs, env=env)
+        trainings = [i for i, line in enumerate(plan) if "projkd.py --dataset" in line]
+        assert len(trainings) == 4 + 20 and plan.count(preflight) == 1, (knobs, plan[:3])
+        assert plan.index(preflight) < min(trainings)  # every training waits for it
+    launch = "srun -N1 -n1 --gres=gpu:1"
+    assert f"{launch} {preflight}" in pipeline_plan(f"LAUNCH={launch}")  # under LAUNCH, like every GPU command
+    skipped = pipeline_plan("DEVICE=cuda:0", f"LAUNCH={launch}", "PREFLIGHT=off")
+    assert "py gpu_check.py preflight --off --out results/gpu-preflight.json" in skipped  # no GPU needed
+    assert not any("preflight --timeout" in line for line in skipped)
+    for knobs, env in ((["DEVICE=cpu"], None), ([], fake_nvidia_smi(tmp_path, []))):  # on the CPU: none
+        assert not any("preflight" in line for line in pipeline_plan(*knobs, env=env))
+
+
+STAND_IN_PY = """#!/bin/sh
+# Stands in for python: logs each command; the preflight exits with PREFLIGHT_STATUS.
+echo "$*" >> {log}
+case "$*" in *"gpu_check.py preflight"*) exit ${{PREFLIGHT_STATUS:-0}};; esac
+"""
+
+
+@pytest.mark.parametrize("status", [1, 0])
+def test_a_failed_preflight_stops_the_pipeline_before_any_training(tmp_path, status):
+    for name in ("Makefile", "params.mk"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    write(str(tmp_path / "checkpoints" / "cifar100" / "vgg13.pt"), "")  # a teacher: none to fetch
+    python, log = tmp_path / "py", tmp_path / "calls.log"
+    python.write_text(STAND_IN_PY.format(log=log))
+    python.chmod(0o755)
+    result = subprocess.run(["make", "--no-print-directory", "pair", "T=vgg13", "S=vgg8", "SEEDS=1",
+                             "DEVICE=cuda:0", f"PY={python}", "DEPS=", "DATA=", "METHODS=pefd ce",
+                             "TEACHER_CACHE=off"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PREFLIGHT_STATUS": str(status)})
+    calls = log.read_text().splitlines()
+    assert calls[0] == "gpu_check.py preflight --timeout 180 --out results/gpu-preflight.json"
+    if status:
+        assert result.returncode != 0 and calls == calls[:1]  # nothing trained
+    else:
+        assert [c.split("--run-dir ")[1].split()[0] for c in calls[1:]] == [
+            "runs/cifar100/vgg8/ce-seed1", "runs/cifar100/vgg13-vgg8/pefd-seed1"]
+
+
+@pytest.mark.parametrize("report,said", [
+    (None, "; GPU preflight: none recorded"),
+    ({"status": "off"}, "; GPU preflight: off (PREFLIGHT=off: the GPU was not checked before the runs)"),
+    ({"status": "passed", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
+     "; GPU preflight: passed on NVIDIA H100 80GB HBM3 with torch 2.11.0")])
+def test_the_tables_conditions_say_whether_the_gpu_was_checked_first(tmp_path, monkeypatch, report, said):
+    import tables
+    monkeypatch.chdir(tmp_path)
+    if report is not None:
+        write_json(gpu_check.PREFLIGHT_JSON, report)
+    on_gpu = {"epochs": 240, "config": {"dataset": "cifar100", "device": "cuda:0"}, "device": "NVIDIA H100",
+              "torch": "2.11.0", "code": "abc"}
+    on_cpu = {**on_gpu, "config": {"dataset": "cifar100", "device": "cpu"}, "device": "cpu"}
+    assert tables.conditions([on_gpu, on_cpu]).endswith("finished runs: 2" + said)
+    assert tables.conditions([on_cpu]).endswith("finished runs: 1")  # runs on the CPU: nothing to say
