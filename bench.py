@@ -65,8 +65,8 @@ class _PILImages(torch.utils.data.Dataset):
     """uint8 CHW images as PIL images through a torchvision transform: how KD codebases read
     CIFAR."""
     def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images.permute(0, 2, 3,
-                                                                  1).numpy(), labels.tolist(), transform
+        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.labels, self.transform = labels.tolist(), transform
 
     def __len__(self):
         return len(self.images)
@@ -124,9 +124,12 @@ def check_classic_loop_packages():
         try:
             importlib.import_module(module)
         except ImportError:
-            matching = f" (the build for torch {torch.__version__})" if package == "torchvision" else ""
-            raise UserError(f"bench's classic loop needs {package}, which {sys.executable} cannot import: "
-                            f"pip install {package}{matching}, as requirements.txt lists it") from None
+            matching = ""
+            if package == "torchvision":
+                matching = f" (the build for torch {torch.__version__})"
+            raise UserError(f"bench's classic loop needs {package}, which {sys.executable} cannot "
+                            f"import: pip install {package}{matching}, as requirements.txt lists it"
+                            ) from None
 
 def synchronize(device):
     if device.type == "cuda":
@@ -239,12 +242,14 @@ def bench_pair(teacher_arch, student_arch, bc, device, folder):
              "flags": backend_flags(device)}]
     for graph in (False, True):
         for cached in (False, True):
-            name = f"ours, {'CUDA graph' if graph else 'eager'}, teacher {'cached' if cached else 'live'}"
+            loop = "CUDA graph" if graph else "eager"
+            name = f"ours, {loop}, teacher {'cached' if cached else 'live'}"
             if graph and device.type != "cuda":
                 rows.append({"loop": name, "cached": cached, "images_per_s": None,
                              "skipped": "needs CUDA"})
                 continue
-            run = bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph, cached)
+            run = bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, graph,
+                            cached)
             speed = our_loop_images_per_s(run, bc)
             failure = getattr(run.step, "failure", None)
             row = {"loop": name, "cached": cached, "images_per_s": speed,
@@ -328,20 +333,17 @@ def bench_markdown(report):
     peak = report["bf16_peak_flops"]
     mfu_note = " MFU: unknown peak for this device."
     if peak:
-        mfu_note = (f" MFU: model FLOPs (torch.utils.flop_counter) x images/s over the GPU's dense bf16 peak "
-                    f"({peak / 1e12:.0f} TFLOP/s).")
+        mfu_note = (f" MFU: model FLOPs (torch.utils.flop_counter) x images/s over the GPU's "
+                    f"dense bf16 peak ({peak / 1e12:.0f} TFLOP/s).")
     warmup = f"{report['warmup']} warm-up steps"
     if report["warmup"] == 1:
         warmup = "1 warm-up step"
     lines = [f"# projkd bench: {report['device']}, torch {report['torch']}", "",
              f"PEFD, batch {report['batch_size']}, generated CIFAR-shaped data, random weights; "
-             "images/s over "
-             f"{report['steps']} steps of our loop and {report['classic_steps']} of the classic one "
-             f"({report['workers']} loader workers), after {warmup}; all in one process. 'teacher "
-             "cached': the "
-             "epoch's teacher rows are computed once before timing, as a cache file supplies them "
-             "each epoch; the "
-             f"step is the same."
+             f"images/s over {report['steps']} steps of our loop and {report['classic_steps']} of "
+             f"the classic one ({report['workers']} loader workers), after {warmup}; all in one "
+             f"process. 'teacher cached': the epoch's teacher rows are computed once before "
+             f"timing, as a cache file supplies them each epoch; the step is the same."
              f"{mfu_note}", ""]
     for pair in report["pairs"]:
         lines += [f"## {pair['teacher']} → {pair['student']}", "",
@@ -352,19 +354,22 @@ def bench_markdown(report):
                 lines.append(f"| {row['loop']} | skipped: {row['skipped']} | | | | |")
                 continue
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-            flags = ", ".join(f"{k} {'on' if v else 'off'}" for k,
-                              v in row["flags"].items()) or "– (CPU)"
-            lines.append(f"| {row['loop']} | {row['images_per_s']:,.0f} | {row['vs_classic']:.2f}x | "
-                         f"{row['flops_per_image'] / 1e9:.3f} | {mfu} | {flags} |")
+            flags = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in row["flags"].items())
+            flags = flags or "– (CPU)"
+            lines.append(f"| {row['loop']} | {row['images_per_s']:,.0f} | "
+                         f"{row['vs_classic']:.2f}x | {row['flops_per_image'] / 1e9:.3f} | {mfu} | "
+                         f"{flags} |")
         lines.append("")
     check = report.get("graph_check")
     if check:
+        capture = ""
+        if check["capture_failure"]:
+            capture = f" (the capture failed: {check['capture_failure']})"
         lines += ["## CUDA graph = eager", "",
                   f"{check['pair']}, {check['steps']} steps from the same state, deterministic "
-                  "mode: largest relative "
-                  f"difference of a step's loss {check['max_loss_rel_diff']:.2e}, of a final weight "
+                  f"mode: largest relative difference of a step's loss "
+                  f"{check['max_loss_rel_diff']:.2e}, of a final weight "
                   f"{check['max_weight_rel_diff']:.2e} (tolerance {check['tolerance']}): "
-                  f"{'passed' if check['passed'] else 'FAILED'}"
-                  f"{' (the capture failed: ' + check['capture_failure'] + ')' if check['capture_failure'] else ''}"
+                  f"{'passed' if check['passed'] else 'FAILED'}{capture}"
                   f"{' (bitwise equal losses)' if check['bitwise_equal_losses'] else ''}.", ""]
     return "\n".join(lines)

@@ -2,13 +2,15 @@
 (docs/gpu-check.md).
 
 Not part of the reference: a tool above projkd.py, as bench.py is. Make runs it one step at a time,
-so that
-`make -n gpu-check` prints every command in full:
+so that `make -n gpu-check` prints every command in full:
 
-    python3 gpu_check.py start [--budget 480]        # refuses without CUDA; records the GPU, torch and CUDA
-    python3 gpu_check.py step NAME [--timeout S] [--needs A,B] -- COMMAND ...   # runs it, times it out, records it
-    python3 gpu_check.py random-teacher --arch vgg13 --classes 100 --out PATH   # when no teacher file is given
-    python3 gpu_check.py report                       # results/gpu-check.md and .json; exit 1 if a check failed
+    python3 gpu_check.py start [--budget 480]   # refuses without CUDA; records the GPU, torch, CUDA
+    python3 gpu_check.py step NAME [--timeout S] [--needs A,B] -- COMMAND ...
+                                                # runs it, times it out, records it
+    python3 gpu_check.py random-teacher --arch vgg13 --classes 100 --out PATH
+                                                # when no teacher file is given
+    python3 gpu_check.py report                 # results/gpu-check.md, .json; 1 if a check failed
+    python3 gpu_check.py preflight [--off]      # make's GPU preflight: results/gpu-preflight.json
 
 A step that fails or runs out of time is recorded and the check goes on; the budget (8 minutes: a
 15-minute GPU lease can run the check and rerun it once) caps every step's timeout by what is left
@@ -86,8 +88,7 @@ def write_json(obj, path):
     save(obj, path)  # atomic; a failed write is one line
 
 
-# --- start: the GPU, or one line saying there is none
-# -----------------------------------------------------------
+# --- start: the GPU, or one line saying there is none ---------------------------------------------
 
 def no_gpu_line():
     build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
@@ -139,8 +140,7 @@ def started():
     return facts
 
 
-# --- step: one command, timed out, recorded
-# --------------------------------------------------------------------
+# --- step: one command, timed out, recorded -------------------------------------------------------
 
 def unmet_needs(needs):
     """Why a step cannot run: a step it needs that ran and did not pass (one that did not run is no
@@ -158,8 +158,8 @@ def run_command(command, timeout, log_path):
     it started."""
     begin, tail = time.time(), []
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", start_new_session=True)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
 
         def pump():
             for line in proc.stdout:
@@ -216,25 +216,24 @@ def step(opts, name, command):
     write_json(record, record_path(name))
 
 
-# --- random-teacher: a teacher file when none is given
-# ------------------------------------------------------------
+# --- random-teacher: a teacher file when none is given --------------------------------------------
 
 def random_teacher(opts):
     """A randomly initialised teacher, so that the short runs time the real pair without a trained
     checkpoint."""
     if opts.arch not in models.MODELS or not opts.out:
-        raise UserError(f"random-teacher needs --arch (one of {', '.join(models.MODELS)}) and --out PATH")
+        raise UserError(f"random-teacher needs --arch (one of {', '.join(models.MODELS)}) and "
+                        f"--out PATH")
     torch.manual_seed(opts.seed)
     os.makedirs(os.path.dirname(opts.out) or ".", exist_ok=True)
     torch.save(models.MODELS[opts.arch](num_classes=opts.classes).state_dict(), opts.out)
-    how = {"how": f"randomly initialised by gpu_check.py (seed {opts.seed}): no teacher file was given",
-           "sha256": file_sha256(opts.out)}
+    how = {"how": f"randomly initialised by gpu_check.py (seed {opts.seed}): no teacher file was "
+                  f"given", "sha256": file_sha256(opts.out)}
     write_json(how, os.path.splitext(opts.out)[0] + ".json")  # read by projkd.teacher_provenance
     print(f"gpu-check: {opts.out}: a randomly initialised {opts.arch} ({opts.classes} classes)")
 
 
-# --- differences: how far apart two results are that should be bitwise equal
-# ------------------------
+# --- differences: how far apart two results are that should be bitwise equal ----------------------
 
 def tensor_differences(reference, other):
     """Per tensor of `reference` (a name -> tensor dict) that `other` does not equal bitwise: its
@@ -278,8 +277,8 @@ def difference_report(reference, other, reference_losses, other_losses, unit="st
                    f"{losses[1]!r})"]
     if tensors:
         name, gap, relative = tensors[0]
-        summary.append(f"{len(tensors)} of {len(reference)} tensors differ, most {name} (largest absolute "
-                       f"difference {gap:.3g}, relative {relative:.3g})")
+        summary.append(f"{len(tensors)} of {len(reference)} tensors differ, most {name} (largest "
+                       f"absolute difference {gap:.3g}, relative {relative:.3g})")
     else:
         summary.append(f"all {len(reference)} tensors are bitwise equal")
     lines = ["; ".join(summary)]
@@ -288,8 +287,7 @@ def difference_report(reference, other, reference_losses, other_losses, unit="st
     return "\n".join(lines)
 
 
-# --- report: results/gpu-check.md and .json
-# ----------------------------------------------------------------------
+# --- report: results/gpu-check.md and .json -------------------------------------------------------
 
 def option(command, flag):
     """The value after `flag` in a recorded command (the steps' commands are the record of what
@@ -435,24 +433,23 @@ def runs_markdown(runs, cache):
         lines += [f"Teacher cache: {cache['file']}, {cache['gigabytes']:.1f} GB, built in "
                   f"{cache['build_seconds']:.0f} s on {cache['device']}{earlier}.", ""]
     lines += ["| run | teacher cache | CUDA graph | seconds per epoch | images/s per epoch | "
-              "images/s after the first "
-              "epoch | last top-1 | best top-1 |", "|---|---|---|---|---|---|---|---|"]
+              "images/s after the first epoch | last top-1 | best top-1 |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if not r["finished"]:
-            lines.append(f"| {r['name']} | {r['teacher_cache']} | {r['graph']} | did not finish | | | | |")
+            lines.append(f"| {r['name']} | {r['teacher_cache']} | {r['graph']} | did not finish "
+                         f"| | | | |")
             continue
         seconds = ", ".join(f"{e['seconds']:.1f}" for e in r["epochs"])
         speeds = ", ".join(f"{e['images_per_s']:,.0f}" for e in r["epochs"])
-        lines.append(f"| {r['name']} | {r['teacher_cache']} | {r['graph']} | {seconds} | {speeds} | "
-                     f"{r['steady_images_per_s']:,.0f} | {r['last_top1']:.2f} | "
+        lines.append(f"| {r['name']} | {r['teacher_cache']} | {r['graph']} | {seconds} | "
+                     f"{speeds} | {r['steady_images_per_s']:,.0f} | {r['last_top1']:.2f} | "
                      f"{r['best_top1']:.2f} |")
     done = [r for r in runs if r["finished"]]
     if len(done) == 2 and done[1]["steady_images_per_s"]:
         ratio = done[0]["steady_images_per_s"] / done[1]["steady_images_per_s"]
-        lines += ["",
-                  f"{done[0]['name']} trains {ratio:.2f}x as many images per second as "
-                  f"{done[1]['name']} "
-                      f"(epochs after the first)."]
+        lines += ["", f"{done[0]['name']} trains {ratio:.2f}x as many images per second as "
+                      f"{done[1]['name']} (epochs after the first)."]
     return lines + [""]
 
 
@@ -460,15 +457,14 @@ def render_markdown(report):
     gpu = report["gpu"]
     counts = {k: sum(c["result"] == k for c in report["checks"]) for k in ("pass", "fail", "skip")}
     lines = [f"# make gpu-check: {gpu['gpu']}", "",
-             f"{gpu['date']}: {gpu['gpus']} x {gpu['gpu']} ({gpu['gpu_memory_gib']} GiB, compute capability "
-             f"{gpu['compute_capability']}, driver {gpu['driver'] or 'unknown'}); torch "
-             f"{gpu['torch']}, CUDA "
-             f"{gpu['cuda']}, cuDNN {gpu['cudnn']}, Python {gpu['python']}; code {gpu['code']}.", "",
+             f"{gpu['date']}: {gpu['gpus']} x {gpu['gpu']} ({gpu['gpu_memory_gib']} GiB, compute "
+             f"capability {gpu['compute_capability']}, driver {gpu['driver'] or 'unknown'}); "
+             f"torch {gpu['torch']}, CUDA {gpu['cuda']}, cuDNN {gpu['cudnn']}, Python "
+             f"{gpu['python']}; code {gpu['code']}.", "",
              f"**{'Passed' if report['passed'] else 'Failed'}**: {counts['pass']} checks passed, "
-             f"{counts['fail']} "
-             f"failed, {counts['skip']} skipped; the steps took {report['seconds']:.0f} s of a "
-             f"{report['budget_s']:.0f} s budget.", "", "## Checks", "",
-             "| check | result | seconds | detail |", "|---|---|---|---|"]
+             f"{counts['fail']} failed, {counts['skip']} skipped; the steps took "
+             f"{report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget.", "",
+             "## Checks", "", "| check | result | seconds | detail |", "|---|---|---|---|"]
     for c in report["checks"]:
         seconds = "" if c["seconds"] is None else f"{c['seconds']:.1f}"
         detail = c["detail"].replace("|", "\\|").replace("\n", " ")
@@ -492,13 +488,14 @@ def report_command(_opts):
     write_report(report)
     print("\n".join(line for line in render_markdown(report).splitlines() if line.startswith("| ")
                     and " | " in line and not line.startswith("| run ")))
-    print(f"gpu-check: {'passed' if report['passed'] else 'FAILED: ' + ', '.join(report['failed'])} -> "
-          f"{REPORT_MD}, {REPORT_JSON}")
+    verdict = "passed"
+    if not report["passed"]:
+        verdict = "FAILED: " + ", ".join(report["failed"])
+    print(f"gpu-check: {verdict} -> {REPORT_MD}, {REPORT_JSON}")
     return 0 if report["passed"] else 1
 
 
-# --- preflight: the checks that guard the default path, before a pipeline spends GPU-hours
-# -------------
+# --- preflight: the checks that guard the default path, before a pipeline spends GPU-hours --------
 
 PREFLIGHT_JSON = os.path.join("results", "gpu-preflight.json")
 # The checks and the test_gpu.py tests that make each: the default path of a run on a GPU (the CUDA
@@ -508,7 +505,8 @@ PREFLIGHT_CHECKS = {
     "graph = eager": "test_graph_step_matches_the_eager_step_in_bf16",
     "cache = live": "test_cached_rows_are_the_live_teachers_on_cuda_for_every_view",
     "bf16 losses finite and falling": "test_bf16_and_fp16_train_with_finite_falling_losses[bf16]",
-    "eval on CUDA = eval on CPU": "test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32",
+    "eval on CUDA = eval on CPU":
+        "test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32",
 }
 
 
@@ -537,16 +535,17 @@ def preflight_command(opts):
     """Runs the preflight checks through pytest, unless opts.out already holds a passed report of
     this GPU model and torch version; writes opts.out either way. Exit status 1 and one line if a
     check failed."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if opts.off:
-        write_json({"status": "off", "torch": torch.__version__, "code": code_version(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
-                   opts.out)
-        print(f"gpu-preflight: off (PREFLIGHT=off): the GPU is not checked before the trainings; the "
-              f"tables' conditions say so ({opts.out})")
+        off = {"status": "off", "torch": torch.__version__, "code": code_version(), "date": now}
+        write_json(off, opts.out)
+        print(f"gpu-preflight: off (PREFLIGHT=off): the GPU is not checked before the trainings; "
+              f"the tables' conditions say so ({opts.out})")
         return 0
     if not torch.cuda.is_available():
-        raise UserError(f"the preflight needs a CUDA GPU and torch {torch.__version__} sees none: run it "
-                        f"through LAUNCH on a GPU node, or train with DEVICE=cpu (no preflight)")
+        raise UserError(f"the preflight needs a CUDA GPU and torch {torch.__version__} sees none: "
+                        f"run it through LAUNCH on a GPU node, or train with DEVICE=cpu (no "
+                        f"preflight)")
     if importlib.util.find_spec("pytest") is None:
         raise UserError("the preflight runs test_gpu.py's checks with pytest, which "
                         f"{sys.executable} cannot "
@@ -578,15 +577,15 @@ def preflight_command(opts):
                              "detail": f"the checks ran out of their {opts.timeout:.0f} s"}]
     report = {"status": "failed" if failed else "passed", "gpu": gpu, "torch": torch.__version__,
               "cuda": torch.version.cuda, "code": code_version(), "seconds": round(seconds, 1),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "checks": checks, "log": log_path}
+              "date": now, "checks": checks, "log": log_path}
     write_json(report, opts.out)
     if failed:
         first = failed[0]
         print(f"gpu-preflight: FAILED: {first['check']}: {first['detail']} (report {opts.out}, log "
               f"{log_path}); PREFLIGHT=off trains without the check", file=sys.stderr)
         return 1
-    print(f"gpu-preflight: passed on {gpu} with torch {torch.__version__} in {seconds:.0f} s: {opts.out}")
+    print(f"gpu-preflight: passed on {gpu} with torch {torch.__version__} in {seconds:.0f} s: "
+          f"{opts.out}")
     return 0
 
 

@@ -8,7 +8,8 @@ and each epoch reads back the row of the view each image drew, instead of runnin
 file is keyed to everything its rows depend on; a cache built from anything else is rebuilt, never
 used.
 
-    python projkd.py cache --teacher vgg13 [--teacher-ckpt PATH] [--teacher-cache-file F]   (make builds it)
+    python projkd.py cache --teacher vgg13 [--teacher-ckpt PATH] [--teacher-cache-file F]
+                                                                               (make builds it)
 """
 import hashlib
 import json
@@ -63,7 +64,8 @@ def cache_identity(cfg, data):
     (--amp)."""
     identity = {"format": CACHE_FORMAT, "teacher": cfg.teacher,
                 "checkpoint_sha256": file_sha256(cfg.teacher_ckpt),
-                "images_sha256": hashlib.sha256(data.train_x.cpu().contiguous().numpy()).hexdigest(),
+                "images_sha256":
+                    hashlib.sha256(data.train_x.cpu().contiguous().numpy()).hexdigest(),
                 "mean": [round(v, 6) for v in data.mean.flatten().tolist()],
                 "std": [round(v, 6) for v in data.std.flatten().tolist()], "padding": CROP_PADDING,
                 "precision": cfg.amp}
@@ -110,8 +112,8 @@ class TeacherCache:
     def rows(self, images, views):
         if self.read_whole and self.whole is None:
             self.whole = np.array(self.array)  # one sequential read of the whole file
-        flat = np.asarray(views,
-                          dtype=np.int64) * self.header["images"] + np.asarray(images, dtype=np.int64)
+        views, images = np.asarray(views, dtype=np.int64), np.asarray(images, dtype=np.int64)
+        flat = views * self.header["images"] + images
         order = np.argsort(flat, kind="stable")
         out = np.empty((len(flat), self.array.shape[1]), dtype=np.int16)
         out[order] = (self.whole if self.whole is not None else self.array)[flat[order]]
@@ -147,7 +149,8 @@ def build_teacher_cache(path, teacher, images, mean, std, autocast, memory_forma
     `path` atomically. The teacher runs exactly as in a training step: same normalisation, layout
     and autocast."""
     n, (c, h, w) = len(images), images.shape[1:]
-    feature_dim, num_classes = classifier_of(teacher).in_features, classifier_of(teacher).out_features
+    feature_dim = classifier_of(teacher).in_features
+    num_classes = classifier_of(teacher).out_features
     width = feature_dim + num_classes
     need = CACHE_HEADER_BYTES + 2 * CACHE_VIEWS * n * width
     folder = os.path.dirname(os.path.abspath(path))
@@ -183,7 +186,8 @@ def build_teacher_cache(path, teacher, images, mean, std, autocast, memory_forma
     finally:
         taps.remove()
     seconds = read_cache_header(path)["build_seconds"]
-    log(f"built the teacher cache in {seconds:.0f} s ({CACHE_VIEWS * n / max(seconds, 1e-9):,.0f} images/s)")
+    log(f"built the teacher cache in {seconds:.0f} s "
+        f"({CACHE_VIEWS * n / max(seconds, 1e-9):,.0f} images/s)")
 
 def open_teacher_cache(path, identity, ram_share=0.0):
     """The cache at `path` if it was built from exactly this identity (key), else None."""
@@ -205,7 +209,8 @@ def ensure_teacher_cache(path, identity, teacher, data, autocast, memory_format,
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"process {os.getpid()} waits for another process to finish the teacher cache {path}", flush=True)
+            print(f"process {os.getpid()} waits for another process to finish the teacher cache "
+                  f"{path}", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         cache = open_teacher_cache(path, identity, ram_share)
         if cache is None:
@@ -231,11 +236,13 @@ class EpochPlanner:
     replay are undisturbed. upload(rows, dest) copies an epoch's rows to the device from pinned
     memory, without blocking the host."""
     def __init__(self, seed, n_train, n_used, cache, epochs):
-        self.seed, self.n_train, self.n_used, self.cache, self.epochs = seed, n_train, n_used, cache, epochs
+        self.seed, self.n_train, self.n_used = seed, n_train, n_used
+        self.cache, self.epochs = cache, epochs
         self.pool, self.pending, self.pinned = ThreadPoolExecutor(max_workers=1), {}, None
 
     def _submit(self, epoch):
-        return self.pool.submit(plan_with_rows, self.seed, epoch, self.n_train, self.n_used, self.cache)
+        return self.pool.submit(plan_with_rows, self.seed, epoch, self.n_train, self.n_used,
+                                self.cache)
 
     def plan(self, epoch):
         future = self.pending.pop(epoch, None) or self._submit(epoch)
@@ -266,10 +273,12 @@ def open_for_run(run):
     # does).
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     ram_share = cfg.teacher_cache_ram / local_processes
-    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), run.teacher, data,
-                                 run.autocast, run.memory_format, cfg.eval_batch_size, ram_share)
-    log(f"teacher cache: {cfg.teacher_cache_file} (built in {cache.header['build_seconds']:.0f} s on "
-        f"{cache.header['device']}{'; read whole into memory' if cache.read_whole else ''})")
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), run.teacher,
+                                 data, run.autocast, run.memory_format, cfg.eval_batch_size,
+                                 ram_share)
+    whole = "; read whole into memory" if cache.read_whole else ""
+    log(f"teacher cache: {cfg.teacher_cache_file} (built in "
+        f"{cache.header['build_seconds']:.0f} s on {cache.header['device']}{whole})")
     return cache
 
 # `projkd.py cache` takes every training option, so that one set of flags (make's EXTRA) serves a
@@ -294,7 +303,7 @@ def cache_command(cfg):
     teacher = teacher_for_speed(zoo().load_teacher(cfg.teacher, cfg.teacher_ckpt,
                                                    data.num_classes).to(device),
                                 amp_dtype, memory_format)
-    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,
-                                 memory_format, cfg.eval_batch_size)
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data,
+                                 autocast, memory_format, cfg.eval_batch_size)
     os.utime(cache.path)
     log(f"{cache.path}: the teacher cache of {cfg.teacher_ckpt}, up to date")

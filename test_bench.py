@@ -21,7 +21,8 @@ def test_bench_runs_its_tiny_cpu_version(tmp_path):
     flops = {row["cached"]: row["flops_per_image"] for row in pair["rows"]}
     assert 0 < flops[True] < flops[False]  # the cache saves the teacher's forward pass
     text = (tmp_path / "bench.md").read_text()
-    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text and "skipped: needs CUDA" in text
+    assert "| classic (DataLoader + PIL, fp32, .item() per step) |" in text
+    assert "skipped: needs CUDA" in text
     # every row says how it ran; cuDNN's and cuBLAS's switches mean nothing on the CPU, so a CPU row
     # lists none
     assert all(row["flags"] == {} for row in pair["rows"] if row["images_per_s"])
@@ -51,14 +52,15 @@ def test_bench_peak_of_each_gpu_and_none_for_a_mig_slice(monkeypatch, name, peak
 
 @pytest.mark.parametrize("module,package", [("PIL", "Pillow"), ("torchvision", "torchvision"),
                                             ("torchvision.transforms", "torchvision")])
-def test_bench_without_torchvision_or_pillow_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys,
-                                                                             module, package):
+def test_bench_without_torchvision_or_pillow_is_one_line_and_writes_nothing(
+        tmp_path, monkeypatch, capsys, module, package):
     # import of it fails, as where it is not installed
     monkeypatch.setitem(sys.modules, module, None)
     out = tmp_path / "results"
     assert projkd.main(["bench", "--device", "cpu", "--out-dir", str(out), "--steps", "1",
                         "--classic-steps", "1", "--workers", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"projkd: error: bench's classic loop needs {package}, which ") and err.count("\n") == 1
+    assert err.startswith(f"projkd: error: bench's classic loop needs {package}, which ")
+    assert err.count("\n") == 1
     assert f"pip install {package}" in err and "Traceback" not in err
     assert not out.exists()

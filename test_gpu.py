@@ -39,8 +39,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 
 
 def needs_gpus(n):
-    return pytest.mark.skipif(torch.cuda.device_count() < n,
-                              reason=f"needs {n} GPUs, this machine has {torch.cuda.device_count()}")
+    have = torch.cuda.device_count()
+    return pytest.mark.skipif(have < n, reason=f"needs {n} GPUs, this machine has {have}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -152,8 +152,7 @@ def assert_bitwise_or_explained(alerts, record_property, report, gaps, tolerance
     assert max(gaps.values()) <= tolerance, (gaps, alerts, report)
 
 
-# --- the CUDA graph against the eager step
-# ---------------------------------------------------------------------
+# --- the CUDA graph against the eager step --------------------------------------------------------
 
 def steps_of(cfg, n):
     """n steps of a fresh run of cfg on epoch 0's batches, as train_epoch takes them: the loss of
@@ -182,9 +181,8 @@ def assert_the_graph_replayed(graphed, n):
     step = graphed["step"]
     assert isinstance(step, projkd.CUDAGraphStep), "the run did not get the graph step"
     assert step.failure is None and step.graph is not None, f"the capture failed: {step.failure}"
-    assert graphed["counters"] == list(range(1,
-                                             n
-                                             + 1)), "the device step counter did not advance once per step"
+    assert graphed["counters"] == list(range(1, n + 1)), \
+        "the device step counter did not advance once per step"
     # warm-up is 3 eager steps, step 4 is captured and replayed, every later one a replay: each
     # changed the weights
     for i in range(3, n - 1):
@@ -238,16 +236,15 @@ def test_device_cuda_and_auto_train_on_the_gpu(folder, device, capsys):
     assert "training goes on eagerly" not in capsys.readouterr().out
 
 
-# --- the teacher cache against the live teacher
-# -------------------------------------------------------------------
+# --- the teacher cache against the live teacher ---------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cuda_cache(folder, teacher_ckpt):
     """The teacher's cache of 512 generated images, built on cuda:0 through the CLI as make builds
     one."""
     path = folder / "cli.tcache"
-    args = ["cache", "--teacher", TEACHER, "--teacher-ckpt", teacher_ckpt, "--teacher-cache-file", str(path),
-            "--dataset", "synthetic", "--synthetic-size", "512", "--synthetic-classes",
+    args = ["cache", "--teacher", TEACHER, "--teacher-ckpt", teacher_ckpt, "--teacher-cache-file",
+            str(path), "--dataset", "synthetic", "--synthetic-size", "512", "--synthetic-classes",
             str(CLASSES), "--device", CUDA0]
     assert projkd.main(args) == 0
     header = teacher_cache.read_cache_header(str(path))
@@ -306,7 +303,8 @@ def test_cached_rows_are_the_live_teachers_on_cuda_for_every_view(cuda_cache, te
     # cached view, live view, image
     distance = (cached[:, None] - live[None]).norm(dim=-1) / live[None].norm(dim=-1)
     own = distance.diagonal(dim1=0, dim2=1)  # image, view
-    assert own.max().item() <= 1e-2, f"cached rows off the live teacher's by up to {own.max().item():.3g}"
+    assert own.max().item() <= 1e-2, \
+        f"cached rows off the live teacher's by up to {own.max().item():.3g}"
     nearest = distance.argmin(dim=1)  # per cached view and image: the live view it is nearest to
     assert torch.equal(nearest,
                        views.to(device)[:,
@@ -339,8 +337,8 @@ def test_reading_the_cache_file_gives_the_rows_its_build_wrote(folder, teacher_c
     try:
         with torch.inference_mode():  # as build_teacher_cache runs it
             feature_dim = projkd.classifier_of(teacher).in_features
-            teacher_cache._write_rows(recorder, teacher, taps, data.train_x, data.mean, data.std, autocast,
-                                      memory_format, 128, feature_dim)
+            teacher_cache._write_rows(recorder, teacher, taps, data.train_x, data.mean, data.std,
+                                      autocast, memory_format, 128, feature_dim)
     finally:
         taps.remove()
     written = np.concatenate(recorder.arrays)  # view after view, as the file lays them out
@@ -368,15 +366,15 @@ def test_cached_and_live_runs_give_the_same_losses_on_cuda(folder, teacher_ckpt)
                      teacher_cache=cache)
         assert projkd.main(cli(cfg)) == 0
         metrics[cache] = history_of(cfg.run_dir)
-    assert metrics["on"]["config"]["teacher_cache"] == "on" and metrics["off"]["config"]["teacher_cache"] == "off"
+    assert metrics["on"]["config"]["teacher_cache"] == "on"
+    assert metrics["off"]["config"]["teacher_cache"] == "off"
     for a, b in zip(metrics["on"]["history"], metrics["off"]["history"], strict=True):
         assert math.isfinite(a["train_loss"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-2)
         assert a["train_mda"] == pytest.approx(b["train_mda"], rel=1e-2)
 
 
-# --- the resident feed against the CPU reference
-# ----------------------------------------------------------------
+# --- the resident feed against the CPU reference --------------------------------------------------
 
 def reference_batch(train_x, plan, step, rank, local_batch):
     """This process's part of a global batch the plain way, on the CPU: each image zero-padded by 4,
@@ -408,7 +406,8 @@ def test_resident_feed_batches_equal_the_cpu_reference(cuda_cache):
                 views = teacher_cache.view_index(plan.dy, plan.dx, plan.flip).numpy()
                 for step in range(feed.steps_per_epoch):
                     images, labels, teacher = feed.next_batch()
-                    expected, order = reference_batch(cpu_data.train_x, plan, step, rank, BATCH // 2)
+                    expected, order = reference_batch(cpu_data.train_x, plan, step, rank,
+                                                      BATCH // 2)
                     assert images.is_contiguous(memory_format=torch.channels_last)
                     assert torch.equal(images.cpu(),
                                        expected), f"rank {rank} epoch {epoch} step {step}: images"
@@ -425,8 +424,7 @@ def test_resident_feed_batches_equal_the_cpu_reference(cuda_cache):
     assert not torch.equal(*(projkd.plan_epoch(seed, e, n, n).order for e in (0, 1)))
 
 
-# --- AMP: bf16 and fp16
-# ------------------------------------------------------------------------------------------
+# --- AMP: bf16 and fp16 ---------------------------------------------------------------------------
 
 def amp_config(folder, teacher_ckpt, amp, **changes):
     return config(folder, teacher_ckpt, f"amp-{amp}", **{"amp": amp, "epochs": 4,
@@ -472,7 +470,8 @@ def test_fp16_scaler_state_survives_a_resume(folder, teacher_ckpt, tmp_path):
                                       epochs=2))) == 0
     saved = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["scaler"]
     fresh = torch.amp.GradScaler("cuda").state_dict()
-    assert saved and saved != fresh, "after 2 epochs the scaler should have moved from its initial state"
+    assert saved and saved != fresh, \
+        "after 2 epochs the scaler should have moved from its initial state"
     cfg = amp_config(folder, teacher_ckpt, "fp16", run_dir=run_dir, epochs=3, resume=True)
     run = projkd.setup_run(cfg)
     try:
@@ -502,8 +501,7 @@ def test_a_bf16_run_resumes_with_fp16(folder, teacher_ckpt, tmp_path, capsys):
     assert "scale" in torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)["scaler"]
 
 
-# --- resume across devices
-# ----------------------------------------------------------------------------------------
+# --- resume across devices ------------------------------------------------------------------------
 
 def test_a_cpu_run_resumes_on_cuda_with_fused_sgd_and_the_graph(folder, teacher_ckpt, tmp_path):
     run_dir = str(tmp_path / "cpu-then-cuda")
@@ -518,7 +516,8 @@ def test_a_cpu_run_resumes_on_cuda_with_fused_sgd_and_the_graph(folder, teacher_
         assert all(g["fused"] is True and g["lr"] is run.lr for g in run.optimizer.param_groups)
         for p in run.student.parameters():
             buffer = run.optimizer.state[p]["momentum_buffer"]
-            assert buffer.device == p.device == torch.device(CUDA0) and buffer.stride() == p.stride()
+            assert buffer.device == p.device == torch.device(CUDA0)
+            assert buffer.stride() == p.stride()
         assert isinstance(run.step, projkd.CUDAGraphStep)
         stats = projkd.train_epoch(run, run.start_epoch)
         assert run.step.graph is not None and run.step.failure is None, run.step.failure
@@ -533,7 +532,8 @@ def test_a_cuda_run_resumes_bit_identically_under_deterministic(folder, teacher_
     --resume to 2. The resumed run warms up and captures again mid-run, so this also needs eager ==
     graph bitwise."""
     common = dict(amp="off", deterministic=True, synthetic_size=10 * BATCH)
-    straight = config(folder, teacher_ckpt, "", run_dir=str(tmp_path / "straight"), epochs=2, **common)
+    straight = config(folder, teacher_ckpt, "", run_dir=str(tmp_path / "straight"), epochs=2,
+                      **common)
     resumed = dataclasses.replace(straight, run_dir=str(tmp_path / "resumed"))
     with determinism_alerts() as alerts:
         assert projkd.main(cli(straight)) == 0
@@ -550,8 +550,7 @@ def test_a_cuda_run_resumes_bit_identically_under_deterministic(folder, teacher_
     assert_bitwise_or_explained(alerts, record_property, report, gaps, tolerance=1e-4)
 
 
-# --- evaluation
-# ---------------------------------------------------------------------------------------------------
+# --- evaluation -----------------------------------------------------------------------------------
 
 def test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32(bf16_run):
     """The bf16 run's model on 10,000 generated test images: top-1 within 0.1 points (10 images) of
@@ -580,8 +579,7 @@ def test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32(bf16_run):
     assert abs(result["top1"] - reference["top1"]) <= 0.1, (result, reference)
 
 
-# --- two GPUs: --device cuda:1, and torchrun with NCCL
-# -----------------------------------------------------------
+# --- two GPUs: --device cuda:1, and torchrun with NCCL --------------------------------------------
 
 @needs_gpus(2)
 def test_device_cuda1_trains_there_and_its_graph_records(folder, teacher_ckpt):
@@ -615,7 +613,8 @@ def torchrun(*args, nproc=2):
 
 
 @needs_gpus(2)
-def test_torchrun_nccl_on_two_gpus_equals_one_process_with_the_same_global_batch(folder, teacher_ckpt, tmp_path):
+def test_torchrun_nccl_on_two_gpus_equals_one_process_with_the_same_global_batch(
+        folder, teacher_ckpt, tmp_path):
     """2 processes x 32 (--sync-bn: BatchNorm over the global 64, as one process has it) against 1
     process x 64; fp32. Tolerance: TF32 convolutions at batch 32 and 64 round differently and NCCL
     sums in its own order: losses within 0.5%, the 2 epochs' update within 5% (a process reading the
@@ -652,8 +651,7 @@ def test_torchrun_nccl_on_two_gpus_equals_one_process_with_the_same_global_batch
     assert abs(single["top1"] - m2["last_top1"]) <= one_image + 1e-6
 
 
-# --- torch.compile
-# ------------------------------------------------------------------------------------------------
+# --- torch.compile --------------------------------------------------------------------------------
 
 def test_compile_runs_and_matches_eager(folder, teacher_ckpt):
     """8 steps (3 warm-up, the capture, 4 replays) compiled and eager, fp32, the teacher's rows from
@@ -661,8 +659,8 @@ def test_compile_runs_and_matches_eager(folder, teacher_ckpt):
     Tolerance: inductor fuses and reorders float32 arithmetic, convolutions run in TF32 (10 bits):
     losses within 0.5%, the update within 5%."""
     n = 8
-    runs = {c: steps_of(config(folder, teacher_ckpt, f"compile-{c}", amp="off", teacher_cache="on", compile=c,
-                               synthetic_size=n * BATCH), n) for c in (False, True)}
+    runs = {c: steps_of(config(folder, teacher_ckpt, f"compile-{c}", amp="off", teacher_cache="on",
+                               compile=c, synthetic_size=n * BATCH), n) for c in (False, True)}
     eager, compiled = runs[False], runs[True]
     assert all(math.isfinite(x) for x in compiled["losses"])
     assert loss_gap(compiled["losses"], eager["losses"]) <= 5e-3

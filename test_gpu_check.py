@@ -37,12 +37,15 @@ GPU_FACTS = {"budget_s": 480, "gpu": "NVIDIA H100 80GB HBM3", "gpus": 1, "gpu_me
              "cudnn": 91002, "python": "3.12.3", "code": "0123abcd", "date": "2026-12-02 18:00 UTC"}
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
-<testcase classname="test_gpu" name="test_graph_step_matches_the_eager_step_in_bf16" time="4.25" />
-<testcase classname="test_gpu" name="test_a_cuda_run_resumes_bit_identically_under_deterministic" time="7.5">
-<properties><property name="not bitwise because" value="index_add_cuda_ does not have a deterministic implementation"/>
-</properties><failure message="AssertionError: gaps {'loss': 0.5}&#10;more">trace</failure></testcase>
+<testcase classname="test_gpu" name="test_graph_step_matches_the_eager_step_in_bf16" time="4.25"
+ />
+<testcase classname="test_gpu" name="test_a_cuda_run_resumes_bit_identically_under_deterministic"
+ time="7.5"><properties><property name="not bitwise because"
+ value="index_add_cuda_ does not have a deterministic implementation"/></properties>
+<failure message="AssertionError: gaps {'loss': 0.5}&#10;more">trace</failure></testcase>
 <testcase classname="test_gpu" name="test_torchrun_nccl_on_two_gpus_equals_one_process" time="0.0">
-<skipped type="pytest.skip" message="needs 2 GPUs, this machine has 1">test_gpu.py:500: skip</skipped></testcase>
+<skipped type="pytest.skip" message="needs 2 GPUs, this machine has 1">test_gpu.py:500: skip
+</skipped></testcase>
 </testsuite></testsuites>
 """
 
@@ -128,25 +131,29 @@ def test_report_of_hand_made_results(tmp_path, monkeypatch, capsys):
     assert "| step tests | fail | 95.0 | exit status 1; last line: last words |" in md
     # the bench table, as bench.md has it
     assert "| ours, CUDA graph, teacher cached | 61,234 |" in md
-    assert "**synthetic data** (50000 generated training images, 100 classes): there is no cifar-100-python/ in " \
-           "/nodata" in md
+    assert "**synthetic data** (50000 generated training images, 100 classes): there is no " \
+           "cifar-100-python/ in /nodata" in md
     assert "Teacher: randomly initialised by gpu_check.py (seed 0): no teacher file was given" in md
     assert "Teacher cache: ckpt/vgg13.tcache, 0.0 GB, built in 56 s on NVIDIA H100 80GB HBM3." in md
-    assert "| fast | on | on | 9.5, 3.1, 3.0 | 9,000, 40,000, 42,000 | 41,000 | 47.25 | 47.25 |" in md
-    assert "| plain | off | off | 12.0, 10.0, 10.0 | 5,000, 6,000, 6,100 | 6,050 | 46.00 | 46.00 |" in md
+    assert "| fast | on | on | 9.5, 3.1, 3.0 | 9,000, 40,000, 42,000 | 41,000 | 47.25 | 47.25 |" \
+        in md
+    assert "| plain | off | off | 12.0, 10.0, 10.0 | 5,000, 6,000, 6,100 | 6,050 | 46.00 | 46.00 " \
+           "|" in md
     assert "fast trains 6.78x as many images per second as plain" in md
     assert "| runs fast and plain agree | pass |" in md and "1.25 points apart (tolerance 5)" in md
     # the JSON holds the same, as data
     assert report["gpu"]["gpu"] == "NVIDIA H100 80GB HBM3" and report["gpu"]["cuda"] == "13.0"
     assert not report["passed"] and report["failed"] == [
         "step tests", "test test_a_cuda_run_resumes_bit_identically_under_deterministic"]
-    assert {c["check"]: c["result"] for c in report["checks"]}["test test_torchrun_nccl_on_two_gpus_equals_one_" \
-                                                                  "process"] == "skip"
+    results = {c["check"]: c["result"] for c in report["checks"]}
+    assert results["test test_torchrun_nccl_on_two_gpus_equals_one_process"] == "skip"
     fast = next(r for r in report["runs"] if r["name"] == "fast")
-    assert [e["seconds"] for e in fast["epochs"]] == [9.5, 3.1,
-                                                      3.0] and fast["steady_images_per_s"] == 41000.0
-    assert fast["last_top1"] == 47.25 and fast["teacher_cache"] == "on" and fast["dataset"] == "synthetic"
-    assert report["bench"]["report"]["device"] == "NVIDIA H100 80GB HBM3" and report["cache"]["build_seconds"] == 55.5
+    assert [e["seconds"] for e in fast["epochs"]] == [9.5, 3.1, 3.0]
+    assert fast["steady_images_per_s"] == 41000.0
+    assert fast["last_top1"] == 47.25 and fast["teacher_cache"] == "on"
+    assert fast["dataset"] == "synthetic"
+    assert report["bench"]["report"]["device"] == "NVIDIA H100 80GB HBM3"
+    assert report["cache"]["build_seconds"] == 55.5
     assert "gpu-check: FAILED: step tests, test test_a_cuda_run" in capsys.readouterr().out
 
 
@@ -184,11 +191,13 @@ def test_report_leaves_out_a_stale_bench_and_reads_a_cut_off_pytest_log(tmp_path
     md = (tmp_path / gpu_check.REPORT_MD).read_text()
     assert "No bench table from this check" in md and "61,234" not in md
     assert "| test test_a | pass |  | (from the log: pytest did not finish) |" in md
-    assert "| test test_b | skip |  | needs 2 GPUs, this machine has 1 (from the log: pytest did not finish) |" in md
+    assert "| test test_b | skip |  | needs 2 GPUs, this machine has 1 (from the log: pytest did " \
+           "not finish) |" in md
     assert "| test test_c | fail |" in md
 
 
-def test_a_step_records_failures_timeouts_and_unmet_needs_and_the_check_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_step_records_failures_timeouts_and_unmet_needs_and_the_check_goes_on(
+        tmp_path, monkeypatch, capsys):
     """Each step exits 0, whatever its command did, so that make runs the next one; its record says
     what happened."""
     monkeypatch.chdir(tmp_path)
@@ -212,11 +221,13 @@ def test_a_step_records_failures_timeouts_and_unmet_needs_and_the_check_goes_on(
                 "import time; print('started', flush=True); time.sleep(60)")
     assert slow["status"] == "timeout" and time.time() - begin < 30 and slow["tail"] == ["started"]
     skipped = step("after", "--needs", "ok,bad", "--", py, "-c", "open('ran', 'w')")
-    assert skipped["status"] == "skip" and "needs step bad" in skipped["reason"] and not (tmp_path / "ran").exists()
+    assert skipped["status"] == "skip" and "needs step bad" in skipped["reason"]
+    assert not (tmp_path / "ran").exists()
     write_json(os.path.join(gpu_check.CHECK_DIR, "start.json"),
                {**GPU_FACTS, "started": time.time() - 1000, "budget_s": 480})
     late = step("late", "--", py, "-c", "open('ran', 'w')")
-    assert late["status"] == "skip" and "budget was spent" in late["reason"] and not (tmp_path / "ran").exists()
+    assert late["status"] == "skip" and "budget was spent" in late["reason"]
+    assert not (tmp_path / "ran").exists()
 
 
 def make_plan(*knobs):
@@ -245,20 +256,22 @@ def test_make_plan_runs_the_steps_in_order_with_py_and_data_dir(tmp_path, have_c
     # installs nothing on the GPU node
     assert bench.endswith(f"-- make bench PY={py} DEVICE=cuda:0 DEPS=")
     ckpt = str(teacher) if have_teacher else "checkpoints/gpu-check/vgg13-random.pt"
-    data_flags = (f"--dataset cifar100 --data-dir {data}" if have_cifar else
-                  f"--dataset synthetic --synthetic-size 50000 --synthetic-classes 100 --data-dir {data}")
+    data_flags = f"--dataset cifar100 --data-dir {data}"
+    if not have_cifar:
+        data_flags = f"--dataset synthetic --synthetic-size 50000 --synthetic-classes 100 " \
+                     f"--data-dir {data}"
     cache, fast, plain = plan[-4:-1]
     assert f"-- {py} projkd.py cache --teacher vgg13 --teacher-ckpt {ckpt} --teacher-cache-file " \
            f"checkpoints/gpu-check/vgg13.tcache {data_flags} --device cuda:0" in cache
-    run = f"-- {py} projkd.py {data_flags} --device cuda:0 --epochs 3 --teacher vgg13 --teacher-ckpt {ckpt} " \
-          f"--student vgg8 --method pefd --seed 1 --overwrite "
-    assert fast.endswith(run
-                         + "--teacher-cache on --teacher-cache-file "
-                           "checkpoints/gpu-check/vgg13.tcache "
-                         "--graph on --run-dir runs/gpu-check/fast") and "--needs teacher,cache " in fast
+    run = f"-- {py} projkd.py {data_flags} --device cuda:0 --epochs 3 --teacher vgg13 " \
+          f"--teacher-ckpt {ckpt} --student vgg8 --method pefd --seed 1 --overwrite "
+    assert fast.endswith(run + "--teacher-cache on --teacher-cache-file "
+                         "checkpoints/gpu-check/vgg13.tcache --graph on "
+                         "--run-dir runs/gpu-check/fast")
+    assert "--needs teacher,cache " in fast
     assert plain.endswith(run + "--teacher-cache off --graph off --run-dir runs/gpu-check/plain")
-    assert make_plan(f"PY={py}",
-                     "DEVICE=cuda:1")[2].endswith(f"make bench PY={py} DEVICE=cuda:1 DEPS=")
+    bench_on_cuda1 = make_plan(f"PY={py}", "DEVICE=cuda:1")[2]
+    assert bench_on_cuda1.endswith(f"make bench PY={py} DEVICE=cuda:1 DEPS=")
 
 
 def test_the_later_commands_refuse_without_the_first_ones_record(tmp_path, monkeypatch, capsys):
@@ -273,8 +286,8 @@ def test_make_gpu_check_without_cuda_runs_nothing_after_its_refusal():
     made = [os.path.join(HERE, p) for p in (gpu_check.CHECK_DIR, gpu_check.REPORT_MD,
                                             gpu_check.REPORT_JSON, gpu_check.RUNS_DIR)]
     before = {p: os.path.exists(p) and os.path.getmtime(p) for p in made}
-    result = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={sys.executable}"], cwd=HERE,
-                            capture_output=True, text=True, env=NO_GPU, timeout=120)
+    result = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={sys.executable}"],
+                            cwd=HERE, capture_output=True, text=True, env=NO_GPU, timeout=120)
     assert result.returncode != 0
     # nothing after it
     assert result.stdout.splitlines() == [f"{sys.executable} gpu_check.py start --budget 480"]
@@ -288,7 +301,8 @@ def test_make_gpu_check_without_cuda_runs_nothing_after_its_refusal():
 def test_random_teacher_is_a_loadable_vgg13_whose_runs_say_how_it_was_made(tmp_path):
     import models
     out = str(tmp_path / "ckpt" / "vgg13-random.pt")
-    assert gpu_check.main(["random-teacher", "--arch", "vgg13", "--classes", "100", "--out", out]) == 0
+    args = ["random-teacher", "--arch", "vgg13", "--classes", "100", "--out", out]
+    assert gpu_check.main(args) == 0
     assert models.load_teacher("vgg13", out, 100).classifier.out_features == 100
     assert projkd.teacher_provenance(out)["how"].startswith("randomly initialised by gpu_check.py")
     assert gpu_check.main(["random-teacher", "--arch", "vgg99", "--out", out]) == 2
@@ -308,8 +322,8 @@ def test_a_bitwise_comparison_says_where_the_runs_part_and_by_how_much():
     report = gpu_check.difference_report(reference, other, [2.0, 1.5, 1.25, 1.0],
                                          [2.0, 1.5, 1.3, 1.0])
     assert report.splitlines() == [
-        "first step that differs: 3 (loss 1.25 against 1.3); 2 of 3 tensors differ, most bn.bias (largest "
-        "absolute difference 1e-06, relative 1)",
+        "first step that differs: 3 (loss 1.25 against 1.3); 2 of 3 tensors differ, most bn.bias "
+        "(largest absolute difference 1e-06, relative 1)",
         "  bn.bias: largest absolute difference 1e-06, relative 1",  # 0 against 1e-6: wholly off
         "  conv.weight: largest absolute difference 0.5, relative 0.2"]  # 2.5 against 2.0
     same = {k: v.clone() for k, v in reference.items()}
@@ -324,16 +338,16 @@ def test_a_bitwise_comparison_says_where_the_runs_part_and_by_how_much():
         assert_bitwise_or_explained([], lambda *p: properties.append(p), report, {"loss": 0.04},
                                     tolerance=1e-3)
     message = str(failed.value)
-    assert message.splitlines()[0].startswith("not bitwise equal (first step that differs: 3 (loss 1.25 "
-                                              "against 1.3); 2 of 3 tensors differ, most bn.bias")
+    assert message.splitlines()[0].startswith("not bitwise equal (first step that differs: 3 "
+                                              "(loss 1.25 against 1.3); 2 of 3 tensors differ, "
+                                              "most bn.bias")
     assert "  conv.weight: largest absolute difference 0.5, relative 0.2" in message
     assert properties == [("differences", report.splitlines()[0])]
     # equal: passes
     assert_bitwise_or_explained([], lambda *p: None, "", {"loss": 0.0}, tolerance=1e-3)
 
 
-# --- the GPU preflight: gpu_check.py preflight and the Makefile's trainings waiting for it
-# -----------
+# --- the GPU preflight: gpu_check.py preflight and the Makefile's trainings waiting for it --------
 
 PREFLIGHT_TESTS = list(gpu_check.PREFLIGHT_CHECKS.values())
 
@@ -348,7 +362,8 @@ def preflight_junit(failing=None, message="", skipped=None):
             outcome = f'<failure message="{message}">trace</failure>'
         if test == skipped:
             outcome = '<skipped type="pytest.skip" message="needs CUDA">skip</skipped>'
-        cases.append(f'<testcase classname="test_gpu" name="{test}" time="2.5">{outcome}</testcase>')
+        cases.append(f'<testcase classname="test_gpu" name="{test}" time="2.5">{outcome}'
+                     f'</testcase>')
     return ('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">'
             + "".join(cases) + "</testsuite></testsuites>")
 
@@ -387,13 +402,15 @@ def test_preflight_passes_once_per_gpu_model_and_torch_version(tmp_path, monkeyp
     assert report["status"] == "passed" and report["gpu"] == "NVIDIA H100 80GB HBM3"
     assert report["torch"] == torch.__version__
     assert [(c["check"], c["result"]) for c in report["checks"]] == [
-        ("graph = eager", "pass"), ("cache = live", "pass"), ("bf16 losses finite and falling", "pass"),
-        ("eval on CUDA = eval on CPU", "pass")]
+        ("graph = eager", "pass"), ("cache = live", "pass"),
+        ("bf16 losses finite and falling", "pass"), ("eval on CUDA = eval on CPU", "pass")]
     assert capsys.readouterr().out.splitlines()[-1] == \
-        f"gpu-preflight: passed on NVIDIA H100 80GB HBM3 with torch {torch.__version__} in 61 s: {out}"
+        f"gpu-preflight: passed on NVIDIA H100 80GB HBM3 with torch {torch.__version__} in 61 s: " \
+        f"{out}"
     # the same GPU and torch
     assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 1
-    assert capsys.readouterr().out.startswith("gpu-preflight: passed on NVIDIA H100 80GB HBM3 with torch ")
+    said = capsys.readouterr().out
+    assert said.startswith("gpu-preflight: passed on NVIDIA H100 80GB HBM3 with torch ")
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # another torch: checked again
     assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 2
     # another GPU
@@ -427,14 +444,15 @@ def test_a_failed_preflight_check_is_one_line_naming_it_its_numbers_and_the_repo
     assert gpu_check.main(["preflight"]) == 0 and stand_in_gpu["calls"] == 2
 
 
-def test_preflight_off_records_the_skip_and_without_cuda_it_refuses_writing_nothing(tmp_path, monkeypatch,
-                                                                                    capsys):
+def test_preflight_off_records_the_skip_and_without_cuda_it_refuses_writing_nothing(
+        tmp_path, monkeypatch, capsys):
     import torch
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["preflight"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gpu-check: error: the preflight needs a CUDA GPU") and err.count("\n") == 1
+    assert err.startswith("gpu-check: error: the preflight needs a CUDA GPU")
+    assert err.count("\n") == 1
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     find_spec = gpu_check.importlib.util.find_spec
@@ -458,8 +476,9 @@ def fake_nvidia_smi(tmp_path, gpus):
 
 
 def pipeline_plan(*knobs, env=None):
-    result = subprocess.run(["make", "--no-print-directory", "-n", "cifar-all", "SEEDS=1", "PY=py", "DEPS=",
-                             "DATA=", *knobs], cwd=HERE, capture_output=True, text=True, timeout=60, env=env)
+    command = ["make", "--no-print-directory", "-n", "cifar-all", "SEEDS=1", "PY=py", "DEPS=",
+               "DATA=", *knobs]
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -518,7 +537,8 @@ def test_a_failed_preflight_stops_the_pipeline_before_any_training(tmp_path, sta
      "; GPU preflight: off (PREFLIGHT=off: the GPU was not checked before the runs)"),
     ({"status": "passed", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
      "; GPU preflight: passed on NVIDIA H100 80GB HBM3 with torch 2.11.0")])
-def test_the_tables_conditions_say_whether_the_gpu_was_checked_first(tmp_path, monkeypatch, report, said):
+def test_the_tables_conditions_say_whether_the_gpu_was_checked_first(tmp_path, monkeypatch, report,
+                                                                     said):
     import tables
     monkeypatch.chdir(tmp_path)
     if report is not None:

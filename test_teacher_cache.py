@@ -67,7 +67,8 @@ def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
     path = str(folder / "resnet8.tcache")
     built = teacher_cache.read_cache_header(path)
     assert projkd.main(args) == 0  # identical: kept, only its time stamp renewed
-    assert "up to date" in capsys.readouterr().out and teacher_cache.read_cache_header(path) == built
+    assert "up to date" in capsys.readouterr().out
+    assert teacher_cache.read_cache_header(path) == built
     torch.manual_seed(1)
     # same name below, new content
     torch.save(MODELS["resnet8"](num_classes=10).state_dict(), folder / "other.pt")
@@ -75,7 +76,8 @@ def test_a_cache_from_another_checkpoint_is_never_used(cache_teacher, capsys):
     assert projkd.main(args) == 0
     assert "rebuilding it" in capsys.readouterr().out
     rebuilt = teacher_cache.read_cache_header(path)
-    assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"] and rebuilt["key"] != built["key"]
+    assert rebuilt["checkpoint_sha256"] != built["checkpoint_sha256"]
+    assert rebuilt["key"] != built["key"]
     # other images: rebuilt too
     assert projkd.main(args[:-2] + ["--synthetic-size", "48", "--device", "cpu"]) == 0
     assert teacher_cache.read_cache_header(path)["images"] == 48
@@ -109,8 +111,8 @@ def test_cache_rows_are_gathered_in_file_order_and_from_memory_when_the_file_fit
     path = str(folder / "resnet8.tcache")
     header = teacher_cache.read_cache_header(path)
     g, n = torch.Generator().manual_seed(5), header["images"]
-    images, views = torch.randint(0, n, (500,),
-                                  generator=g).numpy(), torch.randint(0, 162, (500,), generator=g).numpy()
+    images = torch.randint(0, n, (500,), generator=g).numpy()
+    views = torch.randint(0, 162, (500,), generator=g).numpy()
     on_disk, in_memory = (teacher_cache.TeacherCache(path, header, share) for share in (0.0, 1.0))
     direct = np.memmap(path, dtype=np.int16, mode="r", offset=teacher_cache.CACHE_HEADER_BYTES,
                        shape=(162, n, header["width"]))[views, images]  # the rows by plain indexing
@@ -157,8 +159,9 @@ def test_processes_wait_for_a_cache_on_its_file_lock_and_say_so(tmp_path, capsys
     holder = os.open(tmp_path, os.O_RDONLY)
     fcntl.flock(holder, fcntl.LOCK_EX)
     threading.Timer(1.0, os.close, [holder]).start()  # the other process finishes
-    cache = teacher_cache.ensure_teacher_cache(str(tmp_path / "t.tcache"), identity, teacher, data,
-                                               contextlib.nullcontext(), torch.contiguous_format, 64)
+    cache = teacher_cache.ensure_teacher_cache(str(tmp_path / "t.tcache"), identity, teacher,
+                                               data, contextlib.nullcontext(),
+                                               torch.contiguous_format, 64)
     assert "waits for another process to finish the teacher cache" in capsys.readouterr().out
     assert cache.header["key"] == identity["key"]
 
@@ -171,5 +174,6 @@ def test_a_disk_too_small_for_the_cache_is_one_line_and_no_file(tmp_path, capsys
                         str(tmp_path / "resnet8.pt"),
                         "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "the teacher cache needs 0.0 GB" in err and "--teacher-cache off" in err and err.count("\n") == 1
+    assert "the teacher cache needs 0.0 GB" in err and "--teacher-cache off" in err
+    assert err.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["resnet8.pt"]
