@@ -36,8 +36,9 @@ DEPS ?= .deps-installed
 endif
 # The data every cifar100 (or imagenet) run needs.
 DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)$(if $(ON_IMAGENET),$(DATA_DIR)/val)
-# A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU.
-RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), -m torch.distributed.run --standalone --nproc_per_node=$(NPROC)) projkd.py \
+# A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU,
+# through torchrun_signals.py, which passes SIGUSR1 and SIGTERM on to every worker (docs/many-gpus.md).
+RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), torchrun_signals.py --standalone --nproc_per_node=$(NPROC)) projkd.py \
   --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
 # The teacher-output cache: one file per teacher checkpoint, built once, read by its pefd, kd and crd runs on
 # CIFAR-style data (their --teacher-cache on). With TEACHER_CACHE=auto only on a GPU: not for DEVICE=cpu, and for
@@ -175,6 +176,25 @@ endif
 	$(PY) gpu_check.py step plain --needs teacher --timeout 120 -- $(GPU_CHECK_RUN) --teacher-cache off --graph off --run-dir runs/gpu-check/plain
 	$(PY) gpu_check.py report
 
+## gpu-preflight: on a CUDA device, the checks every training waits for (PREFLIGHT=off skips them) -> results/gpu-preflight.json
+# The gpu tests that guard a run's default path (graph = eager in bf16, the cached teacher rows = the live
+# teacher's, a bf16 run's losses finite and falling, evaluation on CUDA = on the CPU), through LAUNCH, in at
+# most 3 minutes, once per GPU model and torch version: the command runs before every make's trainings, and
+# reuses a passed report of the same GPU and torch. A failed check stops the pipeline with one line. PREFLIGHT=off
+# records that it was skipped (the tables' conditions say so); on the CPU (DEVICE=cpu, or auto without a GPU)
+# there is none. A GPU as GPU_VISIBLE finds one, but for any TEACHER_CACHE.
+PREFLIGHT_GPU := $(if $(filter cuda%,$(DEVICE)),yes,$(if $(filter auto,$(DEVICE)),$(if $(strip $(LAUNCH)),yes,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes))))
+PREFLIGHT_JSON := $(if $(PREFLIGHT_GPU),results/gpu-preflight.json)
+.PHONY: gpu-preflight preflight-every-time
+gpu-preflight: results/gpu-preflight.json
+.PRECIOUS: results/gpu-preflight.json
+results/gpu-preflight.json: preflight-every-time | results $(DEPS)
+ifeq ($(PREFLIGHT),off)
+	$(PY) gpu_check.py preflight --off --out $@
+else
+	$(LAUNCH) $(PY) gpu_check.py preflight --timeout 180 --out $@
+endif
+
 ## smoke: the whole chain (teacher, students, every method, 2 seeds, 3 ablations, tables) on generated data on the CPU
 # First its teacher, trained for 8 epochs into the checkpoint the 2-epoch pipeline then uses as it is (a teacher
 # trained longer than its students, as real ones are), then the pipeline itself; lr / 10 for the last epochs.
@@ -230,7 +250,7 @@ $(TEACHERS)/%.tcache: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
 
 # Every run, from its stem; a distillation run depends on its teacher's checkpoint. Its teacher's cache (USE_CACHE)
 # only has to exist when it starts: a cache rebuilt for one run to redo must not make the finished ones out of date.
-$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $$(call stem_cache,$$*) $(DEPS) $(DATA)
+$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $$(call stem_cache,$$*) $(DEPS) $(DATA) $(PREFLIGHT_JSON)
 	$(RUN) $(if $(call stem_teacher,$*),--teacher $(call stem_teacher,$*) --teacher-ckpt $(TEACHERS)/$(call stem_teacher,$*).pt) $(if $(call stem_cache,$*),--teacher-cache on --teacher-cache-file $(call stem_cache,$*)) --student $(call stem_student,$*) --method $(call stem_method,$*) $(call variant_flags,$(call stem_variant,$*)) --seed $(call stem_seed,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
 
 # The evaluation step: the file a user deploys (a run's model.pt, a teacher checkpoint), loaded alone and evaluated

@@ -53,6 +53,10 @@ TEACHER_CACHE ?= auto
 ABLATION_PAIRS ?= vgg13:vgg8 resnet32x4:resnet8x4
 ABLATION_VARIANTS ?= q0 q1 q2 q4 depth2 depth3 depth4 gelu none
 
+# On a CUDA device, the GPU preflight before the first training (make gpu-preflight: docs/gpu-check.md): on, or off
+# (train without it; the tables' conditions say so). On the CPU there is none.
+PREFLIGHT ?= on
+
 # Further projkd.py options for every run, e.g. EXTRA="--amp fp16" or EXTRA="--compile".
 EXTRA ?=
 

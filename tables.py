@@ -339,6 +339,24 @@ def teachers_used(found):
     return ", ".join(f"{arch} ({how})" for arch, how in ordered) or "–"
 
 
+PREFLIGHT_JSON = os.path.join("results", "gpu-preflight.json")  # gpu_check.py preflight's report
+
+
+def preflight_condition(found, path=PREFLIGHT_JSON):
+    """Whether the GPU was checked before the runs trained (make's preflight), for runs on CUDA only:
+    '' when none ran there."""
+    if not any(str(m.get("config", {}).get("device", "")).startswith("cuda") for m in found):
+        return ""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return "; GPU preflight: none recorded"
+    if report.get("status") == "off":
+        return "; GPU preflight: off (PREFLIGHT=off: the GPU was not checked before the runs)"
+    return f"; GPU preflight: {report.get('status')} on {report.get('gpu')} with torch {report.get('torch')}"
+
+
 def conditions(found):
     """What the numbers were measured with, read from the runs themselves."""
     def values(get):
@@ -350,7 +368,7 @@ def conditions(found):
             f"processes per run: {values(lambda m: m.get('world_size', 1))}; "
             f"torch: {values(lambda m: m['torch'])}; "
             f"code: {values(lambda m: m['code'])}; "
-            f"finished runs: {len(found)}")
+            f"finished runs: {len(found)}{preflight_condition(found)}")
 
 
 EVALUATED = ("Last-epoch numbers and the teacher row are each model file evaluated alone "

@@ -188,7 +188,7 @@ def plan_lines(*args):
 def test_make_plan_for_imagenet_all():
     plan = plan_lines("imagenet-all")
     trainings = [line for line in plan if "projkd.py --dataset" in line]
-    torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=1 projkd.py"
+    torchrun = f"{sys.executable} torchrun_signals.py --standalone --nproc_per_node=1 projkd.py"
     assert all(t.startswith(f"{torchrun} --dataset imagenet --data-dir data/imagenet --device auto --epochs 100 ")
                for t in trainings)
     expected = [f"{p.replace(':', '-')}/{m}-seed1" for p in IMAGENET_PAIRS.split() for m in ("pefd", "kd")]
@@ -233,15 +233,16 @@ def test_make_plan_launch_prefixes_exactly_what_computes(tmp_path):
     launch = "srun -N1 -n1 --gres=gpu:1"
     plan = plan_lines("cifar-all", f"LAUNCH={launch}")
     launched = [line for line in plan if line.startswith(launch + " ")]
-    assert launched == [line for line in plan if any(f"projkd.py {c}" in line for c in ("--dataset", "cache", "eval"))]
-    assert len(launched) == 12 + 60 + 4 + 76  # models alone, distillations, teacher caches, evaluations
+    computes = ("projkd.py --dataset", "projkd.py cache", "projkd.py eval", "gpu_check.py preflight")
+    assert launched == [line for line in plan if any(c in line for c in computes)]
+    assert len(launched) == 1 + 12 + 60 + 4 + 76  # the GPU preflight, models alone, distillations, caches, evaluations
     assert any(line.startswith(f"{sys.executable} tables.py ") for line in plan)  # the tables run here
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-teachers ") for line in plan)  # it needs internet
     plan = plan_lines("imagenet-all", f"LAUNCH={launch}", "NPROC=4")
     launched = [line for line in plan if line.startswith(launch + " ")]
-    assert len(launched) == 10 + 13 and all(
-        line.startswith(f"{launch} {sys.executable} -m torch.distributed.run --standalone --nproc_per_node=4 ")
-        for line in launched if " eval " not in line)  # the evaluations: one process, one GPU
+    assert len(launched) == 1 + 10 + 13 and all(
+        line.startswith(f"{launch} {sys.executable} torchrun_signals.py --standalone --nproc_per_node=4 ")
+        for line in launched if " eval " not in line and " preflight " not in line)  # evaluations: 1 GPU
     assert any(line.startswith(f"{sys.executable} projkd.py fetch-weights ") for line in plan)
     assert plan_lines("bench", f"LAUNCH={launch}")[-2:] == [  # its figure is drawn here, as the tables are
         f"{launch} {sys.executable} projkd.py bench --device auto --out-dir results",
@@ -325,7 +326,8 @@ def test_make_device_auto_plans_teacher_caches_only_where_a_gpu_is_visible(tmp_p
 def test_make_builds_each_teacher_cache_once_and_only_when_a_run_needs_it(tmp_path):
     python, log = stand_in_python(tmp_path)
     knobs = [f"PY={python}", "DEPS=", "DATASET=synthetic", "DEVICE=cuda", "PAIRS=resnet20:resnet8 resnet20:resnet14",
-             "SEEDS=1 2", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results"]
+             "SEEDS=1 2", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt", f"RESULTS={tmp_path}/results",
+             "PREFLIGHT_GPU="]  # without the GPU preflight, which every make on a GPU runs (test_gpu_check.py)
     first = make("-j4", "cifar-all", *knobs)
     assert first.returncode == 0, first.stderr
     log_lines = calls(log)
@@ -393,7 +395,8 @@ def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
     first = make("-j4", "imagenet-all", *knobs)
     assert first.returncode == 0, first.stderr
     done = calls(log)
-    assert sorted(c.split()[0] for c in done) == ["-m"] * 10 + ["projkd.py"] * (3 + 13) + ["tables.py"]
+    assert sorted(c.split()[0] for c in done) == ["projkd.py"] * (3 + 13) + ["tables.py"] + \
+        ["torchrun_signals.py"] * 10
     assert (tmp_path / "results" / "imagenet.md").exists() and (tmp_path / "ckpt" / "resnet34.pt").exists()
     assert make("imagenet-all", *knobs).returncode == 0 and calls(log) == done
 
