@@ -62,46 +62,26 @@ PROJECTOR_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
 class ProjectorEnsemble(nn.Module):
     """q projectors from the student's feature width to the teacher's; forward returns their mean.
 
-    Projector k is Linear(d_student, d_teacher) + act, then depth-1 further Linear(d_teacher, d_teacher) + act.
-    The q projectors run as one batched computation: layer l stacks all projectors' weights, weight[l][k] and
-    bias[l][k] being projector k's (out x in, as in nn.Linear); projector(k) returns it as a plain nn.Sequential.
-    Each is initialised as nn.Linear would be, one after the other: the draws of q nn.Sequential built in a row.
+    Projector k is Linear(d_student, d_teacher) + act, then depth-1 further Linear(d_teacher, d_teacher)
+    + act, each layer initialised as nn.Linear does it, the projectors built one after the other.
     """
     def __init__(self, d_student, d_teacher, q=3, act="relu", depth=1):
         super().__init__()
         if q < 1 or depth < 1:
             raise ValueError(f"ProjectorEnsemble needs q >= 1 and depth >= 1, got q={q}, depth={depth}")
         if act not in PROJECTOR_ACTIVATIONS:
-            raise ValueError(f"unknown projector activation {act!r}; choose from {', '.join(PROJECTOR_ACTIVATIONS)}")
+            choices = ", ".join(PROJECTOR_ACTIVATIONS)
+            raise ValueError(f"unknown projector activation {act!r}; choose from {choices}")
         widths = [d_student] + [d_teacher] * depth
-        self.q, self.act_name = q, act
-        self.act = PROJECTOR_ACTIVATIONS[act]()
-        self.weight = nn.ParameterList(nn.Parameter(torch.empty(q, o, i)) for i, o in zip(widths, widths[1:]))
-        self.bias = nn.ParameterList(nn.Parameter(torch.empty(q, o)) for o in widths[1:])
-        with torch.no_grad():
-            for k in range(q):
-                for w, b in zip(self.weight, self.bias):
-                    layer = nn.Linear(w.shape[2], w.shape[1])  # nn.Linear's own init, in its own order
-                    w[k].copy_(layer.weight)
-                    b[k].copy_(layer.bias)
+        self.projectors = nn.ModuleList()
+        for _ in range(q):
+            layers = []
+            for d_in, d_out in zip(widths, widths[1:]):
+                layers += [nn.Linear(d_in, d_out), PROJECTOR_ACTIVATIONS[act]()]
+            self.projectors.append(nn.Sequential(*layers))
 
     def forward(self, s):
-        # The first layer of all q projectors is one matmul against the stacked weights.
-        h = F.linear(s, self.weight[0].flatten(0, 1), self.bias[0].flatten()).view(len(s), self.q, -1)
-        h = self.act(h.transpose(0, 1))
-        for w, bias in zip(self.weight[1:], self.bias[1:]):
-            h = self.act(torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2)))
-        return h.mean(0)
-
-    def projector(self, k):
-        layers = []
-        for w, b in zip(self.weight, self.bias):
-            linear = nn.Linear(w.shape[2], w.shape[1])
-            with torch.no_grad():
-                linear.weight.copy_(w[k])
-                linear.bias.copy_(b[k])
-            layers += [linear, PROJECTOR_ACTIVATIONS[self.act_name]()]
-        return nn.Sequential(*layers)
+        return torch.stack([projector(s) for projector in self.projectors]).mean(0)
 
 def _unit(x, eps=1e-8):
     # Clamping the squared norm (not the norm) keeps the gradient finite at x = 0, where ReLU outputs can be.

@@ -76,11 +76,11 @@ def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
     s = torch.randn(4, 8)
     out = ens(s)
     assert out.shape == (4, 5)
-    by_hand = torch.stack([ens.projector(k)(s) for k in range(3)]).mean(0)
+    by_hand = torch.stack([ens.projectors[k](s) for k in range(3)]).mean(0)
     assert torch.allclose(out, by_hand, atol=1e-6)
-    projectors = [ens.projector(k) for k in range(3)]
-    assert len(projectors[0]) == 2 * depth and isinstance(projectors[0][1], projkd.PROJECTOR_ACTIVATIONS[act])
-    assert not torch.equal(projectors[0][0].weight, projectors[1][0].weight)  # independently initialised
+    first = ens.projectors[0]
+    assert len(first) == 2 * depth and isinstance(first[1], projkd.PROJECTOR_ACTIVATIONS[act])
+    assert not torch.equal(first[0].weight, ens.projectors[1][0].weight)  # independently initialised
 
 
 def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
@@ -89,9 +89,30 @@ def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     torch.manual_seed(7)
     stacks = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()) for _ in range(2)]
     for k, stack in enumerate(stacks):
-        for ours, theirs in zip(ens.projector(k).state_dict().values(), stack.state_dict().values()):
+        for ours, theirs in zip(ens.projectors[k].state_dict().values(), stack.state_dict().values()):
             assert torch.equal(ours, theirs)
-    assert [tuple(p.shape) for p in ens.parameters()] == [(2, 4, 6), (2, 4, 4), (2, 4), (2, 4)]
+    assert [tuple(p.shape) for p in ens.parameters()] == [(4, 6), (4,), (4, 4), (4,)] * 2
+
+
+# The outputs of the stacked-weight ProjectorEnsemble of commit 066209a (one batched matmul per layer), as
+# float.hex of float32 values: the plain ModuleList must give the very same bits on the CPU.
+STACKED_OUTPUTS = {
+    1: ["0x1.0749800000000p-8", "0x1.58b1100000000p-3", "0x1.aeabd60000000p-2", "0x1.097bca0000000p-3",
+        "0x1.3c00d20000000p-3", "0x1.1c05da0000000p-4", "0x1.0a04080000000p-1", "0x1.5c3aa60000000p-3",
+        "0x1.4169160000000p-5", "0x1.8866d00000000p-3", "0x1.4ac8ac0000000p-2", "0x0.0p+0"],
+    3: ["0x1.9595360000000p-3", "0x1.fc43480000000p-3", "0x1.9fd8160000000p-5", "0x0.0p+0",
+        "0x1.6ab2560000000p-3", "0x1.5efae20000000p-3", "0x1.72790a0000000p-5", "0x1.36af360000000p-8",
+        "0x1.7ce7580000000p-3", "0x1.7a324a0000000p-3", "0x1.bc4dfa0000000p-5", "0x0.0p+0"],
+}
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_projector_ensemble_outputs_are_those_of_the_stacked_version(depth):
+    torch.manual_seed(0)
+    ens = ProjectorEnsemble(6, 4, q=3, depth=depth)
+    out = ens(torch.randn(3, 6))
+    expected = torch.tensor([float.fromhex(v) for v in STACKED_OUTPUTS[depth]]).view(3, 4)
+    assert torch.equal(out, expected)
 
 
 def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
