@@ -22,6 +22,7 @@ alone, this file's ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite and fe
 classifier whose head is a final nn.Linear. models.py is imported where it is used; the tools above this file
 (teacher_cache.py, bench.py, fetch.py) when their subcommand runs, and the teacher cache when a run opens it.
 """
+import argparse
 import contextlib
 import csv
 import dataclasses
@@ -274,76 +275,96 @@ class Distiller(nn.Module):
 # 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
 #    resolve_config turns parsed options into the resolved config, in one place.
 
+def option(default, help):
+    """A dataclass field that is a command-line option: its default, and its line in --help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
 @dataclass
 class Config:
     # what to train
-    teacher: str = ""  # teacher architecture (a key of models.MODELS); unused by --method ce
-    student: str = ""  # student architecture (a key of models.MODELS)
-    method: str = "pefd"  # pefd | kd | sp | crd | ce (ce: the student alone, e.g. to pretrain a teacher)
-    teacher_ckpt: str = ""  # teacher weights (ours, RepDistiller's, mdistiller's or torchvision's);
-                            # default checkpoints/<dataset>/<teacher>.pt
-    teacher_weights: str = ""  # instead of a file, torchvision's ImageNet weights by name, e.g.
-                               # IMAGENET1K_V1 (downloads: online only)
+    teacher: str = option("", "teacher architecture (a key of models.MODELS); unused by --method ce")
+    student: str = option("", "student architecture (a key of models.MODELS)")
+    method: str = option("pefd", "pefd | kd | sp | crd | ce (ce: the student alone, e.g. to pretrain a "
+                                 "teacher)")
+    teacher_ckpt: str = option("", "teacher weights (ours, RepDistiller's, mdistiller's or "
+                                   "torchvision's); default checkpoints/<dataset>/<teacher>.pt")
+    teacher_weights: str = option("", "instead of a file, torchvision's ImageNet weights by name, e.g. "
+                                      "IMAGENET1K_V1 (downloads: online only)")
     # data
-    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for smoke runs and tests)
-    data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet: the folder
-                            # holding train/ and val/
-    download: bool = False  # download CIFAR-100 with torchvision if it is not in --data-dir
-    synthetic_size: int = 2048  # training images of --dataset synthetic; its test set is a quarter of that
-    synthetic_classes: int = 10  # classes of --dataset synthetic
-    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to 256/224 of it
-    workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its GPUs in use
+    dataset: str = option("cifar100", "cifar100 | imagenet | synthetic (small, generated, learnable: "
+                                      "for smoke runs and tests)")
+    data_dir: str = option("data", "cifar100: the folder holding cifar-100-python/; imagenet: the "
+                                   "folder holding train/ and val/")
+    download: bool = option(False, "download CIFAR-100 with torchvision if it is not in --data-dir")
+    synthetic_size: int = option(2048, "training images of --dataset synthetic; its test set is a "
+                                       "quarter of that")
+    synthetic_classes: int = option(10, "classes of --dataset synthetic")
+    image_size: int = option(224, "imagenet: the training crop, and the evaluation crop after resizing "
+                                  "to 256/224 of it")
+    workers: int = option(None, "imagenet: loader processes per GPU; default: this machine's CPUs over "
+                                "its GPUs in use")
     # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's protocol
-    epochs: int = None  # training epochs: 240 on CIFAR-100, 100 on ImageNet
-    batch_size: int = None  # global batch (all GPUs together): 64 on CIFAR-100, 256 on ImageNet;
-                            # the last incomplete batch is dropped
-    lr: float = None  # 0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), 0.1
-                      # on ImageNet; never rescaled by batch size
-    lr_decay_epochs: str = None  # comma-separated epochs after which lr is multiplied by
-                                 # lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on ImageNet
-    lr_decay_rate: float = 0.1  # factor applied at each of lr_decay_epochs
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = None  # on every trained parameter, projectors and CRD embeddings
-                                # included: 5e-4 on CIFAR-100, 1e-4 on ImageNet
+    epochs: int = option(None, "training epochs: 240 on CIFAR-100, 100 on ImageNet")
+    batch_size: int = option(None, "global batch (all GPUs together): 64 on CIFAR-100, 256 on "
+                                   "ImageNet; the last incomplete batch is dropped")
+    lr: float = option(None, "0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), "
+                             "0.1 on ImageNet; never rescaled by batch size")
+    lr_decay_epochs: str = option(None, "comma-separated epochs after which lr is multiplied by "
+                                        "lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on ImageNet")
+    lr_decay_rate: float = option(0.1, "factor applied at each of lr_decay_epochs")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(None, "on every trained parameter, projectors and CRD embeddings "
+                                       "included: 5e-4 on CIFAR-100, 1e-4 on ImageNet")
     # PEFD (method pefd)
-    alpha: float = 25.0  # weight of the MDA loss: loss = CE + alpha * MDA
-    q: int = 3  # number of projectors; 0 = none (MDA on the raw student feature; needs equal widths)
-    proj_act: str = "relu"  # activation after each projector layer: relu | gelu | none
-    proj_depth: int = 1  # Linear+activation layers per projector (the paper's "deep cascade" when > 1)
+    alpha: float = option(25.0, "weight of the MDA loss: loss = CE + alpha * MDA")
+    q: int = option(3, "number of projectors; 0 = none (MDA on the raw student feature; needs equal "
+                       "widths)")
+    proj_act: str = option("relu", "activation after each projector layer: relu | gelu | none")
+    proj_depth: int = option(1, "Linear+activation layers per projector (the paper's \"deep cascade\" "
+                                "when > 1)")
     # baselines, with RepDistiller's settings
-    kd_T: float = 4.0  # KD temperature
-    kd_weight: float = 0.9  # method kd: loss = kd_ce_weight * CE + kd_weight * KD
-    kd_ce_weight: float = 0.1  # method kd: weight of the cross-entropy term
-    sp_weight: float = 3000.0  # method sp: loss = CE + sp_weight * SP
-    crd_weight: float = 0.8  # method crd: loss = CE + crd_weight * CRD-lite
-    crd_dim: int = 128  # CRD embedding width
-    crd_T: float = 0.07  # CRD temperature
-    crd_negatives: int = 16384  # CRD negatives per anchor (size of CRD-lite's queue)
+    kd_T: float = option(4.0, "KD temperature")
+    kd_weight: float = option(0.9, "method kd: loss = kd_ce_weight * CE + kd_weight * KD")
+    kd_ce_weight: float = option(0.1, "method kd: weight of the cross-entropy term")
+    sp_weight: float = option(3000.0, "method sp: loss = CE + sp_weight * SP")
+    crd_weight: float = option(0.8, "method crd: loss = CE + crd_weight * CRD-lite")
+    crd_dim: int = option(128, "CRD embedding width")
+    crd_T: float = option(0.07, "CRD temperature")
+    crd_negatives: int = option(16384, "CRD negatives per anchor (size of CRD-lite's queue)")
     # speed: neither changes what is computed beyond float rounding
-    graph: str = "auto"  # capture the whole training step as one CUDA graph: auto (on for one CUDA
-                         # process on CIFAR-style data, amp bf16 or off) | on | off
-    teacher_cache: str = "auto"  # compute the teacher's outputs for all 162 crop/flip views of each
-                                 # image once and reuse them: auto (on CUDA for pefd/kd/crd on
-                                 # CIFAR-style data) | on | off
-    teacher_cache_file: str = ""  # the cache of --teacher-ckpt; default: that path with the suffix .tcache
-    teacher_cache_ram: float = 0.25  # read the cache file whole into memory when it takes at most this share of the RAM
+    graph: str = option("auto", "capture the whole training step as one CUDA graph: auto (on for one "
+                                "CUDA process on CIFAR-style data, amp bf16 or off) | on | off")
+    teacher_cache: str = option("auto", "compute the teacher's outputs for all 162 crop/flip views of "
+                                        "each image once and reuse them: auto (on CUDA for pefd/kd/crd "
+                                        "on CIFAR-style data) | on | off")
+    teacher_cache_file: str = option("", "the cache of --teacher-ckpt; default: that path with the "
+                                         "suffix .tcache")
+    teacher_cache_ram: float = option(0.25, "read the cache file whole into memory when it takes at "
+                                            "most this share of the RAM")
     # running
-    seed: int = 1  # seeds initialisation, data order and augmentation
-    deterministic: bool = False  # bit-identical reruns (on CPU; on CUDA as far as cuDNN allows), slower
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N; under torchrun
-                          # each process takes cuda:LOCAL_RANK
-    amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with gradient scaling) | off; always off on CPU
-    compile: bool = False  # torch.compile the student and teacher
-    sync_bn: bool = False  # under torchrun: the student's BatchNorm statistics over the global batch (SyncBatchNorm)
-    eval_batch_size: int = None  # batch size of the evaluation, per process: 1000 on CIFAR-100, 250 on ImageNet
-    checkpoint_seconds: float = 60.0  # write last.pt once this long has passed since the last one, within an
-                                      # epoch too (and after the final epoch). SIGTERM or SIGUSR1 (Slurm's
-                                      # --signal) writes it and stops the run with status 128 + the signal (143,
-                                      # 138; Ctrl-C: 130)
-    progress_seconds: float = 30.0  # within an epoch, print a progress line this often
-    run_dir: str = ""  # where the run's files go; default runs/<dataset>/<teacher>-<student>/<method>-seed<seed>
-    resume: bool = False  # continue the run in --run-dir from its last.pt (starts fresh if there is none)
-    overwrite: bool = False  # start over even if --run-dir already holds a run
+    seed: int = option(1, "seeds initialisation, data order and augmentation")
+    deterministic: bool = option(False, "bit-identical reruns (on CPU; on CUDA as far as cuDNN "
+                                        "allows), slower")
+    device: str = option("auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N; under "
+                                 "torchrun each process takes cuda:LOCAL_RANK")
+    amp: str = option("bf16", "autocast on CUDA: bf16 | fp16 (with gradient scaling) | off; always "
+                              "off on CPU")
+    compile: bool = option(False, "torch.compile the student and teacher")
+    sync_bn: bool = option(False, "under torchrun: the student's BatchNorm statistics over the global "
+                                  "batch (SyncBatchNorm)")
+    eval_batch_size: int = option(None, "batch size of the evaluation, per process: 1000 on "
+                                        "CIFAR-100, 250 on ImageNet")
+    checkpoint_seconds: float = option(60.0, "write last.pt once this long has passed since the last "
+                                             "one, within an epoch too (and after the final epoch). "
+                                             "SIGTERM or SIGUSR1 (Slurm's --signal) writes it and stops "
+                                             "the run with status 128 + the signal (143, 138; Ctrl-C: "
+                                             "130)")
+    progress_seconds: float = option(30.0, "within an epoch, print a progress line this often")
+    run_dir: str = option("", "where the run's files go; default "
+                              "runs/<dataset>/<teacher>-<student>/<method>-seed<seed>")
+    resume: bool = option(False, "continue the run in --run-dir from its last.pt (starts fresh if "
+                                 "there is none)")
+    overwrite: bool = option(False, "start over even if --run-dir already holds a run")
 
 # The paper's protocols (Section 4, "Training"; on CIFAR-100 they are RepDistiller's). A Config field left at None
 # takes its dataset's value here; nothing of one dataset's protocol is ever applied to another.
@@ -376,100 +397,82 @@ class UserError(Exception):
 def _flag(name):
     return "--" + name.replace("_", "-")
 
-def field_comments(source):
-    """{field: its trailing comment} in a dataclass's source. A comment goes on over the lines below it that hold
-    only a comment indented past the field (group headings such as `# data` stand at the field's indent)."""
-    comments, field, indent = {}, None, 0
-    for line in source.splitlines():
-        declared = re.match(r"^(\s+)(\w+): \w+ = .*?  # (.*)$", line)
-        more = re.match(r"^(\s+)# (.*)$", line)
-        if declared:
-            indent, field = len(declared[1]), declared[2]
-            comments[field] = declared[3]
-        elif more and field and len(more[1]) > indent:
-            comments[field] += " " + more[2]
-        else:
-            field = None
-    return comments
+def _dashed(arg):
+    """--kd_T=2 read as --kd-T=2: an option's name may be spelled with '_'; a value is left alone."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value
 
-def cli_help(schema, doc, usage):
-    """The first paragraph of `doc`, the usage line, and every field of `schema` with its default and the trailing
-    comment of its declaration (read from the source of the dataclasses in schema.help_from)."""
-    comments = {}
-    for source in getattr(schema, "help_from", (schema,)):
-        with contextlib.suppress(OSError, TypeError):
-            comments.update(field_comments(inspect.getsource(source)))
-    width = min(shutil.get_terminal_size().columns, 120) - 1
-    lines = [*textwrap.wrap(doc.strip().split("\n\n")[0], width), ""]
-    lines += [*textwrap.wrap(f"usage: {usage}", width, subsequent_indent="  "), ""]
+class OptionParser(argparse.ArgumentParser):
+    """argparse whose errors are a UserError: main() prints them as one line."""
+    def error(self, message):
+        raise UserError(message)
+
+def option_parser(schema, usage=None):
+    """argparse of a dataclass's fields: --name VALUE, or --flag / --no-flag for a bool. An option not
+    given is left out, so that the dataclass's own default holds (None: auto, resolved later)."""
+    parser = OptionParser(prog="projkd.py", usage=usage, add_help=False, allow_abbrev=False)
     for f in dataclasses.fields(schema):
+        text = f.metadata.get("help", "").replace("%", "%%")
         if f.type is bool:
-            kind = "flag"
-        elif f.default is None:
-            kind = f"{f.type.__name__} = auto"
-        else:
-            kind = f"{f.type.__name__} = {f.default!r}"
-        lines.append(f"  {_flag(f.name)}  {kind}")
-        lines += textwrap.wrap(comments.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
-    if schema is Config:
-        with contextlib.suppress(ImportError):  # copied alone, without models.py
-            imagenet = zoo().IMAGENET_ARCHS
-            cifar = [a for a in zoo().MODELS if a not in imagenet]
-            text = f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; ImageNet {', '.join(imagenet)}"
-            lines += ["", *textwrap.wrap(text, width, subsequent_indent="  ")]
-    return "\n".join(lines)
-
-FLAG_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+            default = "on" if f.default else "off"
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+            continue
+        default = "auto" if f.default is None else repr(f.default)
+        parser.add_argument(_flag(f.name), type=f.type, metavar=f.type.__name__.upper(),
+                            default=argparse.SUPPRESS, help=f"{text} (default: {default})")
+    return parser
 
 def parse_args(argv, schema=Config):
-    """--name value, --name=value, --flag, --no-flag, --flag=yes|no; names use '-' or '_'. Unknown or ill-typed
-    options raise UserError."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    values = {}
-    args = iter(argv)
-    for arg in args:
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: options look like --student vgg8 (see --help)")
-        name, eq, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        negated = name.startswith("no_") and name[3:] in fields and fields[name[3:]].type is bool
-        if negated:
-            name = name[3:]
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hint = f" (did you mean {_flag(close[0])}?)" if close else ""
-            raise UserError(f"unknown option {_flag(name)}{hint}; see --help")
-        kind = fields[name].type
-        if kind is bool:
-            if eq and (negated or value.lower() not in FLAG_VALUES):
-                raise UserError(f"{_flag(name)} is a flag: use {_flag(name)} or --no-{_flag(name)[2:]}, not {value!r}")
-            values[name] = FLAG_VALUES[value.lower()] if eq else not negated
-            continue
-        if not eq:
-            value = next(args, None)
-        if value is None:
-            raise UserError(f"{_flag(name)} needs a value ({kind.__name__})")
-        try:
-            values[name] = kind(value)
-        except ValueError:
-            raise UserError(f"{_flag(name)} expects {kind.__name__}, got {value!r}") from None
-    return schema(**values)
+    """An instance of `schema` from options; names take '-' or '_'. Unknown or ill-typed options raise
+    UserError (unknown ones with the closest option: argparse 3.11 suggests none)."""
+    given, unknown = option_parser(schema).parse_known_args([_dashed(arg) for arg in argv])
+    if unknown and not unknown[0].startswith("--"):
+        raise UserError(f"unexpected argument {unknown[0]!r}: options look like --student vgg8 "
+                        f"(see --help)")
+    if unknown:
+        name = unknown[0].partition("=")[0]
+        close = difflib.get_close_matches(name, [_flag(f.name) for f in dataclasses.fields(schema)], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown option {name}{hint}; see --help")
+    return schema(**vars(given))
+
+def cli_help(schema, doc, usage):
+    """The first paragraph of `doc`, then argparse's help of `schema` (for Config, also the architectures)."""
+    width = min(shutil.get_terminal_size().columns, 120) - 1
+    parser = option_parser(schema, usage)
+    if schema is Config:
+        with contextlib.suppress(UserError):  # copied alone, without models.py: no list of them
+            models = models_module()
+            cifar = [a for a in models.MODELS if a not in models.IMAGENET_ARCHS]
+            parser.epilog = (f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; "
+                             f"ImageNet {', '.join(models.IMAGENET_ARCHS)}")
+    return "\n".join([*textwrap.wrap(doc.strip().split("\n\n")[0], width), "", parser.format_help()])
 
 def options_of(name, own, shared):
     """A subcommand's options as one dataclass: the fields of `own` (a dataclass, or None), then the Config fields
     named in `shared`, with Config's defaults and help, so that each means the same as for training."""
-    fields = [*(dataclasses.fields(own) if own else ()), *(f for f in dataclasses.fields(Config) if f.name in shared)]
-    schema = dataclasses.make_dataclass(name, [(f.name, f.type, dataclasses.field(default=f.default)) for f in fields])
-    schema.help_from = tuple(c for c in (own, Config) if c)
-    return schema
+    fields = [*(dataclasses.fields(own) if own else ()),
+              *(f for f in dataclasses.fields(Config) if f.name in shared)]
+    return dataclasses.make_dataclass(name, [(f.name, f.type, option(f.default, f.metadata.get("help", "")))
+                                             for f in fields])
 
-def zoo():
-    """models.py, the architectures, imported where it is used: this file copied alone imports anywhere."""
-    import models
+def models_module():
+    """models.py, the architectures, imported where it is used: this file copied alone imports anywhere,
+    and says in one line what it lacks when an architecture is asked for."""
+    try:
+        import models
+    except ModuleNotFoundError as e:
+        if e.name != "models":
+            raise
+        raise UserError("the architectures are in models.py, which is needed beside projkd.py: copy it "
+                        "there too") from None
     return models
 
 def check_arch(arch, role, dataset):
-    models, imagenet = zoo().MODELS, zoo().IMAGENET_ARCHS
+    models, imagenet = models_module().MODELS, models_module().IMAGENET_ARCHS
     if arch not in models:
         raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}")
     if (arch in imagenet) != (dataset == "imagenet"):
@@ -1218,7 +1221,7 @@ def checkpoint_to_resume(cfg):
                         f"over, or another --run-dir")
     if not (cfg.resume and os.path.isfile(last_path)):
         return None
-    checkpoint = zoo().load_checkpoint_file(last_path, "resume checkpoint")
+    checkpoint = models_module().load_checkpoint_file(last_path, "resume checkpoint")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
     saved, sha = checkpoint["config"], checkpoint.get("teacher_sha256")
@@ -1248,7 +1251,7 @@ def setup_run(cfg, notes=()):
     rank, world = setup_torch(device, cfg.deterministic)
     checkpoint = checkpoint_to_resume(cfg)
     if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
-        zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
+        models_module().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
     notes = list(notes) or again
     if world > 1 or cfg.dataset == "imagenet":
         notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
@@ -1273,10 +1276,10 @@ def setup_run(cfg, notes=()):
 def build_run(cfg, device, world, data):
     """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
-    teacher = None if cfg.method == "ce" else zoo().load_teacher(
+    teacher = None if cfg.method == "ce" else models_module().load_teacher(
         cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights).to(device, memory_format=memory_format)
     torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
-    student = zoo().MODELS[cfg.student](num_classes=data.num_classes)
+    student = models_module().MODELS[cfg.student](num_classes=data.num_classes)
     student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
     aux = build_aux(cfg, classifier_of(student).in_features,
                     classifier_of(teacher).in_features if teacher is not None else 0).to(device)
@@ -1606,9 +1609,11 @@ DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size") 
 
 @dataclass
 class EvalOptions:
-    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
-    ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
-    out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
+    arch: str = option("", "the checkpoint's architecture (a key of models.MODELS)")
+    ckpt: str = option("", "our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight "
+                           "file or any state_dict")
+    out: str = option("", "the result as JSON; default: the checkpoint's path with the suffix "
+                          ".eval.json")
 
 EvalConfig = options_of("EvalConfig", EvalOptions,
                         DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
@@ -1660,7 +1665,7 @@ def evaluate_checkpoint(ec):
     ec = dataclasses.replace(ec, eval_batch_size=batch_size, workers=workers)
     data = load_data(ec, device)
     memory_format = precision("off", device)[0]
-    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
+    model = models_module().frozen_model(ec.arch, models_module().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
     result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
     out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
     record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
@@ -1725,8 +1730,8 @@ def command_of(argv):
 def errors_to_report():
     """The exceptions main() prints as one line: ours, and models.py's weight errors where models.py is here."""
     try:
-        return (UserError, zoo().WeightsError)
-    except ImportError:  # this file copied alone
+        return (UserError, models_module().WeightsError)
+    except UserError:  # this file copied alone
         return (UserError,)
 
 def main(argv=None):

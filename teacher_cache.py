@@ -30,6 +30,7 @@ from projkd import (
     file_sha256,
     load_data,
     log,
+    models_module,
     normalize,
     options_of,
     plan_epoch,
@@ -37,7 +38,6 @@ from projkd import (
     resolve_config,
     setup_torch,
     teacher_for_speed,
-    zoo,
 )
 
 CACHE_VIEWS = (2 * CROP_PADDING + 1) ** 2 * 2
@@ -260,8 +260,8 @@ def cache_command(cfg):
     setup_torch(device, cfg.deterministic)
     data = load_data(cfg, device)
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
-    teacher = teacher_for_speed(zoo().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device),
-                                amp_dtype, memory_format)
+    teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device)
+    teacher = teacher_for_speed(teacher, amp_dtype, memory_format)
     cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,
                                  memory_format, cfg.eval_batch_size)
     os.utime(cache.path)

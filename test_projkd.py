@@ -278,6 +278,21 @@ def test_projkd_copied_alone_imports_and_runs(tmp_path):
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
 
 
+def test_projkd_copied_alone_asks_for_models_py_in_one_line(tmp_path):
+    shutil.copy(os.path.join(HERE, "projkd.py"), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "projkd.py", "--student", "vgg8", "--method", "ce"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr == ("projkd: error: the architectures are in models.py, which is needed beside "
+                             "projkd.py: copy it there too\n")
+    assert sorted(os.listdir(tmp_path)) == ["projkd.py"]
+    help_alone = subprocess.run([sys.executable, "projkd.py", "--help"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True)
+    assert help_alone.returncode == 0 and "--student" in help_alone.stdout and "architectures" not in \
+        help_alone.stdout
+
+
 # --- config and CLI ----------------------------------------------------------------------------------------------
 
 
@@ -290,10 +305,10 @@ def test_parse_args_types_flags_and_spellings():
 
 @pytest.mark.parametrize("argv,message", [
     (["--studnet", "vgg8"], "unknown option --studnet (did you mean --student?)"),
-    (["--epochs", "ten"], "--epochs expects int, got 'ten'"),
-    (["--epochs"], "--epochs needs a value"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    (["--epochs"], "argument --epochs: expected one argument"),
     (["vgg8"], "unexpected argument 'vgg8'"),
-    (["--deterministic=maybe"], "is a flag"),
+    (["--deterministic=maybe"], "argument --deterministic/--no-deterministic: ignored explicit argument"),
 ])
 def test_parse_args_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
