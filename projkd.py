@@ -282,46 +282,49 @@ def option(default, help):
 @dataclass
 class Config:
     # what to train
-    teacher: str = option("", "teacher architecture (a key of models.MODELS); unused by --method ce")
+    teacher: str = option("", "teacher architecture (a key of models.MODELS); unused by --method "
+                              "ce")
     student: str = option("", "student architecture (a key of models.MODELS)")
-    method: str = option("pefd", "pefd | kd | sp | crd | ce (ce: the student alone, e.g. to pretrain a "
-                                 "teacher)")
+    method: str = option("pefd", "pefd | kd | sp | crd | ce (ce: the student alone, e.g. to "
+                                 "pretrain a teacher)")
     teacher_ckpt: str = option("", "teacher weights (ours, RepDistiller's, mdistiller's or "
                                    "torchvision's); default checkpoints/<dataset>/<teacher>.pt")
-    teacher_weights: str = option("", "instead of a file, torchvision's ImageNet weights by name, e.g. "
-                                      "IMAGENET1K_V1 (downloads: online only)")
+    teacher_weights: str = option("", "instead of a file, torchvision's ImageNet weights by name, "
+                                      "e.g. IMAGENET1K_V1 (downloads: online only)")
     # data
-    dataset: str = option("cifar100", "cifar100 | imagenet | synthetic (small, generated, learnable: "
-                                      "for smoke runs and tests)")
+    dataset: str = option("cifar100", "cifar100 | imagenet | synthetic (small, generated, "
+                                      "learnable: for smoke runs and tests)")
     data_dir: str = option("data", "cifar100: the folder holding cifar-100-python/; imagenet: the "
                                    "folder holding train/ and val/")
     download: bool = option(False, "download CIFAR-100 with torchvision if it is not in --data-dir")
     synthetic_size: int = option(2048, "training images of --dataset synthetic; its test set is a "
                                        "quarter of that")
     synthetic_classes: int = option(10, "classes of --dataset synthetic")
-    image_size: int = option(224, "imagenet: the training crop, and the evaluation crop after resizing "
-                                  "to 256/224 of it")
-    workers: int = option(None, "imagenet: loader processes per GPU; default: this machine's CPUs over "
-                                "its GPUs in use")
-    # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's protocol
+    image_size: int = option(224, "imagenet: the training crop, and the evaluation crop after "
+                                  "resizing to 256/224 of it")
+    workers: int = option(None, "imagenet: loader processes per GPU; default: this machine's CPUs "
+                                "over its GPUs in use")
+    # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's
+    # protocol
     epochs: int = option(None, "training epochs: 240 on CIFAR-100, 100 on ImageNet")
     batch_size: int = option(None, "global batch (all GPUs together): 64 on CIFAR-100, 256 on "
                                    "ImageNet; the last incomplete batch is dropped")
-    lr: float = option(None, "0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students), "
-                             "0.1 on ImageNet; never rescaled by batch size")
+    lr: float = option(None, "0.05 on CIFAR-100 (0.01 for MobileNetV2/ShuffleV1/ShuffleV2 "
+                             "students), 0.1 on ImageNet; never rescaled by batch size")
     lr_decay_epochs: str = option(None, "comma-separated epochs after which lr is multiplied by "
-                                        "lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on ImageNet")
+                                        "lr_decay_rate: 150,180,210 on CIFAR-100, 30,60,90 on "
+                                        "ImageNet")
     lr_decay_rate: float = option(0.1, "factor applied at each of lr_decay_epochs")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(None, "on every trained parameter, projectors and CRD embeddings "
                                        "included: 5e-4 on CIFAR-100, 1e-4 on ImageNet")
     # PEFD (method pefd)
     alpha: float = option(25.0, "weight of the MDA loss: loss = CE + alpha * MDA")
-    q: int = option(3, "number of projectors; 0 = none (MDA on the raw student feature; needs equal "
-                       "widths)")
+    q: int = option(3, "number of projectors; 0 = none (MDA on the raw student feature; needs "
+                       "equal widths)")
     proj_act: str = option("relu", "activation after each projector layer: relu | gelu | none")
-    proj_depth: int = option(1, "Linear+activation layers per projector (the paper's \"deep cascade\" "
-                                "when > 1)")
+    proj_depth: int = option(1, "Linear+activation layers per projector (the paper's \"deep "
+                                "cascade\" when > 1)")
     # baselines, with RepDistiller's settings
     kd_T: float = option(4.0, "KD temperature")
     kd_weight: float = option(0.9, "method kd: loss = kd_ce_weight * CE + kd_weight * KD")
@@ -332,15 +335,15 @@ class Config:
     crd_T: float = option(0.07, "CRD temperature")
     crd_negatives: int = option(16384, "CRD negatives per anchor (size of CRD-lite's queue)")
     # speed: neither changes what is computed beyond float rounding
-    graph: str = option("auto", "capture the whole training step as one CUDA graph: auto (on for one "
-                                "CUDA process on CIFAR-style data, amp bf16 or off) | on | off")
-    teacher_cache: str = option("auto", "compute the teacher's outputs for all 162 crop/flip views of "
-                                        "each image once and reuse them: auto (on CUDA for pefd/kd/crd "
-                                        "on CIFAR-style data) | on | off")
+    graph: str = option("auto", "capture the whole training step as one CUDA graph: auto (on for "
+                                "one CUDA process on CIFAR-style data, amp bf16 or off) | on | off")
+    teacher_cache: str = option("auto", "compute the teacher's outputs for all 162 crop/flip views "
+                                        "of each image once and reuse them: auto (on CUDA for "
+                                        "pefd/kd/crd on CIFAR-style data) | on | off")
     teacher_cache_file: str = option("", "the cache of --teacher-ckpt; default: that path with the "
                                          "suffix .tcache")
-    teacher_cache_ram: float = option(0.25, "read the cache file whole into memory when it takes at "
-                                            "most this share of the RAM")
+    teacher_cache_ram: float = option(0.25, "read the cache file whole into memory when it takes "
+                                            "at most this share of the RAM")
     # running
     seed: int = option(1, "seeds initialisation, data order and augmentation")
     deterministic: bool = option(False, "bit-identical reruns (on CPU; on CUDA as far as cuDNN "
@@ -350,15 +353,15 @@ class Config:
     amp: str = option("bf16", "autocast on CUDA: bf16 | fp16 (with gradient scaling) | off; always "
                               "off on CPU")
     compile: bool = option(False, "torch.compile the student and teacher")
-    sync_bn: bool = option(False, "under torchrun: the student's BatchNorm statistics over the global "
-                                  "batch (SyncBatchNorm)")
+    sync_bn: bool = option(False, "under torchrun: the student's BatchNorm statistics over the "
+                                  "global batch (SyncBatchNorm)")
     eval_batch_size: int = option(None, "batch size of the evaluation, per process: 1000 on "
                                         "CIFAR-100, 250 on ImageNet")
-    checkpoint_seconds: float = option(60.0, "write last.pt once this long has passed since the last "
-                                             "one, within an epoch too (and after the final epoch). "
-                                             "SIGTERM or SIGUSR1 (Slurm's --signal) writes it and stops "
-                                             "the run with status 128 + the signal (143, 138; Ctrl-C: "
-                                             "130)")
+    checkpoint_seconds: float = option(60.0, "write last.pt once this long has passed since the "
+                                             "last one, within an epoch too (and after the final "
+                                             "epoch). SIGTERM or SIGUSR1 (Slurm's --signal) writes "
+                                             "it and stops the run with status 128 + the signal "
+                                             "(143, 138; Ctrl-C: 130)")
     progress_seconds: float = option(30.0, "within an epoch, print a progress line this often")
     run_dir: str = option("", "where the run's files go; default "
                               "runs/<dataset>/<teacher>-<student>/<method>-seed<seed>")
