@@ -526,27 +526,59 @@ def check_roles(cfg, command):
         raise UserError("--resume and --overwrite contradict each other; pick one")
     return needs_teacher
 
-def with_protocol(cfg, notes):
-    """The options left at None from the dataset's protocol, then every number checked against its range."""
+def with_protocol(cfg):
+    """The options left at None from the dataset's protocol, then every number checked against its
+    range. Returns (config, notes)."""
+    notes = []
     protocol = PROTOCOLS[cfg.dataset]
     defaults = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
     if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
         defaults["lr"] = 0.01
         notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
-    lr, batch, paper_batch = defaults.get("lr"), cfg.batch_size or protocol["batch_size"], protocol["batch_size"]
+    paper_batch = protocol["batch_size"]
+    batch = cfg.batch_size or paper_batch
     if cfg.lr is None and batch != paper_batch:
-        notes.append(f"lr {lr} is the paper's for a global batch of {paper_batch} and is used unchanged at {batch} "
-                     f"(the linear scaling rule would give {lr * batch / paper_batch:g}: pass --lr to use it)")
+        lr = defaults["lr"]
+        notes.append(f"lr {lr} is the paper's for a global batch of {paper_batch} and is used "
+                     f"unchanged at {batch} (the linear scaling rule would give "
+                     f"{lr * batch / paper_batch:g}: pass --lr to use it)")
     cfg = dataclasses.replace(cfg, **defaults)
     if not re.fullmatch(r"[\s\d,]*", cfg.lr_decay_epochs):
-        raise UserError(f"--lr-decay-epochs must be comma-separated integers >= 0, got {cfg.lr_decay_epochs!r}")
+        raise UserError(f"--lr-decay-epochs must be comma-separated integers >= 0, got "
+                        f"{cfg.lr_decay_epochs!r}")
     for name in POSITIVE + NON_NEGATIVE:
-        v, low = getattr(cfg, name), "positive" if name in POSITIVE else "a finite number >= 0"
-        if v is not None and not ((v > 0 if name in POSITIVE else v >= 0) and math.isfinite(v)):
-            raise UserError(f"{_flag(name)} must be {low}, got {v}")
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name in POSITIVE and not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{_flag(name)} must be positive, got {value}")
+        if name in NON_NEGATIVE and not (value >= 0 and math.isfinite(value)):
+            raise UserError(f"{_flag(name)} must be a finite number >= 0, got {value}")
     if cfg.synthetic_classes < 2:
         raise UserError(f"--synthetic-classes must be at least 2, got {cfg.synthetic_classes}")
-    return cfg
+    return cfg, notes
+
+def resolve_processes(cfg, world):
+    """The device of this process, and the checks of the batch and SyncBatchNorm against the number
+    of processes. Returns (device, notes)."""
+    notes = []
+    device = resolve_device(cfg.device, world)
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
+                        f"{world} processes")
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
+    if cfg.sync_bn and world == 1:
+        notes.append("--sync-bn has no effect in a single process")
+    return device, notes
+
+def resolve_amp(amp, device):
+    """--amp on this device: always off on the CPU. Returns (amp, notes)."""
+    if device.type != "cpu":
+        return amp, []
+    if amp in (Config.amp, "off"):  # said only when asked for: --amp fp16
+        return "off", []
+    return "off", [f"amp off on CPU (--amp {amp} applies to CUDA)"]
 
 def graph_blockers(device, world, resident, amp):
     """Why the whole-step CUDA graph cannot run here: [] where it can."""
@@ -579,42 +611,23 @@ def use_teacher_cache(cfg, command, device):
         return cacheable and device.type == "cuda"
     return cfg.teacher_cache == "on"
 
-def resolve_config(cfg, command="train"):
-    """Checks every option and fills in what depends on others: the dataset's protocol, the device, the CUDA graph
-    and teacher-cache switches, the paths. Returns (resolved config, notes to print). command "cache": what
-    building a teacher cache needs (a teacher, no student)."""
-    notes = []
-    needs_teacher = check_roles(cfg, command)
-    cfg = with_protocol(cfg, notes)
-
-    # the processes and the device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device, world)
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} "
-                        f"processes")
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise UserError("--sync-bn needs CUDA: SyncBatchNorm runs on GPUs only")
-    if cfg.sync_bn and world == 1:
-        notes.append("--sync-bn has no effect in a single process")
-
-    # the switches of speed
-    amp = cfg.amp
-    if device.type == "cpu":
-        amp = "off"
-        if cfg.amp not in (Config.amp, "off"):  # said only when asked for: --amp fp16
-            notes.append(f"amp off on CPU (--amp {cfg.amp} applies to CUDA)")
+def resolve_graph(cfg, device, world, amp):
+    """--graph on or off, from auto where nothing blocks it. Returns (graph, notes)."""
     blockers = graph_blockers(device, world, cfg.dataset in RESIDENT_DATASETS, amp)
     if cfg.graph == "on" and blockers:
         raise UserError(f"--graph on is not possible here: {blockers[0]}; use --graph auto or off")
-    if cfg.graph == "auto" and device.type == "cuda" and blockers:
-        notes.append(f"CUDA graph off: {blockers[0]}")
-    graph = "on"
-    if cfg.graph == "off" or blockers:
-        graph = "off"
-    cache = use_teacher_cache(cfg, command, device)
+    if cfg.graph == "off":
+        return "off", []
+    if blockers and device.type == "cuda":
+        return "off", [f"CUDA graph off: {blockers[0]}"]
+    if blockers:
+        return "off", []
+    return "on", []
 
-    # the teacher's files, and where the run goes
+def resolve_files(cfg, command, needs_teacher, cache):
+    """The teacher's files and where the run goes, defaults filled in. Returns ({field: value},
+    notes)."""
+    notes = []
     if cfg.teacher and not needs_teacher:
         notes.append(f"--teacher {cfg.teacher} is not used by --method ce")
     teacher = cfg.teacher if needs_teacher else ""
@@ -624,17 +637,33 @@ def resolve_config(cfg, command="train"):
     cache_file = cfg.teacher_cache_file
     if cache and not cache_file:
         cache_file = os.path.splitext(ckpt)[0] + ".tcache"
+    run_dir = cfg.run_dir
+    if command == "train" and not run_dir:
+        run_dir = run_path(os.path.join("runs", cfg.dataset), teacher, cfg.student, cfg.method,
+                           cfg.seed, q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
+    files = {"teacher": teacher, "teacher_ckpt": ckpt, "teacher_cache_file": cache_file,
+             "run_dir": run_dir}
+    return files, notes
+
+def resolve_config(cfg, command="train"):
+    """Checks every option and fills in what depends on others, in steps that each return their
+    value and their notes: the dataset's protocol, the processes and the device, the switches of
+    speed, the files. Returns (resolved config, notes to print). command "cache": what building a
+    teacher cache needs (a teacher, no student)."""
+    needs_teacher = check_roles(cfg, command)
+    cfg, protocol_notes = with_protocol(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, process_notes = resolve_processes(cfg, world)
+    amp, amp_notes = resolve_amp(cfg.amp, device)
+    graph, graph_notes = resolve_graph(cfg, device, world, amp)
+    cache = use_teacher_cache(cfg, command, device)
+    files, file_notes = resolve_files(cfg, command, needs_teacher, cache)
     workers = cfg.workers
     if cfg.dataset == "imagenet" and workers is None:
         workers = default_workers()
-    run_dir = cfg.run_dir
-    if command == "train" and not run_dir:
-        run_dir = run_path(os.path.join("runs", cfg.dataset), teacher, cfg.student, cfg.method, cfg.seed,
-                           q=cfg.q, proj_depth=cfg.proj_depth, proj_act=cfg.proj_act)
-    cfg = dataclasses.replace(cfg, device=str(device), amp=amp, graph=graph, teacher=teacher, teacher_ckpt=ckpt,
-                              teacher_cache="on" if cache else "off", teacher_cache_file=cache_file,
-                              workers=workers, run_dir=run_dir)
-    return cfg, notes
+    cfg = dataclasses.replace(cfg, device=str(device), amp=amp, graph=graph, workers=workers,
+                              teacher_cache="on" if cache else "off", **files)
+    return cfg, protocol_notes + process_notes + amp_notes + graph_notes + file_notes
 
 def config_lines(given, cfg):
     """The resolved config as a readable block: each value that is not Config's default, and where it came from
