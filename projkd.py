@@ -190,7 +190,7 @@ class Outputs(NamedTuple):
     """What the losses read from one network's forward pass."""
     feature: torch.Tensor  # the pooled penultimate vector, the classifier's input
     logits: torch.Tensor
-    map: Optional[torch.Tensor] = None  # the last stage's activation map (method sp only)
+    feature_map: Optional[torch.Tensor] = None  # the last stage's activation (method sp only)
 
 def classifier_of(model):
     """The model's final nn.Linear, whose input is the penultimate feature."""
@@ -201,25 +201,29 @@ def classifier_of(model):
 
 class Taps:
     """Keeps, after each forward pass of `model`, the input of its final nn.Linear (`feature`) and, if
-    `map_layer` names a submodule, that submodule's output (`map`). remove() detaches the hooks."""
+    `map_layer` names a submodule, that submodule's output (`feature_map`). remove() detaches the
+    hooks."""
     def __init__(self, model, map_layer=None):
-        self.feature = self.map = None
+        self.feature = None
+        self.feature_map = None
         self._hooks = [classifier_of(model).register_forward_pre_hook(self._keep_feature)]
         if map_layer is not None:
-            self._hooks.append(model.get_submodule(map_layer).register_forward_hook(self._keep_map))
+            layer = model.get_submodule(map_layer)
+            self._hooks.append(layer.register_forward_hook(self._keep_feature_map))
 
     def _keep_feature(self, module, args):
         self.feature = args[0]
 
-    def _keep_map(self, module, args, output):
-        self.map = output
+    def _keep_feature_map(self, module, args, output):
+        self.feature_map = output
 
     def remove(self):
         for h in self._hooks:
             h.remove()
 
 def features_and_logits(model, x):
-    """(feature, logits) from one forward pass: feature is the pooled penultimate vector fed to the classifier."""
+    """(feature, logits) from one forward pass: feature is the pooled penultimate vector fed to the
+    classifier."""
     taps = Taps(model)
     try:
         logits = model(x)
@@ -227,49 +231,69 @@ def features_and_logits(model, x):
         taps.remove()
     return taps.feature, logits
 
-def build_aux(cfg, d_student, d_teacher):
-    """The modules trained alongside the student and dropped after training: projectors, CRD embeddings."""
+def build_loss_module(cfg, d_student, d_teacher):
+    """The trained part of the method's loss, trained with the student and dropped after training: the
+    projectors (pefd), CRD-lite's embeddings (crd); nn.Identity for the others."""
     if cfg.method == "pefd" and cfg.q > 0:
-        return ProjectorEnsemble(d_student, d_teacher, q=cfg.q, act=cfg.proj_act, depth=cfg.proj_depth)
+        return ProjectorEnsemble(d_student, d_teacher, q=cfg.q, act=cfg.proj_act,
+                                 depth=cfg.proj_depth)
     if cfg.method == "pefd" and d_student != d_teacher:
-        raise UserError(f"--q 0 (no projector) needs equal feature widths, but {cfg.student} has {d_student} and "
-                        f"{cfg.teacher} {d_teacher}")
+        raise UserError(f"--q 0 (no projector) needs equal feature widths, but {cfg.student} has "
+                        f"{d_student} and {cfg.teacher} {d_teacher}")
     if cfg.method == "crd":
-        return CRDLite(d_student, d_teacher, dim=cfg.crd_dim, negatives=cfg.crd_negatives, T=cfg.crd_T)
+        return CRDLite(d_student, d_teacher, dim=cfg.crd_dim, negatives=cfg.crd_negatives,
+                       T=cfg.crd_T)
     return nn.Identity()
 
-LOSS_TERMS = {"pefd": "mda", "kd": "kd", "sp": "sp", "crd": "crd"}  # each method's own term, as the logs name it
+# Each method's distillation loss, as the logs name it (train_mda, ...); ce has none.
+DISTILL_LOSS_NAMES = {"pefd": "mda", "kd": "kd", "sp": "sp", "crd": "crd"}
 
-def method_loss(cfg, aux, student, teacher, labels):
-    """The training objective of --method in float32, and its two terms before weighting for the logs: CE and
-    the method's own (MDA, KD, SP, CRD-lite; 0 for ce). student and teacher are Outputs (teacher None for ce)."""
+class Losses(NamedTuple):
+    """One batch's objective, and for the logs its two parts before weighting."""
+    total: torch.Tensor  # what backward runs on: ce_weight * ce + distill_weight * distill
+    ce: torch.Tensor
+    distill: torch.Tensor  # the method's own loss: MDA, KD, SP or CRD-lite; 0 for ce
+
+def method_loss(cfg, loss_module, student, teacher, labels):
+    """The training objective of --method, in float32, as Losses. student and teacher are Outputs
+    (teacher None for ce); loss_module is build_loss_module's."""
     ce = F.cross_entropy(student.logits.float(), labels)
+    ce_weight = 1.0
     if cfg.method == "pefd":
-        ce_weight, weight, term = 1.0, cfg.alpha, mda_loss(aux(student.feature.float()), teacher.feature)
+        distill_weight = cfg.alpha
+        distill = mda_loss(loss_module(student.feature.float()), teacher.feature)
     elif cfg.method == "kd":
-        ce_weight, weight, term = cfg.kd_ce_weight, cfg.kd_weight, kd_loss(student.logits, teacher.logits, cfg.kd_T)
+        ce_weight = cfg.kd_ce_weight
+        distill_weight = cfg.kd_weight
+        distill = kd_loss(student.logits, teacher.logits, cfg.kd_T)
     elif cfg.method == "sp":
-        ce_weight, weight, term = 1.0, cfg.sp_weight, sp_loss(student.map, teacher.map)
+        distill_weight = cfg.sp_weight
+        distill = sp_loss(student.feature_map, teacher.feature_map)
     elif cfg.method == "crd":
-        ce_weight, weight, term = 1.0, cfg.crd_weight, aux(student.feature, teacher.feature)
+        distill_weight = cfg.crd_weight
+        distill = loss_module(student.feature, teacher.feature)
     else:  # ce: the student alone
-        ce_weight, weight, term = 1.0, 0.0, torch.zeros_like(ce)
-    return ce_weight * ce + weight * term, torch.stack([ce, term.float()])
+        distill_weight = 0.0
+        distill = torch.zeros_like(ce)
+    return Losses(ce_weight * ce + distill_weight * distill, ce, distill.float())
 
 class Distiller(nn.Module):
-    """What training updates, as one module: the student, the modules dropped after training (projectors, CRD
+    """What training updates, as one module: the student, the loss module (projectors, CRD
     embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
-    forward(x, labels, teacher Outputs) -> (loss, its terms, student logits)."""
-    def __init__(self, cfg, student, aux, autocast):
+    forward(x, labels, the teacher's Outputs) -> (Losses, the student's logits)."""
+    def __init__(self, cfg, student, loss_module, autocast):
         super().__init__()
-        self.cfg, self.student, self.aux, self.autocast = cfg, student, aux, autocast
+        self.cfg = cfg
+        self.student = student
+        self.loss_module = loss_module
+        self.autocast = autocast
         self.taps = Taps(student, student.map_layer if cfg.method == "sp" else None)
 
     def forward(self, x, labels, teacher):
         with self.autocast:
             logits = self.student(x)
-        student = Outputs(self.taps.feature, logits, self.taps.map)
-        return *method_loss(self.cfg, self.aux, student, teacher, labels), logits
+        student = Outputs(self.taps.feature, logits, self.taps.feature_map)
+        return method_loss(self.cfg, self.loss_module, student, teacher, labels), logits
 
 # -----------------------------------------------------------------------------------------------------------------
 # 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
@@ -1042,12 +1066,13 @@ def train_step(run, images, labels, cached_teacher=None):
                                                  run.data.num_classes], dim=1))
     else:
         teacher = run.teacher_forward(x) if run.teacher_forward is not None else None
-    loss, terms, logits = run.distiller(x, labels, teacher)
+    losses, logits = run.distiller(x, labels, teacher)
+    loss = losses.total
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)  # fused SGD: reads run.lr on the device, and a scaler's scale without a sync
     run.scaler.update()
-    run.loss_sum += torch.cat([loss.detach().view(1), terms.detach()])
+    run.loss_sum += torch.stack([losses.total, losses.ce, losses.distill]).detach()
     run.correct += (logits.argmax(1) == labels).sum()
 
 class CUDAGraphStep:
@@ -1188,8 +1213,8 @@ class Run:
     world_size: int
     data: Data
     student: nn.Module  # the plain student: what model.pt holds
-    aux: nn.Module  # projectors / CRD embeddings, dropped after training
-    distiller: nn.Module  # student + aux + loss, wrapped by DDP or torch.compile when asked
+    loss_module: nn.Module  # projectors / CRD embeddings, dropped after training
+    distiller: nn.Module  # student + loss_module + loss, wrapped by DDP or torch.compile when asked
     teacher: Optional[nn.Module]  # the frozen teacher (None for --method ce)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -1256,6 +1281,9 @@ def checkpoint_to_resume(cfg):
     checkpoint = models_module().load_checkpoint_file(last_path, "resume checkpoint")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
+    if "loss_module" not in checkpoint:
+        raise UserError(f"{last_path} was written by an older projkd, whose projectors this one "
+                        f"cannot load; use --overwrite to start over")
     saved, sha = checkpoint["config"], checkpoint.get("teacher_sha256")
     resumable = RESUMABLE_CHANGES + ("teacher_ckpt",) if sha else RESUMABLE_CHANGES
     diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
@@ -1313,13 +1341,14 @@ def build_run(cfg, device, world, data):
     torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
     student = models_module().MODELS[cfg.student](num_classes=data.num_classes)
     student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
-    aux = build_aux(cfg, classifier_of(student).in_features,
+    loss_module = build_loss_module(cfg, classifier_of(student).in_features,
                     classifier_of(teacher).in_features if teacher is not None else 0).to(device)
     lr = torch.tensor(cfg.lr, device=device)
-    parameters = [*student.to(device, memory_format=memory_format).parameters(), *aux.parameters()]
+    parameters = [*student.to(device, memory_format=memory_format).parameters(), *loss_module.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 fused=device.type == "cuda")
-    run = Run(cfg, device, world, data, student, aux, Distiller(cfg, student, aux, autocast), teacher, optimizer,
+    run = Run(cfg, device, world, data, student, loss_module, Distiller(cfg, student, loss_module, autocast),
+              teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
               loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device))
     return run, amp_dtype
@@ -1363,13 +1392,13 @@ def setup_teacher(run, amp_dtype):
         # tensors refuse
         with torch.no_grad(), run.autocast:
             logits = forward(x)
-        return Outputs(taps.feature, logits, taps.map)
+        return Outputs(taps.feature, logits, taps.feature_map)
     run.teacher_forward = teacher_forward
 
 def restore(run, checkpoint):
     """The state of an interrupted run, from its last.pt, on whatever device this run has."""
     run.student.load_state_dict(checkpoint["student"])
-    run.aux.load_state_dict(checkpoint["aux"])
+    run.loss_module.load_state_dict(checkpoint["loss_module"])
     chosen = [{k: g[k] for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     for group, settings in zip(run.optimizer.param_groups, chosen):
@@ -1470,7 +1499,7 @@ def record_epoch(run, epoch, stats, result, seconds):
     cfg = run.cfg
     if result["top1"] > run.best["top1"]:
         run.best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
-    term = LOSS_TERMS.get(cfg.method)
+    term = DISTILL_LOSS_NAMES.get(cfg.method)
     run.history.append(h := {
         "epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
         "train_ce": round(stats["ce"], 6), **({f"train_{term}": round(stats["term"], 6)} if term else {}),
@@ -1503,7 +1532,7 @@ def save_checkpoint(run, epoch, step=0):
     rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)}
                                               if run.device.type == "cuda" else {})}
     save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "step": step, "epoch_rows": rows,
-          "student": run.student.state_dict(), "aux": run.aux.state_dict(), "optimizer": optimizer,
+          "student": run.student.state_dict(), "loss_module": run.loss_module.state_dict(), "optimizer": optimizer,
           "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
           "teacher_eval": run.teacher_eval,  # and the teacher file's identity, checked on resuming:
           "teacher_sha256": (run.teacher_provenance or {}).get("sha256")},

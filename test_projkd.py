@@ -128,19 +128,20 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     cfg, _ = projkd.resolve_config(projkd.Config(teacher=SMALL_TEACHER, student=SMALL_STUDENT, device="cpu"))
     student = MODELS[SMALL_STUDENT](num_classes=10)
     teacher = MODELS[SMALL_TEACHER](num_classes=10).eval().requires_grad_(False)
-    aux = projkd.build_aux(cfg, 64, 64)
+    projectors = projkd.build_loss_module(cfg, 64, 64)
     student_taps, teacher_taps = projkd.Taps(student), projkd.Taps(teacher)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     logits = student(x)
     with torch.no_grad():
         teacher_logits = teacher(x)
-    loss, (ce, mda) = projkd.method_loss(cfg, aux, projkd.Outputs(student_taps.feature, logits),
+    loss, ce, mda = projkd.method_loss(cfg, projectors, projkd.Outputs(student_taps.feature, logits),
                                          projkd.Outputs(teacher_taps.feature, teacher_logits), y)
     # the terms the logs report: CE and MDA before weighting, loss = CE + 25 * MDA
-    assert ce == F.cross_entropy(logits, y) and mda == mda_loss(aux(student_taps.feature), teacher_taps.feature)
+    assert ce == F.cross_entropy(logits, y) and mda == mda_loss(projectors(student_taps.feature),
+                                                               teacher_taps.feature)
     assert loss == ce + 25 * mda
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aux.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projectors.parameters())
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher_taps.feature.requires_grad
@@ -502,11 +503,11 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     state = torch.load(run_dir / "model.pt", weights_only=True)
     MODELS[SMALL_STUDENT](num_classes=10).load_state_dict(state, strict=True)  # no projectors or embeddings
     last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert last["epoch"] == 1 and (len(last["aux"]) > 0) == (method in ("pefd", "crd"))
+    assert last["epoch"] == 1 and (len(last["loss_module"]) > 0) == (method in ("pefd", "crd"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["teacher_top1"] == pytest.approx(teacher_top1)
     # each term of the loss, averaged over the epoch on the device, in the history, log.csv and the epoch line
-    row, term = metrics["history"][0], projkd.LOSS_TERMS[method]
+    row, term = metrics["history"][0], projkd.DISTILL_LOSS_NAMES[method]
     weights = {"pefd": (1, 25), "kd": (0.1, 0.9), "sp": (1, 3000), "crd": (1, 0.8)}[method]
     # log.csv rounds each number to 6 decimals: weighted, that rounding is the tolerance (sp's weight is 3000)
     rounding = 0.5e-6 * (1 + weights[0] + weights[1])
@@ -844,7 +845,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
         a = torch.load(straight / name, weights_only=True)
         b = torch.load(resumed / name, weights_only=True)
         if name == "last.pt":  # projectors/embeddings, the CRD queue and the optimizer state too
-            assert all(torch.equal(a["aux"][k], b["aux"][k]) for k in a["aux"])
+            assert all(torch.equal(a["loss_module"][k], b["loss_module"][k]) for k in a["loss_module"])
             a, b = a["student"], b["student"]
         assert all(torch.equal(a[k], b[k]) for k in a), name
     ma = json.loads((straight / "metrics.json").read_text())
