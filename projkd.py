@@ -519,11 +519,19 @@ def resolve_device(name, world_size):
         raise UserError(f"--device {name} is not supported; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} but no CUDA device is visible; use --device cpu")
+    visible = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and dev.index is not None and dev.index >= visible:
+        raise UserError(f"--device {name}, but {visible} CUDA device(s) are visible (cuda:0 to "
+                        f"cuda:{visible - 1}); choose one of them, or check CUDA_VISIBLE_DEVICES")
     if dev.type == "cuda" and world_size > 1 and dev.index is not None:
         raise UserError(f"--device {name} does not go with torchrun, which gives each process its own GPU "
                         f"(cuda:LOCAL_RANK); use --device cuda")
     if dev.type == "cuda" and world_size > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= visible:
+            raise UserError(f"torchrun started process {local_rank} on this machine, but {visible} CUDA "
+                            f"device(s) are visible; start at most {visible} (--nproc_per_node)")
+        return torch.device("cuda", local_rank)
     if dev.type == "cuda" and dev.index is None:  # torch.cuda.set_device refuses a device without an index
         return torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -925,8 +933,40 @@ CHECKS_PER_EPOCH = 200  # check points (check_point) per epoch, where a run writ
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
 class Stopped(KeyboardInterrupt):
-    """args: (signal number, message): a run a signal stopped at a check point. Like Ctrl-C, it
-    passes every `except Exception`; main() exits with 128 + the number, as a shell reports."""
+    """A run a signal stopped: at a check point, with last.pt written (kept), or during its set-up, before
+    anything was written. Like Ctrl-C, it passes every `except Exception`; main() exits with 128 + the
+    signal's number, as a shell reports."""
+    def __init__(self, signum, why, kept=True):
+        super().__init__(signum, why)
+        self.signum = signum
+        self.why = why
+        self.kept = kept
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's --signal) for the whole of a run, set-up included. During the set-up (the
+    data, the teacher's evaluation: a minute on a CPU) they stop the run at once: it has written nothing but
+    its .lock, which run_dir_lock removes. Once training has begun they are only recorded (`signum`), and the
+    next check point writes last.pt and stops. Only the main thread can take signal handlers: elsewhere (a
+    test's thread) this does nothing."""
+    def __init__(self):
+        self.signum = None
+        self.training = False
+        self.previous = []
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = [(s, signal.signal(s, self.handle)) for s in STOP_SIGNALS]
+        return self
+
+    def handle(self, signum, frame):
+        if not self.training:
+            name = signal.Signals(signum).name
+            raise Stopped(signum, f"{name}: stopped during set-up, before training began", kept=False)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous:  # (None: a handler set outside Python)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
@@ -1076,46 +1116,69 @@ def train_step(run, images, labels, cached_teacher=None):
     run.correct += (logits.argmax(1) == labels).sum()
 
 class CUDAGraphStep:
-    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the whole
-    step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds, which at batch 64 is
-    what the GPU waits for. step() must read and write only tensors that outlive the graph and are updated in
-    place, and advance the device counter `steps` by one. A capture that fails, or whose first replay did not
-    advance `steps` (an empty graph: the step's work went to another device), is not trusted: the run goes on
-    eagerly and says so, `failure` keeping the first reason."""
-    def __init__(self, step, steps, warmup_steps=3):
-        self.step, self.steps, self.warmup_left, self.graph, self.failure = step, steps, warmup_steps, None, None
-        self.side_stream = torch.cuda.Stream()
+    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
+    whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds, which at
+    batch 64 is what the GPU waits for. step() must read and write only tensors that outlive the graph and are
+    updated in place, and advance the device counter `step_counter` by one. A capture that fails, or that did
+    not record the step, is not trusted: the run goes on eagerly and says so, `failure` keeping the first
+    reason."""
+    def __init__(self, step, step_counter, warmup_steps=3):
+        self.step = step
+        self.step_counter = step_counter
+        self.warmup_left = warmup_steps
+        self.graph = None
+        self.failure = None
+        # A stream of this step's own, on the counter's device, for the warm-up and the capture: torch's
+        # default capture stream is made once per process, on the device current at the first capture, so a
+        # second run on another GPU in the same process would capture on the first one's stream.
+        self.stream = torch.cuda.Stream(device=step_counter.device)
 
-    def _fail(self, why):
-        self.graph, self.failure = None, why
-        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on eagerly (--graph off "
-            f"skips the attempt)")
-        self()  # nothing ran: this step is still to do
+    def _fail(self, why, step_done=False):
+        self.graph = None
+        self.failure = why
+        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on eagerly "
+            f"(--graph off skips the attempt)")
+        if not step_done:
+            self()
 
     def __call__(self):
         if self.graph is not None:
             self.graph.replay()
         elif self.warmup_left > 0 or self.failure is not None:
-            # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN and
-            # create the optimizer's momentum buffers, which the captured step then updates in place.
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream):
+            # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN,
+            # which the captured step then reuses.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
                 self.step()
-            torch.cuda.current_stream().wait_stream(self.side_stream)
+            torch.cuda.current_stream().wait_stream(self.stream)
             self.warmup_left -= 1
         else:
-            self.graph, before = torch.cuda.CUDAGraph(), self.steps.item()
-            try:
-                # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
-                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                    self.step()
-            except RuntimeError as e:  # the root cause, not capture_end's complaint about the aborted capture
-                while isinstance(e.__context__, RuntimeError):
-                    e = e.__context__
-                return self._fail(str(e).splitlines()[0])
-            self.graph.replay()  # capture records the step without running it
-            if self.steps.item() != before + 1:  # checked once (a host sync): every later replay is trusted
-                self._fail("the captured graph is empty: its replay did not run the step")
+            self.capture()
+
+    def capture(self):
+        """Captures the step, then replays it once: that replay is the step's first run. The counter is
+        read twice (host syncs, once per run): a capture records the step without running it, so the
+        counter must not move during the capture, and must move by exactly one in the replay. A counter
+        that moved during the capture means the step's kernels went to another device or stream and ran
+        there eagerly: the graph is empty, and this step is done."""
+        graph = torch.cuda.CUDAGraph()
+        before = self.step_counter.item()
+        try:
+            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.step()
+        except RuntimeError as e:  # the root cause, not capture_end's complaint about the aborted capture
+            while isinstance(e.__context__, RuntimeError):
+                e = e.__context__
+            return self._fail(str(e).splitlines()[0])
+        after_capture = self.step_counter.item()
+        if after_capture != before:
+            return self._fail("the captured graph is empty: the step ran during the capture instead of "
+                              "being recorded", step_done=True)
+        graph.replay()
+        if self.step_counter.item() != before + 1:
+            return self._fail("the captured graph is empty: its replay did not run the step")
+        self.graph = graph
 
 # --- the data feed: where each step's batch comes from -------------------------------------------------------
 
@@ -1229,7 +1292,7 @@ class Run:
     start_epoch: int = 0
     start_step: int = 0  # the steps of start_epoch done before a stop within it
     last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was written
-    stop: Optional[int] = None  # the number of a signal that asked the run to stop (stop_signals)
+    stop_signals: Optional[StopSignals] = None  # its signum: a signal that asked the run to stop
     history: list = dataclasses.field(default_factory=list)
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
@@ -1333,6 +1396,25 @@ def setup_run(cfg, notes=()):
         restore_epoch_tensors(run, checkpoint["epoch_rows"])
     return run
 
+def build_optimizer(cfg, parameters, lr, fused):
+    """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel for all
+    parameters, reading the lr tensor on the device, as the CUDA graph needs."""
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=fused)
+    with_momentum_buffers(optimizer)
+    return optimizer
+
+def with_momentum_buffers(optimizer):
+    """Every parameter's momentum buffer made now, as zeros, where it has none. SGD makes them at its first
+    step with empty_like, and fused SGD under a GradScaler writes nothing when that step overflows (routine
+    at fp16's first scale, 2^16): the next step would read uninitialised memory. Zeros give the same first
+    step (0.9 * 0 + g is g, with dampening 0), and the buffers exist before the CUDA graph is captured."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)  # in p's memory format (channels_last)
+
 def build_run(cfg, device, world, data):
     """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
@@ -1345,8 +1427,7 @@ def build_run(cfg, device, world, data):
                     classifier_of(teacher).in_features if teacher is not None else 0).to(device)
     lr = torch.tensor(cfg.lr, device=device)
     parameters = [*student.to(device, memory_format=memory_format).parameters(), *loss_module.parameters()]
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=device.type == "cuda")
+    optimizer = build_optimizer(cfg, parameters, lr, fused=device.type == "cuda")
     run = Run(cfg, device, world, data, student, loss_module, Distiller(cfg, student, loss_module, autocast),
               teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
@@ -1408,6 +1489,7 @@ def restore(run, checkpoint):
     for p, state in run.optimizer.state.items():  # laid out like their parameters (channels_last on CUDA)
         if state.get("momentum_buffer") is not None:
             state["momentum_buffer"] = torch.empty_like(p).copy_(state["momentum_buffer"])
+    with_momentum_buffers(run.optimizer)  # a last.pt saved before any step has none
     if checkpoint["scaler"]:  # a disabled GradScaler (bf16, off) saved {}, which an enabled one refuses to load
         run.scaler.load_state_dict(checkpoint["scaler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -1446,6 +1528,8 @@ def train_epoch(run, epoch):
     cfg, steps, first = run.cfg, run.feed.steps_per_epoch, run.start_step
     start = last_report = time.time()
     every = max(1, steps // CHECKS_PER_EPOCH)  # the same steps on every process
+    next_check = first + every
+    last_check = (first, start)  # (step, time) of the last check point
     run.lr.fill_(lr_at(cfg, epoch))
     if first == 0:
         run.loss_sum.zero_()
@@ -1454,7 +1538,7 @@ def train_epoch(run, epoch):
     run.start_step = 0
     for i in range(first + 1, steps + 1):
         run.step()
-        if i % every or i == steps:  # the clock is read at check points only
+        if i != next_check or i == steps:  # the clock is read at check points only
             continue
         if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
             last_report, per_step = time.time(), (time.time() - start) / (i - first)
@@ -1462,7 +1546,12 @@ def train_epoch(run, epoch):
             log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a sync
                 f"{cfg.batch_size / per_step:,.0f} img/s  epoch eta {_duration(left)}  "
                 f"run eta {_duration(left + per_step * steps * (cfg.epochs - epoch - 1))}")
-        check_point(run, epoch, i)
+        seconds_per_step = (time.time() - last_check[1]) / (i - last_check[0])
+        seconds_per_step = check_point(run, epoch, i, seconds_per_step)
+        last_check = (i, time.time())
+        next_check = i + every
+        if run.world_size > 1:
+            next_check = i + max(every, math.ceil(multiprocess_check_seconds(cfg) / seconds_per_step))
     sums = torch.cat([run.loss_sum.float(), run.correct.float().view(1)])
     if run.world_size > 1:
         dist.all_reduce(sums)
@@ -1477,15 +1566,28 @@ def train_epoch(run, epoch):
     return {"loss": loss, "ce": ce, "term": term, "acc": 100 * correct / (steps * cfg.batch_size),
             "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
 
-def check_point(run, epoch, step=0):
+def multiprocess_check_seconds(cfg):
+    """The least training time between two check points under torchrun: each is an all_reduce and a host
+    sync, which every ~3rd step (CIFAR) would cost the GPUs their lead. A shorter --checkpoint-seconds (a
+    test's 0) asks for more."""
+    return min(1.0, cfg.checkpoint_seconds)
+
+def check_point(run, epoch, step=0, seconds_per_step=0.0):
     """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds have
-    passed, and the end of a run a signal asked to stop. Under torchrun: agreed by an all_reduce."""
+    passed, and the end of a run a signal asked to stop. Under torchrun: agreed by an all_reduce, which
+    also agrees on the slowest process's `seconds_per_step` since the last check point; returned, it
+    spaces the next one (train_epoch)."""
     save = time.time() - run.last_saved >= run.cfg.checkpoint_seconds
-    stop = run.stop or 0  # the signal's number
+    stop = 0  # the signal's number
+    if run.stop_signals is not None and run.stop_signals.signum is not None:
+        stop = run.stop_signals.signum
     if run.world_size > 1:
-        flags = torch.tensor([save, stop], device=run.device)
+        flags = torch.tensor([float(save), float(stop), seconds_per_step], dtype=torch.float64,
+                             device=run.device)
         dist.all_reduce(flags, dist.ReduceOp.MAX)
-        save, stop = flags.tolist()
+        save = bool(flags[0].item())
+        stop = int(flags[1].item())
+        seconds_per_step = flags[2].item()
     if save or stop:
         save_checkpoint(run, epoch, step)
     if stop:
@@ -1494,6 +1596,7 @@ def check_point(run, epoch, step=0):
         where = f"step {step} of epoch {epoch + 1}" if step else f"epoch {epoch}"
         raise Stopped(stop, f"{signal.Signals(stop).name}: stopped after {where}, kept in "
                             f"{os.path.join(run.cfg.run_dir, 'last.pt')}")
+    return seconds_per_step
 
 def record_epoch(run, epoch, stats, result, seconds):
     cfg = run.cfg
@@ -1572,14 +1675,14 @@ def train(cfg):
     """Run one training (distillation, or the student alone for --method ce) and write its run directory.
     Returns the metrics dict that is also saved as metrics.json."""
     resolved, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
-    with labelled_log(resolved.run_dir), \
-            run_dir_lock(resolved.run_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    lock = contextlib.nullcontext()
+    if os.environ.get("RANK", "0") == "0":
+        lock = run_dir_lock(resolved.run_dir)
+    with labelled_log(resolved.run_dir), lock, StopSignals() as stop_signals:
         run = setup_run(cfg, notes)
         cfg = run.cfg
-        def ask_to_stop(signum, frame):  # SIGTERM or SIGUSR1 while training: the next check point stops
-            run.stop = signum
-        main_thread = threading.current_thread() is threading.main_thread()  # alone takes handlers
-        previous = [(s, signal.signal(s, ask_to_stop)) for s in STOP_SIGNALS] if main_thread else []
+        run.stop_signals = stop_signals
+        stop_signals.training = True  # from now on a signal stops the run at the next check point
         try:
             for epoch in range(run.start_epoch, cfg.epochs):
                 start, stats = time.time(), train_epoch(run, epoch)
@@ -1591,8 +1694,6 @@ def train(cfg):
                     save_checkpoint(run, epoch + 1)  # always after the final epoch
             return finish_run(run)
         finally:
-            for s, handler in previous:  # (None: a handler set outside Python)
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
             run.feed.close()
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -1812,10 +1913,10 @@ def main(argv=None):
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or Stopped by SIGTERM or SIGUSR1 after writing last.pt
-        signum, why = signal.SIGINT, "interrupted"
+        signum, why, kept = signal.SIGINT, "interrupted", True
         if isinstance(e, Stopped):
-            signum, why = e.args
-        if "--resume" in argv or command is not train:
+            signum, why, kept = e.signum, e.why, e.kept
+        if not kept or "--resume" in argv or command is not train:
             again = "run the same command again"
         else:
             again = "continue with the same command plus --resume"

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -640,12 +641,27 @@ def test_a_folder_given_as_teacher_checkpoint_is_named_as_a_folder(tmp_path, cap
 
 def test_a_bare_cuda_device_gets_the_index_that_set_device_needs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for name in ("cuda", "auto"):
         assert projkd.resolve_device(name, 1) == torch.device("cuda", 0)
     assert projkd.resolve_device("cuda:1", 1) == torch.device("cuda", 1)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert projkd.resolve_device("cuda", 4) == torch.device("cuda", 3)
+
+
+def test_a_gpu_beyond_the_visible_ones_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(tmp_path / "run"))
+    assert projkd.main(args + ["--device", "cuda:2"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("projkd: error: --device cuda:2, but 2 CUDA device(s) are visible (cuda:0 to cuda:1); "
+                   "choose one of them, or check CUDA_VISIBLE_DEVICES\n")
+    monkeypatch.setenv("LOCAL_RANK", "2")  # torchrun with more processes than GPUs
+    with pytest.raises(projkd.UserError, match="process 2 on this machine, but 2 CUDA device"):
+        projkd.resolve_device("cuda", 4)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_mistyped_subcommand_gets_a_did_you_mean(capsys):
@@ -750,21 +766,24 @@ class FakeCUDA:
     """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with `capturing` set
     (as a real capture records the work without doing it), and replay() calls it again for real. The step
     advances the counter `steps`, as the resident step does on the device. failure="raises": the capture fails
-    as capture_end does after the step raised; "empty": the capture records nothing (the step's kernels went to
-    another device), so replays do nothing. Streams record the device that was current when they were made."""
+    as capture_end does after the step raised; "runs-eagerly": the step's kernels went to another device or
+    stream, so they ran during the 'capture' and nothing was recorded (replays do nothing), which is what CUDA
+    does with an empty graph; "replay-does-nothing": the capture recorded work, but not the step's counter.
+    Streams record the device they were made on, and the capture the stream it was given."""
 
     def __init__(self, monkeypatch, failure=None):
         self.capturing, self.log, self.steps, fake = False, [], torch.zeros(()), self
-        self.current, self.stream_devices = 0, []
+        self.current, self.stream_devices, self.capture_streams = 0, [], []
 
         class Graph:
             def replay(self):
-                if failure != "empty":
+                if failure not in ("runs-eagerly", "replay-does-nothing"):
                     fake.step()
 
         @contextlib.contextmanager
-        def graph(g, capture_error_mode="global"):
-            fake.capturing = True
+        def graph(g, stream=None, capture_error_mode="global"):
+            fake.capture_streams.append(stream)
+            fake.capturing = failure != "runs-eagerly"
             try:
                 try:
                     yield
@@ -776,8 +795,9 @@ class FakeCUDA:
                 raise RuntimeError("CUDA error: operation failed due to a previous error during capture") from e
 
         class Stream:
-            def __init__(self):
-                fake.stream_devices.append(fake.current)
+            def __init__(self, device=None):
+                index = fake.current if device is None else torch.device(device).index
+                fake.stream_devices.append(index)
 
             def wait_stream(self, other):
                 pass
@@ -793,28 +813,37 @@ class FakeCUDA:
             self.steps += 1
 
 
-@pytest.mark.parametrize("failure", [None, "raises", "empty"])
+@pytest.mark.parametrize("failure", [None, "raises", "runs-eagerly", "replay-does-nothing"])
 def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys, failure):
     fake = FakeCUDA(monkeypatch, failure)
     stepper = projkd.CUDAGraphStep(fake.step, fake.steps, warmup_steps=3)
     for _ in range(6):
         stepper()
-    # six steps done, none skipped, one capture; an empty graph's replay ran nothing, so that step ran eagerly
-    assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3 and fake.steps.item() == 6
+    # six steps done, none skipped or done twice, one capture, on the step's own stream. Run eagerly, the
+    # 'capture' was the fourth step itself.
+    if failure == "runs-eagerly":
+        assert fake.log == ["ran"] * 6
+    else:
+        assert fake.log == ["ran"] * 3 + ["captured"] + ["ran"] * 3
+    assert fake.steps.item() == 6
+    assert fake.capture_streams == [stepper.stream]
     assert (stepper.graph is None) == (failure is not None)
     if failure:  # the run goes on eagerly and says why: the first error, not capture_end's
-        reason = {"raises": "operation not permitted when stream is capturing", "empty": "the captured graph is empty"}
+        reason = {"raises": "operation not permitted when stream is capturing",
+                  "runs-eagerly": "the captured graph is empty: the step ran during the capture",
+                  "replay-does-nothing": "the captured graph is empty: its replay did not run the step"}
         out = capsys.readouterr().out
         assert stepper.failure.startswith(reason[failure]) and "goes on eagerly" in out and out.count("warning") == 1
 
 
-def test_the_graph_side_stream_is_made_on_the_runs_device(monkeypatch):
-    """--device cuda:1: the device becomes current before any stream is made, so the capture records the step's
-    kernels (made on cuda:0, the side stream and the capture would record nothing)."""
+def test_the_graph_stream_is_made_on_the_step_counters_device(monkeypatch):
+    """--device cuda:1, and a second run on cuda:0 in the same process: each graph captures on a stream of its
+    own device, never on one made for another (torch's shared default capture stream would be)."""
     fake = FakeCUDA(monkeypatch)
     projkd.setup_torch(torch.device("cuda", 1))
-    projkd.CUDAGraphStep(fake.step, fake.steps)
-    assert fake.stream_devices == [1]
+    for index in (1, 0):  # what CUDAGraphStep reads of its counter when it is made: its device
+        projkd.CUDAGraphStep(fake.step, types.SimpleNamespace(device=torch.device("cuda", index)))
+    assert fake.stream_devices == [1, 0]
 
 
 def test_teacher_for_speed_keeps_batchnorm_in_float32():
@@ -1219,3 +1248,80 @@ def test_subcommands_have_their_own_help(capsys):
         wanted, foreign = own.get(command, (set(), set()))
         assert wanted <= listed, (command, sorted(wanted - listed))
         assert not foreign & listed, (command, sorted(foreign & listed))
+
+
+def test_fused_sgd_after_an_overflowing_first_step_equals_plain_sgd():
+    """fp16 on CUDA: fused SGD under a GradScaler. The first step overflows (routine at the scale 2^16) and fused
+    SGD skips it in its kernel; the momentum buffers must already hold zeros then, not the empty memory SGD
+    would have made (deterministic mode fills empty memory with NaN, which shows it)."""
+    cfg = projkd.Config(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        weights = {}
+        for fused in (True, False):
+            torch.manual_seed(0)
+            w = nn.Parameter(torch.randn(4, 3))
+            optimizer = projkd.build_optimizer(cfg, [w], torch.tensor(0.1), fused=fused)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+            for overflow in (True, False):
+                optimizer.zero_grad(set_to_none=True)
+                loss = (w * torch.arange(12.0).view(4, 3)).sum()
+                if overflow:
+                    loss = loss * float("inf")
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            weights[fused] = w.detach().clone()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert torch.isfinite(weights[True]).all()
+    assert torch.equal(weights[True], weights[False])
+
+
+@pytest.mark.parametrize("name,status", [("SIGTERM", 143), ("SIGUSR1", 138)])
+def test_a_signal_during_set_up_stops_at_once_and_leaves_nothing(tmp_path, capsys, monkeypatch, synthetic_teacher,
+                                                                 name, status):
+    """The teacher's evaluation (a minute on a CPU) is set-up: a signal then stops the run with the usual one line
+    and status, and the run folder, made for its .lock, is gone."""
+    evaluate = projkd.evaluate
+
+    def signalled(*args):
+        os.kill(os.getpid(), getattr(signal, name))
+        return evaluate(*args)
+    monkeypatch.setattr(projkd, "evaluate", signalled)
+    run_dir = tmp_path / "runs" / "run"
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--teacher-ckpt",
+                          str(synthetic_teacher / "model.pt"), "--run-dir", str(run_dir))
+    handlers = signal.getsignal(signal.SIGTERM)
+    assert projkd.main(args) == status
+    err = capsys.readouterr().err
+    assert err == f"projkd: {name}: stopped during set-up, before training began; run the same command again\n"
+    assert not (tmp_path / "runs").exists()
+    assert signal.getsignal(signal.SIGTERM) == handlers
+
+
+def test_check_points_under_torchrun_are_a_second_of_training_apart(tmp_path, monkeypatch):
+    """Under torchrun every check point is an all_reduce and a host sync: at least a second of training apart
+    (multiprocess_check_seconds), spaced alike on every process from the agreed (slowest) step time."""
+    run = small_run(tmp_path, "--synthetic-size", "160", "--batch-size", "4")  # 40 steps; 40 // 200: every step
+    run.world_size = 2
+    monkeypatch.setattr(projkd.dist, "all_reduce", lambda t, op=None: None)  # one process: its own numbers
+    check_point = projkd.check_point
+    checks = []  # (step, seconds per step agreed there)
+
+    def recorded(run, epoch, step=0, seconds_per_step=0.0):
+        checks.append((step, check_point(run, epoch, step, seconds_per_step)))
+        return checks[-1][1]
+    monkeypatch.setattr(projkd, "check_point", recorded)
+    clock = [0.0]  # the run's clock: 1/8 s a step (exact in binary)
+    monkeypatch.setattr(projkd, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    step = run.step
+
+    def slow_step():
+        clock[0] += 0.125
+        step()
+    run.step = slow_step
+    projkd.train_epoch(run, 0)
+    assert checks == [(1, 0.125), (9, 0.125), (17, 0.125), (25, 0.125), (33, 0.125)]
+    run.feed.close()
