@@ -27,6 +27,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -254,6 +255,24 @@ class Losses(NamedTuple):
     ce: torch.Tensor
     distill: torch.Tensor  # the method's own loss: MDA, KD, SP or CRD-lite; 0 for ce
 
+class Distiller(nn.Module):
+    """What training updates, as one module: the student, the loss module (projectors, CRD
+    embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
+    forward(x, labels, the teacher's Outputs) -> (Losses, the student's logits)."""
+    def __init__(self, cfg, student, loss_module, autocast):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.loss_module = loss_module
+        self.autocast = autocast
+        self.taps = Taps(student, student.map_layer if cfg.method == "sp" else None)
+
+    def forward(self, x, labels, teacher):
+        with self.autocast:
+            logits = self.student(x)
+        student = Outputs(self.taps.feature, logits, self.taps.feature_map)
+        return method_loss(self.cfg, self.loss_module, student, teacher, labels), logits
+
 def method_loss(cfg, loss_module, student, teacher, labels):
     """The training objective of --method, in float32, as Losses. student and teacher are Outputs
     (teacher None for ce); loss_module is build_loss_module's."""
@@ -276,24 +295,6 @@ def method_loss(cfg, loss_module, student, teacher, labels):
         distill_weight = 0.0
         distill = torch.zeros_like(ce)
     return Losses(ce_weight * ce + distill_weight * distill, ce, distill.float())
-
-class Distiller(nn.Module):
-    """What training updates, as one module: the student, the loss module (projectors, CRD
-    embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
-    forward(x, labels, the teacher's Outputs) -> (Losses, the student's logits)."""
-    def __init__(self, cfg, student, loss_module, autocast):
-        super().__init__()
-        self.cfg = cfg
-        self.student = student
-        self.loss_module = loss_module
-        self.autocast = autocast
-        self.taps = Taps(student, student.map_layer if cfg.method == "sp" else None)
-
-    def forward(self, x, labels, teacher):
-        with self.autocast:
-            logits = self.student(x)
-        student = Outputs(self.taps.feature, logits, self.taps.feature_map)
-        return method_loss(self.cfg, self.loss_module, student, teacher, labels), logits
 
 # -----------------------------------------------------------------------------------------------------------------
 # 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
@@ -917,19 +918,576 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
     chans = torch.arange(c, device=device)[None, :, None, None]
     return F.pad(images, (padding,) * 4)[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
-# -----------------------------------------------------------------------------------------------------------------
-# 6. The training loop. train() reads top to bottom: setup_run; per epoch train_epoch (whose step is
-#    train_step, eager or replayed as one CUDA graph; a check_point every few steps), evaluate,
-#    record_epoch, check_point; then finish_run. A check point writes last.pt or stops the run.
+# -----------------------------------------------------------------------------------------------
+# 6. The training loop, in the order it runs: train() sets up the run, then per epoch train_epoch,
+#    whose step is train_step on the feed's next batch (eager, or replayed as one CUDA graph),
+#    then evaluate and record_epoch; finish_run writes the results. Setting up a run comes next,
+#    then the bookkeeping (the lock, resuming, check points, signals), then logging and files.
 
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+# --- the loop: train(), an epoch, a step ---------------------------------------------------------
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+def train(cfg):
+    """Run one training (distillation, or the student alone for --method ce) and write its run
+    directory. Returns the metrics dict that is also saved as metrics.json."""
+    resolved, notes = resolve_config(cfg)
+    lock = contextlib.nullcontext()
+    if os.environ.get("RANK", "0") == "0":  # its --run-dir, locked before any data is read
+        lock = run_dir_lock(resolved.run_dir)
+    with labelled_log(resolved.run_dir), lock, StopSignals() as stop_signals:
+        run = prepare_run(resolved, notes, given=cfg)
+        run.stop_signals = stop_signals
+        stop_signals.training = True  # from now on a signal stops the run at the next check point
+        try:
+            for epoch in range(run.start_epoch, resolved.epochs):
+                start = time.time()
+                stats = train_epoch(run, epoch)
+                result = evaluate(run.student, run.data, resolved.eval_batch_size, run.memory_format)
+                record_epoch(run, epoch, stats, result, time.time() - start)
+                if epoch + 1 < resolved.epochs:
+                    save_or_stop(run, epoch + 1)
+                else:
+                    save_checkpoint(run, epoch + 1)  # always after the final epoch
+            return finish_run(run)
+        finally:
+            run.feed.close()
 
-log_label = ""  # put before each line: set by labelled_log while a run trains
-CHECKS_PER_EPOCH = 200  # check points (check_point) per epoch, where a run writes last.pt or stops
+def train_epoch(run, epoch):
+    """One pass over the training set, or the rest of it after run.resumed_steps (whose sums
+    restore_epoch_state brought back). Returns the epoch's mean losses, accuracy (%) and images/s."""
+    cfg = run.cfg
+    steps = run.feed.steps_per_epoch
+    first = run.resumed_steps
+    start = time.time()
+    last_report = start
+    every = max(1, steps // CHECKS_PER_EPOCH)  # the same steps on every process
+    next_check = first + every
+    last_check = (first, start)  # (step, time) of the last check point
+    run.lr.fill_(lr_at(cfg, epoch))
+    if first == 0:
+        run.sums.zero_()
+    run.feed.prepare_epoch(epoch, first)
+    run.resumed_steps = 0
+    for i in range(first + 1, steps + 1):
+        run.step()
+        if i != next_check or i == steps:  # the clock is read at check points only
+            continue
+        if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
+            last_report = time.time()
+            log_progress(run, epoch, i, (time.time() - start) / (i - first))
+        seconds_per_step = (time.time() - last_check[1]) / (i - last_check[0])
+        seconds_per_step = save_or_stop(run, epoch, i, seconds_per_step)
+        last_check = (i, time.time())
+        next_check = i + every
+        if run.world_size > 1:
+            spacing = math.ceil(multiprocess_check_seconds(cfg) / seconds_per_step)
+            next_check = i + max(every, spacing)
+    totals = run.sums.totals(run.world_size)  # the epoch's one host sync for training metrics
+    batches = steps * run.world_size
+    loss = totals["loss"] / batches
+    if not math.isfinite(loss):
+        raise UserError(f"the training loss became {loss} in epoch {epoch + 1}; lower --lr or use "
+                        f"--amp bf16")
+    if run.world_size > 1:  # BatchNorm statistics averaged: every process evaluates and saves one model
+        for buffer in run.student.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer)
+                buffer /= run.world_size
+    return {"loss": loss, "ce": totals["ce"] / batches, "distill": totals["distill"] / batches,
+            "acc": 100 * totals["correct"] / (steps * cfg.batch_size),
+            "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
+
+def log_progress(run, epoch, step, seconds_per_step):
+    """A progress line within an epoch: the mean loss so far (a host sync), speed and time left."""
+    cfg = run.cfg
+    steps = run.feed.steps_per_epoch
+    left = seconds_per_step * (steps - step)
+    run_left = left + seconds_per_step * steps * (cfg.epochs - epoch - 1)
+    log(f"  epoch {epoch + 1} step {step}/{steps}  loss {run.sums.loss.item() / step:.4f}  "
+        f"{cfg.batch_size / seconds_per_step:,.0f} img/s  epoch eta {_duration(left)}  "
+        f"run eta {_duration(run_left)}")
+
+class CUDAGraphStep:
+    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
+    whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds, which at
+    batch 64 is what the GPU waits for. step() must read and write only tensors that outlive the graph and are
+    updated in place, and advance the device counter `step_counter` by one. A capture that fails, or that did
+    not record the step, is not trusted: the run goes on eagerly and says so, `failure` keeping the first
+    reason."""
+    def __init__(self, step, step_counter, warmup_steps=3):
+        self.step = step
+        self.step_counter = step_counter
+        self.warmup_left = warmup_steps
+        self.graph = None
+        self.failure = None
+        # A stream of this step's own, on the counter's device, for the warm-up and the capture: torch's
+        # default capture stream is made once per process, on the device current at the first capture, so a
+        # second run on another GPU in the same process would capture on the first one's stream.
+        self.stream = torch.cuda.Stream(device=step_counter.device)
+
+    def _fail(self, why, step_done=False):
+        self.graph = None
+        self.failure = why
+        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on eagerly "
+            f"(--graph off skips the attempt)")
+        if not step_done:
+            self()
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.warmup_left > 0 or self.failure is not None:
+            # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN,
+            # which the captured step then reuses.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self.step()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.warmup_left -= 1
+        else:
+            self.capture()
+
+    def capture(self):
+        """Captures the step, then replays it once: that replay is the step's first run. The counter is
+        read twice (host syncs, once per run): a capture records the step without running it, so the
+        counter must not move during the capture, and must move by exactly one in the replay. A counter
+        that moved during the capture means the step's kernels went to another device or stream and ran
+        there eagerly: the graph is empty, and this step is done."""
+        graph = torch.cuda.CUDAGraph()
+        before = self.step_counter.item()
+        try:
+            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.step()
+        except RuntimeError as e:  # the root cause, not capture_end's complaint about the aborted capture
+            while isinstance(e.__context__, RuntimeError):
+                e = e.__context__
+            return self._fail(str(e).splitlines()[0])
+        after_capture = self.step_counter.item()
+        if after_capture != before:
+            return self._fail("the captured graph is empty: the step ran during the capture instead of "
+                              "being recorded", step_done=True)
+        graph.replay()
+        if self.step_counter.item() != before + 1:
+            return self._fail("the captured graph is empty: its replay did not run the step")
+        self.graph = graph
+
+def train_step(run):
+    """One optimisation step on the feed's next batch of uint8 images, entirely on the device, without
+    a host sync: the eager loop calls it, and the CUDA graph is a capture of it, so the two cannot
+    drift apart. The teacher's outputs come from its cache (a part of the batch) or from the live
+    teacher; --method ce has none."""
+    images, labels, cached_teacher = run.feed.next_batch()
+    x = normalize(images, run.data.mean, run.data.std).contiguous(memory_format=run.memory_format)
+    teacher = None
+    if cached_teacher is not None:  # the teacher's feature and logits, side by side
+        widths = [cached_teacher.shape[1] - run.data.num_classes, run.data.num_classes]
+        teacher = Outputs(*cached_teacher.split(widths, dim=1))
+    elif run.live_teacher is not None:
+        teacher = run.live_teacher(x)
+    losses, logits = run.distiller(x, labels, teacher)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(losses.total).backward()
+    # fused SGD: reads run.lr on the device, and a scaler's scale without a sync
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.sums.add(losses, logits, labels)
+
+# --- the data feed: where each step's batch comes from -------------------------------------------
+
+def lr_at(cfg, epoch):
+    """Step decay: epoch counts from 0, so with milestone 150 the 151st epoch is the first at
+    lr * rate."""
+    milestones = [int(m) for m in cfg.lr_decay_epochs.split(",") if m.strip()]
+    return cfg.lr * cfg.lr_decay_rate ** sum(epoch >= m for m in milestones)
+
+class EpochPlan(NamedTuple):
+    """An epoch's draws, made on the CPU: which image goes where, its crop and flip, and its cached
+    teacher rows."""
+    order: torch.Tensor
+    dy: torch.Tensor
+    dx: torch.Tensor
+    flip: torch.Tensor
+    teacher_rows: Optional[np.ndarray] = None  # int16 bit patterns of bfloat16, from the teacher cache
+
+def plan_epoch(seed, epoch, n_train, n_used):
+    """The epoch's permutation and augmentation, from a generator of (seed, epoch) alone: resuming
+    after any epoch redraws exactly what an uninterrupted run draws. The last partial batch is
+    dropped."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_train, generator=g)
+    dy, dx, flip = augmentation_draws(n_train, g)
+    return EpochPlan(order[:n_used], dy[:n_used], dx[:n_used], flip[:n_used])
+
+class ResidentFeed:
+    """CIFAR-style training data on the device. prepare_epoch(epoch, steps_done) shuffles, crops and
+    flips the whole epoch at once into buffers allocated once and refilled in place (a CUDA graph
+    keeps reading the same memory), with the epoch's cached teacher rows if there is a cache.
+    next_batch() returns this process's part of global batch `next_step` (a device counter, set in
+    place), read through an index computed on the device: on any number of processes."""
+    def __init__(self, data, batch_size, local_batch, rank, seed, epochs, cache=None):
+        n, c, h, w = data.train_x.shape
+        device = data.train_x.device
+        self.data = data
+        self.batch_size = batch_size
+        self.steps_per_epoch = n // batch_size
+        n_used = self.steps_per_epoch * batch_size
+        self.planner = None
+        self.plan = functools.partial(plan_epoch, seed, n_train=n, n_used=n_used)
+        if cache is not None:  # the next epoch's rows are read from disk while this one trains
+            self.planner = cache.planner(seed, n, n_used, epochs)
+            self.plan = self.planner.plan
+        # NHWC: a gather of rows keeps the layout channels_last
+        self.images = torch.empty(n_used, h, w, c, dtype=torch.uint8, device=device)
+        self.labels = torch.empty(n_used, dtype=torch.long, device=device)
+        self.teacher = None
+        if cache is not None:
+            width = cache.feature_dim + cache.num_classes
+            self.teacher = torch.empty(n_used, width, dtype=torch.bfloat16, device=device)
+        # the epoch's next step, advanced by the step itself
+        self.next_step = torch.zeros((), dtype=torch.long, device=device)
+        self.offsets = rank * local_batch + torch.arange(local_batch, device=device)
+        self.plan_wait = 0.0
+
+    def prepare_epoch(self, epoch, steps_done=0):
+        device = self.images.device
+        start = time.time()
+        plan = self.plan(epoch)
+        self.plan_wait = time.time() - start  # the cache's rows can keep us waiting
+        order = plan.order.to(device)
+        images = crop_flip(self.data.train_x[order], plan.dy.to(device), plan.dx.to(device),
+                           plan.flip.to(device))
+        self.images.copy_(images.permute(0, 2, 3, 1))
+        self.labels.copy_(self.data.train_y[order])
+        if self.teacher is not None:
+            self.planner.upload(plan.teacher_rows, self.teacher)
+        self.next_step.fill_(steps_done)
+
+    def next_batch(self):
+        """(uint8 images N x C x H x W with channels_last strides, labels, cached teacher rows or
+        None)."""
+        idx = self.next_step * self.batch_size + self.offsets
+        self.next_step += 1
+        images = self.images.index_select(0, idx).permute(0, 3, 1, 2)
+        teacher = None
+        if self.teacher is not None:
+            teacher = self.teacher[idx]
+        return images, self.labels.index_select(0, idx), teacher
+
+    def close(self):
+        if self.planner is not None:
+            self.planner.close()
+
+class LoaderFeed:
+    """ImageNet: DataLoader workers decode and augment; each process reads its shard
+    (DistributedSampler). A resumed epoch skips, by index, the images its steps read; the workers'
+    random state is not saved: resumed, a run draws other crops and flips than it would have."""
+    def __init__(self, data_set, local_batch, workers, device, seed):
+        self.device = device
+        self.plan_wait = 0.0
+        self.local_batch = local_batch
+        self.sampler = torch.utils.data.distributed.DistributedSampler(
+            data_set, num_replicas=_world_size(), rank=_rank(), shuffle=True, seed=seed,
+            drop_last=True)
+        self.order = []  # the loader's sampler: this epoch's shard, from the step it starts at
+        self.loader = image_loader(data_set, local_batch, workers, device, self.order, True)
+        self.steps_per_epoch = len(self.sampler) // local_batch
+
+    def prepare_epoch(self, epoch, steps_done=0):
+        self.sampler.set_epoch(epoch)
+        self.order[:] = list(self.sampler)[steps_done * self.local_batch:]
+        self.batches = iter(self.loader)
+
+    def next_batch(self):
+        images, labels = next(self.batches)
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), None
+
+    def close(self):
+        pass
+
+def build_feed(run, rank, cache):
+    """The training batches: ResidentFeed for CIFAR-style data (with the teacher cache's rows, if
+    any), LoaderFeed for ImageNet."""
+    cfg = run.cfg
+    local_batch = cfg.batch_size // run.world_size
+    if run.data.train_x is None:
+        return LoaderFeed(run.data.train_set, local_batch, cfg.workers, run.device, cfg.seed)
+    return ResidentFeed(run.data, cfg.batch_size, local_batch, rank, cfg.seed, cfg.epochs, cache)
+
+# --- the teacher and the step as train_epoch calls it --------------------------------------------
+
+class LiveTeacher:
+    """The frozen teacher's forward pass: x -> its Outputs (feature, logits, and for sp its map),
+    under autocast and without gradients; torch.compile'd with --compile."""
+    def __init__(self, teacher, method, autocast, compile=False):
+        self.taps = Taps(teacher, teacher.map_layer if method == "sp" else None)
+        self.forward = teacher
+        if compile:
+            self.forward = torch.compile(teacher)
+        self.autocast = autocast
+
+    def __call__(self, x):
+        # no_grad, not inference_mode: the losses save the teacher's outputs for backward, which
+        # inference tensors refuse
+        with torch.no_grad(), self.autocast:
+            logits = self.forward(x)
+        return Outputs(self.taps.feature, logits, self.taps.feature_map)
+
+def build_step(run):
+    """The step train_epoch calls: train_step on this run, replayed as one CUDA graph under
+    --graph on (whose warm-up and capture are CUDAGraphStep's)."""
+    step = functools.partial(train_step, run)
+    if run.cfg.graph == "on":
+        return CUDAGraphStep(step, run.feed.next_step)
+    return step
+
+# --- setting up a run: the device, the models, the optimizer, the feed and the step --------------
+
+class EpochSums:
+    """What every step adds to within an epoch, on the device and without a host sync: the sums over
+    its batches of their mean loss, CE and distillation loss, and the count of correct predictions.
+    Updated in place, as a CUDA graph needs."""
+    NAMES = ("loss", "ce", "distill", "correct")
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.ce = torch.zeros((), device=device)
+        self.distill = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, losses, logits, labels):
+        self.loss += losses.total.detach()
+        self.ce += losses.ce.detach()
+        self.distill += losses.distill.detach()
+        self.correct += (logits.argmax(1) == labels).sum()
+
+    def zero_(self):
+        for name in self.NAMES:
+            getattr(self, name).zero_()
+
+    def totals(self, world_size):
+        """{name: the sum over every process}, as numbers: a host sync."""
+        sums = torch.stack([self.loss, self.ce, self.distill, self.correct.float()])
+        if world_size > 1:
+            dist.all_reduce(sums)
+        return dict(zip(self.NAMES, sums.tolist()))
+
+@dataclass
+class Run:
+    """One training run: made by prepare_run, advanced by train_epoch, written by save_checkpoint and
+    finish_run."""
+    cfg: Config  # resolved (resolve_config)
+    device: torch.device
+    world_size: int
+    data: Data
+    student: nn.Module  # the plain student: what model.pt holds
+    loss_module: nn.Module  # projectors / CRD embeddings, dropped after training
+    distiller: nn.Module  # student + loss_module + loss, wrapped by DDP or torch.compile when asked
+    teacher: Optional[nn.Module]  # the frozen teacher (None for --method ce)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr: torch.Tensor  # on the device: set each epoch in place, read by the fused optimizer (and graph)
+    autocast: object
+    memory_format: torch.memory_format
+    sums: EpochSums
+    live_teacher: Optional[LiveTeacher] = None  # None when the teacher's outputs come from its cache
+    feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
+    step: Optional[object] = None  # one training step (build_step): train_step, or its CUDA graph
+    start_epoch: int = 0
+    resumed_steps: int = 0  # the steps of start_epoch done before a stop within it
+    last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was written
+    stop_signals: Optional["StopSignals"] = None  # its signum: a signal that asked the run to stop
+    history: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
+    teacher_eval: Optional[dict] = None
+    teacher_provenance: Optional[dict] = None  # where the teacher's weights came from
+
+def setup_run(cfg):
+    """A Run ready for its first step, from options as parsed: for tools and tests that drive the loop
+    themselves (train() resolves, locks its folder, then calls prepare_run)."""
+    resolved, notes = resolve_config(cfg)
+    return prepare_run(resolved, notes, given=cfg)
+
+def prepare_run(cfg, notes, given):
+    """Everything a run needs, from its resolved config to the first step. notes: resolve_config's;
+    given: the options as parsed, which the printed config tells apart from the resolved ones."""
+    device = torch.device(cfg.device)
+    rank, world = setup_torch(device, cfg.deterministic)
+    checkpoint = checkpoint_to_resume(cfg)
+    if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
+        models_module().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
+    notes = list(notes)
+    if world > 1 or cfg.dataset == "imagenet":
+        notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
+                     f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
+    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
+                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
+    data = load_data(cfg, device)
+    if data.n_train < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
+    run, amp_dtype = build_run(cfg, device, world, data)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    elif cfg.resume:
+        log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
+    cache = None
+    if run.teacher is not None:
+        cache = setup_teacher(run, amp_dtype)
+    run.distiller = wrap_distiller(run.distiller, cfg, device, world)
+    run.feed = build_feed(run, rank, cache)
+    run.step = build_step(run)
+    run.distiller.train()
+    # stopped within an epoch: after DDP, which can give every process the buffers of process 0
+    if checkpoint is not None and checkpoint["epoch_state"] is not None:
+        restore_epoch_state(run, checkpoint["epoch_state"])
+    return run
+
+def build_run(cfg, device, world, data):
+    """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
+    memory_format, amp_dtype, autocast = memory_format_and_autocast(cfg.amp, device)
+    teacher = None
+    if cfg.method != "ce":
+        teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes,
+                                               cfg.teacher_weights)
+        teacher = teacher.to(device, memory_format=memory_format)
+    torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
+    student = models_module().MODELS[cfg.student](num_classes=data.num_classes)
+    if cfg.sync_bn and world > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    d_teacher = 0
+    if teacher is not None:
+        d_teacher = classifier_of(teacher).in_features
+    loss_module = build_loss_module(cfg, classifier_of(student).in_features, d_teacher).to(device)
+    lr = torch.tensor(cfg.lr, device=device)
+    student.to(device, memory_format=memory_format)
+    parameters = [*student.parameters(), *loss_module.parameters()]
+    optimizer = build_optimizer(cfg, parameters, lr, fused=device.type == "cuda")
+    run = Run(cfg=cfg, device=device, world_size=world, data=data, student=student,
+              loss_module=loss_module, distiller=Distiller(cfg, student, loss_module, autocast),
+              teacher=teacher, optimizer=optimizer,
+              scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr=lr,
+              autocast=autocast, memory_format=memory_format, sums=EpochSums(device))
+    return run, amp_dtype
+
+def build_optimizer(cfg, parameters, lr, fused):
+    """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel for all
+    parameters, reading the lr tensor on the device, as the CUDA graph needs."""
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=fused)
+    with_momentum_buffers(optimizer)
+    return optimizer
+
+def with_momentum_buffers(optimizer):
+    """Every parameter's momentum buffer made now, as zeros, where it has none. SGD makes them at its first
+    step with empty_like, and fused SGD under a GradScaler writes nothing when that step overflows (routine
+    at fp16's first scale, 2^16): the next step would read uninitialised memory. Zeros give the same first
+    step (0.9 * 0 + g is g, with dampening 0), and the buffers exist before the CUDA graph is captured."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)  # in p's memory format (channels_last)
+
+def setup_teacher(run, amp_dtype):
+    """The teacher's test accuracy (once per run, in float32, before its weights go to the autocast
+    dtype), then the teacher made fast: weights in the autocast dtype, and either its output cache
+    (returned) or its forward pass run live (run.live_teacher)."""
+    cfg = run.cfg
+    data = run.data
+    run.teacher_provenance = teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
+    if run.teacher_eval is None:
+        run.teacher_eval = evaluate(run.teacher, data, cfg.eval_batch_size, run.memory_format)
+        source = cfg.teacher_weights or cfg.teacher_ckpt
+        log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
+            f"top-5 {run.teacher_eval['top5']:.2f}%")
+        near_chance = run.teacher_eval["top1"] < 2 * 100 / data.num_classes
+        if near_chance and "MAKELEVEL" not in os.environ:  # under make, its evaluation step warns
+            log(f"warning: the teacher is near chance ({100 / data.num_classes:.1f}%): is {source} "
+                f"the right file?")
+    teacher_for_speed(run.teacher, amp_dtype, run.memory_format)
+    if cfg.teacher_cache == "on":
+        import teacher_cache
+        return teacher_cache.open_for_run(run)
+    run.live_teacher = LiveTeacher(run.teacher, cfg.method, run.autocast, cfg.compile)
+    return None
+
+def teacher_for_speed(teacher, amp_dtype, memory_format):
+    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would
+    re-cast the float32 weights every step) and channels_last; BatchNorm stays float32, as autocast
+    runs it."""
+    for m in teacher.to(memory_format=memory_format).modules():
+        if amp_dtype is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.to(amp_dtype)
+    return teacher
+
+def wrap_distiller(distiller, cfg, device, world):
+    """The distiller as the step calls it: in DistributedDataParallel under torchrun, compiled with
+    --compile."""
+    if world > 1:
+        distiller = wrap_ddp(distiller, device)
+    if cfg.compile:
+        distiller = torch.compile(distiller)
+    return distiller
+
+def wrap_ddp(module, device):
+    """DistributedDataParallel around `module`. Buffers are averaged once per epoch (train_epoch)
+    instead of broadcast from process 0 at every forward: CRD-lite's queues are the same everywhere
+    and would move megabytes per step for nothing. (torch 2.14 deprecates broadcast_buffers for
+    forward_sync_buffers; torch 2.11 has only broadcast_buffers.)"""
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = "broadcast_buffers"
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        no_sync = "forward_sync_buffers"
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index]
+    return ddp(module, device_ids=device_ids, **{no_sync: False})
+
+def memory_format_and_autocast(amp, device):
+    """(memory format, autocast dtype or None, autocast context) of the models on `device` for --amp.
+    The autocast cache is off: each weight is used once per step anyway, and a cache must not outlive
+    a CUDA graph capture."""
+    amp_dtype = AMP_DTYPES[amp]  # None on the CPU: resolve_config turned amp off there
+    autocast = contextlib.nullcontext()
+    if amp_dtype is not None:
+        autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False)
+    memory_format = torch.contiguous_format
+    if device.type == "cuda":
+        memory_format = torch.channels_last
+    return memory_format, amp_dtype, autocast
+
+def setup_torch(device, deterministic=False):
+    """Makes `device` the current CUDA device (streams and graphs are made on the current one,
+    whatever tensors say), joins torchrun's process group when started by torchrun, and sets the
+    backend switches. Returns (rank, world size). Deterministic mode is honest: no cudnn.benchmark
+    behind it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    # (the call imports torch._dynamo: seconds, so only when it changes something)
+    if deterministic != torch.are_deterministic_algorithms_enabled():
+        # warn_only: a CUDA op without a deterministic kernel is named in a warning instead of
+        # ending the run
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # static shapes: kernels tuned on the first step serve every later one; float32 on TF32 cores
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return _rank(), world
+
+def default_workers():
+    """ImageNet loader processes per GPU: this machine's CPUs shared by the processes torchrun started
+    on it."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+# --- the bookkeeping: the lock, resuming, the epoch's state, check points, signals ---------------
+
+# check points per epoch (save_or_stop), where a run writes last.pt or stops
+CHECKS_PER_EPOCH = 200
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
 class Stopped(KeyboardInterrupt):
@@ -967,6 +1525,284 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous:  # (None: a handler set outside Python)
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+@contextlib.contextmanager
+def run_dir_lock(folder):
+    """--run-dir, made if need be and held under an exclusive lock (its .lock file, open; POSIX only) while a run
+    trains in it: a folder that cannot be written, or that another process trains in, is one line before any data
+    is read, and a run that fails before writing anything leaves no folder behind."""
+    made, parent = [], folder  # the folders this makes, outermost first
+    while parent and not os.path.isdir(parent):
+        made, parent = [parent] + made, os.path.dirname(parent)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
+        with contextlib.suppress(ImportError):
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise UserError(f"{folder} is being trained by another process (pid {lock.read().strip() or '?'}); wait for "
+                        f"it, or use another --run-dir") from None
+    except OSError as e:
+        raise UserError(f"cannot write in --run-dir {folder} ({e.strerror or e}); choose another") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    try:
+        yield
+    finally:
+        os.remove(lock.name)
+        lock.close()
+        for made_here in reversed(made):  # only those the run left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(made_here)
+
+def checkpoint_to_resume(cfg):
+    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it
+    should not: other settings than RESUMABLE_CHANGES, or another teacher file by its sha256 (by
+    path if last.pt has none)."""
+    last_path = os.path.join(cfg.run_dir, "last.pt")
+    if not cfg.resume and not cfg.overwrite and any(
+            os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
+        raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, --overwrite to start "
+                        f"over, or another --run-dir")
+    if not (cfg.resume and os.path.isfile(last_path)):
+        return None
+    checkpoint = models_module().load_checkpoint_file(last_path, "resume checkpoint")
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
+    if "loss_module" not in checkpoint or "steps_done" not in checkpoint:
+        raise UserError(f"{last_path} was written by an older projkd, whose projectors this one "
+                        f"cannot load; use --overwrite to start over")
+    saved, sha = checkpoint["config"], checkpoint.get("teacher_sha256")
+    resumable = RESUMABLE_CHANGES + ("teacher_ckpt",) if sha else RESUMABLE_CHANGES
+    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in resumable and saved.get(k) != v]
+    if diffs:
+        raise UserError(f"{cfg.run_dir} holds a run with other settings ({'; '.join(diffs)}); "
+                        f"use another --run-dir, or --overwrite to start over")
+    given_sha = sha  # the teacher by its content (a missing file is setup_run's to report)
+    if sha and os.path.isfile(cfg.teacher_ckpt):
+        given_sha = file_sha256(cfg.teacher_ckpt)
+    if given_sha != sha:
+        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) "
+                        f"than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as "
+                        f"--teacher-ckpt, or --overwrite to start over")
+    begun = checkpoint["epoch"]
+    if checkpoint["steps_done"]:  # stopped within that epoch
+        begun += 1
+    if begun > cfg.epochs:
+        raise UserError(f"{cfg.run_dir} has begun epoch {begun}, beyond --epochs {cfg.epochs}")
+    return checkpoint
+
+def restore(run, checkpoint):
+    """The state of an interrupted run, from its last.pt, on whatever device this run has."""
+    run.student.load_state_dict(checkpoint["student"])
+    run.loss_module.load_state_dict(checkpoint["loss_module"])
+    chosen = [{k: g[k] for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, settings in zip(run.optimizer.param_groups, chosen):
+        # load_state_dict brings back the saved lr (a number: this run's is a device tensor) and the
+        # saved fused/foreach (a CPU run's): SGD's per-parameter path would sync with the host per
+        # parameter
+        group.update(settings, lr=run.lr)
+    # laid out like their parameters (channels_last on CUDA)
+    for p, state in run.optimizer.state.items():
+        if state.get("momentum_buffer") is not None:
+            state["momentum_buffer"] = torch.empty_like(p).copy_(state["momentum_buffer"])
+    with_momentum_buffers(run.optimizer)  # a last.pt saved before any step has none
+    # a disabled GradScaler (bf16, off) saved {}, which an enabled one refuses to load
+    if checkpoint["scaler"]:
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
+    run.start_epoch = checkpoint["epoch"]
+    run.resumed_steps = checkpoint["steps_done"]
+    run.best = checkpoint["best"]
+    run.history = checkpoint["history"]
+    run.teacher_eval = checkpoint["teacher_eval"]
+    where = f"after epoch {run.start_epoch}"
+    if run.resumed_steps:
+        where = f"at step {run.resumed_steps + 1} of epoch {run.start_epoch + 1}"
+    if run.data.train_x is None:  # LoaderFeed
+        where += " (ImageNet: in the same order of images, with new random crops and flips)"
+    saved_epochs = checkpoint["config"]["epochs"]
+    if run.cfg.epochs != saved_epochs:
+        where += f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs"
+    log(f"resuming {run.cfg.run_dir} {where}")
+
+def epoch_state(run):
+    """{name: tensor} of what each process accumulates within an epoch: its EpochSums, and its
+    BatchNorm statistics (train_epoch averages those over the processes at the epoch's end)."""
+    state = {name: getattr(run.sums, name) for name in EpochSums.NAMES}
+    for name, buffer in run.student.named_buffers():
+        if buffer.is_floating_point():
+            state[f"student.{name}"] = buffer
+    return state
+
+def gathered_epoch_state(run):
+    """{name: processes x values}: every process's epoch_state, for last.pt (under torchrun, one
+    all_gather: a collective every process joins)."""
+    state = epoch_state(run)
+    flat = torch.cat([t.double().flatten() for t in state.values()])
+    rows = _gather_rows(flat[None]).cpu()
+    columns = rows.split([t.numel() for t in state.values()], dim=1)
+    return dict(zip(state, columns))
+
+def restore_epoch_state(run, saved):
+    """This process's epoch_state from last.pt's, each tensor by its name, with one row per process of
+    the stopped run. On another number of processes: the rows' mean, and the count of correct
+    predictions shared out (the epoch's sums stay right)."""
+    for name, tensor in epoch_state(run).items():
+        rows = saved[name]
+        values = rows.mean(0)
+        if len(rows) == run.world_size:
+            values = rows[_rank()]
+        if name == "correct":
+            values = values * (len(rows) / run.world_size)
+        tensor.copy_(values.view_as(tensor))
+
+def save_or_stop(run, epoch, steps_done=0, seconds_per_step=0.0):
+    """After `steps_done` steps of `epoch`, the same on every process: last.pt once
+    --checkpoint-seconds have passed, and the end of a run a signal asked to stop. Under torchrun:
+    agreed by an all_reduce, which also agrees on the slowest process's `seconds_per_step` since the
+    last check point; returned, it spaces the next one (train_epoch)."""
+    save = time.time() - run.last_saved >= run.cfg.checkpoint_seconds
+    stop = 0  # the signal's number
+    if run.stop_signals is not None and run.stop_signals.signum is not None:
+        stop = run.stop_signals.signum
+    if run.world_size > 1:
+        flags = torch.tensor([float(save), float(stop), seconds_per_step], dtype=torch.float64,
+                             device=run.device)
+        dist.all_reduce(flags, dist.ReduceOp.MAX)
+        save = bool(flags[0].item())
+        stop = int(flags[1].item())
+        seconds_per_step = flags[2].item()
+    if save or stop:
+        save_checkpoint(run, epoch, steps_done)
+    if stop:
+        if run.world_size > 1:
+            dist.barrier()  # process 0 has written last.pt before any process exits
+        where = f"epoch {epoch}"
+        if steps_done:
+            where = f"step {steps_done} of epoch {epoch + 1}"
+        raise Stopped(stop, f"{signal.Signals(stop).name}: stopped after {where}, kept in "
+                            f"{os.path.join(run.cfg.run_dir, 'last.pt')}")
+    return seconds_per_step
+
+def multiprocess_check_seconds(cfg):
+    """The least training time between two check points under torchrun: each is an all_reduce and a
+    host sync, which every ~3rd step (CIFAR) would cost the GPUs their lead. A shorter
+    --checkpoint-seconds (a test's 0) asks for more."""
+    return min(1.0, cfg.checkpoint_seconds)
+
+def save_checkpoint(run, epoch, steps_done=0):
+    """last.pt: everything to continue exactly after `steps_done` steps of `epoch` (0: before it),
+    written by process 0; within an epoch, every process's epoch_state (under torchrun a collective
+    gathers them)."""
+    epoch_rows = None
+    if steps_done:
+        epoch_rows = gathered_epoch_state(run)
+    run.last_saved = time.time()
+    if _rank() != 0:
+        return
+    optimizer = run.optimizer.state_dict()
+    for group in optimizer["param_groups"]:
+        # a plain number in the file; restore() points it back at the device tensor
+        group["lr"] = float(group["lr"])
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    checkpoint = {
+        "config": dataclasses.asdict(run.cfg), "epoch": epoch, "steps_done": steps_done,
+        "epoch_state": epoch_rows, "student": run.student.state_dict(),
+        "loss_module": run.loss_module.state_dict(), "optimizer": optimizer,
+        "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
+        "teacher_eval": run.teacher_eval,
+        # the teacher file's identity, checked on resuming
+        "teacher_sha256": (run.teacher_provenance or {}).get("sha256"),
+    }
+    save(checkpoint, os.path.join(run.cfg.run_dir, "last.pt"))
+
+def record_epoch(run, epoch, stats, result, seconds):
+    """The epoch's line in the history (log.csv, written now) and in the log; the best top-1."""
+    cfg = run.cfg
+    if result["top1"] > run.best["top1"]:
+        run.best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
+    distill_name = DISTILL_LOSS_NAMES.get(cfg.method)
+    row = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
+           "train_ce": round(stats["ce"], 6)}
+    if distill_name:
+        row[f"train_{distill_name}"] = round(stats["distill"], 6)
+    row.update({"train_acc": round(stats["acc"], 4), "test_top1": round(result["top1"], 4),
+                "test_top5": round(result["top5"], 4),
+                "between_class_cosine": round(result["between_class_cosine"], 6),
+                "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1),
+                "plan_wait_s": round(run.feed.plan_wait, 3)})
+    run.history.append(row)
+    if _rank() == 0:
+        save(run.history, os.path.join(cfg.run_dir, "log.csv"))
+    this_session = run.history[run.start_epoch:]
+    seconds_per_epoch = sum(e["seconds"] for e in this_session) / len(this_session)
+    line = f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}"
+    if distill_name:
+        line += f" (ce {row['train_ce']:.4f}, {distill_name} {row[f'train_{distill_name}']:.4f})"
+    line += (f"  train {row['train_acc']:.2f}%  test {row['test_top1']:.2f}% "
+             f"(best {run.best['top1']:.2f}%)  {row['images_per_s']:,.0f} img/s  eta "
+             f"{_duration(seconds_per_epoch * (cfg.epochs - epoch - 1))}")
+    if cfg.teacher_cache == "on":
+        line += f"  (waited {row['plan_wait_s']:.2f} s for cached teacher rows)"
+    log(line)
+
+def finish_run(run):
+    """model.pt and metrics.json; returns the metrics. Under torchrun the processes first check, with a
+    checksum each, that they ended with the same weights."""
+    cfg = run.cfg
+    history = run.history
+    best = run.best
+    last = history[-1]
+    if run.world_size > 1:
+        floats = [t for t in run.student.state_dict().values() if t.is_floating_point()]
+        checksum = torch.stack([t.double().sum() for t in floats]).sum()
+        sums = [torch.zeros(()).to(checksum) for _ in range(run.world_size)]
+        dist.all_gather(sums, checksum)
+        if any(s.item() != sums[0].item() for s in sums):
+            raise RuntimeError(f"the {len(sums)} processes ended with different weights: "
+                               f"{[s.item() for s in sums]}")
+        log(f"the weights are the same in all {len(sums)} processes (checksum {sums[0].item():.6f})")
+    images_per_epoch = run.feed.steps_per_epoch * cfg.batch_size
+    wall_seconds = sum(h["seconds"] for h in history)
+    train_seconds = sum(images_per_epoch / h["images_per_s"] for h in history)
+    teacher = run.teacher_eval or {}
+    metrics = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "last_top1": last["test_top1"],
+               "last_top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
+               "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
+               "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"),
+               "epochs": cfg.epochs, "teacher_provenance": run.teacher_provenance,
+               "wall_seconds": round(wall_seconds, 1),
+               "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
+               "world_size": run.world_size, "device": device_name(run.device),
+               "torch": torch.__version__, "code": code_version(), "history": history}
+    if _rank() == 0:
+        save(run.student.state_dict(), os.path.join(cfg.run_dir, "model.pt"))
+        save(metrics, os.path.join(cfg.run_dir, "metrics.json"))
+    log(f"done: {cfg.student} ({cfg.method}) last top-1 {last['test_top1']:.2f}% top-5 "
+        f"{last['test_top5']:.2f}%, best top-1 {best['top1']:.2f}% (epoch {best['epoch']}), "
+        f"{_duration(wall_seconds)}, {metrics['images_per_s']:,.0f} img/s -> "
+        f"{os.path.join(cfg.run_dir, 'model.pt')}")
+    return metrics
+
+# --- the processes, the log and the files ----------------------------------------------------------
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+log_label = ""  # put before each line: set by labelled_log while a run trains
 
 def log(*args):
     if _rank() == 0:  # under torchrun one process speaks
@@ -1042,659 +1878,6 @@ def _duration(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
-# --- the device, the processes and the teacher ----------------------------------------------------------------
-
-def precision(amp, device):
-    """(memory format, autocast dtype or None, autocast context) of the models on `device` for --amp. The autocast
-    cache is off: each weight is used once per step anyway, and a cache must not outlive a CUDA graph capture."""
-    amp_dtype = AMP_DTYPES[amp]  # None on the CPU: resolve_config turned amp off there
-    autocast = torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype else contextlib.nullcontext()
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format, amp_dtype, autocast
-
-def setup_torch(device, deterministic=False):
-    """Makes `device` the current CUDA device (streams and graphs are made on the current one, whatever tensors
-    say), joins torchrun's process group when started by torchrun, and sets the backend switches. Returns
-    (rank, world size). Deterministic mode is honest: no cudnn.benchmark behind it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: seconds
-        # warn_only: a CUDA op without a deterministic kernel is named in a warning instead of ending the run
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    # static shapes: kernels tuned on the first step serve every later one; float32 on TF32 tensor cores
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return _rank(), world
-
-def default_workers():
-    """ImageNet loader processes per GPU: this machine's CPUs shared by the processes torchrun started on it."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-def distributed(module, device):
-    """DistributedDataParallel around `module`. Buffers are averaged once per epoch (train_epoch) instead of
-    broadcast from process 0 at every forward: CRD-lite's queues are the same everywhere and would move megabytes
-    per step for nothing. (torch 2.14 renamed broadcast_buffers to forward_sync_buffers.)"""
-    ddp = nn.parallel.DistributedDataParallel
-    no_sync = "broadcast_buffers"
-    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
-        no_sync = "forward_sync_buffers"
-    device_ids = [device.index] if device.type == "cuda" else None
-    return ddp(module, device_ids=device_ids, **{no_sync: False})
-
-def teacher_for_speed(teacher, amp_dtype, memory_format):
-    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would re-cast
-    the float32 weights every step) and channels_last; BatchNorm stays float32, as autocast runs it."""
-    for m in teacher.to(memory_format=memory_format).modules():
-        if amp_dtype is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
-            m.to(amp_dtype)
-    return teacher
-
-# --- the step ------------------------------------------------------------------------------------------------
-
-def train_step(run, images, labels, cached_teacher=None):
-    """One optimisation step on a batch of uint8 images, entirely on the device, without a host sync: the eager
-    loop calls it, and the CUDA graph is a capture of it, so the two cannot drift apart. cached_teacher: the
-    teacher's feature and logits from its cache; otherwise the teacher runs (if the method has one)."""
-    x = normalize(images, run.data.mean, run.data.std).contiguous(memory_format=run.memory_format)
-    if cached_teacher is not None:
-        teacher = Outputs(*cached_teacher.split([cached_teacher.shape[1] - run.data.num_classes,
-                                                 run.data.num_classes], dim=1))
-    else:
-        teacher = run.teacher_forward(x) if run.teacher_forward is not None else None
-    losses, logits = run.distiller(x, labels, teacher)
-    loss = losses.total
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)  # fused SGD: reads run.lr on the device, and a scaler's scale without a sync
-    run.scaler.update()
-    run.loss_sum += torch.stack([losses.total, losses.ce, losses.distill]).detach()
-    run.correct += (logits.argmax(1) == labels).sum()
-
-class CUDAGraphStep:
-    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
-    whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds, which at
-    batch 64 is what the GPU waits for. step() must read and write only tensors that outlive the graph and are
-    updated in place, and advance the device counter `step_counter` by one. A capture that fails, or that did
-    not record the step, is not trusted: the run goes on eagerly and says so, `failure` keeping the first
-    reason."""
-    def __init__(self, step, step_counter, warmup_steps=3):
-        self.step = step
-        self.step_counter = step_counter
-        self.warmup_left = warmup_steps
-        self.graph = None
-        self.failure = None
-        # A stream of this step's own, on the counter's device, for the warm-up and the capture: torch's
-        # default capture stream is made once per process, on the device current at the first capture, so a
-        # second run on another GPU in the same process would capture on the first one's stream.
-        self.stream = torch.cuda.Stream(device=step_counter.device)
-
-    def _fail(self, why, step_done=False):
-        self.graph = None
-        self.failure = why
-        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on eagerly "
-            f"(--graph off skips the attempt)")
-        if not step_done:
-            self()
-
-    def __call__(self):
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.warmup_left > 0 or self.failure is not None:
-            # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN,
-            # which the captured step then reuses.
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                self.step()
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.warmup_left -= 1
-        else:
-            self.capture()
-
-    def capture(self):
-        """Captures the step, then replays it once: that replay is the step's first run. The counter is
-        read twice (host syncs, once per run): a capture records the step without running it, so the
-        counter must not move during the capture, and must move by exactly one in the replay. A counter
-        that moved during the capture means the step's kernels went to another device or stream and ran
-        there eagerly: the graph is empty, and this step is done."""
-        graph = torch.cuda.CUDAGraph()
-        before = self.step_counter.item()
-        try:
-            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-                self.step()
-        except RuntimeError as e:  # the root cause, not capture_end's complaint about the aborted capture
-            while isinstance(e.__context__, RuntimeError):
-                e = e.__context__
-            return self._fail(str(e).splitlines()[0])
-        after_capture = self.step_counter.item()
-        if after_capture != before:
-            return self._fail("the captured graph is empty: the step ran during the capture instead of "
-                              "being recorded", step_done=True)
-        graph.replay()
-        if self.step_counter.item() != before + 1:
-            return self._fail("the captured graph is empty: its replay did not run the step")
-        self.graph = graph
-
-# --- the data feed: where each step's batch comes from -------------------------------------------------------
-
-def lr_at(cfg, epoch):
-    """Step decay: epoch counts from 0, so with milestone 150 the 151st epoch is the first at lr * rate."""
-    return cfg.lr * cfg.lr_decay_rate ** sum(epoch >= int(m) for m in cfg.lr_decay_epochs.split(",") if m.strip())
-
-class EpochPlan(NamedTuple):
-    """An epoch's draws, made on the CPU: which image goes where, its crop and flip, and its cached teacher rows."""
-    order: torch.Tensor
-    dy: torch.Tensor
-    dx: torch.Tensor
-    flip: torch.Tensor
-    teacher_rows: Optional[np.ndarray] = None  # int16 bit patterns of bfloat16, from the teacher cache
-
-def plan_epoch(seed, epoch, n_train, n_used):
-    """The epoch's permutation and augmentation, from a generator of (seed, epoch) alone: resuming after any
-    epoch redraws exactly what an uninterrupted run draws. The last partial batch is dropped."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_train, generator=g)
-    return EpochPlan(order[:n_used], *(t[:n_used] for t in augmentation_draws(n_train, g)))
-
-class ResidentFeed:
-    """CIFAR-style training data on the device. load(epoch, step) shuffles, crops and flips the
-    whole epoch at once into buffers allocated once and refilled in place (a CUDA graph keeps
-    reading the same memory), with the epoch's cached teacher rows if there is a cache; next_batch()
-    returns this process's part of global batch `step` (a device counter, set in place), read
-    through an index computed on the device: on any number of processes."""
-    def __init__(self, data, batch_size, local_batch, rank, seed, epochs, cache=None):
-        (n, c, h, w), device = data.train_x.shape, data.train_x.device
-        self.data, self.batch_size, self.steps_per_epoch = data, batch_size, n // batch_size
-        n_used = self.steps_per_epoch * batch_size
-        self.planner, self.plan = None, lambda epoch: plan_epoch(seed, epoch, n, n_used)
-        if cache is not None:  # the next epoch's rows are read from disk while this one trains
-            self.planner = cache.planner(seed, n, n_used, epochs)
-            self.plan = self.planner.plan
-        self.images = torch.empty(n_used, h, w, c, dtype=torch.uint8, device=device)  # NHWC: a row gather keeps it
-        self.labels = torch.empty(n_used, dtype=torch.long, device=device)
-        self.teacher = None if cache is None else torch.empty(n_used, cache.feature_dim + cache.num_classes,
-                                                              dtype=torch.bfloat16, device=device)
-        self.step = torch.zeros((), dtype=torch.long, device=device)  # the epoch's next step, advanced by the step
-        self.offsets = rank * local_batch + torch.arange(local_batch, device=device)
-
-    def load(self, epoch, step=0):
-        start, device = time.time(), self.images.device
-        plan = self.plan(epoch)
-        self.plan_wait, order = time.time() - start, plan.order.to(device)  # the cache's rows can keep us waiting
-        images = crop_flip(self.data.train_x[order], plan.dy.to(device), plan.dx.to(device), plan.flip.to(device))
-        self.images.copy_(images.permute(0, 2, 3, 1))
-        self.labels.copy_(self.data.train_y[order])
-        if self.teacher is not None:
-            self.planner.upload(plan.teacher_rows, self.teacher)
-        self.step.fill_(step)
-
-    def next_batch(self):
-        idx = self.step * self.batch_size + self.offsets
-        self.step += 1
-        images = self.images.index_select(0, idx).permute(0, 3, 1, 2)  # N x C x H x W, channels_last strides
-        return images, self.labels.index_select(0, idx), None if self.teacher is None else self.teacher[idx]
-
-    def close(self):
-        if self.planner is not None:
-            self.planner.close()
-
-class LoaderFeed:
-    """ImageNet: DataLoader workers decode and augment; each process reads its shard
-    (DistributedSampler). A resumed epoch skips, by index, the images its steps read; the workers'
-    random state is not saved: resumed, a run draws other crops and flips than it would have."""
-    def __init__(self, data_set, local_batch, workers, device, seed):
-        self.device, self.plan_wait, self.local_batch = device, 0.0, local_batch
-        self.sampler = torch.utils.data.distributed.DistributedSampler(
-            data_set, num_replicas=_world_size(), rank=_rank(), shuffle=True, seed=seed, drop_last=True)
-        self.order = []  # the loader's sampler: this epoch's shard, from the step it starts at
-        self.loader = image_loader(data_set, local_batch, workers, device, self.order, True)
-        self.steps_per_epoch = len(self.sampler) // local_batch
-
-    def load(self, epoch, step=0):
-        self.sampler.set_epoch(epoch)
-        self.order[:] = list(self.sampler)[step * self.local_batch:]
-        self.batches = iter(self.loader)
-
-    def next_batch(self):
-        return *(t.to(self.device, non_blocking=True) for t in next(self.batches)), None
-
-    def close(self):
-        pass
-
-# --- the run ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """One training run: made by setup_run, advanced by train_epoch, written by save_checkpoint and finish_run."""
-    cfg: Config
-    device: torch.device
-    world_size: int
-    data: Data
-    student: nn.Module  # the plain student: what model.pt holds
-    loss_module: nn.Module  # projectors / CRD embeddings, dropped after training
-    distiller: nn.Module  # student + loss_module + loss, wrapped by DDP or torch.compile when asked
-    teacher: Optional[nn.Module]  # the frozen teacher (None for --method ce)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    lr: torch.Tensor  # on the device: set each epoch in place, read by the fused optimizer (and the graph)
-    autocast: object
-    memory_format: torch.memory_format
-    loss_sum: torch.Tensor  # the epoch's sums of the loss and its terms, accumulated on the device by every step
-    correct: torch.Tensor
-    teacher_forward: Optional[object] = None  # x -> the teacher's Outputs; None when its outputs come from the cache
-    feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
-    step: Optional[object] = None  # one training step: train_step on the feed's next batch, or its CUDA graph
-    start_epoch: int = 0
-    start_step: int = 0  # the steps of start_epoch done before a stop within it
-    last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was written
-    stop_signals: Optional[StopSignals] = None  # its signum: a signal that asked the run to stop
-    history: list = dataclasses.field(default_factory=list)
-    best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
-    teacher_eval: Optional[dict] = None
-    teacher_provenance: Optional[dict] = None  # where the teacher's weights came from (teacher_provenance)
-
-@contextlib.contextmanager
-def run_dir_lock(folder):
-    """--run-dir, made if need be and held under an exclusive lock (its .lock file, open; POSIX only) while a run
-    trains in it: a folder that cannot be written, or that another process trains in, is one line before any data
-    is read, and a run that fails before writing anything leaves no folder behind."""
-    made, parent = [], folder  # the folders this makes, outermost first
-    while parent and not os.path.isdir(parent):
-        made, parent = [parent] + made, os.path.dirname(parent)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, ".lock"), "a+")
-        with contextlib.suppress(ImportError):
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        raise UserError(f"{folder} is being trained by another process (pid {lock.read().strip() or '?'}); wait for "
-                        f"it, or use another --run-dir") from None
-    except OSError as e:
-        raise UserError(f"cannot write in --run-dir {folder} ({e.strerror or e}); choose another") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    try:
-        yield
-    finally:
-        os.remove(lock.name)
-        lock.close()
-        for made_here in reversed(made):  # only those the run left empty
-            with contextlib.suppress(OSError):
-                os.rmdir(made_here)
-
-def checkpoint_to_resume(cfg):
-    """The contents of --run-dir's last.pt when resuming, else None; refuses to touch a run it
-    should not: other settings than RESUMABLE_CHANGES, or another teacher file by its sha256 (by
-    path if last.pt has none)."""
-    last_path = os.path.join(cfg.run_dir, "last.pt")
-    if not cfg.resume and not cfg.overwrite and any(
-            os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
-        raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, --overwrite to start "
-                        f"over, or another --run-dir")
-    if not (cfg.resume and os.path.isfile(last_path)):
-        return None
-    checkpoint = models_module().load_checkpoint_file(last_path, "resume checkpoint")
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise UserError(f"{last_path} is not a projkd last.pt; delete it or use --overwrite")
-    if "loss_module" not in checkpoint:
-        raise UserError(f"{last_path} was written by an older projkd, whose projectors this one "
-                        f"cannot load; use --overwrite to start over")
-    saved, sha = checkpoint["config"], checkpoint.get("teacher_sha256")
-    resumable = RESUMABLE_CHANGES + ("teacher_ckpt",) if sha else RESUMABLE_CHANGES
-    diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-             if k not in resumable and saved.get(k) != v]
-    if diffs:
-        raise UserError(f"{cfg.run_dir} holds a run with other settings ({'; '.join(diffs)}); "
-                        f"use another --run-dir, or --overwrite to start over")
-    given_sha = sha  # the teacher by its content (a missing file is setup_run's to report)
-    if sha and os.path.isfile(cfg.teacher_ckpt):
-        given_sha = file_sha256(cfg.teacher_ckpt)
-    if given_sha != sha:
-        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) "
-                        f"than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as "
-                        f"--teacher-ckpt, or --overwrite to start over")
-    begun = checkpoint["epoch"] + 1 if checkpoint.get("step") else checkpoint["epoch"]
-    if begun > cfg.epochs:
-        raise UserError(f"{cfg.run_dir} has begun epoch {begun}, beyond --epochs {cfg.epochs}")
-    return checkpoint
-
-def setup_run(cfg, notes=()):
-    """Everything a run needs, from the resolved config to the first step. `notes`: a first
-    resolve_config's of this config, if it had one (resolving again notes nothing new)."""
-    given, (cfg, again) = cfg, resolve_config(cfg)
-    device = torch.device(cfg.device)
-    rank, world = setup_torch(device, cfg.deterministic)
-    checkpoint = checkpoint_to_resume(cfg)
-    if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
-        models_module().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
-    notes = list(notes) or again
-    if world > 1 or cfg.dataset == "imagenet":
-        notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
-                     f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
-    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
-                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
-    data = load_data(cfg, device)
-    if data.n_train < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
-    run, amp_dtype = build_run(cfg, device, world, data)
-    if checkpoint is not None:
-        restore(run, checkpoint)
-    elif cfg.resume:
-        log(f"note: nothing to resume in {cfg.run_dir}; starting fresh")
-    cache = setup_teacher(run, amp_dtype) if run.teacher is not None else None
-    setup_feed(run, rank, cache)
-    # stopped within an epoch: after DDP, which can give every process the buffers of process 0
-    if checkpoint is not None and checkpoint.get("epoch_rows") is not None:
-        restore_epoch_tensors(run, checkpoint["epoch_rows"])
-    return run
-
-def build_optimizer(cfg, parameters, lr, fused):
-    """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel for all
-    parameters, reading the lr tensor on the device, as the CUDA graph needs."""
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=fused)
-    with_momentum_buffers(optimizer)
-    return optimizer
-
-def with_momentum_buffers(optimizer):
-    """Every parameter's momentum buffer made now, as zeros, where it has none. SGD makes them at its first
-    step with empty_like, and fused SGD under a GradScaler writes nothing when that step overflows (routine
-    at fp16's first scale, 2^16): the next step would read uninitialised memory. Zeros give the same first
-    step (0.9 * 0 + g is g, with dampening 0), and the buffers exist before the CUDA graph is captured."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p)  # in p's memory format (channels_last)
-
-def build_run(cfg, device, world, data):
-    """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
-    memory_format, amp_dtype, autocast = precision(cfg.amp, device)
-    teacher = None if cfg.method == "ce" else models_module().load_teacher(
-        cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights).to(device, memory_format=memory_format)
-    torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
-    student = models_module().MODELS[cfg.student](num_classes=data.num_classes)
-    student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
-    loss_module = build_loss_module(cfg, classifier_of(student).in_features,
-                    classifier_of(teacher).in_features if teacher is not None else 0).to(device)
-    lr = torch.tensor(cfg.lr, device=device)
-    parameters = [*student.to(device, memory_format=memory_format).parameters(), *loss_module.parameters()]
-    optimizer = build_optimizer(cfg, parameters, lr, fused=device.type == "cuda")
-    run = Run(cfg, device, world, data, student, loss_module, Distiller(cfg, student, loss_module, autocast),
-              teacher, optimizer,
-              torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
-              loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device))
-    return run, amp_dtype
-
-def setup_feed(run, rank, cache):
-    """The distiller wrapped (DDP, torch.compile), the data feed, and the step: eager, or its CUDA
-    graph."""
-    cfg, world, device = run.cfg, run.world_size, run.device
-    run.distiller = distributed(run.distiller, device) if world > 1 else run.distiller
-    run.distiller = torch.compile(run.distiller) if cfg.compile else run.distiller
-    local_batch = cfg.batch_size // world
-    run.feed = (LoaderFeed(run.data.train_set, local_batch, cfg.workers, device, cfg.seed)
-                if run.data.train_x is None else
-                ResidentFeed(run.data, cfg.batch_size, local_batch, rank, cfg.seed, cfg.epochs, cache))
-    run.step = lambda: train_step(run, *run.feed.next_batch())
-    run.step = CUDAGraphStep(run.step, run.feed.step) if cfg.graph == "on" else run.step
-    run.distiller.train()
-
-def setup_teacher(run, amp_dtype):
-    """The teacher's test accuracy (once per run, in float32, before its weights go to the autocast dtype), then
-    the teacher made fast: weights in the autocast dtype, and either its output cache (returned) or hooks for the
-    live forward pass (run.teacher_forward)."""
-    cfg, data, teacher = run.cfg, run.data, run.teacher
-    run.teacher_provenance = teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
-    if run.teacher_eval is None:
-        run.teacher_eval = evaluate(teacher, data, cfg.eval_batch_size, run.memory_format)
-        source = cfg.teacher_weights or cfg.teacher_ckpt
-        log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
-            f"top-5 {run.teacher_eval['top5']:.2f}%")
-        if run.teacher_eval["top1"] < 2 * 100 / data.num_classes and "MAKELEVEL" not in os.environ:  # make: its eval
-            log(f"warning: the teacher is near chance ({100 / data.num_classes:.1f}%): is {source} the right file?")
-    teacher_for_speed(teacher, amp_dtype, run.memory_format)
-    if cfg.teacher_cache == "on":
-        import teacher_cache
-        return teacher_cache.open_for_run(run)
-    taps = Taps(teacher, teacher.map_layer if cfg.method == "sp" else None)
-    forward = torch.compile(teacher) if cfg.compile else teacher
-
-    def teacher_forward(x):
-        # no_grad, not inference_mode: the losses save the teacher's outputs for backward, which inference
-        # tensors refuse
-        with torch.no_grad(), run.autocast:
-            logits = forward(x)
-        return Outputs(taps.feature, logits, taps.feature_map)
-    run.teacher_forward = teacher_forward
-
-def restore(run, checkpoint):
-    """The state of an interrupted run, from its last.pt, on whatever device this run has."""
-    run.student.load_state_dict(checkpoint["student"])
-    run.loss_module.load_state_dict(checkpoint["loss_module"])
-    chosen = [{k: g[k] for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group, settings in zip(run.optimizer.param_groups, chosen):
-        # load_state_dict brings back the saved lr (a number: this run's is a device tensor) and the saved
-        # fused/foreach (a CPU run's): SGD's per-parameter path would sync with the host per parameter
-        group.update(settings, lr=run.lr)
-    for p, state in run.optimizer.state.items():  # laid out like their parameters (channels_last on CUDA)
-        if state.get("momentum_buffer") is not None:
-            state["momentum_buffer"] = torch.empty_like(p).copy_(state["momentum_buffer"])
-    with_momentum_buffers(run.optimizer)  # a last.pt saved before any step has none
-    if checkpoint["scaler"]:  # a disabled GradScaler (bf16, off) saved {}, which an enabled one refuses to load
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if run.device.type == "cuda" and "cuda" in checkpoint["rng"]:
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
-    run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint.get("step", 0)
-    run.best, run.history = checkpoint["best"], checkpoint["history"]
-    run.teacher_eval = checkpoint["teacher_eval"]
-    where = f"at step {run.start_step + 1} of epoch {run.start_epoch + 1}" if run.start_step else \
-        f"after epoch {run.start_epoch}"
-    if run.data.train_x is None:  # LoaderFeed
-        where += " (ImageNet: in the same order of images, with new random crops and flips)"
-    saved_epochs = checkpoint["config"]["epochs"]
-    if run.cfg.epochs != saved_epochs:
-        where += f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs"
-    log(f"resuming {run.cfg.run_dir} {where}")
-
-def epoch_tensors(run):
-    """What each process accumulates within an epoch: its loss and accuracy sums, and its BatchNorm
-    statistics (train_epoch averages them over the processes at the epoch's end)."""
-    statistics = [b for b in run.student.buffers() if b.is_floating_point()]
-    return [run.loss_sum, run.correct.view(1), *statistics]
-
-def restore_epoch_tensors(run, rows):
-    """This process's epoch_tensors from last.pt's rows, one per process of the stopped run; on another
-    number of processes, their mean and a share of the images counted (the epoch's sums stay right)."""
-    row = rows[_rank()] if len(rows) == run.world_size else rows.mean(0)
-    row[3] *= len(rows) / run.world_size
-    tensors = epoch_tensors(run)
-    for t, values in zip(tensors, row.split([t.numel() for t in tensors]), strict=True):
-        t.copy_(values)
-
-def train_epoch(run, epoch):
-    """One pass over the training set, or the rest of it from run.start_step (whose sums
-    restore_epoch_tensors brought back). Returns its mean loss, accuracy (%), and images/s."""
-    cfg, steps, first = run.cfg, run.feed.steps_per_epoch, run.start_step
-    start = last_report = time.time()
-    every = max(1, steps // CHECKS_PER_EPOCH)  # the same steps on every process
-    next_check = first + every
-    last_check = (first, start)  # (step, time) of the last check point
-    run.lr.fill_(lr_at(cfg, epoch))
-    if first == 0:
-        run.loss_sum.zero_()
-        run.correct.zero_()
-    run.feed.load(epoch, first)
-    run.start_step = 0
-    for i in range(first + 1, steps + 1):
-        run.step()
-        if i != next_check or i == steps:  # the clock is read at check points only
-            continue
-        if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
-            last_report, per_step = time.time(), (time.time() - start) / (i - first)
-            left = per_step * (steps - i)
-            log(f"  epoch {epoch + 1} step {i}/{steps}  loss {run.loss_sum[0].item() / i:.4f}  "  # a sync
-                f"{cfg.batch_size / per_step:,.0f} img/s  epoch eta {_duration(left)}  "
-                f"run eta {_duration(left + per_step * steps * (cfg.epochs - epoch - 1))}")
-        seconds_per_step = (time.time() - last_check[1]) / (i - last_check[0])
-        seconds_per_step = check_point(run, epoch, i, seconds_per_step)
-        last_check = (i, time.time())
-        next_check = i + every
-        if run.world_size > 1:
-            next_check = i + max(every, math.ceil(multiprocess_check_seconds(cfg) / seconds_per_step))
-    sums = torch.cat([run.loss_sum.float(), run.correct.float().view(1)])
-    if run.world_size > 1:
-        dist.all_reduce(sums)
-    *loss_sums, correct = sums.tolist()  # the epoch's one host sync for training metrics
-    loss, ce, term = (total / (steps * run.world_size) for total in loss_sums)
-    if not math.isfinite(loss):
-        raise UserError(f"the training loss became {loss} in epoch {epoch + 1}; lower --lr or use --amp bf16")
-    for buffer in run.student.buffers() if run.world_size > 1 else ():
-        if buffer.is_floating_point():  # BatchNorm statistics averaged: every process evaluates and saves one model
-            dist.all_reduce(buffer)
-            buffer /= run.world_size
-    return {"loss": loss, "ce": ce, "term": term, "acc": 100 * correct / (steps * cfg.batch_size),
-            "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
-
-def multiprocess_check_seconds(cfg):
-    """The least training time between two check points under torchrun: each is an all_reduce and a host
-    sync, which every ~3rd step (CIFAR) would cost the GPUs their lead. A shorter --checkpoint-seconds (a
-    test's 0) asks for more."""
-    return min(1.0, cfg.checkpoint_seconds)
-
-def check_point(run, epoch, step=0, seconds_per_step=0.0):
-    """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds have
-    passed, and the end of a run a signal asked to stop. Under torchrun: agreed by an all_reduce, which
-    also agrees on the slowest process's `seconds_per_step` since the last check point; returned, it
-    spaces the next one (train_epoch)."""
-    save = time.time() - run.last_saved >= run.cfg.checkpoint_seconds
-    stop = 0  # the signal's number
-    if run.stop_signals is not None and run.stop_signals.signum is not None:
-        stop = run.stop_signals.signum
-    if run.world_size > 1:
-        flags = torch.tensor([float(save), float(stop), seconds_per_step], dtype=torch.float64,
-                             device=run.device)
-        dist.all_reduce(flags, dist.ReduceOp.MAX)
-        save = bool(flags[0].item())
-        stop = int(flags[1].item())
-        seconds_per_step = flags[2].item()
-    if save or stop:
-        save_checkpoint(run, epoch, step)
-    if stop:
-        if run.world_size > 1:
-            dist.barrier()  # process 0 has written last.pt before any process exits
-        where = f"step {step} of epoch {epoch + 1}" if step else f"epoch {epoch}"
-        raise Stopped(stop, f"{signal.Signals(stop).name}: stopped after {where}, kept in "
-                            f"{os.path.join(run.cfg.run_dir, 'last.pt')}")
-    return seconds_per_step
-
-def record_epoch(run, epoch, stats, result, seconds):
-    cfg = run.cfg
-    if result["top1"] > run.best["top1"]:
-        run.best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch + 1}
-    term = DISTILL_LOSS_NAMES.get(cfg.method)
-    run.history.append(h := {
-        "epoch": epoch + 1, "lr": lr_at(cfg, epoch), "train_loss": round(stats["loss"], 6),
-        "train_ce": round(stats["ce"], 6), **({f"train_{term}": round(stats["term"], 6)} if term else {}),
-        "train_acc": round(stats["acc"], 4), "test_top1": round(result["top1"], 4),
-        "test_top5": round(result["top5"], 4), "between_class_cosine": round(result["between_class_cosine"], 6),
-        "seconds": round(seconds, 3), "images_per_s": round(stats["images_per_s"], 1),
-        "plan_wait_s": round(run.feed.plan_wait, 3)})
-    if _rank() == 0:
-        save(run.history, os.path.join(cfg.run_dir, "log.csv"))
-    here = run.history[run.start_epoch:]
-    log(f"epoch {epoch + 1}/{cfg.epochs}  lr {h['lr']:.4g}  loss {h['train_loss']:.4f}" +
-        (f" (ce {h['train_ce']:.4f}, {term} {h[f'train_{term}']:.4f})" if term else "") +
-        f"  train {h['train_acc']:.2f}%  test {h['test_top1']:.2f}% (best {run.best['top1']:.2f}%)  "
-        f"{h['images_per_s']:,.0f} img/s  eta "
-        f"{_duration(sum(e['seconds'] for e in here) / len(here) * (cfg.epochs - epoch - 1))}" +
-        (f"  (waited {h['plan_wait_s']:.2f} s for cached teacher rows)" if cfg.teacher_cache == "on" else ""))
-
-def save_checkpoint(run, epoch, step=0):
-    """last.pt: everything to continue exactly after `step` steps of `epoch` (0: before it), written by
-    process 0; within an epoch, every process's epoch_tensors (under torchrun a collective gathers)."""
-    rows = None
-    if step:
-        rows = _gather_rows(torch.cat([t.double() for t in epoch_tensors(run)])[None]).cpu()
-    run.last_saved = time.time()
-    if _rank() != 0:
-        return
-    optimizer = run.optimizer.state_dict()
-    for group in optimizer["param_groups"]:
-        group["lr"] = float(group["lr"])  # a plain number in the file; restore() points it back at the device tensor
-    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(run.device)}
-                                              if run.device.type == "cuda" else {})}
-    save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "step": step, "epoch_rows": rows,
-          "student": run.student.state_dict(), "loss_module": run.loss_module.state_dict(), "optimizer": optimizer,
-          "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
-          "teacher_eval": run.teacher_eval,  # and the teacher file's identity, checked on resuming:
-          "teacher_sha256": (run.teacher_provenance or {}).get("sha256")},
-         os.path.join(run.cfg.run_dir, "last.pt"))
-
-def finish_run(run):
-    """model.pt and metrics.json; returns the metrics. Under torchrun the processes first check, with a checksum
-    each, that they ended with the same weights."""
-    cfg, history, best, last = run.cfg, run.history, run.best, run.history[-1]
-    if run.world_size > 1:
-        checksum = torch.stack([t.double().sum() for t in run.student.state_dict().values() if t.is_floating_point()])
-        sums = [torch.zeros(()).to(checksum) for _ in range(run.world_size)]
-        dist.all_gather(sums, checksum.sum())
-        if any(s.item() != sums[0].item() for s in sums):
-            raise RuntimeError(f"the {len(sums)} processes ended with different weights: {[s.item() for s in sums]}")
-        log(f"the weights are the same in all {len(sums)} processes (checksum {sums[0].item():.6f})")
-    images_per_epoch, wall_seconds = run.feed.steps_per_epoch * cfg.batch_size, sum(h["seconds"] for h in history)
-    train_seconds, teacher = sum(images_per_epoch / h["images_per_s"] for h in history), run.teacher_eval or {}
-    metrics = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "last_top1": last["test_top1"],
-               "last_top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
-               "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
-               "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"), "epochs": cfg.epochs,
-               "teacher_provenance": run.teacher_provenance,
-               "wall_seconds": round(wall_seconds, 1),
-               "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
-               "world_size": run.world_size, "device": device_name(run.device), "torch": torch.__version__,
-               "code": code_version(), "history": history}
-    if _rank() == 0:
-        save(run.student.state_dict(), os.path.join(cfg.run_dir, "model.pt"))
-        save(metrics, os.path.join(cfg.run_dir, "metrics.json"))
-    log(f"done: {cfg.student} ({cfg.method}) last top-1 {last['test_top1']:.2f}% top-5 {last['test_top5']:.2f}%, "
-        f"best top-1 {best['top1']:.2f}% (epoch {best['epoch']}), {_duration(wall_seconds)}, "
-        f"{metrics['images_per_s']:,.0f} img/s -> {os.path.join(cfg.run_dir, 'model.pt')}")
-    return metrics
-
-def train(cfg):
-    """Run one training (distillation, or the student alone for --method ce) and write its run directory.
-    Returns the metrics dict that is also saved as metrics.json."""
-    resolved, notes = resolve_config(cfg)  # first its --run-dir, locked before any data is read
-    lock = contextlib.nullcontext()
-    if os.environ.get("RANK", "0") == "0":
-        lock = run_dir_lock(resolved.run_dir)
-    with labelled_log(resolved.run_dir), lock, StopSignals() as stop_signals:
-        run = setup_run(cfg, notes)
-        cfg = run.cfg
-        run.stop_signals = stop_signals
-        stop_signals.training = True  # from now on a signal stops the run at the next check point
-        try:
-            for epoch in range(run.start_epoch, cfg.epochs):
-                start, stats = time.time(), train_epoch(run, epoch)
-                result = evaluate(run.student, run.data, cfg.eval_batch_size, run.memory_format)
-                record_epoch(run, epoch, stats, result, time.time() - start)
-                if epoch + 1 < cfg.epochs:
-                    check_point(run, epoch + 1)
-                else:
-                    save_checkpoint(run, epoch + 1)  # always after the final epoch
-            return finish_run(run)
-        finally:
-            run.feed.close()
 
 # -----------------------------------------------------------------------------------------------------------------
 # 7. Evaluation: top-1/top-5 and the between-class cosine (the paper's Figure 2) of a model on the test set, and
@@ -1826,7 +2009,7 @@ def evaluate_checkpoint(ec):
         workers = default_workers()
     ec = dataclasses.replace(ec, eval_batch_size=batch_size, workers=workers)
     data = load_data(ec, device)
-    memory_format = precision("off", device)[0]
+    memory_format = memory_format_and_autocast("off", device)[0]
     model = models_module().frozen_model(ec.arch, models_module().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
     result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
     out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"

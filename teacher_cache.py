@@ -30,11 +30,11 @@ from projkd import (
     file_sha256,
     load_data,
     log,
+    memory_format_and_autocast,
     models_module,
     normalize,
     options_of,
     plan_epoch,
-    precision,
     resolve_config,
     setup_torch,
     teacher_for_speed,
@@ -259,7 +259,7 @@ def cache_command(cfg):
     device = torch.device(cfg.device)
     setup_torch(device, cfg.deterministic)
     data = load_data(cfg, device)
-    memory_format, amp_dtype, autocast = precision(cfg.amp, device)
+    memory_format, amp_dtype, autocast = memory_format_and_autocast(cfg.amp, device)
     teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device)
     teacher = teacher_for_speed(teacher, amp_dtype, memory_format)
     cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,

@@ -524,34 +524,41 @@ def test_lr_schedule_steps_after_the_milestones():
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
 
 
-def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path, monkeypatch):
+def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path):
     run = small_run(tmp_path, "--synthetic-size", "96")
     plan = run.feed.plan(0)
-    run.feed.load(0)
+    run.feed.prepare_epoch(0)
     expected = crop_flip(run.data.train_x[plan.order], plan.dy, plan.dx, plan.flip)
-    seen = []
-    monkeypatch.setattr(projkd, "train_step", lambda run, images, labels, cached: seen.append((images, labels)))
-    for _ in range(run.feed.steps_per_epoch):
-        run.step()
-    assert run.feed.steps_per_epoch == 3 and len(seen) == 3
-    for i, (images, labels) in enumerate(seen):
+    seen = [run.feed.next_batch() for _ in range(run.feed.steps_per_epoch)]
+    assert run.feed.steps_per_epoch == 3 and run.feed.next_step.item() == 3
+    for i, (images, labels, cached_teacher) in enumerate(seen):
         assert images.shape == (32, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images, expected[32 * i:32 * (i + 1)])
         assert torch.equal(labels, run.data.train_y[plan.order[32 * i:32 * (i + 1)]])
+        assert cached_teacher is None
     # under torchrun, process 1 of 2 takes the second half of every global batch
-    run.feed.step.zero_()
+    run.feed.next_step.zero_()
     run.feed.offsets = 16 + torch.arange(16)
-    seen.clear()
-    run.step()
-    run.step()
+    seen = [run.feed.next_batch() for _ in range(2)]
     assert torch.equal(seen[0][0], expected[16:32]) and torch.equal(seen[1][0], expected[48:64])
+    run.feed.close()
+
+
+def test_the_step_reads_the_feeds_next_batch(tmp_path):
+    """run.step is train_step on this run (build_step): each call takes the feed's next batch."""
+    run = small_run(tmp_path, "--synthetic-size", "96")
+    run.feed.prepare_epoch(0)
+    run.step()
+    run.step()
+    assert run.feed.next_step.item() == 2 and run.sums.correct.item() > 0
     run.feed.close()
 
 
 def test_epoch_buffers_are_refilled_in_place(tmp_path):
     """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
     run = small_run(tmp_path, "--synthetic-size", "96")
-    tensors = [run.feed.images, run.feed.labels, run.feed.step, run.lr, run.loss_sum, run.correct]
+    tensors = [run.feed.images, run.feed.labels, run.feed.next_step, run.lr,
+               *(getattr(run.sums, name) for name in projkd.EpochSums.NAMES)]
     before = [t.data_ptr() for t in tensors]
     for epoch in range(2):
         projkd.train_epoch(run, epoch)
@@ -967,7 +974,7 @@ def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_r
                             capture_output=True, text=True, env=env, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert (last["epoch"], last["step"]) == (1, 2)  # killed in the third step of epoch 2
+    assert (last["epoch"], last["steps_done"]) == (1, 2)  # killed in the third step of epoch 2
     assert projkd.main(survivor_args(run_dir, "--resume")) == 0
     assert f"resuming {run_dir} at step 3 of epoch 2" in capsys.readouterr().out
     assert_same_run(straight_run, run_dir)
@@ -995,7 +1002,7 @@ def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run
         f"{name}: stopped after step {steps} of epoch {epoch + 1}, kept in {run_dir / 'last.pt'}"
     assert err == f"projkd: {why}; continue with the same command plus --resume\n"
     last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert (last["epoch"], last["step"]) == kept
+    assert (last["epoch"], last["steps_done"]) == kept
     assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv"][:1 + epoch]  # no .lock, nothing temporary
     assert signal.getsignal(signal.SIGTERM) == handlers  # the handlers are training's alone
     monkeypatch.setattr(projkd, "train_step", train_step)
@@ -1014,7 +1021,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(ddp
     # process 0 says it: it stopped at process 1's step
     assert "projkd: SIGUSR1: stopped after step 3 of epoch 1" in stopped.stderr, stopped.stdout + stopped.stderr
     last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert (last["epoch"], last["step"], len(last["epoch_rows"])) == (0, 3, 2)
+    assert (last["epoch"], last["steps_done"], len(last["epoch_state"]["correct"])) == (0, 3, 2)
     assert sorted(os.listdir(run_dir)) == ["last.pt"]
     resumed = torchrun(*ddp_args(synthetic_teacher, run_dir, "--resume"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -1100,12 +1107,12 @@ def test_torch_saves_failure_is_one_line_with_its_cause(tmp_path, monkeypatch, c
 def test_the_imagenet_feed_resumes_an_epoch_at_its_step_in_the_same_order():
     images = torch.utils.data.TensorDataset(torch.arange(40), torch.arange(40))
     feed = projkd.LoaderFeed(images, 4, 0, torch.device("cpu"), seed=1)
-    feed.load(3)
+    feed.prepare_epoch(3)
     whole = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch)]
-    feed.load(3, step=6)
+    feed.prepare_epoch(3, steps_done=6)
     rest = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch - 6)]
     assert feed.steps_per_epoch == 10 and all(torch.equal(a, b) for a, b in zip(whole[6:], rest, strict=True))
-    feed.load(4)
+    feed.prepare_epoch(4)
     assert not torch.equal(feed.next_batch()[0], whole[0])  # and each epoch has its own order
 
 
@@ -1113,22 +1120,24 @@ def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
     """A CUDA graph replays fixed addresses: resuming within an epoch sets the step counter and the epoch's sums
     in place, like the buffers (test_epoch_buffers_are_refilled_in_place)."""
     run = small_run(tmp_path, "--synthetic-size", "96")
-    tensors = [run.feed.images, run.feed.labels, run.feed.step, run.lr, run.loss_sum, run.correct]
+    tensors = [run.feed.images, run.feed.labels, run.feed.next_step, run.lr,
+               *(getattr(run.sums, name) for name in projkd.EpochSums.NAMES)]
     before = [t.data_ptr() for t in tensors]
     os.makedirs(run.cfg.run_dir)
-    run.feed.load(0)
+    run.feed.prepare_epoch(0)
     run.step()
     run.step()
-    sums = [run.loss_sum.clone(), run.correct.clone()]
-    projkd.save_checkpoint(run, 0, step=2)
-    run.loss_sum.zero_()
-    run.correct.zero_()
+    sums = {name: t.clone() for name, t in projkd.epoch_state(run).items()}
+    projkd.save_checkpoint(run, 0, steps_done=2)
+    run.sums.zero_()
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert set(checkpoint["epoch_state"]) == set(sums)  # by name: loss, ce, distill, correct, student.*
     projkd.restore(run, checkpoint)
-    projkd.restore_epoch_tensors(run, checkpoint["epoch_rows"])
-    assert torch.equal(run.loss_sum, sums[0]) and torch.equal(run.correct, sums[1]) and run.start_step == 2
+    projkd.restore_epoch_state(run, checkpoint["epoch_state"])
+    assert all(torch.equal(t, sums[name]) for name, t in projkd.epoch_state(run).items())
+    assert run.resumed_steps == 2
     projkd.train_epoch(run, 0)  # its third and last step
-    assert run.feed.step.item() == 3 and [t.data_ptr() for t in tensors] == before
+    assert run.feed.next_step.item() == 3 and [t.data_ptr() for t in tensors] == before
     run.feed.close()
 
 
@@ -1307,13 +1316,13 @@ def test_check_points_under_torchrun_are_a_second_of_training_apart(tmp_path, mo
     run = small_run(tmp_path, "--synthetic-size", "160", "--batch-size", "4")  # 40 steps; 40 // 200: every step
     run.world_size = 2
     monkeypatch.setattr(projkd.dist, "all_reduce", lambda t, op=None: None)  # one process: its own numbers
-    check_point = projkd.check_point
+    save_or_stop = projkd.save_or_stop
     checks = []  # (step, seconds per step agreed there)
 
-    def recorded(run, epoch, step=0, seconds_per_step=0.0):
-        checks.append((step, check_point(run, epoch, step, seconds_per_step)))
+    def recorded(run, epoch, steps_done=0, seconds_per_step=0.0):
+        checks.append((steps_done, save_or_stop(run, epoch, steps_done, seconds_per_step)))
         return checks[-1][1]
-    monkeypatch.setattr(projkd, "check_point", recorded)
+    monkeypatch.setattr(projkd, "save_or_stop", recorded)
     clock = [0.0]  # the run's clock: 1/8 s a step (exact in binary)
     monkeypatch.setattr(projkd, "time", types.SimpleNamespace(time=lambda: clock[0]))
     step = run.step
