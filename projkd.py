@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. The method: q projectors from the student's feature width to the teacher's, averaged, and the direction
 #    alignment of that mean with the teacher's feature. The whole objective is
 #        loss = CE + alpha * mda_loss(projectors(s), t)        (alpha = 25; computed in method_loss, section 3)
@@ -64,13 +64,15 @@ PROJECTOR_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
 class ProjectorEnsemble(nn.Module):
     """q projectors from the student's feature width to the teacher's; forward returns their mean.
 
-    Projector k is Linear(d_student, d_teacher) + act, then depth-1 further Linear(d_teacher, d_teacher)
-    + act, each layer initialised as nn.Linear does it, the projectors built one after the other.
+    Projector k is Linear(d_student, d_teacher) + act, then depth-1 further Linear(d_teacher,
+    d_teacher) + act, each layer initialised as nn.Linear does it, the projectors built one after
+    the other.
     """
     def __init__(self, d_student, d_teacher, q=3, act="relu", depth=1):
         super().__init__()
         if q < 1 or depth < 1:
-            raise ValueError(f"ProjectorEnsemble needs q >= 1 and depth >= 1, got q={q}, depth={depth}")
+            raise ValueError(f"ProjectorEnsemble needs q >= 1 and depth >= 1, got q={q}, "
+                             f"depth={depth}")
         if act not in PROJECTOR_ACTIVATIONS:
             choices = ", ".join(PROJECTOR_ACTIVATIONS)
             raise ValueError(f"unknown projector activation {act!r}; choose from {choices}")
@@ -86,15 +88,17 @@ class ProjectorEnsemble(nn.Module):
         return torch.stack([projector(s) for projector in self.projectors]).mean(0)
 
 def _unit(x, eps=1e-8):
-    # Clamping the squared norm (not the norm) keeps the gradient finite at x = 0, where ReLU outputs can be.
+    # Clamping the squared norm (not the norm) keeps the gradient finite at x = 0, where ReLU
+    # outputs can be.
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(eps * eps))
 
 def mda_loss(projected_student, teacher_feature):
-    """PEFD's modified direction alignment (paper eq. 5): 1 - mean_i cos(f(s_i), t_i), in float32."""
+    """PEFD's modified direction alignment (paper eq. 5): 1 - mean_i cos(f(s_i), t_i), in
+    float32."""
     f, t = projected_student.float(), teacher_feature.float()
     return 1 - (_unit(f) * _unit(t)).sum(-1).mean()
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. The baselines, with RepDistiller's settings: KD, SP and CRD-lite. Every loss computes in float32,
 #    whatever autocast produced upstream.
 
@@ -104,7 +108,8 @@ def kd_loss(student_logits, teacher_logits, T=4.0):
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * T * T
 
 def sp_loss(student_map, teacher_map):
-    """Similarity-preserving KD: row-normalised b x b Gram matrices of the flattened maps, ||G_t - G_s||_F^2 / b^2."""
+    """Similarity-preserving KD: row-normalised b x b Gram matrices of the flattened maps, ||G_t -
+    G_s||_F^2 / b^2."""
     b = student_map.shape[0]
 
     def gram(m):
@@ -121,24 +126,26 @@ def _gather_rows(x):
     return torch.cat(parts)
 
 class CRDLite(nn.Module):
-    """CRD's contrastive objective with a fixed-size queue of negatives instead of CRD's memory bank.
+    """CRD's contrastive objective with a fixed-size queue of negatives instead of CRD's memory
+    bank.
 
-    As in CRD (Tian et al., 2020): both penultimate features are embedded by a Linear layer to `dim` and
-    L2-normalised; each anchor is scored against one positive and `negatives` negatives as exp(v.u / T) / Z,
-    Z being estimated once from the first batch; the NCE loss of CRD (eq. 18, uniform noise) is applied
-    symmetrically, with the teacher's embedding as anchor against student keys and the student's against
-    teacher keys, and the keys carry no gradient.
+    As in CRD (Tian et al., 2020): both penultimate features are embedded by a Linear layer to `dim`
+    and L2-normalised; each anchor is scored against one positive and `negatives` negatives as
+    exp(v.u / T) / Z, Z being estimated once from the first batch; the NCE loss of CRD (eq. 18,
+    uniform noise) is applied symmetrically, with the teacher's embedding as anchor against student
+    keys and the student's against teacher keys, and the keys carry no gradient.
     How it differs from CRD:
-      - negatives are the last `negatives` embeddings of earlier batches, kept in a FIFO queue per network
-        (as in MoCo), not rows drawn at random from a bank holding one momentum-averaged row per training
-        image; memory does not grow with the data set and no per-image index is needed;
-      - the positive key is the other network's current embedding of the same image (detached), not that
-        image's momentum-averaged bank row from earlier epochs;
+      - negatives are the last `negatives` embeddings of earlier batches, kept in a FIFO queue per
+        network (as in MoCo), not rows drawn at random from a bank holding one momentum-averaged row
+        per training image; memory does not grow with the data set and no per-image index is needed;
+      - the positive key is the other network's current embedding of the same image (detached), not
+        that image's momentum-averaged bank row from earlier epochs;
       - the queue starts as random unit vectors (CRD's bank starts random too) and is full after
         negatives / batch_size steps.
     The NCE noise prior m * P_n and the data-set size in CRD's Z cancel, so neither appears here.
-    Under torchrun every process enqueues the whole global batch (all-gathered) and Z is estimated from it,
-    so the queues and Z are the same in every process and the same as one process with that batch.
+    Under torchrun every process enqueues the whole global batch (all-gathered) and Z is estimated
+    from it, so the queues and Z are the same in every process and the same as one process with that
+    batch.
     """
     def __init__(self, d_student, d_teacher, dim=128, negatives=16384, T=0.07):
         super().__init__()
@@ -146,20 +153,24 @@ class CRDLite(nn.Module):
         self.register_buffer("queue_student", F.normalize(torch.randn(negatives, dim), dim=1))
         self.register_buffer("queue_teacher", F.normalize(torch.randn(negatives, dim), dim=1))
         self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
-        # log Z per anchor side; NaN until the first batch sets it (no host sync: torch.where, not an if).
+        # log Z per anchor side; NaN until the first batch sets it (no host sync: torch.where, not
+        # an if).
         self.register_buffer("log_z", torch.full((2,), float("nan")))
-        self.z_reduced = False  # under torchrun: Z has been averaged over the processes once (later values are unused)
+        # under torchrun: Z has been averaged over the processes once (later values are unused)
+        self.z_reduced = False
 
     def _nce(self, anchor, positive, queue, side):
         logits = torch.cat([(anchor * positive).sum(1, keepdim=True), anchor @ queue.t()], dim=1) / self.T
         first_log_z = torch.logsumexp(logits.detach().flatten(), 0) - math.log(logits.numel())
-        if _world_size() > 1 and not self.z_reduced:  # Z is a mean over equal shares of the global batch
+        # Z is a mean over equal shares of the global batch
+        if _world_size() > 1 and not self.z_reduced:
             z = first_log_z.exp()
             dist.all_reduce(z)
             first_log_z = (z / _world_size()).log()
         log_z = torch.where(torch.isnan(self.log_z[side]), first_log_z, self.log_z[side])
-        # log of P / (P + m * P_n) for the positive and of m * P_n / (P + m * P_n) for the negatives, with
-        # P = exp(logit) / Z normalised so that m * P_n = m / N cancels N: written with softplus for stability.
+        # log of P / (P + m * P_n) for the positive and of m * P_n / (P + m * P_n) for the
+        # negatives, with P = exp(logit) / Z normalised so that m * P_n = m / N cancels N: written
+        # with softplus for stability.
         log_ratio = logits - log_z - math.log(queue.shape[0])
         loss = F.softplus(-log_ratio[:, 0]) + F.softplus(log_ratio[:, 1:]).sum(1)
         return loss.mean(), log_z
@@ -167,8 +178,8 @@ class CRDLite(nn.Module):
     def forward(self, student_feature, teacher_feature):
         v_s = F.normalize(self.embed_student(student_feature.float()), dim=1)
         v_t = F.normalize(self.embed_teacher(teacher_feature.float()), dim=1)
-        # Snapshots: this step's backward needs the negatives as they were, and the queues below are updated
-        # in place, because a CUDA graph replays reads and writes at fixed addresses.
+        # Snapshots: this step's backward needs the negatives as they were, and the queues below are
+        # updated in place, because a CUDA graph replays reads and writes at fixed addresses.
         queue_student, queue_teacher = self.queue_student.clone(), self.queue_teacher.clone()
         loss_t, log_z_t = self._nce(v_t, v_s.detach(), queue_student, 0)
         loss_s, log_z_s = self._nce(v_s, v_t.detach(), queue_teacher, 1)
@@ -183,7 +194,7 @@ class CRDLite(nn.Module):
                 self.queue_next.copy_(slots[-1] + 1)
         return loss_t + loss_s
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Feature taps and the loss wiring: the pooled penultimate feature and the last-stage map are read with
 #    hooks, so any classifier whose head is a final nn.Linear works without editing its forward.
 
@@ -197,12 +208,13 @@ def classifier_of(model):
     """The model's final nn.Linear, whose input is the penultimate feature."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to read the penultimate feature from")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to read the "
+                         "penultimate feature from")
     return linears[-1]
 
 class Taps:
-    """Keeps, after each forward pass of `model`, the input of its final nn.Linear (`feature`) and, if
-    `map_layer` names a submodule, that submodule's output (`feature_map`). remove() detaches the
+    """Keeps, after each forward pass of `model`, the input of its final nn.Linear (`feature`) and,
+    if `map_layer` names a submodule, that submodule's output (`feature_map`). remove() detaches the
     hooks."""
     def __init__(self, model, map_layer=None):
         self.feature = None
@@ -233,8 +245,8 @@ def features_and_logits(model, x):
     return taps.feature, logits
 
 def build_loss_module(cfg, d_student, d_teacher):
-    """The trained part of the method's loss, trained with the student and dropped after training: the
-    projectors (pefd), CRD-lite's embeddings (crd); nn.Identity for the others."""
+    """The trained part of the method's loss, trained with the student and dropped after training:
+    the projectors (pefd), CRD-lite's embeddings (crd); nn.Identity for the others."""
     if cfg.method == "pefd" and cfg.q > 0:
         return ProjectorEnsemble(d_student, d_teacher, q=cfg.q, act=cfg.proj_act,
                                  depth=cfg.proj_depth)
@@ -257,8 +269,8 @@ class Losses(NamedTuple):
 
 class Distiller(nn.Module):
     """What training updates, as one module: the student, the loss module (projectors, CRD
-    embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it whole.
-    forward(x, labels, the teacher's Outputs) -> (Losses, the student's logits)."""
+    embeddings) and the method's loss. One module, so that DistributedDataParallel can wrap it
+    whole. forward(x, labels, the teacher's Outputs) -> (Losses, the student's logits)."""
     def __init__(self, cfg, student, loss_module, autocast):
         super().__init__()
         self.cfg = cfg
@@ -296,7 +308,7 @@ def method_loss(cfg, loss_module, student, teacher, labels):
         distill = torch.zeros_like(ce)
     return Losses(ce_weight * ce + distill_weight * distill, ce, distill.float())
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
 #    resolve_config turns parsed options into the resolved config, in one place.
 
@@ -394,16 +406,19 @@ class Config:
                                  "there is none)")
     overwrite: bool = option(False, "start over even if --run-dir already holds a run")
 
-# The paper's protocols (Section 4, "Training"; on CIFAR-100 they are RepDistiller's). A Config field left at None
-# takes its dataset's value here; nothing of one dataset's protocol is ever applied to another.
+# The paper's protocols (Section 4, "Training"; on CIFAR-100 they are RepDistiller's). A Config
+# field left at None takes its dataset's value here; nothing of one dataset's protocol is ever
+# applied to another.
 CIFAR100_PROTOCOL = {"epochs": 240, "batch_size": 64, "lr": 0.05, "lr_decay_epochs": "150,180,210",
                      "weight_decay": 5e-4, "eval_batch_size": 1000}
 PROTOCOLS = {"cifar100": CIFAR100_PROTOCOL, "synthetic": dict(CIFAR100_PROTOCOL),
              "imagenet": {"epochs": 100, "batch_size": 256, "lr": 0.1, "lr_decay_epochs": "30,60,90",
                           "weight_decay": 1e-4, "eval_batch_size": 250}}
 METHODS = ("pefd", "kd", "sp", "crd", "ce")
-CACHED_TEACHER_METHODS = ("pefd", "kd", "crd")  # those that need only the teacher's feature and logits, not its maps
-RESIDENT_DATASETS = ("cifar100", "synthetic")  # small enough to live on the GPU as uint8, augmented there
+# those that need only the teacher's feature and logits, not its maps
+CACHED_TEACHER_METHODS = ("pefd", "kd", "crd")
+# small enough to live on the GPU as uint8, augmented there
+RESIDENT_DATASETS = ("cifar100", "synthetic")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 SWITCHES = ("auto", "on", "off")
 CHOICES = {"method": METHODS, "dataset": tuple(PROTOCOLS), "amp": tuple(AMP_DTYPES),
@@ -413,8 +428,8 @@ POSITIVE = ("epochs", "batch_size", "eval_batch_size", "proj_depth", "kd_T", "cr
 NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd_ce_weight", "sp_weight", "crd_weight",
                 "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers", "teacher_cache_ram")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
-# Fields that may differ when a run is resumed: they change where and how fast it runs, not what it computes.
-# (run_dir: the folder is where last.pt is, however it is spelled or wherever it moved.)
+# Fields that may differ when a run is resumed: they change where and how fast it runs, not what it
+# computes. (run_dir: the folder is where last.pt is, however it is spelled or wherever it moved.)
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download",
                      "eval_batch_size", "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file",
                      "teacher_cache_ram", "workers", "checkpoint_seconds", "progress_seconds", "run_dir")
@@ -426,7 +441,8 @@ def _flag(name):
     return "--" + name.replace("_", "-")
 
 def _dashed(arg):
-    """--kd_T=2 read as --kd-T=2: an option's name may be spelled with '_'; a value is left alone."""
+    """--kd_T=2 read as --kd-T=2: an option's name may be spelled with '_'; a value is left
+    alone."""
     if not arg.startswith("--"):
         return arg
     name, eq, value = arg.partition("=")
@@ -438,8 +454,9 @@ class OptionParser(argparse.ArgumentParser):
         raise UserError(message)
 
 def option_parser(schema, usage=None):
-    """argparse of a dataclass's fields: --name VALUE, or --flag / --no-flag for a bool. An option not
-    given is left out, so that the dataclass's own default holds (None: auto, resolved later)."""
+    """argparse of a dataclass's fields: --name VALUE, or --flag / --no-flag for a bool. An
+    option not given is left out, so that the dataclass's own default holds (None: auto, resolved
+    later)."""
     parser = OptionParser(prog="projkd.py", usage=usage, add_help=False, allow_abbrev=False)
     for f in dataclasses.fields(schema):
         text = f.metadata.get("help", "").replace("%", "%%")
@@ -454,8 +471,8 @@ def option_parser(schema, usage=None):
     return parser
 
 def parse_args(argv, schema=Config):
-    """An instance of `schema` from options; names take '-' or '_'. Unknown or ill-typed options raise
-    UserError (unknown ones with the closest option: argparse 3.11 suggests none)."""
+    """An instance of `schema` from options; names take '-' or '_'. Unknown or ill-typed options
+    raise UserError (unknown ones with the closest option: argparse 3.11 suggests none)."""
     given, unknown = option_parser(schema).parse_known_args([_dashed(arg) for arg in argv])
     if unknown and not unknown[0].startswith("--"):
         raise UserError(f"unexpected argument {unknown[0]!r}: options look like --student vgg8 "
@@ -468,7 +485,8 @@ def parse_args(argv, schema=Config):
     return schema(**vars(given))
 
 def cli_help(schema, doc, usage):
-    """The first paragraph of `doc`, then argparse's help of `schema` (for Config, also the architectures)."""
+    """The first paragraph of `doc`, then argparse's help of `schema` (for Config, also the
+    architectures)."""
     width = min(shutil.get_terminal_size().columns, 120) - 1
     parser = option_parser(schema, usage)
     if schema is Config:
@@ -480,29 +498,31 @@ def cli_help(schema, doc, usage):
     return "\n".join([*textwrap.wrap(doc.strip().split("\n\n")[0], width), "", parser.format_help()])
 
 def options_of(name, own, shared):
-    """A subcommand's options as one dataclass: the fields of `own` (a dataclass, or None), then the Config fields
-    named in `shared`, with Config's defaults and help, so that each means the same as for training."""
+    """A subcommand's options as one dataclass: the fields of `own` (a dataclass, or None), then the
+    Config fields named in `shared`, with Config's defaults and help, so that each means the same as
+    for training."""
     fields = [*(dataclasses.fields(own) if own else ()),
               *(f for f in dataclasses.fields(Config) if f.name in shared)]
     return dataclasses.make_dataclass(name, [(f.name, f.type, option(f.default, f.metadata.get("help", "")))
                                              for f in fields])
 
 def models_module():
-    """models.py, the architectures, imported where it is used: this file copied alone imports anywhere,
-    and says in one line what it lacks when an architecture is asked for."""
+    """models.py, the architectures, imported where it is used: this file copied alone imports
+    anywhere, and says in one line what it lacks when an architecture is asked for."""
     try:
         import models
     except ModuleNotFoundError as e:
         if e.name != "models":
             raise
-        raise UserError("the architectures are in models.py, which is needed beside projkd.py: copy it "
-                        "there too") from None
+        raise UserError("the architectures are in models.py, which is needed beside projkd.py: "
+                        "copy it there too") from None
     return models
 
 def check_arch(arch, role, dataset):
     models, imagenet = models_module().MODELS, models_module().IMAGENET_ARCHS
     if arch not in models:
-        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}")
+        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of "
+                        f"{', '.join(models)}")
     if (arch in imagenet) != (dataset == "imagenet"):
         kind, other = ("an ImageNet", "a CIFAR") if arch in imagenet else ("a CIFAR (32x32)", "an ImageNet")
         raise UserError(f"{arch} is {kind} architecture and --dataset {dataset} needs {other} one "
@@ -525,36 +545,43 @@ def resolve_device(name, world_size):
         raise UserError(f"--device {name}, but {visible} CUDA device(s) are visible (cuda:0 to "
                         f"cuda:{visible - 1}); choose one of them, or check CUDA_VISIBLE_DEVICES")
     if dev.type == "cuda" and world_size > 1 and dev.index is not None:
-        raise UserError(f"--device {name} does not go with torchrun, which gives each process its own GPU "
-                        f"(cuda:LOCAL_RANK); use --device cuda")
+        raise UserError(f"--device {name} does not go with torchrun, which gives each process its "
+                        "own GPU (cuda:LOCAL_RANK); use --device cuda")
     if dev.type == "cuda" and world_size > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= visible:
-            raise UserError(f"torchrun started process {local_rank} on this machine, but {visible} CUDA "
-                            f"device(s) are visible; start at most {visible} (--nproc_per_node)")
+            raise UserError(f"torchrun started process {local_rank} on this machine, but {visible} "
+                            f"CUDA device(s) are visible; start at most {visible} "
+                            "(--nproc_per_node)")
         return torch.device("cuda", local_rank)
-    if dev.type == "cuda" and dev.index is None:  # torch.cuda.set_device refuses a device without an index
+    # torch.cuda.set_device refuses a device without an index
+    if dev.type == "cuda" and dev.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return dev
 
 def check_roles(cfg, command):
-    """The choices and the models a command needs: a student to train, a teacher unless --method ce (the cache
-    needs a teacher and no student). Returns whether the teacher is needed."""
+    """The choices and the models a command needs: a student to train, a teacher unless --method ce
+    (the cache needs a teacher and no student). Returns whether the teacher is needed."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
-            raise UserError(f"unknown {_flag(name)} {getattr(cfg, name)!r}; choose {', '.join(choices)}")
+            raise UserError(f"unknown {_flag(name)} {getattr(cfg, name)!r}; choose "
+                            f"{', '.join(choices)}")
     needs_teacher = command == "cache" or cfg.method != "ce"
     if command == "train" and not cfg.student:
-        raise UserError("--student is required, e.g. --student vgg8 (see --help for the architectures)")
+        raise UserError("--student is required, e.g. --student vgg8 (see --help for the "
+                        "architectures)")
     if command == "train":
         check_arch(cfg.student, "student", cfg.dataset)
     if needs_teacher and not cfg.teacher:
-        raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student vgg8"
-                        if command == "train" else "the teacher cache needs --teacher, e.g. --teacher vgg13")
+        raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student "
+                        "vgg8"
+                        if command == "train" else "the teacher cache needs --teacher, e.g. "
+                                                   "--teacher vgg13")
     if needs_teacher:
         check_arch(cfg.teacher, "teacher", cfg.dataset)
     if cfg.teacher_weights and cfg.teacher_ckpt:
-        raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; pass one")
+        raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; "
+                        "pass one")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
     return needs_teacher
@@ -627,19 +654,20 @@ def graph_blockers(device, world, resident, amp):
     return blockers
 
 def use_teacher_cache(cfg, command, device):
-    """Whether the teacher's outputs come from its cache. The cache holds the teacher's feature and logits of
-    CIFAR-style crops and flips: pefd, kd and crd on cifar100/synthetic; sp needs the teacher's maps, and
-    ImageNet's crops are not enumerable."""
+    """Whether the teacher's outputs come from its cache. The cache holds the teacher's feature and
+    logits of CIFAR-style crops and flips: pefd, kd and crd on cifar100/synthetic; sp needs the
+    teacher's maps, and ImageNet's crops are not enumerable."""
     resident = cfg.dataset in RESIDENT_DATASETS
     if command == "cache" and not resident:
-        raise UserError(f"the teacher cache is for CIFAR-style data (cifar100, synthetic), not --dataset "
-                        f"{cfg.dataset}")
+        raise UserError("the teacher cache is for CIFAR-style data (cifar100, synthetic), not "
+                        f"--dataset {cfg.dataset}")
     if command == "cache":
         return True
     cacheable = resident and cfg.method in CACHED_TEACHER_METHODS
     if cfg.teacher_cache == "on" and not cacheable:
-        raise UserError(f"--teacher-cache on serves pefd, kd and crd on cifar100/synthetic, not --method "
-                        f"{cfg.method} on --dataset {cfg.dataset}; use --teacher-cache auto or off")
+        raise UserError("--teacher-cache on serves pefd, kd and crd on cifar100/synthetic, not "
+                        f"--method {cfg.method} on --dataset {cfg.dataset}; use --teacher-cache "
+                        "auto or off")
     if cfg.teacher_cache == "auto":
         return cacheable and device.type == "cuda"
     return cfg.teacher_cache == "on"
@@ -699,8 +727,9 @@ def resolve_config(cfg, command="train"):
     return cfg, protocol_notes + process_notes + amp_notes + graph_notes + file_notes
 
 def config_lines(given, cfg):
-    """The resolved config as a readable block: each value that is not Config's default, and where it came from
-    (an option given, the dataset's protocol, or resolved from the others and from auto)."""
+    """The resolved config as a readable block: each value that is not Config's default, and where
+    it came from (an option given, the dataset's protocol, or resolved from the others and from
+    auto)."""
     lines = []
     for f in dataclasses.fields(cfg):
         value, asked = getattr(cfg, f.name), getattr(given, f.name)
@@ -711,7 +740,8 @@ def config_lines(given, cfg):
     return lines
 
 def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.proj_act):
-    """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off the paper's."""
+    """pefd, kd, ..., or pefd-q2, pefd-depth3, pefd-gelu: the method plus any projector setting off
+    the paper's."""
     parts = [method]
     if method == "pefd" and q != Config.q:
         parts.append(f"q{q}")
@@ -722,12 +752,13 @@ def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.p
     return "-".join(parts)
 
 def run_path(runs, teacher, student, method, seed, **projector):
-    """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N> for a model
-    trained alone (shared by every pair with that student, and also how teachers are trained)."""
+    """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N>
+    for a model trained alone (shared by every pair with that student, and also how teachers are
+    trained)."""
     folder = student if method == "ce" else f"{teacher}-{student}"
     return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. Data: CIFAR-100 from the official pickles, a synthetic stand-in, and GPU-side augmentation; ImageNet from
 #    class folders. The uint8 CIFAR-style sets live on the device and are cropped and flipped there, a whole
 #    epoch at once, with no loader workers; ImageNet is decoded and augmented by DataLoader workers.
@@ -739,7 +770,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PADDING = 4
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """The CIFAR pickles hold dicts of numpy arrays and lists; refuse anything else a pickle could run."""
+    """The CIFAR pickles hold dicts of numpy arrays and lists; refuse anything else a pickle could
+    run."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
@@ -752,7 +784,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _read_cifar_pickle(path):
     with open(path, "rb") as f:
         raw = _ArrayUnpickler(f, encoding="bytes").load()
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}  # Python 2 pickles: bytes keys
+    # Python 2 pickles: bytes keys
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
     x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     y = np.asarray(d["fine_labels"], dtype=np.int64)
     if len(x) != len(y):
@@ -760,9 +793,10 @@ def _read_cifar_pickle(path):
     return torch.from_numpy(x.copy()), torch.from_numpy(y)
 
 def load_cifar100(root, download=False):
-    """(train_x, train_y, test_x, test_y) from root/cifar-100-python/{train,test}: x uint8 N x 3 x 32 x 32, y int64.
-    The pickles are read directly, without torchvision's md5 check of the archive (re-packed copies differ in file
-    order and names, not in pixels); download=True fetches the official archive with torchvision if they are missing.
+    """(train_x, train_y, test_x, test_y) from root/cifar-100-python/{train,test}: x uint8 N x 3 x
+    32 x 32, y int64. The pickles are read directly, without torchvision's md5 check of the archive
+    (re-packed copies differ in file order and names, not in pixels); download=True fetches the
+    official archive with torchvision if they are missing.
     """
     folder = os.path.join(root, "cifar-100-python")
     paths = [os.path.join(folder, split) for split in ("train", "test")]
@@ -780,20 +814,23 @@ def load_cifar100(root, download=False):
             elif not had_archive and os.path.exists(archive):
                 os.remove(archive)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"downloading CIFAR-100 into {root} failed ({reason}); put a copy of cifar-100-python/ "
-                            f"there by hand (README: CIFAR-100)") from None
+            raise UserError(f"downloading CIFAR-100 into {root} failed ({reason}); put a copy of "
+                            "cifar-100-python/ there by hand (README: CIFAR-100)") from None
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise UserError(f"CIFAR-100 not found: no {' or '.join(missing)}; pass --download, or --data-dir pointing "
-                        f"at a folder that holds cifar-100-python/{{train,test}} (README: CIFAR-100)")
+        raise UserError(f"CIFAR-100 not found: no {' or '.join(missing)}; pass --download, or "
+                        "--data-dir pointing at a folder that holds cifar-100-python/{train,test} "
+                        "(README: CIFAR-100)")
     try:
         return (*_read_cifar_pickle(paths[0]), *_read_cifar_pickle(paths[1]))
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
-        raise UserError(f"cannot read CIFAR-100 in {folder} ({e}); re-create it from the official archive") from None
+        raise UserError(f"cannot read CIFAR-100 in {folder} ({e}); re-create it from the official "
+                        "archive") from None
 
 def make_synthetic(n_train, num_classes, seed=0):
-    """A small learnable data set of CIFAR shape: each class is a smooth random colour pattern, each image a
-    32-pixel window of it at a random offset of up to 4 pixels, plus noise. Deterministic in its arguments."""
+    """A small learnable data set of CIFAR shape: each class is a smooth random colour pattern, each
+    image a 32-pixel window of it at a random offset of up to 4 pixels, plus noise. Deterministic in
+    its arguments."""
     g = torch.Generator().manual_seed(seed)
     patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=36, mode="bilinear",
                              align_corners=False) * 200 + 28
@@ -810,10 +847,10 @@ def make_synthetic(n_train, num_classes, seed=0):
     return (*draw(n_train), *draw(max(n_train // 4, num_classes)))
 
 def load_imagenet(root, image_size=224):
-    """(train_set, val_set): torchvision ImageFolders of root/train and root/val (one folder per class, the class
-    folders' sorted names being the labels) yielding uint8 C x H x W tensors, with the paper's augmentation:
-    RandomResizedCrop + horizontal flip for training, Resize(256/224 of the crop) + CenterCrop for evaluation.
-    Normalisation is left to the GPU."""
+    """(train_set, val_set): torchvision ImageFolders of root/train and root/val (one folder per
+    class, the class folders' sorted names being the labels) yielding uint8 C x H x W tensors, with
+    the paper's augmentation: RandomResizedCrop + horizontal flip for training, Resize(256/224 of
+    the crop) + CenterCrop for evaluation. Normalisation is left to the GPU."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     train_layout = os.path.join(root, "train", "<class>", "<image>")
@@ -826,12 +863,14 @@ def load_imagenet(root, image_size=224):
     for split, transform in transforms.items():
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
-            raise UserError(f"ImageNet not found: no folder {folder}; --data-dir must hold {layout}")
+            raise UserError(f"ImageNet not found: no folder {folder}; --data-dir must hold "
+                            f"{layout}")
         try:
             sets[split] = ImageFolder(folder, transform=transform)
         except (FileNotFoundError, OSError) as e:
             why = str(e).splitlines()[0]
-            raise UserError(f"{folder} is not an image class folder ({why}); expected {layout}") from None
+            raise UserError(f"{folder} is not an image class folder ({why}); expected "
+                            f"{layout}") from None
     if sets["train"].classes != sets["val"].classes:
         raise UserError(f"{root}: train/ has {len(sets['train'].classes)} class folders and val/ "
                         f"{len(sets['val'].classes)}, or they differ in name; expected {layout}")
@@ -839,9 +878,9 @@ def load_imagenet(root, image_size=224):
 
 @dataclass
 class Data:
-    """A data set as training reads it: CIFAR-style sets as uint8/int64 tensors on the device (train_x ...),
-    ImageNet as ImageFolders (train_set) and a loader of this process's shard of val/ (val_loader); mean and std
-    are (1, 3, 1, 1) tensors on the device."""
+    """A data set as training reads it: CIFAR-style sets as uint8/int64 tensors on the device
+    (train_x ...), ImageNet as ImageFolders (train_set) and a loader of this process's shard of val/
+    (val_loader); mean and std are (1, 3, 1, 1) tensors on the device."""
     num_classes: int
     mean: torch.Tensor
     std: torch.Tensor
@@ -857,8 +896,8 @@ class Data:
         return len(self.train_x) if self.train_x is not None else len(self.train_set)
 
     def test_batches(self, batch_size):
-        """(uint8 images, labels) of this process's share of the test (CIFAR) or validation (ImageNet) set, on the
-        device; the shares of all processes cover the set once."""
+        """(uint8 images, labels) of this process's share of the test (CIFAR) or validation
+        (ImageNet) set, on the device; the shares of all processes cover the set once."""
         if self.test_x is None:
             return ((x.to(self.mean.device, non_blocking=True), y.to(self.mean.device, non_blocking=True))
                     for x, y in self.val_loader)
@@ -869,13 +908,15 @@ class Data:
                 for i in range(lo, hi, batch_size))
 
 def load_data(cfg, device):
-    """The data set of cfg.dataset for `device` (under torchrun, with this process's shard of ImageNet's val/)."""
+    """The data set of cfg.dataset for `device` (under torchrun, with this process's shard of
+    ImageNet's val/)."""
     def channels(values):
         return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
     if cfg.dataset == "imagenet":
         train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size)
-        shard = torch.utils.data.Subset(val_set, range(_rank(), len(val_set), _world_size()))  # none twice
+        # none twice
+        shard = torch.utils.data.Subset(val_set, range(_rank(), len(val_set), _world_size()))
         val_loader = image_loader(shard, cfg.eval_batch_size, cfg.workers, device)
         return Data(len(train_set.classes), channels(IMAGENET_MEAN), channels(IMAGENET_STD), train_set=train_set,
                     val_loader=val_loader)
@@ -888,43 +929,47 @@ def load_data(cfg, device):
     return Data(cfg.synthetic_classes, mean, std, *(t.to(device) for t in tensors))
 
 def image_loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
-    """A DataLoader of uint8 image batches: worker processes decode and augment, pinned memory for the copy."""
+    """A DataLoader of uint8 image batches: worker processes decode and augment, pinned memory for
+    the copy."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=device.type == "cuda", drop_last=drop_last,
                                        persistent_workers=workers > 0)
 
 def normalize(images, mean, std):
-    """uint8 N x 3 x H x W -> float32, standardised per channel; mean and std are (1, 3, 1, 1) tensors on the
-    images' device, made once: building them per step would copy host -> device and wait for it."""
+    """uint8 N x 3 x H x W -> float32, standardised per channel; mean and std are (1, 3, 1, 1)
+    tensors on the images' device, made once: building them per step would copy host -> device and
+    wait for it."""
     return (images.float() / 255 - mean) / std
 
 def augmentation_draws(n, generator, padding=CROP_PADDING):
-    """One epoch's random crop offsets and flips, drawn on the CPU (the same numbers on every device)."""
+    """One epoch's random crop offsets and flips, drawn on the CPU (the same numbers on every
+    device)."""
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     flip = torch.randint(0, 2, (n,), generator=generator).bool()
     return dy, dx, flip
 
 def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
-    """Random crop with zero padding, then horizontal flip, for a whole batch in one gather. images: uint8 B x C x H
-    x W; dy, dx in [0, 2*padding]: the crop's corner in the padded image, whose zeros are black pixels, exactly as
-    torchvision's RandomCrop(32, padding=4)."""
+    """Random crop with zero padding, then horizontal flip, for a whole batch in one gather. images:
+    uint8 B x C x H x W; dy, dx in [0, 2*padding]: the crop's corner in the padded image, whose
+    zeros are black pixels, exactly as torchvision's RandomCrop(32, padding=4)."""
     b, c, h, w = images.shape
     device = images.device
     rows = dy[:, None] + torch.arange(h, device=device)
     cols = dx[:, None] + torch.arange(w, device=device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)  # a mirrored crop is the crop read right to left
+    # a mirrored crop is the crop read right to left
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=device)[:, None, None, None]
     chans = torch.arange(c, device=device)[None, :, None, None]
     return F.pad(images, (padding,) * 4)[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
-# -----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. The training loop, in the order it runs: train() sets up the run, then per epoch train_epoch,
 #    whose step is train_step on the feed's next batch (eager, or replayed as one CUDA graph),
 #    then evaluate and record_epoch; finish_run writes the results. Setting up a run comes next,
 #    then the bookkeeping (the lock, resuming, check points, signals), then logging and files.
 
-# --- the loop: train(), an epoch, a step ---------------------------------------------------------
+# --- the loop: train(), an epoch, a step ----------------------------------------------------------
 
 def train(cfg):
     """Run one training (distillation, or the student alone for --method ce) and write its run
@@ -953,7 +998,8 @@ def train(cfg):
 
 def train_epoch(run, epoch):
     """One pass over the training set, or the rest of it after run.resumed_steps (whose sums
-    restore_epoch_state brought back). Returns the epoch's mean losses, accuracy (%) and images/s."""
+    restore_epoch_state brought back). Returns the epoch's mean losses, accuracy (%) and
+    images/s."""
     cfg = run.cfg
     steps = run.feed.steps_per_epoch
     first = run.resumed_steps
@@ -987,7 +1033,8 @@ def train_epoch(run, epoch):
     if not math.isfinite(loss):
         raise UserError(f"the training loss became {loss} in epoch {epoch + 1}; lower --lr or use "
                         f"--amp bf16")
-    if run.world_size > 1:  # BatchNorm statistics averaged: every process evaluates and saves one model
+    # BatchNorm statistics averaged: every process evaluates and saves one model
+    if run.world_size > 1:
         for buffer in run.student.buffers():
             if buffer.is_floating_point():
                 dist.all_reduce(buffer)
@@ -1007,28 +1054,29 @@ def log_progress(run, epoch, step, seconds_per_step):
         f"run eta {_duration(run_left)}")
 
 class CUDAGraphStep:
-    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and replays it: the
-    whole step (forward, backward, optimizer, metric sums) becomes one launch instead of hundreds, which at
-    batch 64 is what the GPU waits for. step() must read and write only tensors that outlive the graph and are
-    updated in place, and advance the device counter `step_counter` by one. A capture that fails, or that did
-    not record the step, is not trusted: the run goes on eagerly and says so, `failure` keeping the first
-    reason."""
+    """Calls step() eagerly for a few warm-up steps, then captures it once as a CUDA graph and
+    replays it: the whole step (forward, backward, optimizer, metric sums) becomes one launch
+    instead of hundreds, which at batch 64 is what the GPU waits for. step() must read and write
+    only tensors that outlive the graph and are updated in place, and advance the device counter
+    `step_counter` by one. A capture that fails, or that did not record the step, is not trusted:
+    the run goes on eagerly and says so, `failure` keeping the first reason."""
     def __init__(self, step, step_counter, warmup_steps=3):
         self.step = step
         self.step_counter = step_counter
         self.warmup_left = warmup_steps
         self.graph = None
         self.failure = None
-        # A stream of this step's own, on the counter's device, for the warm-up and the capture: torch's
-        # default capture stream is made once per process, on the device current at the first capture, so a
-        # second run on another GPU in the same process would capture on the first one's stream.
+        # A stream of this step's own, on the counter's device, for the warm-up and the capture:
+        # torch's default capture stream is made once per process, on the device current at the
+        # first capture, so a second run on another GPU in the same process would capture on the
+        # first one's stream.
         self.stream = torch.cuda.Stream(device=step_counter.device)
 
     def _fail(self, why, step_done=False):
         self.graph = None
         self.failure = why
-        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on eagerly "
-            f"(--graph off skips the attempt)")
+        log(f"warning: the CUDA graph of the training step failed ({why}); training goes on "
+            "eagerly (--graph off skips the attempt)")
         if not step_done:
             self()
 
@@ -1036,8 +1084,8 @@ class CUDAGraphStep:
         if self.graph is not None:
             self.graph.replay()
         elif self.warmup_left > 0 or self.failure is not None:
-            # Real training steps, run eagerly on a side stream as capture requires: they autotune cuDNN,
-            # which the captured step then reuses.
+            # Real training steps, run eagerly on a side stream as capture requires: they autotune
+            # cuDNN, which the captured step then reuses.
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 self.step()
@@ -1047,35 +1095,37 @@ class CUDAGraphStep:
             self.capture()
 
     def capture(self):
-        """Captures the step, then replays it once: that replay is the step's first run. The counter is
-        read twice (host syncs, once per run): a capture records the step without running it, so the
-        counter must not move during the capture, and must move by exactly one in the replay. A counter
-        that moved during the capture means the step's kernels went to another device or stream and ran
-        there eagerly: the graph is empty, and this step is done."""
+        """Captures the step, then replays it once: that replay is the step's first run. The counter
+        is read twice (host syncs, once per run): a capture records the step without running it, so
+        the counter must not move during the capture, and must move by exactly one in the replay. A
+        counter that moved during the capture means the step's kernels went to another device or
+        stream and ran there eagerly: the graph is empty, and this step is done."""
         graph = torch.cuda.CUDAGraph()
         before = self.step_counter.item()
         try:
-            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA calls
+            # thread_local: the epoch planner's thread may run Python meanwhile; it makes no CUDA
+            # calls
             with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 self.step()
-        except RuntimeError as e:  # the root cause, not capture_end's complaint about the aborted capture
+        # the root cause, not capture_end's complaint about the aborted capture
+        except RuntimeError as e:
             while isinstance(e.__context__, RuntimeError):
                 e = e.__context__
             return self._fail(str(e).splitlines()[0])
         after_capture = self.step_counter.item()
         if after_capture != before:
-            return self._fail("the captured graph is empty: the step ran during the capture instead of "
-                              "being recorded", step_done=True)
+            return self._fail("the captured graph is empty: the step ran during the capture "
+                              "instead of being recorded", step_done=True)
         graph.replay()
         if self.step_counter.item() != before + 1:
             return self._fail("the captured graph is empty: its replay did not run the step")
         self.graph = graph
 
 def train_step(run):
-    """One optimisation step on the feed's next batch of uint8 images, entirely on the device, without
-    a host sync: the eager loop calls it, and the CUDA graph is a capture of it, so the two cannot
-    drift apart. The teacher's outputs come from its cache (a part of the batch) or from the live
-    teacher; --method ce has none."""
+    """One optimisation step on the feed's next batch of uint8 images, entirely on the device,
+    without a host sync: the eager loop calls it, and the CUDA graph is a capture of it, so the two
+    cannot drift apart. The teacher's outputs come from its cache (a part of the batch) or from the
+    live teacher; --method ce has none."""
     images, labels, cached_teacher = run.feed.next_batch()
     x = normalize(images, run.data.mean, run.data.std).contiguous(memory_format=run.memory_format)
     teacher = None
@@ -1092,7 +1142,7 @@ def train_step(run):
     run.scaler.update()
     run.sums.add(losses, logits, labels)
 
-# --- the data feed: where each step's batch comes from -------------------------------------------
+# --- the data feed: where each step's batch comes from --------------------------------------------
 
 def lr_at(cfg, epoch):
     """Step decay: epoch counts from 0, so with milestone 150 the 151st epoch is the first at
@@ -1107,7 +1157,8 @@ class EpochPlan(NamedTuple):
     dy: torch.Tensor
     dx: torch.Tensor
     flip: torch.Tensor
-    teacher_rows: Optional[np.ndarray] = None  # int16 bit patterns of bfloat16, from the teacher cache
+    # int16 bit patterns of bfloat16, from the teacher cache
+    teacher_rows: Optional[np.ndarray] = None
 
 def plan_epoch(seed, epoch, n_train, n_used):
     """The epoch's permutation and augmentation, from a generator of (seed, epoch) alone: resuming
@@ -1213,7 +1264,7 @@ def build_feed(run, rank, cache):
         return LoaderFeed(run.data.train_set, local_batch, cfg.workers, run.device, cfg.seed)
     return ResidentFeed(run.data, cfg.batch_size, local_batch, rank, cfg.seed, cfg.epochs, cache)
 
-# --- the teacher and the step as train_epoch calls it --------------------------------------------
+# --- the teacher and the step as train_epoch calls it ---------------------------------------------
 
 class LiveTeacher:
     """The frozen teacher's forward pass: x -> its Outputs (feature, logits, and for sp its map),
@@ -1240,7 +1291,7 @@ def build_step(run):
         return CUDAGraphStep(step, run.feed.next_step)
     return step
 
-# --- setting up a run: the device, the models, the optimizer, the feed and the step --------------
+# --- setting up a run: the device, the models, the optimizer, the feed and the step ---------------
 
 class EpochSums:
     """What every step adds to within an epoch, on the device and without a host sync: the sums over
@@ -1273,8 +1324,8 @@ class EpochSums:
 
 @dataclass
 class Run:
-    """One training run: made by prepare_run, advanced by train_epoch, written by save_checkpoint and
-    finish_run."""
+    """One training run: made by prepare_run, advanced by train_epoch, written by save_checkpoint
+    and finish_run."""
     cfg: Config  # resolved (resolve_config)
     device: torch.device
     world_size: int
@@ -1285,11 +1336,13 @@ class Run:
     teacher: Optional[nn.Module]  # the frozen teacher (None for --method ce)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    lr: torch.Tensor  # on the device: set each epoch in place, read by the fused optimizer (and graph)
+    # on the device: set each epoch in place, read by the fused optimizer (and graph)
+    lr: torch.Tensor
     autocast: object
     memory_format: torch.memory_format
     sums: EpochSums
-    live_teacher: Optional[LiveTeacher] = None  # None when the teacher's outputs come from its cache
+    # None when the teacher's outputs come from its cache
+    live_teacher: Optional[LiveTeacher] = None
     feed: Optional[object] = None  # ResidentFeed or LoaderFeed: the training batches
     step: Optional[object] = None  # one training step (build_step): train_step, or its CUDA graph
     start_epoch: int = 0
@@ -1302,8 +1355,8 @@ class Run:
     teacher_provenance: Optional[dict] = None  # where the teacher's weights came from
 
 def setup_run(cfg):
-    """A Run ready for its first step, from options as parsed: for tools and tests that drive the loop
-    themselves (train() resolves, locks its folder, then calls prepare_run)."""
+    """A Run ready for its first step, from options as parsed: for tools and tests that drive the
+    loop themselves (train() resolves, locks its folder, then calls prepare_run)."""
     resolved, notes = resolve_config(cfg)
     return prepare_run(resolved, notes, given=cfg)
 
@@ -1369,23 +1422,25 @@ def build_run(cfg, device, world, data):
     return run, amp_dtype
 
 def build_optimizer(cfg, parameters, lr, fused):
-    """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel for all
-    parameters, reading the lr tensor on the device, as the CUDA graph needs."""
+    """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel
+    for all parameters, reading the lr tensor on the device, as the CUDA graph needs."""
     optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 fused=fused)
     with_momentum_buffers(optimizer)
     return optimizer
 
 def with_momentum_buffers(optimizer):
-    """Every parameter's momentum buffer made now, as zeros, where it has none. SGD makes them at its first
-    step with empty_like, and fused SGD under a GradScaler writes nothing when that step overflows (routine
-    at fp16's first scale, 2^16): the next step would read uninitialised memory. Zeros give the same first
-    step (0.9 * 0 + g is g, with dampening 0), and the buffers exist before the CUDA graph is captured."""
+    """Every parameter's momentum buffer made now, as zeros, where it has none. SGD makes them at
+    its first step with empty_like, and fused SGD under a GradScaler writes nothing when that step
+    overflows (routine at fp16's first scale, 2^16): the next step would read uninitialised memory.
+    Zeros give the same first step (0.9 * 0 + g is g, with dampening 0), and the buffers exist
+    before the CUDA graph is captured."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state[p]
             if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p)  # in p's memory format (channels_last)
+                # in p's memory format (channels_last)
+                state["momentum_buffer"] = torch.zeros_like(p)
 
 def setup_teacher(run, amp_dtype):
     """The teacher's test accuracy (once per run, in float32, before its weights go to the autocast
@@ -1411,9 +1466,9 @@ def setup_teacher(run, amp_dtype):
     return None
 
 def teacher_for_speed(teacher, amp_dtype, memory_format):
-    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast would
-    re-cast the float32 weights every step) and channels_last; BatchNorm stays float32, as autocast
-    runs it."""
+    """The frozen teacher's convolution and linear weights stored in the autocast dtype (autocast
+    would re-cast the float32 weights every step) and channels_last; BatchNorm stays float32, as
+    autocast runs it."""
     for m in teacher.to(memory_format=memory_format).modules():
         if amp_dtype is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
             m.to(amp_dtype)
@@ -1443,9 +1498,9 @@ def wrap_ddp(module, device):
     return ddp(module, device_ids=device_ids, **{no_sync: False})
 
 def memory_format_and_autocast(amp, device):
-    """(memory format, autocast dtype or None, autocast context) of the models on `device` for --amp.
-    The autocast cache is off: each weight is used once per step anyway, and a cache must not outlive
-    a CUDA graph capture."""
+    """(memory format, autocast dtype or None, autocast context) of the models on `device` for
+    --amp. The autocast cache is off: each weight is used once per step anyway, and a cache must not
+    outlive a CUDA graph capture."""
     amp_dtype = AMP_DTYPES[amp]  # None on the CPU: resolve_config turned amp off there
     autocast = contextlib.nullcontext()
     if amp_dtype is not None:
@@ -1466,7 +1521,8 @@ def setup_torch(device, deterministic=False):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        # cuBLAS needs it for determinism
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # (the call imports torch._dynamo: seconds, so only when it changes something)
     if deterministic != torch.are_deterministic_algorithms_enabled():
         # warn_only: a CUDA op without a deterministic kernel is named in a warning instead of
@@ -1480,20 +1536,20 @@ def setup_torch(device, deterministic=False):
     return _rank(), world
 
 def default_workers():
-    """ImageNet loader processes per GPU: this machine's CPUs shared by the processes torchrun started
-    on it."""
+    """ImageNet loader processes per GPU: this machine's CPUs shared by the processes torchrun
+    started on it."""
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
-# --- the bookkeeping: the lock, resuming, the epoch's state, check points, signals ---------------
+# --- the bookkeeping: the lock, resuming, the epoch's state, check points, signals ----------------
 
 # check points per epoch (save_or_stop), where a run writes last.pt or stops
 CHECKS_PER_EPOCH = 200
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
 class Stopped(KeyboardInterrupt):
-    """A run a signal stopped: at a check point, with last.pt written (kept), or during its set-up, before
-    anything was written. Like Ctrl-C, it passes every `except Exception`; main() exits with 128 + the
-    signal's number, as a shell reports."""
+    """A run a signal stopped: at a check point, with last.pt written (kept), or during its set-up,
+    before anything was written. Like Ctrl-C, it passes every `except Exception`; main() exits with
+    128 + the signal's number, as a shell reports."""
     def __init__(self, signum, why, kept=True):
         super().__init__(signum, why)
         self.signum = signum
@@ -1501,11 +1557,11 @@ class Stopped(KeyboardInterrupt):
         self.kept = kept
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (Slurm's --signal) for the whole of a run, set-up included. During the set-up (the
-    data, the teacher's evaluation: a minute on a CPU) they stop the run at once: it has written nothing but
-    its .lock, which run_dir_lock removes. Once training has begun they are only recorded (`signum`), and the
-    next check point writes last.pt and stops. Only the main thread can take signal handlers: elsewhere (a
-    test's thread) this does nothing."""
+    """SIGTERM and SIGUSR1 (Slurm's --signal) for the whole of a run, set-up included. During the
+    set-up (the data, the teacher's evaluation: a minute on a CPU) they stop the run at once: it has
+    written nothing but its .lock, which run_dir_lock removes. Once training has begun they are only
+    recorded (`signum`), and the next check point writes last.pt and stops. Only the main thread can
+    take signal handlers: elsewhere (a test's thread) this does nothing."""
     def __init__(self):
         self.signum = None
         self.training = False
@@ -1519,7 +1575,8 @@ class StopSignals:
     def handle(self, signum, frame):
         if not self.training:
             name = signal.Signals(signum).name
-            raise Stopped(signum, f"{name}: stopped during set-up, before training began", kept=False)
+            raise Stopped(signum, f"{name}: stopped during set-up, before training "
+                                  "began", kept=False)
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -1528,9 +1585,10 @@ class StopSignals:
 
 @contextlib.contextmanager
 def run_dir_lock(folder):
-    """--run-dir, made if need be and held under an exclusive lock (its .lock file, open; POSIX only) while a run
-    trains in it: a folder that cannot be written, or that another process trains in, is one line before any data
-    is read, and a run that fails before writing anything leaves no folder behind."""
+    """--run-dir, made if need be and held under an exclusive lock (its .lock file, open; POSIX
+    only) while a run trains in it: a folder that cannot be written, or that another process trains
+    in, is one line before any data is read, and a run that fails before writing anything leaves no
+    folder behind."""
     made, parent = [], folder  # the folders this makes, outermost first
     while parent and not os.path.isdir(parent):
         made, parent = [parent] + made, os.path.dirname(parent)
@@ -1542,10 +1600,12 @@ def run_dir_lock(folder):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        raise UserError(f"{folder} is being trained by another process (pid {lock.read().strip() or '?'}); wait for "
-                        f"it, or use another --run-dir") from None
+        raise UserError(f"{folder} is being trained by another process (pid "
+                        f"{lock.read().strip() or '?'}); wait for it, or use another "
+                        "--run-dir") from None
     except OSError as e:
-        raise UserError(f"cannot write in --run-dir {folder} ({e.strerror or e}); choose another") from None
+        raise UserError(f"cannot write in --run-dir {folder} ({e.strerror or e}); choose "
+                        "another") from None
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
@@ -1565,8 +1625,8 @@ def checkpoint_to_resume(cfg):
     last_path = os.path.join(cfg.run_dir, "last.pt")
     if not cfg.resume and not cfg.overwrite and any(
             os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
-        raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, --overwrite to start "
-                        f"over, or another --run-dir")
+        raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, "
+                        "--overwrite to start over, or another --run-dir")
     if not (cfg.resume and os.path.isfile(last_path)):
         return None
     checkpoint = models_module().load_checkpoint_file(last_path, "resume checkpoint")
@@ -1586,9 +1646,9 @@ def checkpoint_to_resume(cfg):
     if sha and os.path.isfile(cfg.teacher_ckpt):
         given_sha = file_sha256(cfg.teacher_ckpt)
     if given_sha != sha:
-        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 {sha[:12]}...) "
-                        f"than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): pass that one as "
-                        f"--teacher-ckpt, or --overwrite to start over")
+        raise UserError(f"{cfg.run_dir} was trained with another teacher file (sha256 "
+                        f"{sha[:12]}...) than {cfg.teacher_ckpt} (sha256 {given_sha[:12]}...): "
+                        "pass that one as --teacher-ckpt, or --overwrite to start over")
     begun = checkpoint["epoch"]
     if checkpoint["steps_done"]:  # stopped within that epoch
         begun += 1
@@ -1652,8 +1712,8 @@ def gathered_epoch_state(run):
     return dict(zip(state, columns))
 
 def restore_epoch_state(run, saved):
-    """This process's epoch_state from last.pt's, each tensor by its name, with one row per process of
-    the stopped run. On another number of processes: the rows' mean, and the count of correct
+    """This process's epoch_state from last.pt's, each tensor by its name, with one row per process
+    of the stopped run. On another number of processes: the rows' mean, and the count of correct
     predictions shared out (the epoch's sums stay right)."""
     for name, tensor in epoch_state(run).items():
         rows = saved[name]
@@ -1757,8 +1817,8 @@ def record_epoch(run, epoch, stats, result, seconds):
     log(line)
 
 def finish_run(run):
-    """model.pt and metrics.json; returns the metrics. Under torchrun the processes first check, with a
-    checksum each, that they ended with the same weights."""
+    """model.pt and metrics.json; returns the metrics. Under torchrun the processes first check,
+    with a checksum each, that they ended with the same weights."""
     cfg = run.cfg
     history = run.history
     best = run.best
@@ -1771,7 +1831,8 @@ def finish_run(run):
         if any(s.item() != sums[0].item() for s in sums):
             raise RuntimeError(f"the {len(sums)} processes ended with different weights: "
                                f"{[s.item() for s in sums]}")
-        log(f"the weights are the same in all {len(sums)} processes (checksum {sums[0].item():.6f})")
+        log(f"the weights are the same in all {len(sums)} processes (checksum "
+            f"{sums[0].item():.6f})")
     images_per_epoch = run.feed.steps_per_epoch * cfg.batch_size
     wall_seconds = sum(h["seconds"] for h in history)
     train_seconds = sum(images_per_epoch / h["images_per_s"] for h in history)
@@ -1794,7 +1855,8 @@ def finish_run(run):
         f"{os.path.join(cfg.run_dir, 'model.pt')}")
     return metrics
 
-# --- the processes, the log and the files ----------------------------------------------------------
+# --- the processes, the log and the files
+# --------------------------------------------------------------------------------------------------
 
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -1811,7 +1873,8 @@ def log(*args):
 
 @contextlib.contextmanager
 def labelled_log(run_dir):
-    """Under make, where several runs share a terminal, each line of this run starts with its short name."""
+    """Under make, where several runs share a terminal, each line of this run starts with its short
+    name."""
     global log_label
     log_label = f"[{os.path.join(*os.path.abspath(run_dir).split(os.sep)[-2:])}] " if "MAKELEVEL" in os.environ else ""
     try:
@@ -1820,24 +1883,27 @@ def labelled_log(run_dir):
         log_label = ""
 
 def atomic_write(path, write):
-    """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`, and a write
-    that fails (a full disk, a read-only folder) is one line naming the file and leaves nothing behind."""
+    """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`,
+    and a write that fails (a full disk, a read-only folder) is one line naming the file and leaves
+    nothing behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another folder") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another "
+                        "folder") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
 def save(obj, path):
-    """obj written to `path` atomically: a str as text, to .json as JSON, to .csv from a list of dicts, else
-    torch.save."""
+    """obj written to `path` atomically: a str as text, to .json as JSON, to .csv from a list of
+    dicts, else torch.save."""
     if path.endswith(".csv") and not isinstance(obj, str):
         out = io.StringIO()
-        columns = list(dict.fromkeys(k for row in obj for k in row)) or ["epoch"]  # a resumed old run has fewer
+        # a resumed old run has fewer
+        columns = list(dict.fromkeys(k for row in obj for k in row)) or ["epoch"]
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(obj)
@@ -1857,7 +1923,8 @@ def save(obj, path):
     atomic_write(path, write)
 
 def code_version():
-    """The git commit of this file's checkout, '+dirty' if it has uncommitted changes; 'unknown' outside git."""
+    """The git commit of this file's checkout, '+dirty' if it has uncommitted changes; 'unknown'
+    outside git."""
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
         commit, dirty = (subprocess.run(git + args, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -1879,18 +1946,19 @@ def _duration(seconds):
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Evaluation: top-1/top-5 and the between-class cosine (the paper's Figure 2) of a model on the test set, and
 #    `projkd.py eval`, which evaluates a model file alone and records what it evaluated: the file's sha256 and
 #    the test set's. The pipeline's tables read those records; every run records its teacher's provenance.
 
 @torch.no_grad()
 def evaluate(model, data, batch_size, memory_format):
-    """Top-1 and top-5 accuracy (%) on the test set and the between-class cosine of the penultimate features, in
-    float32. Under torchrun each process evaluates its share and the counts are summed over processes, so the
-    result equals one process evaluating the whole set."""
+    """Top-1 and top-5 accuracy (%) on the test set and the between-class cosine of the penultimate
+    features, in float32. Under torchrun each process evaluates its share and the counts are summed
+    over processes, so the result equals one process evaluating the whole set."""
     was_training, device, taps = model.training, data.mean.device, Taps(model.eval())
-    hits, n = torch.zeros(2, device=device, dtype=torch.long), 0  # top-1, top-5 on the device; images counted here
+    # top-1, top-5 on the device; images counted here
+    hits, n = torch.zeros(2, device=device, dtype=torch.long), 0
     class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
     try:
         for images, labels in data.test_batches(batch_size):
@@ -1911,14 +1979,16 @@ def evaluate(model, data, batch_size, memory_format):
             "images": n}
 
 def between_class_cosine(class_sums):
-    """Mean cosine similarity between the class-mean features of different classes (the paper's Figure 2).
-    class_sums: num_classes x d sums (or means) of features per class; classes with no samples are skipped."""
+    """Mean cosine similarity between the class-mean features of different classes (the paper's
+    Figure 2). class_sums: num_classes x d sums (or means) of features per class; classes with no
+    samples are skipped."""
     means = _unit(class_sums[class_sums.abs().sum(1) > 0].double())
     sim, n = means @ means.t(), len(means)
     return ((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)).item()
 
 def file_sha256(path):
-    """The identity of a model file: what runs, caches and evaluations record of the checkpoint they used."""
+    """The identity of a model file: what runs, caches and evaluations record of the checkpoint they
+    used."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -1926,9 +1996,10 @@ def file_sha256(path):
     return digest.hexdigest()
 
 def teacher_provenance(ckpt, weights=""):
-    """Where a teacher's weights came from, for the metrics.json of each run that uses it: the <arch>.json beside
-    the checkpoint (written by fetch-teachers, fetch-weights or make's teacher training) if it describes this very
-    file (same sha256), else the file's path and sha256 with a note that nothing records where it came from."""
+    """Where a teacher's weights came from, for the metrics.json of each run that uses it: the
+    <arch>.json beside the checkpoint (written by fetch-teachers, fetch-weights or make's teacher
+    training) if it describes this very file (same sha256), else the file's path and sha256 with a
+    note that nothing records where it came from."""
     if weights:
         return {"how": f"torchvision's {weights} weights, by name"}
     sha = file_sha256(ckpt)
@@ -1939,7 +2010,8 @@ def teacher_provenance(ckpt, weights=""):
             record = json.load(f)
     if not isinstance(record, dict):
         record = None
-    if record and record.get("how") == "trained here" and "sha256" not in record:  # make wrote it: see its run
+    # make wrote it: see its run
+    if record and record.get("how") == "trained here" and "sha256" not in record:
         with contextlib.suppress(OSError, TypeError):
             record["sha256"] = file_sha256(os.path.join(record["run"], "model.pt"))
     if record and record.get("sha256") == sha:
@@ -1948,15 +2020,17 @@ def teacher_provenance(ckpt, weights=""):
         note = f"{record_path} describes another file"
     else:
         note = f"{record_path} does not exist"
-    return {"how": "put in place by hand or trained here", "checkpoint": ckpt, "sha256": sha, "note": note}
+    return {"how": "put in place by hand or trained "
+                   "here", "checkpoint": ckpt, "sha256": sha, "note": note}
 
-DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")  # what a test set depends on
+# what a test set depends on
+DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")
 
 @dataclass
 class EvalOptions:
     arch: str = option("", "the checkpoint's architecture (a key of models.MODELS)")
-    ckpt: str = option("", "our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight "
-                           "file or any state_dict")
+    ckpt: str = option("", "our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision "
+                           "weight file or any state_dict")
     out: str = option("", "the result as JSON; default: the checkpoint's path with the suffix "
                           ".eval.json")
 
@@ -1964,37 +2038,42 @@ EvalConfig = options_of("EvalConfig", EvalOptions,
                         DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
 
 def test_set_sha256(data):
-    """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or ImageNet's
-    validation files by name, size and label (hashing 50,000 decoded JPEGs would cost as much as evaluating)."""
+    """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or
+    ImageNet's validation files by name, size and label (hashing 50,000 decoded JPEGs would cost as
+    much as evaluating)."""
     digest = hashlib.sha256()
     if data.test_x is not None:
         for t in (data.test_x, data.test_y):
             digest.update(t.cpu().contiguous().numpy().tobytes())
     else:
-        for path, label in data.val_loader.dataset.dataset.samples:  # the whole set, not this process's shard
+        # the whole set, not this process's shard
+        for path, label in data.val_loader.dataset.dataset.samples:
             digest.update(f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} "
                           f"{os.path.getsize(path)} {label}\n".encode())
     return digest.hexdigest()
 
 def with_run_data_settings(ec):
-    """`ec` with the data settings of the run that made the checkpoint (its metrics.json beside it), where
-    --dataset and its sizes were left at their defaults: a run's model.pt is evaluated on the run's test set."""
+    """`ec` with the data settings of the run that made the checkpoint (its metrics.json beside it),
+    where --dataset and its sizes were left at their defaults: a run's model.pt is evaluated on the
+    run's test set."""
     try:
         with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
             trained = json.load(f)["config"]
         taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
-    except (OSError, ValueError, KeyError, TypeError):  # no run beside it: a teacher, a file of one's own
+    # no run beside it: a teacher, a file of one's own
+    except (OSError, ValueError, KeyError, TypeError):
         return ec
     if taken:
         log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
     return dataclasses.replace(ec, **taken)
 
 def evaluate_checkpoint(ec):
-    """`projkd.py eval`: top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet) set, in
-    float32; under torchrun each process evaluates a shard. Prints the result and writes it as JSON, with the
-    sha256 of the file and of the test set."""
+    """`projkd.py eval`: top-1/top-5 of a checkpoint on the test (CIFAR) or validation (ImageNet)
+    set, in float32; under torchrun each process evaluates a shard. Prints the result and writes it
+    as JSON, with the sha256 of the file and of the test set."""
     if not ec.arch or not ec.ckpt:
-        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
+        raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt "
+                        "runs/.../model.pt")
     if not os.path.isfile(ec.ckpt):
         raise UserError(f"no checkpoint at {ec.ckpt}")
     ec = with_run_data_settings(ec)
@@ -2018,14 +2097,15 @@ def evaluate_checkpoint(ec):
               "world_size": world, "device": device_name(device), "torch": torch.__version__}
     if _rank() == 0:
         save(record, out)
-    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% "
-        f"({result['images']} images) -> {out}")
-    if result["top1"] < 2 * 100 / data.num_classes:  # in the pipeline: once per teacher, not once per student run
-        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right file, trained "
-            f"long enough?")
+    log(f"{ec.arch} from {ec.ckpt} on {ec.dataset}: top-1 {result['top1']:.2f}% top-5 "
+        f"{result['top5']:.2f}% ({result['images']} images) -> {out}")
+    # in the pipeline: once per teacher, not once per student run
+    if result["top1"] < 2 * 100 / data.num_classes:
+        log(f"warning: {ec.ckpt} is near chance ({100 / data.num_classes:.1f}%): is it the right "
+            "file, trained long enough?")
     return record
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. Entry points: training (no subcommand), `projkd.py eval` and `download` are here; the teacher cache, the bench
 #    and fetching weights are the tools above this file (teacher_cache.py, bench.py, fetch.py), imported by name
 #    when their subcommand runs. Each takes its options from a dataclass, as training does; those it shares with
@@ -2034,10 +2114,12 @@ def evaluate_checkpoint(ec):
 DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 
 def download_command(cfg):
-    """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official archive)."""
+    """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official
+    archive)."""
     if cfg.dataset == "imagenet":
-        raise UserError(f"ImageNet cannot be downloaded for you: get ILSVRC2012's train and val images from "
-                        f"image-net.org and arrange them as {cfg.data_dir}/train/<class>/ and "
+        raise UserError("ImageNet cannot be downloaded for you: get ILSVRC2012's train and val "
+                        "images from image-net.org and arrange them as "
+                        f"{cfg.data_dir}/train/<class>/ and "
                         f"{cfg.data_dir}/val/<class>/ (docs/imagenet.md)")
     if cfg.dataset == "cifar100":
         load_cifar100(cfg.data_dir, download=True)
@@ -2049,39 +2131,47 @@ COMMANDS = {
              "python projkd.py eval --arch ARCH --ckpt PATH [--dataset ...]  (or under torchrun)"),
     "cache": ("teacher_cache", "cache_command", "CacheConfig",
               "python projkd.py cache --teacher ARCH [--teacher-ckpt PATH] [--dataset ...] "
-              "[--teacher-cache-file F]  (every training option is accepted; those below change the cache)"),
+              "[--teacher-cache-file F]  (every training option is accepted; those below change "
+              "the cache)"),
     "bench": ("bench", "run_bench", "BenchConfig",
               "python projkd.py bench [--out-dir results] [--pairs \"vgg13:vgg8 ...\"]"),
     "fetch-weights": ("fetch", "fetch_weights", "WeightsConfig",
-                      "python projkd.py fetch-weights --arch resnet34 [--out checkpoints/imagenet/resnet34.pt]"),
+                      "python projkd.py fetch-weights --arch resnet34 [--out "
+                      "checkpoints/imagenet/resnet34.pt]"),
     "fetch-teachers": ("fetch", "fetch_teachers", "TeachersConfig",
-                       "python projkd.py fetch-teachers [--arch \"vgg13 ...\"] [--url URL|FILE] [--ckpt BY_HAND.pth]"),
-    "download": ("projkd", "download_command", "DownloadConfig", "python projkd.py download [--data-dir data]"),
+                       "python projkd.py fetch-teachers [--arch \"vgg13 ...\"] [--url URL|FILE] "
+                       "[--ckpt BY_HAND.pth]"),
+    "download": ("projkd", "download_command", "DownloadConfig", "python projkd.py download "
+                                                                 "[--data-dir data]"),
 }
 
 def command_of(argv):
-    """(the function to run, its options dataclass, the usage line, the options) for a command line."""
+    """(the function to run, its options dataclass, the usage line, the options) for a command
+    line."""
     usage = f"python projkd.py [--option value ...]   (or a subcommand: {', '.join(COMMANDS)}; SUBCOMMAND --help)"
     if not argv or argv[0].startswith("-"):
         return train, Config, usage, argv
     if argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"unknown subcommand {argv[0]!r}; {hint}choose {', '.join(COMMANDS)}, or none to train")
+        raise UserError(f"unknown subcommand {argv[0]!r}; {hint}choose {', '.join(COMMANDS)}, or "
+                        "none to train")
     module_name, function_name, schema_name, usage = COMMANDS[argv[0]]
     module = importlib.import_module(module_name)  # a tool's module only when its subcommand runs
     return getattr(module, function_name), getattr(module, schema_name), usage, argv[1:]
 
 def errors_to_report():
-    """The exceptions main() prints as one line: ours, and models.py's weight errors where models.py is here."""
+    """The exceptions main() prints as one line: ours, and models.py's weight errors where models.py
+    is here."""
     try:
         return (UserError, models_module().WeightsError)
     except UserError:  # this file copied alone
         return (UserError,)
 
 def main(argv=None):
-    """The exit status: 0 done; 2 a problem the user can fix, said in one line; 128 + a signal's number when one
-    stopped the run (Ctrl-C 130; SIGTERM 143 and SIGUSR1 138 on Linux, after writing last.pt)."""
+    """The exit status: 0 done; 2 a problem the user can fix, said in one line; 128 + a signal's
+    number when one stopped the run (Ctrl-C 130; SIGTERM 143 and SIGUSR1 138 on Linux, after writing
+    last.pt)."""
     if argv is None:
         argv = sys.argv[1:]
     command = train
@@ -2092,7 +2182,8 @@ def main(argv=None):
             return 0
         command(parse_args(argv, getattr(schema, "parse_as", schema)))
     except errors_to_report() as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error: say it once
+        # under torchrun every process meets the same error: say it once
+        if os.environ.get("RANK", "0") == "0":
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or Stopped by SIGTERM or SIGUSR1 after writing last.pt
@@ -2112,8 +2203,8 @@ def main(argv=None):
     return 0
 
 if __name__ == "__main__":
-    # The tools import this file as `projkd`: let them find this very module, not load a second copy with
-    # classes of its own (a UserError raised there would not be ours).
+    # The tools import this file as `projkd`: let them find this very module, not load a second copy
+    # with classes of its own (a UserError raised there would not be ours).
     sys.modules["projkd"] = sys.modules[__name__]
     try:
         sys.exit(main())
