@@ -1,26 +1,31 @@
-"""projkd: Improved Feature Distillation via Projector Ensemble (PEFD), with KD, SP and CRD-lite baselines.
+"""projkd: Improved Feature Distillation via Projector Ensemble (PEFD), with KD, SP and CRD-lite
+baselines.
 
 PEFD in one breath: the student's penultimate feature s goes through q independently initialised
-projectors g_k(s) = ReLU(W_k s + b_k); their mean f(s) is pulled towards the teacher's penultimate feature t
-by the direction-alignment loss MDA = 1 - mean_i cos(f(s_i), t_i), and the student minimises
-CE + 25 * MDA. The projectors are thrown away after training, so the deployed student is unchanged.
+projectors g_k(s) = ReLU(W_k s + b_k); their mean f(s) is pulled towards the teacher's penultimate
+feature t by the direction-alignment loss MDA = 1 - mean_i cos(f(s_i), t_i), and the student
+minimises CE + 25 * MDA. The projectors are thrown away after training, so the deployed student is
+unchanged.
 
-    python projkd.py --teacher vgg13 --student vgg8                  # PEFD, the paper's CIFAR-100 protocol
-    python projkd.py --teacher vgg13 --student vgg8 --method kd      # the same pair with a baseline
-    python projkd.py --student vgg13 --method ce                     # train a model alone (teacher pretraining)
-    torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet --teacher resnet34 \\
-        --student resnet18                                           # ImageNet, the paper's protocol, 8 GPUs
-    python projkd.py eval --arch vgg8 --ckpt runs/cifar100/vgg13-vgg8/pefd-seed1/model.pt   # a checkpoint alone
-    python projkd.py --help                                          # every option; subcommands: eval, cache, ...
+    python projkd.py --teacher vgg13 --student vgg8              # PEFD, the paper's CIFAR-100
+    python projkd.py --teacher vgg13 --student vgg8 --method kd  # the same pair with a baseline
+    python projkd.py --student vgg13 --method ce                 # a model alone (a teacher)
+    torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet \\
+        --teacher resnet34 --student resnet18                    # ImageNet, the paper's protocol
+    python projkd.py eval --arch vgg8 --ckpt runs/cifar100/vgg13-vgg8/pefd-seed1/model.pt
+    python projkd.py --help                  # every option; subcommands: eval, cache, bench, ...
 
-A run writes model.pt (the student's plain state_dict), metrics.json (resolved config, accuracies, history,
-timing, versions), log.csv and last.pt (all that --resume needs) into its --run-dir.
+A run writes model.pt (the student's plain state_dict), metrics.json (resolved config, accuracies,
+history, timing, versions), log.csv and last.pt (all that --resume needs) into its --run-dir.
 
-Sections: 1 the method, 2 the baselines, 3 feature taps and the loss wiring, 4 config and CLI, 5 data, 6 the
-training loop, 7 evaluation, 8 entry points. Importing runs nothing, and sections 1-3 need only torch: copied
-alone, this file's ProjectorEnsemble, mda_loss, kd_loss, sp_loss, CRDLite and features_and_logits work on any
-classifier whose head is a final nn.Linear. models.py is imported where it is used; the tools above this file
-(teacher_cache.py, bench.py, fetch.py) when their subcommand runs, and the teacher cache when a run opens it.
+Sections: 1 the method, 2 the baselines, 3 feature taps and the loss wiring, 4 config and CLI, 5
+data, 6 the training loop (the loop itself: train, train_epoch, the step; then setting up a run,
+the bookkeeping, logging and files), 7 evaluation, 8 entry points. Importing runs nothing, and
+sections 1-3 need only torch: copied alone, this file's ProjectorEnsemble, mda_loss, kd_loss,
+sp_loss, CRDLite and features_and_logits work on any classifier whose head is a final nn.Linear.
+models.py is imported where it is used (copied alone, an architecture asks for it in one line); the
+tools above this file (teacher_cache.py, bench.py, fetch.py) when their subcommand runs, and the
+teacher cache when a run opens it.
 """
 import argparse
 import contextlib
@@ -55,9 +60,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------------
-# 1. The method: q projectors from the student's feature width to the teacher's, averaged, and the direction
-#    alignment of that mean with the teacher's feature. The whole objective is
-#        loss = CE + alpha * mda_loss(projectors(s), t)        (alpha = 25; computed in method_loss, section 3)
+# 1. The method: q projectors from the student's feature width to the teacher's, averaged, and
+#    the direction alignment of that mean with the teacher's feature. The whole objective is
+#        loss = CE + alpha * mda_loss(projectors(s), t)    (alpha = 25; method_loss, section 3)
 
 PROJECTOR_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "none": nn.Identity}
 
@@ -99,12 +104,13 @@ def mda_loss(projected_student, teacher_feature):
     return 1 - (_unit(f) * _unit(t)).sum(-1).mean()
 
 # --------------------------------------------------------------------------------------------------
-# 2. The baselines, with RepDistiller's settings: KD, SP and CRD-lite. Every loss computes in float32,
-#    whatever autocast produced upstream.
+# 2. The baselines, with RepDistiller's settings: KD, SP and CRD-lite. Every loss computes in
+#    float32, whatever autocast produced upstream.
 
 def kd_loss(student_logits, teacher_logits, T=4.0):
     """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
-    log_p_s, log_p_t = (F.log_softmax(logits.float() / T, dim=1) for logits in (student_logits, teacher_logits))
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * T * T
 
 def sp_loss(student_map, teacher_map):
@@ -149,7 +155,9 @@ class CRDLite(nn.Module):
     """
     def __init__(self, d_student, d_teacher, dim=128, negatives=16384, T=0.07):
         super().__init__()
-        self.T, self.embed_student, self.embed_teacher = T, nn.Linear(d_student, dim), nn.Linear(d_teacher, dim)
+        self.T = T
+        self.embed_student = nn.Linear(d_student, dim)
+        self.embed_teacher = nn.Linear(d_teacher, dim)
         self.register_buffer("queue_student", F.normalize(torch.randn(negatives, dim), dim=1))
         self.register_buffer("queue_teacher", F.normalize(torch.randn(negatives, dim), dim=1))
         self.register_buffer("queue_next", torch.zeros((), dtype=torch.long))
@@ -160,7 +168,8 @@ class CRDLite(nn.Module):
         self.z_reduced = False
 
     def _nce(self, anchor, positive, queue, side):
-        logits = torch.cat([(anchor * positive).sum(1, keepdim=True), anchor @ queue.t()], dim=1) / self.T
+        scores = [(anchor * positive).sum(1, keepdim=True), anchor @ queue.t()]
+        logits = torch.cat(scores, dim=1) / self.T
         first_log_z = torch.logsumexp(logits.detach().flatten(), 0) - math.log(logits.numel())
         # Z is a mean over equal shares of the global batch
         if _world_size() > 1 and not self.z_reduced:
@@ -188,15 +197,17 @@ class CRDLite(nn.Module):
             with torch.no_grad():
                 keys_s, keys_t = _gather_rows(v_s.detach()), _gather_rows(v_t.detach())
                 self.log_z.copy_(torch.stack([log_z_t, log_z_s]))
-                slots = (self.queue_next + torch.arange(len(keys_s), device=v_s.device)) % self.queue_student.shape[0]
+                batch = torch.arange(len(keys_s), device=v_s.device)
+                slots = (self.queue_next + batch) % self.queue_student.shape[0]
                 self.queue_student.index_copy_(0, slots, keys_s)
                 self.queue_teacher.index_copy_(0, slots, keys_t)
                 self.queue_next.copy_(slots[-1] + 1)
         return loss_t + loss_s
 
 # --------------------------------------------------------------------------------------------------
-# 3. Feature taps and the loss wiring: the pooled penultimate feature and the last-stage map are read with
-#    hooks, so any classifier whose head is a final nn.Linear works without editing its forward.
+# 3. Feature taps and the loss wiring: the pooled penultimate feature and the last-stage map are
+#    read with hooks, so any classifier whose head is a final nn.Linear works without editing its
+#    forward.
 
 class Outputs(NamedTuple):
     """What the losses read from one network's forward pass."""
@@ -309,8 +320,9 @@ def method_loss(cfg, loss_module, student, teacher, labels):
     return Losses(ce_weight * ce + distill_weight * distill, ce, distill.float())
 
 # --------------------------------------------------------------------------------------------------
-# 4. Config and CLI: one dataclass, whose fields are the options; None means "the protocol of --dataset".
-#    resolve_config turns parsed options into the resolved config, in one place.
+# 4. Config and CLI: one dataclass, whose fields are the options (each with its help); None means
+#    "the protocol of --dataset". argparse reads them; resolve_config turns parsed options into the
+#    resolved config, in one place.
 
 def option(default, help):
     """A dataclass field that is a command-line option: its default, and its line in --help."""
@@ -412,8 +424,9 @@ class Config:
 CIFAR100_PROTOCOL = {"epochs": 240, "batch_size": 64, "lr": 0.05, "lr_decay_epochs": "150,180,210",
                      "weight_decay": 5e-4, "eval_batch_size": 1000}
 PROTOCOLS = {"cifar100": CIFAR100_PROTOCOL, "synthetic": dict(CIFAR100_PROTOCOL),
-             "imagenet": {"epochs": 100, "batch_size": 256, "lr": 0.1, "lr_decay_epochs": "30,60,90",
-                          "weight_decay": 1e-4, "eval_batch_size": 250}}
+             "imagenet": {"epochs": 100, "batch_size": 256, "lr": 0.1,
+                          "lr_decay_epochs": "30,60,90", "weight_decay": 1e-4,
+                          "eval_batch_size": 250}}
 METHODS = ("pefd", "kd", "sp", "crd", "ce")
 # those that need only the teacher's feature and logits, not its maps
 CACHED_TEACHER_METHODS = ("pefd", "kd", "crd")
@@ -423,16 +436,18 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 SWITCHES = ("auto", "on", "off")
 CHOICES = {"method": METHODS, "dataset": tuple(PROTOCOLS), "amp": tuple(AMP_DTYPES),
            "proj_act": tuple(PROJECTOR_ACTIVATIONS), "graph": SWITCHES, "teacher_cache": SWITCHES}
-POSITIVE = ("epochs", "batch_size", "eval_batch_size", "proj_depth", "kd_T", "crd_T", "crd_dim", "crd_negatives",
-            "synthetic_size", "image_size")
-NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd_ce_weight", "sp_weight", "crd_weight",
-                "lr_decay_rate", "seed", "checkpoint_seconds", "progress_seconds", "workers", "teacher_cache_ram")
+POSITIVE = ("epochs", "batch_size", "eval_batch_size", "proj_depth", "kd_T", "crd_T", "crd_dim",
+            "crd_negatives", "synthetic_size", "image_size")
+NON_NEGATIVE = ("lr", "momentum", "weight_decay", "alpha", "q", "kd_weight", "kd_ce_weight",
+                "sp_weight", "crd_weight", "lr_decay_rate", "seed", "checkpoint_seconds",
+                "progress_seconds", "workers", "teacher_cache_ram")
 LOW_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 in the paper and RepDistiller
 # Fields that may differ when a run is resumed: they change where and how fast it runs, not what it
 # computes. (run_dir: the folder is where last.pt is, however it is spelled or wherever it moved.)
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "data_dir", "download",
-                     "eval_batch_size", "resume", "overwrite", "graph", "teacher_cache", "teacher_cache_file",
-                     "teacher_cache_ram", "workers", "checkpoint_seconds", "progress_seconds", "run_dir")
+                     "eval_batch_size", "resume", "overwrite", "graph", "teacher_cache",
+                     "teacher_cache_file", "teacher_cache_ram", "workers", "checkpoint_seconds",
+                     "progress_seconds", "run_dir")
 
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
@@ -479,7 +494,8 @@ def parse_args(argv, schema=Config):
                         f"(see --help)")
     if unknown:
         name = unknown[0].partition("=")[0]
-        close = difflib.get_close_matches(name, [_flag(f.name) for f in dataclasses.fields(schema)], n=1)
+        flags = [_flag(f.name) for f in dataclasses.fields(schema)]
+        close = difflib.get_close_matches(name, flags, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"unknown option {name}{hint}; see --help")
     return schema(**vars(given))
@@ -495,7 +511,8 @@ def cli_help(schema, doc, usage):
             cifar = [a for a in models.MODELS if a not in models.IMAGENET_ARCHS]
             parser.epilog = (f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; "
                              f"ImageNet {', '.join(models.IMAGENET_ARCHS)}")
-    return "\n".join([*textwrap.wrap(doc.strip().split("\n\n")[0], width), "", parser.format_help()])
+    first_paragraph = doc.strip().split("\n\n")[0]
+    return "\n".join([*textwrap.wrap(first_paragraph, width), "", parser.format_help()])
 
 def options_of(name, own, shared):
     """A subcommand's options as one dataclass: the fields of `own` (a dataclass, or None), then the
@@ -503,8 +520,8 @@ def options_of(name, own, shared):
     for training."""
     fields = [*(dataclasses.fields(own) if own else ()),
               *(f for f in dataclasses.fields(Config) if f.name in shared)]
-    return dataclasses.make_dataclass(name, [(f.name, f.type, option(f.default, f.metadata.get("help", "")))
-                                             for f in fields])
+    copied = [(f.name, f.type, option(f.default, f.metadata.get("help", ""))) for f in fields]
+    return dataclasses.make_dataclass(name, copied)
 
 def models_module():
     """models.py, the architectures, imported where it is used: this file copied alone imports
@@ -524,7 +541,9 @@ def check_arch(arch, role, dataset):
         raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of "
                         f"{', '.join(models)}")
     if (arch in imagenet) != (dataset == "imagenet"):
-        kind, other = ("an ImageNet", "a CIFAR") if arch in imagenet else ("a CIFAR (32x32)", "an ImageNet")
+        kind, other = ("a CIFAR (32x32)", "an ImageNet")  # a pair: what it is, what is needed
+        if arch in imagenet:
+            kind, other = ("an ImageNet", "a CIFAR")
         raise UserError(f"{arch} is {kind} architecture and --dataset {dataset} needs {other} one "
                         f"(ImageNet: {', '.join(imagenet)})")
 
@@ -734,8 +753,11 @@ def config_lines(given, cfg):
     for f in dataclasses.fields(cfg):
         value, asked = getattr(cfg, f.name), getattr(given, f.name)
         if value != f.default:
-            source = ("given" if asked == value else f"{cfg.dataset} protocol"
-                      if asked is None and PROTOCOLS[cfg.dataset].get(f.name) == value else "resolved")
+            source = "resolved"
+            if asked == value:
+                source = "given"
+            elif asked is None and PROTOCOLS[cfg.dataset].get(f.name) == value:
+                source = f"{cfg.dataset} protocol"
             lines.append(f"  {_flag(f.name):<22} {value!s:<36} {source}")
     return lines
 
@@ -759,9 +781,10 @@ def run_path(runs, teacher, student, method, seed, **projector):
     return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
 
 # --------------------------------------------------------------------------------------------------
-# 5. Data: CIFAR-100 from the official pickles, a synthetic stand-in, and GPU-side augmentation; ImageNet from
-#    class folders. The uint8 CIFAR-style sets live on the device and are cropped and flipped there, a whole
-#    epoch at once, with no loader workers; ImageNet is decoded and augmented by DataLoader workers.
+# 5. Data: CIFAR-100 from the official pickles, a synthetic stand-in, and GPU-side augmentation;
+#    ImageNet from class folders. The uint8 CIFAR-style sets live on the device and are cropped and
+#    flipped there, a whole epoch at once, with no loader workers; ImageNet is decoded and augmented
+#    by DataLoader workers.
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
@@ -773,7 +796,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     """The CIFAR pickles hold dicts of numpy arrays and lists; refuse anything else a pickle could
     run."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"),
                ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 
     def find_class(self, module, name):
@@ -832,8 +856,8 @@ def make_synthetic(n_train, num_classes, seed=0):
     image a 32-pixel window of it at a random offset of up to 4 pixels, plus noise. Deterministic in
     its arguments."""
     g = torch.Generator().manual_seed(seed)
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=36, mode="bilinear",
-                             align_corners=False) * 200 + 28
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    patterns = F.interpolate(coarse, size=36, mode="bilinear", align_corners=False) * 200 + 28
 
     def draw(n):
         y = torch.arange(n) % num_classes
@@ -855,10 +879,14 @@ def load_imagenet(root, image_size=224):
     from torchvision.datasets import ImageFolder
     train_layout = os.path.join(root, "train", "<class>", "<image>")
     val_layout = os.path.join(root, "val", "<class>", "<image>")
-    layout = f"{train_layout} and {val_layout} with the same class folders in both (docs/imagenet.md)"
+    layout = (f"{train_layout} and {val_layout} with the same class folders in both "
+              f"(docs/imagenet.md)")
     resize = round(image_size * 256 / 224)
-    transforms = {"train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]),
-                  "val": T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])}
+    transforms = {
+        "train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
+                            T.PILToTensor()]),
+        "val": T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()]),
+    }
     sets = {}
     for split, transform in transforms.items():
         folder = os.path.join(root, split)
@@ -899,7 +927,8 @@ class Data:
         """(uint8 images, labels) of this process's share of the test (CIFAR) or validation
         (ImageNet) set, on the device; the shares of all processes cover the set once."""
         if self.test_x is None:
-            return ((x.to(self.mean.device, non_blocking=True), y.to(self.mean.device, non_blocking=True))
+            device = self.mean.device
+            return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                     for x, y in self.val_loader)
         n = len(self.test_x)
         lo = n * _rank() // _world_size()
@@ -918,11 +947,12 @@ def load_data(cfg, device):
         # none twice
         shard = torch.utils.data.Subset(val_set, range(_rank(), len(val_set), _world_size()))
         val_loader = image_loader(shard, cfg.eval_batch_size, cfg.workers, device)
-        return Data(len(train_set.classes), channels(IMAGENET_MEAN), channels(IMAGENET_STD), train_set=train_set,
-                    val_loader=val_loader)
+        return Data(len(train_set.classes), channels(IMAGENET_MEAN), channels(IMAGENET_STD),
+                    train_set=train_set, val_loader=val_loader)
     if cfg.dataset == "cifar100":
         tensors = load_cifar100(cfg.data_dir, cfg.download)
-        return Data(100, channels(CIFAR100_MEAN), channels(CIFAR100_STD), *(t.to(device) for t in tensors))
+        on_device = [t.to(device) for t in tensors]
+        return Data(100, channels(CIFAR100_MEAN), channels(CIFAR100_STD), *on_device)
     tensors = make_synthetic(cfg.synthetic_size, cfg.synthetic_classes)
     mean = channels((0.5, 0.5, 0.5))
     std = channels((0.25, 0.25, 0.25))
@@ -931,8 +961,9 @@ def load_data(cfg, device):
 def image_loader(dataset, batch_size, workers, device, sampler=None, drop_last=False):
     """A DataLoader of uint8 image batches: worker processes decode and augment, pinned memory for
     the copy."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=drop_last,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers, pin_memory=device.type == "cuda",
+                                       drop_last=drop_last,
                                        persistent_workers=workers > 0)
 
 def normalize(images, mean, std):
@@ -961,7 +992,8 @@ def crop_flip(images, dy, dx, flip, padding=CROP_PADDING):
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=device)[:, None, None, None]
     chans = torch.arange(c, device=device)[None, :, None, None]
-    return F.pad(images, (padding,) * 4)[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+    padded = F.pad(images, (padding,) * 4)
+    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
 
 # --------------------------------------------------------------------------------------------------
 # 6. The training loop, in the order it runs: train() sets up the run, then per epoch train_epoch,
@@ -986,7 +1018,8 @@ def train(cfg):
             for epoch in range(run.start_epoch, resolved.epochs):
                 start = time.time()
                 stats = train_epoch(run, epoch)
-                result = evaluate(run.student, run.data, resolved.eval_batch_size, run.memory_format)
+                result = evaluate(run.student, run.data, resolved.eval_batch_size,
+                                  run.memory_format)
                 record_epoch(run, epoch, stats, result, time.time() - start)
                 if epoch + 1 < resolved.epochs:
                     save_or_stop(run, epoch + 1)
@@ -1250,7 +1283,8 @@ class LoaderFeed:
 
     def next_batch(self):
         images, labels = next(self.batches)
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), None
+        images = images.to(self.device, non_blocking=True)
+        return images, labels.to(self.device, non_blocking=True), None
 
     def close(self):
         pass
@@ -1424,8 +1458,8 @@ def build_run(cfg, device, world, data):
 def build_optimizer(cfg, parameters, lr, fused):
     """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel
     for all parameters, reading the lr tensor on the device, as the CUDA graph needs."""
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                fused=fused)
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, fused=fused)
     with_momentum_buffers(optimizer)
     return optimizer
 
@@ -1623,8 +1657,8 @@ def checkpoint_to_resume(cfg):
     should not: other settings than RESUMABLE_CHANGES, or another teacher file by its sha256 (by
     path if last.pt has none)."""
     last_path = os.path.join(cfg.run_dir, "last.pt")
-    if not cfg.resume and not cfg.overwrite and any(
-            os.path.exists(os.path.join(cfg.run_dir, f)) for f in ("last.pt", "model.pt", "metrics.json")):
+    run_files = [os.path.join(cfg.run_dir, f) for f in ("last.pt", "model.pt", "metrics.json")]
+    if not cfg.resume and not cfg.overwrite and any(map(os.path.exists, run_files)):
         raise UserError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, "
                         "--overwrite to start over, or another --run-dir")
     if not (cfg.resume and os.path.isfile(last_path)):
@@ -1876,7 +1910,9 @@ def labelled_log(run_dir):
     """Under make, where several runs share a terminal, each line of this run starts with its short
     name."""
     global log_label
-    log_label = f"[{os.path.join(*os.path.abspath(run_dir).split(os.sep)[-2:])}] " if "MAKELEVEL" in os.environ else ""
+    log_label = ""
+    if "MAKELEVEL" in os.environ:
+        log_label = f"[{os.path.join(*os.path.abspath(run_dir).split(os.sep)[-2:])}] "
     try:
         yield
     finally:
@@ -1927,8 +1963,9 @@ def code_version():
     outside git."""
     git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
     try:
-        commit, dirty = (subprocess.run(git + args, capture_output=True, text=True, timeout=10).stdout.strip()
-                         for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "-uno"]))
+        commit, dirty = (  # a pair: the commit and what differs from it
+            subprocess.run(git + args, capture_output=True, text=True, timeout=10).stdout.strip()
+            for args in (["rev-parse", "--short=12", "HEAD"], ["status", "--porcelain", "-uno"]))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not commit:
@@ -1947,9 +1984,10 @@ def _duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 # --------------------------------------------------------------------------------------------------
-# 7. Evaluation: top-1/top-5 and the between-class cosine (the paper's Figure 2) of a model on the test set, and
-#    `projkd.py eval`, which evaluates a model file alone and records what it evaluated: the file's sha256 and
-#    the test set's. The pipeline's tables read those records; every run records its teacher's provenance.
+# 7. Evaluation: top-1/top-5 and the between-class cosine (the paper's Figure 2) of a model on the
+#    test set, and `projkd.py eval`, which evaluates a model file alone and records what it
+#    evaluated: the file's sha256 and the test set's. The pipeline's tables read those records;
+#    every run records its teacher's provenance.
 
 @torch.no_grad()
 def evaluate(model, data, batch_size, memory_format):
@@ -1962,9 +2000,12 @@ def evaluate(model, data, batch_size, memory_format):
     class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
     try:
         for images, labels in data.test_batches(batch_size):
-            logits = model(normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)).float()
+            x = normalize(images, data.mean, data.std).contiguous(memory_format=memory_format)
+            logits = model(x).float()
             best5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits += torch.stack([(best5[:, 0] == labels).sum(), (best5 == labels[:, None]).any(1).sum()])
+            top1_hits = (best5[:, 0] == labels).sum()
+            top5_hits = (best5 == labels[:, None]).any(1).sum()
+            hits += torch.stack([top1_hits, top5_hits])
             n += len(labels)
             class_sums.index_add_(0, labels, taps.feature.float())
     finally:
@@ -1975,8 +2016,8 @@ def evaluate(model, data, batch_size, memory_format):
         dist.all_reduce(counts)
         dist.all_reduce(class_sums)
     top1, top5, n = counts.tolist()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "between_class_cosine": between_class_cosine(class_sums),
-            "images": n}
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n,
+            "between_class_cosine": between_class_cosine(class_sums), "images": n}
 
 def between_class_cosine(class_sums):
     """Mean cosine similarity between the class-mean features of different classes (the paper's
@@ -2034,8 +2075,8 @@ class EvalOptions:
     out: str = option("", "the result as JSON; default: the checkpoint's path with the suffix "
                           ".eval.json")
 
-EvalConfig = options_of("EvalConfig", EvalOptions,
-                        DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device"))
+EVAL_SHARED = DATA_OPTIONS + ("data_dir", "download", "workers", "eval_batch_size", "device")
+EvalConfig = options_of("EvalConfig", EvalOptions, EVAL_SHARED)
 
 def test_set_sha256(data):
     """What the evaluation saw, as one hash: the test images' pixels and labels (CIFAR-style), or
@@ -2059,10 +2100,10 @@ def with_run_data_settings(ec):
     try:
         with open(os.path.join(os.path.dirname(ec.ckpt), "metrics.json")) as f:
             trained = json.load(f)["config"]
-        taken = {k: trained[k] for k in DATA_OPTIONS if getattr(ec, k) == getattr(Config, k) != trained[k]}
-    # no run beside it: a teacher, a file of one's own
+        taken = {k: trained[k] for k in DATA_OPTIONS
+                 if getattr(ec, k) == getattr(Config, k) != trained[k]}
     except (OSError, ValueError, KeyError, TypeError):
-        return ec
+        return ec  # no run beside it: a teacher, a file of one's own
     if taken:
         log(f"note: {', '.join(f'{k}={v}' for k, v in taken.items())} from the run's metrics.json")
     return dataclasses.replace(ec, **taken)
@@ -2089,11 +2130,14 @@ def evaluate_checkpoint(ec):
     ec = dataclasses.replace(ec, eval_batch_size=batch_size, workers=workers)
     data = load_data(ec, device)
     memory_format = memory_format_and_autocast("off", device)[0]
-    model = models_module().frozen_model(ec.arch, models_module().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
-    result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
+    state_dict = models_module().read_state_dict(ec.ckpt)
+    model = models_module().frozen_model(ec.arch, state_dict, data.num_classes, ec.ckpt)
+    model = model.to(device, memory_format=memory_format)
+    result = evaluate(model, data, ec.eval_batch_size, memory_format)
     out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
     record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
-              **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result, "test_set_sha256": test_set_sha256(data),
+              **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result,
+              "test_set_sha256": test_set_sha256(data),
               "world_size": world, "device": device_name(device), "torch": torch.__version__}
     if _rank() == 0:
         save(record, out)
@@ -2106,10 +2150,10 @@ def evaluate_checkpoint(ec):
     return record
 
 # --------------------------------------------------------------------------------------------------
-# 8. Entry points: training (no subcommand), `projkd.py eval` and `download` are here; the teacher cache, the bench
-#    and fetching weights are the tools above this file (teacher_cache.py, bench.py, fetch.py), imported by name
-#    when their subcommand runs. Each takes its options from a dataclass, as training does; those it shares with
-#    training mean the same.
+# 8. Entry points: training (no subcommand), `projkd.py eval` and `download` are here; the teacher
+#    cache, the bench and fetching weights are the tools above this file (teacher_cache.py,
+#    bench.py, fetch.py), imported by name when their subcommand runs. Each takes its options from a
+#    dataclass, as training does; those it shares with training mean the same.
 
 DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 
@@ -2148,7 +2192,8 @@ COMMANDS = {
 def command_of(argv):
     """(the function to run, its options dataclass, the usage line, the options) for a command
     line."""
-    usage = f"python projkd.py [--option value ...]   (or a subcommand: {', '.join(COMMANDS)}; SUBCOMMAND --help)"
+    usage = (f"python projkd.py [--option value ...]   (or a subcommand: {', '.join(COMMANDS)}; "
+             f"SUBCOMMAND --help)")
     if not argv or argv[0].startswith("-"):
         return train, Config, usage, argv
     if argv[0] not in COMMANDS:
