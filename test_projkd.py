@@ -48,7 +48,8 @@ from projkd import (
     sp_loss,
 )
 
-# --- method: ProjectorEnsemble and mda_loss ----------------------------------------------------------------------
+# --- method: ProjectorEnsemble and mda_loss
+# ----------------------------------------------------------------------
 
 
 def test_mda_loss_hand_computed():
@@ -56,7 +57,8 @@ def test_mda_loss_hand_computed():
     t = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
     # cos = 1 and 1/sqrt(2): loss = 1 - (1 + 0.70710678) / 2
     assert mda_loss(f, t).item() == pytest.approx(1 - (1 + 2 ** -0.5) / 2, abs=1e-6)
-    assert mda_loss(5 * f, 0.1 * t).item() == pytest.approx(mda_loss(f, t).item(), abs=1e-6)  # directions only
+    # directions only
+    assert mda_loss(5 * f, 0.1 * t).item() == pytest.approx(mda_loss(f, t).item(), abs=1e-6)
     assert mda_loss(-t, t).item() == pytest.approx(2.0, abs=1e-6)
 
 
@@ -81,7 +83,8 @@ def test_projector_ensemble_is_the_mean_of_q_projectors(act, depth):
     assert torch.allclose(out, by_hand, atol=1e-6)
     first = ens.projectors[0]
     assert len(first) == 2 * depth and isinstance(first[1], projkd.PROJECTOR_ACTIVATIONS[act])
-    assert not torch.equal(first[0].weight, ens.projectors[1][0].weight)  # independently initialised
+    # independently initialised
+    assert not torch.equal(first[0].weight, ens.projectors[1][0].weight)
 
 
 def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
@@ -95,8 +98,9 @@ def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     assert [tuple(p.shape) for p in ens.parameters()] == [(4, 6), (4,), (4, 4), (4,)] * 2
 
 
-# The outputs of the stacked-weight ProjectorEnsemble of commit 066209a (one batched matmul per layer), as
-# float.hex of float32 values: the plain ModuleList must give the very same bits on the CPU.
+# The outputs of the stacked-weight ProjectorEnsemble of commit 066209a (one batched matmul per
+# layer), as float.hex of float32 values: the plain ModuleList must give the very same bits on the
+# CPU.
 STACKED_OUTPUTS = {
     1: ["0x1.0749800000000p-8", "0x1.58b1100000000p-3", "0x1.aeabd60000000p-2", "0x1.097bca0000000p-3",
         "0x1.3c00d20000000p-3", "0x1.1c05da0000000p-4", "0x1.0a04080000000p-1", "0x1.5c3aa60000000p-3",
@@ -148,7 +152,8 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     assert not teacher_taps.feature.requires_grad
 
 
-# --- baselines: KD, SP, CRD-lite ---------------------------------------------------------------------------------
+# --- baselines: KD, SP, CRD-lite
+# ---------------------------------------------------------------------------------
 
 
 def test_kd_loss_hand_computed():
@@ -164,7 +169,8 @@ def test_kd_loss_hand_computed():
 
 def test_sp_loss_hand_computed():
     student = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(2, 1, 1, 2)  # Gram = I
-    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(2, 1, 1, 2)  # Gram rows normalise to (1, 1)/sqrt(2)
+    # Gram rows normalise to (1, 1)/sqrt(2)
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(2, 1, 1, 2)
     r = 2 ** -0.5
     expected = 2 * ((1 - r) ** 2 + r ** 2) / 4
     assert sp_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
@@ -174,7 +180,8 @@ def test_sp_loss_hand_computed():
 
 
 def crd_reference_loss(anchor, positive, negatives, log_z, T, n_data=50000):
-    """CRD's eq. 18 written as CRD writes it: P = exp(v.u/T) / Z with Z = exp(log_z) * n_data, noise 1/n_data."""
+    """CRD's eq. 18 written as CRD writes it: P = exp(v.u/T) / Z with Z = exp(log_z) * n_data, noise
+    1/n_data."""
     m = negatives.shape[0]
     p_pos = torch.exp((anchor * positive).sum(1) / T) / (math.exp(log_z) * n_data)
     p_neg = torch.exp(anchor @ negatives.t() / T) / (math.exp(log_z) * n_data)
@@ -206,7 +213,8 @@ def test_crd_lite_matches_crd_nce_and_updates_its_queue():
     assert crd.queue_next.item() == 3
     z_before = crd.log_z.clone()
     crd(torch.randn(3, 6), torch.randn(3, 10))
-    assert crd.queue_next.item() == 1 and torch.equal(crd.log_z, z_before)  # Z is fixed after the first batch
+    # Z is fixed after the first batch
+    assert crd.queue_next.item() == 1 and torch.equal(crd.log_z, z_before)
 
 
 def test_crd_lite_updates_its_queues_in_place():
@@ -217,8 +225,8 @@ def test_crd_lite_updates_its_queues_in_place():
 
 
 def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
-    """Only the first batch's Z is ever used: its all-reduce (one per side) happens on the first step, not every
-    step."""
+    """Only the first batch's Z is ever used: its all-reduce (one per side) happens on the first
+    step, not every step."""
     reduced = []
     monkeypatch.setattr(projkd, "_world_size", lambda: 2)
     monkeypatch.setattr(projkd.dist, "all_reduce", lambda t: reduced.append(t.clone()))
@@ -226,16 +234,19 @@ def test_crd_lite_under_torchrun_averages_z_only_while_it_is_unset(monkeypatch):
     crd = CRDLite(6, 10, dim=4, negatives=8, T=0.5)
     for _ in range(3):
         crd(torch.randn(3, 6), torch.randn(3, 10)).backward()
-    assert len(reduced) == 2 and int(crd.queue_next) == 3 * 3 * 2 % 8  # each step enqueues both processes' rows
+    # each step enqueues both processes' rows
+    assert len(reduced) == 2 and int(crd.queue_next) == 3 * 3 * 2 % 8
 
 
 def test_between_class_cosine_hand_computed():
-    sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])  # the last class has no samples
+    # the last class has no samples
+    sums = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
     # pairs: (0,1) 0, (0,2) 1/sqrt2, (1,2) 1/sqrt2
     assert projkd.between_class_cosine(sums) == pytest.approx(2 * 2 ** -0.5 / 3, rel=1e-9)
 
 
-# --- feature taps and the loss wiring ----------------------------------------------------------------------------
+# --- feature taps and the loss wiring
+# ----------------------------------------------------------------------------
 
 
 def test_features_and_logits_on_a_torchvision_model():
@@ -250,8 +261,8 @@ def test_features_and_logits_on_a_torchvision_model():
 
 
 def test_projkd_copied_alone_imports_and_runs(tmp_path):
-    """The pieces the docstring offers for copying work from projkd.py alone: no models.py beside it, and no
-    fcntl, which Windows lacks."""
+    """The pieces the docstring offers for copying work from projkd.py alone: no models.py beside
+    it, and no fcntl, which Windows lacks."""
     shutil.copy(os.path.join(HERE, "projkd.py"), tmp_path)
     code = textwrap.dedent("""
         import sys
@@ -286,7 +297,8 @@ def test_projkd_copied_alone_asks_for_models_py_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "projkd.py", "--student", "vgg8", "--method", "ce"], cwd=tmp_path,
                             env=env, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr == ("projkd: error: the architectures are in models.py, which is needed beside "
+    assert result.stderr == ("projkd: error: the architectures are in models.py, which is needed "
+                             "beside "
                              "projkd.py: copy it there too\n")
     assert sorted(os.listdir(tmp_path)) == ["projkd.py"]
     help_alone = subprocess.run([sys.executable, "projkd.py", "--help"], cwd=tmp_path, env=env,
@@ -295,7 +307,8 @@ def test_projkd_copied_alone_asks_for_models_py_in_one_line(tmp_path):
         help_alone.stdout
 
 
-# --- config and CLI ----------------------------------------------------------------------------------------------
+# --- config and CLI
+# ----------------------------------------------------------------------------------------------
 
 
 def test_parse_args_types_flags_and_spellings():
@@ -310,7 +323,8 @@ def test_parse_args_types_flags_and_spellings():
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--epochs"], "argument --epochs: expected one argument"),
     (["vgg8"], "unexpected argument 'vgg8'"),
-    (["--deterministic=maybe"], "argument --deterministic/--no-deterministic: ignored explicit argument"),
+    (["--deterministic=maybe"], "argument --deterministic/--no-deterministic: ignored explicit "
+                                "argument"),
 ])
 def test_parse_args_errors(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -325,13 +339,17 @@ def test_parse_args_errors(argv, message):
     (["--student", "vgg8", "--method", "ce", "--lr", "-1"], "--lr must be a finite number >= 0"),
     (["--student", "vgg8", "--method", "ce", "--lr", "nan"], "--lr must be a finite number >= 0"),
     (["--student", "vgg8", "--method", "ce", "--amp", "fp8"], "unknown --amp 'fp8'"),
-    (["--student", "vgg8", "--method", "ce", "--lr-decay-epochs", "150;180"], "--lr-decay-epochs must be"),
-    (["--student", "vgg8", "--teacher", "vgg13", "--proj-act", "tanh"], "unknown --proj-act 'tanh'"),
-    (["--student", "vgg8", "--method", "ce", "--graph", "on"], "--graph on is not possible here: it needs CUDA"),
+    (["--student", "vgg8", "--method", "ce", "--lr-decay-epochs", "150;180"], "--lr-decay-epochs "
+                                                                              "must be"),
+    (["--student", "vgg8", "--teacher", "vgg13", "--proj-act", "tanh"], "unknown --proj-act "
+                                                                        "'tanh'"),
+    (["--student", "vgg8", "--method", "ce", "--graph", "on"], "--graph on is not possible here: "
+                                                               "it needs CUDA"),
     (["--student", "vgg8", "--method", "ce", "--graph", "maybe"], "unknown --graph 'maybe'"),
     (["--student", "vgg8", "--teacher", "vgg13", "--method", "sp", "--teacher-cache", "on"],
      "--teacher-cache on serves pefd, kd and crd"),
-    (["--student", "resnet18", "--method", "ce"], "resnet18 is an ImageNet architecture and --dataset synthetic"),
+    (["--student", "resnet18", "--method", "ce"], "resnet18 is an ImageNet architecture and "
+                                                  "--dataset synthetic"),
     (["--student", "vgg8", "--method", "ce", "--batch-size", "31", "--dataset", "imagenet"],
      "vgg8 is a CIFAR (32x32) architecture and --dataset imagenet"),
     (["--student", "vgg8", "--method", "ce", "--dataset", "mnist"], "unknown --dataset 'mnist'"),
@@ -368,7 +386,8 @@ def test_help_lists_every_option_with_its_comment(capsys):
 
 
 def test_help_piped_into_head_ends_quietly():
-    result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head -1", shell=True,
+    result = subprocess.run(f"{sys.executable} {os.path.join(HERE, 'projkd.py')} --help | head "
+                            "-1", shell=True,
                             capture_output=True, text=True)
     assert result.stdout.startswith("projkd: Improved Feature Distillation") and result.stderr == ""
 
@@ -377,20 +396,23 @@ def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "projkd.py"), "--student", "nope", "--method", "ce"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; choose one of "
+    assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; "
+                                     "choose one of "
                                      + ", ".join(MODELS))
     assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
 
 
 def test_importing_projkd_has_no_side_effects(tmp_path):
-    # nor tables.py (projkd.py eval imports it): matplotlib is imported only for figures, models.py where used
+    # nor tables.py (projkd.py eval imports it): matplotlib is imported only for figures, models.py
+    # where used
     code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import projkd, tables; "
             "print(sorted(os.listdir('.')), 'matplotlib' in sys.modules, 'models' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "[] False False" and result.stderr == ""
 
 
-# --- data --------------------------------------------------------------------------------------------------------
+# --- data
+# --------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
@@ -399,7 +421,8 @@ def test_load_cifar100_reads_the_official_layout(tmp_path, bytes_keys):
     train_x, train_y, test_x, test_y = load_cifar100(str(tmp_path))
     assert train_x.shape == (200, 3, 32, 32) and train_x.dtype == torch.uint8
     assert test_x.shape == (100, 3, 32, 32) and test_y.dtype == torch.int64
-    # pixel (c, h, w) of image i is data[i, c * 1024 + h * 32 + w]: channel-major rows, as in the archive
+    # pixel (c, h, w) of image i is data[i, c * 1024 + h * 32 + w]: channel-major rows, as in the
+    # archive
     data, labels = written["train"]
     assert train_x[5, 1, 2, 3].item() == data[5, 1 * 1024 + 2 * 32 + 3]
     assert train_y.tolist() == labels
@@ -426,7 +449,8 @@ def test_load_cifar100_refuses_pickles_that_run_code(tmp_path):
 def test_crop_flip_offsets_padding_and_flips():
     g = torch.Generator().manual_seed(0)
     dy, dx, flip = projkd.augmentation_draws(10000, g)
-    assert dy.min() == 0 and dy.max() == 8 and dx.min() == 0 and dx.max() == 8  # every offset occurs
+    # every offset occurs
+    assert dy.min() == 0 and dy.max() == 8 and dx.min() == 0 and dx.max() == 8
     assert 0.45 < flip.float().mean() < 0.55
     images = torch.randint(1, 256, (3, 3, 32, 32), dtype=torch.uint8)  # no zero pixels of their own
     same = torch.tensor([4, 4, 4])
@@ -472,7 +496,8 @@ def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, messag
     assert not (tmp_path / "run").exists()
 
 
-# --- the training loop -------------------------------------------------------------------------------------------
+# --- the training loop
+# -------------------------------------------------------------------------------------------
 
 
 def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
@@ -488,7 +513,8 @@ def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     rows = list(csv.DictReader(open(synthetic_teacher / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
-    MODELS[SMALL_TEACHER](num_classes=10).load_state_dict(state, strict=True)  # plain state_dict, nothing else
+    # plain state_dict, nothing else
+    MODELS[SMALL_TEACHER](num_classes=10).load_state_dict(state, strict=True)
 
 
 @pytest.mark.parametrize("method", ["pefd", "kd", "sp", "crd"])
@@ -496,21 +522,26 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     run_dir = tmp_path / method
     args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", method,
                           "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--run-dir", str(run_dir),
-                          "--crd-negatives", "64", "--synthetic-size", "512")  # the teacher's data set
+                          # the teacher's data set
+                          "--crd-negatives", "64", "--synthetic-size", "512")
     assert projkd.main(args) == 0
     out = capsys.readouterr().out
     teacher_top1 = json.loads((synthetic_teacher / "metrics.json").read_text())["last_top1"]
-    assert f"test top-1 {teacher_top1:.2f}%" in out  # the teacher's accuracy is announced before distilling
+    # the teacher's accuracy is announced before distilling
+    assert f"test top-1 {teacher_top1:.2f}%" in out
     state = torch.load(run_dir / "model.pt", weights_only=True)
-    MODELS[SMALL_STUDENT](num_classes=10).load_state_dict(state, strict=True)  # no projectors or embeddings
+    # no projectors or embeddings
+    MODELS[SMALL_STUDENT](num_classes=10).load_state_dict(state, strict=True)
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and (len(last["loss_module"]) > 0) == (method in ("pefd", "crd"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["teacher_top1"] == pytest.approx(teacher_top1)
-    # each term of the loss, averaged over the epoch on the device, in the history, log.csv and the epoch line
+    # each term of the loss, averaged over the epoch on the device, in the history, log.csv and the
+    # epoch line
     row, term = metrics["history"][0], projkd.DISTILL_LOSS_NAMES[method]
     weights = {"pefd": (1, 25), "kd": (0.1, 0.9), "sp": (1, 3000), "crd": (1, 0.8)}[method]
-    # log.csv rounds each number to 6 decimals: weighted, that rounding is the tolerance (sp's weight is 3000)
+    # log.csv rounds each number to 6 decimals: weighted, that rounding is the tolerance (sp's
+    # weight is 3000)
     rounding = 0.5e-6 * (1 + weights[0] + weights[1])
     weighted = weights[0] * row["train_ce"] + weights[1] * row[f"train_{term}"]
     assert row["train_loss"] == pytest.approx(weighted, rel=1e-5, abs=rounding)
@@ -555,7 +586,8 @@ def test_the_step_reads_the_feeds_next_batch(tmp_path):
 
 
 def test_epoch_buffers_are_refilled_in_place(tmp_path):
-    """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its storage."""
+    """A CUDA graph replays fixed addresses: every tensor the step reads or writes must keep its
+    storage."""
     run = small_run(tmp_path, "--synthetic-size", "96")
     tensors = [run.feed.images, run.feed.labels, run.feed.next_step, run.lr,
                *(getattr(run.sums, name) for name in projkd.EpochSums.NAMES)]
@@ -586,11 +618,13 @@ def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_
     assert ["--student", "resnet8", "given"] in block and ["--lr", "0.05", "synthetic", "protocol"] in block
     assert ["--graph", "off", "resolved"] in block and not any(b[0] in ("--alpha", "--q", "--seed") for b in block)
     assert not any("amp off on CPU" in line for line in out)  # --amp was not asked for
-    assert not any(b[0] == "--workers" for b in block)  # ImageNet's loaders only: nothing to say on CIFAR-style data
+    # ImageNet's loaders only: nothing to say on CIFAR-style data
+    assert not any(b[0] == "--workers" for b in block)
 
 
 def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
-    """RepDistiller's {'model': state_dict} with DataParallel's 'module.' prefixes loads like our model.pt."""
+    """RepDistiller's {'model': state_dict} with DataParallel's 'module.' prefixes loads like our
+    model.pt."""
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
     repdistiller_style = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": {"module." + k: v for k, v in state.items()}, "accuracy": 1.0},
@@ -629,7 +663,8 @@ def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsy
 
 def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     path = tmp_path / "teacher.pt"
-    torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)  # a whole module: needs unsafe unpickling
+    # a whole module: needs unsafe unpickling
+    torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)
     assert projkd.main(synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
                                       "--teacher-ckpt", str(path), "--run-dir", str(tmp_path / "run"))) == 2
     err = capsys.readouterr().err
@@ -663,7 +698,8 @@ def test_a_gpu_beyond_the_visible_ones_is_one_line(monkeypatch, capsys, tmp_path
     args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(tmp_path / "run"))
     assert projkd.main(args + ["--device", "cuda:2"]) == 2
     err = capsys.readouterr().err
-    assert err == ("projkd: error: --device cuda:2, but 2 CUDA device(s) are visible (cuda:0 to cuda:1); "
+    assert err == ("projkd: error: --device cuda:2, but 2 CUDA device(s) are visible (cuda:0 to "
+                   "cuda:1); "
                    "choose one of them, or check CUDA_VISIBLE_DEVICES\n")
     monkeypatch.setenv("LOCAL_RANK", "2")  # torchrun with more processes than GPUs
     with pytest.raises(projkd.UserError, match="process 2 on this machine, but 2 CUDA device"):
@@ -696,12 +732,13 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
 
 
 def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(capsys):
-    # /proc takes no new folders, whoever asks (as a read-only file system); --data-dir has no CIFAR-100 either:
-    # the run directory's error must come first
+    # /proc takes no new folders, whoever asks (as a read-only file system); --data-dir has no
+    # CIFAR-100 either: the run directory's error must come first
     assert projkd.main(["--student", "vgg8", "--method", "ce", "--device", "cpu", "--data-dir", "/nonexistent",
                         "--run-dir", "/proc/projkd-test/run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("projkd: error: cannot write in --run-dir /proc/projkd-test/run") and err.count("\n") == 1
+    assert err.startswith("projkd: error: cannot write in --run-dir "
+                          "/proc/projkd-test/run") and err.count("\n") == 1
 
 
 def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
@@ -749,7 +786,8 @@ def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
     assert projkd.main(imagenet_args(root, "--teacher", "resnet18", "--teacher-ckpt", str(tmp_path / "teacher.pt"),
                                      "--student", "resnet18", "--run-dir", str(run_dir))) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["config"]["lr"] == 0.1 and metrics["config"]["weight_decay"] == 1e-4  # ImageNet's protocol
+    # ImageNet's protocol
+    assert metrics["config"]["lr"] == 0.1 and metrics["config"]["weight_decay"] == 1e-4
     assert metrics["config"]["lr_decay_epochs"] == "30,60,90" and metrics["config"]["workers"] == 1
     MODELS["resnet18"](num_classes=3).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     eval_args = ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--device", "cpu",
@@ -758,25 +796,27 @@ def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
     assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(tmp_path / "teacher.pt"), *eval_args,
                         "--out", str(teacher_eval)]) == 0
     assert json.loads(teacher_eval.read_text())["top1"] == pytest.approx(metrics["teacher_top1"])
-    # the accuracies recorded are the trained model's: its model.pt, evaluated alone, gives them again
+    # the accuracies recorded are the trained model's: its model.pt, evaluated alone, gives them
+    # again
     assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), *eval_args,
                         "--out", str(student_eval)]) == 0
     student = json.loads(student_eval.read_text())
     assert metrics["last_top1"] == metrics["history"][-1]["test_top1"] == pytest.approx(student["top1"], abs=1e-3)
     assert metrics["last_top5"] == metrics["history"][-1]["test_top5"] == pytest.approx(student["top5"], abs=1e-3)
-    # 3 classes: the top 5 hold every class, so top-5 is 100 whatever the weights. A top-5 that can miss is
-    # checked on 10 classes in test_distributed_top1_equals_one_process_evaluating_model_pt.
+    # 3 classes: the top 5 hold every class, so top-5 is 100 whatever the weights. A top-5 that can
+    # miss is checked on 10 classes in test_distributed_top1_equals_one_process_evaluating_model_pt.
     assert metrics["last_top5"] == 100.0 >= metrics["last_top1"]
 
 
 class FakeCUDA:
-    """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with `capturing` set
-    (as a real capture records the work without doing it), and replay() calls it again for real. The step
-    advances the counter `steps`, as the resident step does on the device. failure="raises": the capture fails
-    as capture_end does after the step raised; "runs-eagerly": the step's kernels went to another device or
-    stream, so they ran during the 'capture' and nothing was recorded (replays do nothing), which is what CUDA
-    does with an empty graph; "replay-does-nothing": the capture recorded work, but not the step's counter.
-    Streams record the device they were made on, and the capture the stream it was given."""
+    """Stands in for torch.cuda in CUDAGraphStep's control flow: a 'capture' calls the step with
+    `capturing` set (as a real capture records the work without doing it), and replay() calls it
+    again for real. The step advances the counter `steps`, as the resident step does on the device.
+    failure="raises": the capture fails as capture_end does after the step raised; "runs-eagerly":
+    the step's kernels went to another device or stream, so they ran during the 'capture' and
+    nothing was recorded (replays do nothing), which is what CUDA does with an empty graph;
+    "replay-does-nothing": the capture recorded work, but not the step's counter. Streams record the
+    device they were made on, and the capture the stream it was given."""
 
     def __init__(self, monkeypatch, failure=None):
         self.capturing, self.log, self.steps, fake = False, [], torch.zeros(()), self
@@ -798,8 +838,10 @@ class FakeCUDA:
                         raise RuntimeError("operation not permitted when stream is capturing")
                 finally:
                     fake.capturing = False
-            except RuntimeError as e:  # as torch does: capture_end's complaint, the cause in its context
-                raise RuntimeError("CUDA error: operation failed due to a previous error during capture") from e
+            # as torch does: capture_end's complaint, the cause in its context
+            except RuntimeError as e:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                                   "capture") from e
 
         class Stream:
             def __init__(self, device=None):
@@ -826,8 +868,8 @@ def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys,
     stepper = projkd.CUDAGraphStep(fake.step, fake.steps, warmup_steps=3)
     for _ in range(6):
         stepper()
-    # six steps done, none skipped or done twice, one capture, on the step's own stream. Run eagerly, the
-    # 'capture' was the fourth step itself.
+    # six steps done, none skipped or done twice, one capture, on the step's own stream. Run
+    # eagerly, the 'capture' was the fourth step itself.
     if failure == "runs-eagerly":
         assert fake.log == ["ran"] * 6
     else:
@@ -838,14 +880,16 @@ def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys,
     if failure:  # the run goes on eagerly and says why: the first error, not capture_end's
         reason = {"raises": "operation not permitted when stream is capturing",
                   "runs-eagerly": "the captured graph is empty: the step ran during the capture",
-                  "replay-does-nothing": "the captured graph is empty: its replay did not run the step"}
+                  "replay-does-nothing": "the captured graph is empty: its replay did not run the "
+                                         "step"}
         out = capsys.readouterr().out
         assert stepper.failure.startswith(reason[failure]) and "goes on eagerly" in out and out.count("warning") == 1
 
 
 def test_the_graph_stream_is_made_on_the_step_counters_device(monkeypatch):
-    """--device cuda:1, and a second run on cuda:0 in the same process: each graph captures on a stream of its
-    own device, never on one made for another (torch's shared default capture stream would be)."""
+    """--device cuda:1, and a second run on cuda:0 in the same process: each graph captures on a
+    stream of its own device, never on one made for another (torch's shared default capture stream
+    would be)."""
     fake = FakeCUDA(monkeypatch)
     projkd.setup_torch(torch.device("cuda", 1))
     for index in (1, 0):  # what CUDAGraphStep reads of its counter when it is made: its device
@@ -862,7 +906,8 @@ def test_teacher_for_speed_keeps_batchnorm_in_float32():
             assert m.weight.dtype == m.running_var.dtype == torch.float32
 
 
-# --- resume ------------------------------------------------------------------------------------------------------
+# --- resume
+# ------------------------------------------------------------------------------------------------------
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher, capsys):
@@ -871,12 +916,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
                             "--crd-negatives", "64", "--lr-decay-epochs", "1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert projkd.main(common + ["--epochs", "2", "--run-dir", str(straight)]) == 0
-    assert projkd.main(common + ["--epochs", "1", "--run-dir", str(resumed)]) == 0  # as if killed after epoch 1
+    # as if killed after epoch 1
+    assert projkd.main(common + ["--epochs", "1", "--run-dir", str(resumed)]) == 0
     os.remove(resumed / "model.pt")
     os.remove(resumed / "metrics.json")
     capsys.readouterr()
     assert projkd.main(common + ["--epochs", "2", "--run-dir", str(resumed), "--resume"]) == 0
-    assert "after epoch 1; note: extending it from 1 to 2 epochs" in capsys.readouterr().out  # a larger --epochs
+    # a larger --epochs
+    assert "after epoch 1; note: extending it from 1 to 2 epochs" in capsys.readouterr().out
     for name in ("model.pt", "last.pt"):
         a = torch.load(straight / name, weights_only=True)
         b = torch.load(resumed / name, weights_only=True)
@@ -891,10 +938,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
 
 
 def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
-    """A last.pt from a bf16 (or CPU) run resumed with --amp fp16 on CUDA: its disabled scaler saved {}, which an
-    enabled GradScaler refuses; its optimizer groups say fused=False and its momentum buffers are contiguous,
-    which would put a CUDA run on SGD's slow per-parameter path. The stand-ins: a CPU GradScaler, and the
-    settings and channels_last layout a CUDA run would have."""
+    """A last.pt from a bf16 (or CPU) run resumed with --amp fp16 on CUDA: its disabled scaler saved
+    {}, which an enabled GradScaler refuses; its optimizer groups say fused=False and its momentum
+    buffers are contiguous, which would put a CUDA run on SGD's slow per-parameter path. The
+    stand-ins: a CPU GradScaler, and the settings and channels_last layout a CUDA run would have."""
     saved = small_run(tmp_path / "a")
     os.makedirs(saved.cfg.run_dir)
     projkd.train_epoch(saved, 0)
@@ -915,10 +962,12 @@ def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
     run.feed.close()
 
 
-# --- runs that survive: checkpoints within an epoch, signals, resume by identity, full disks ---------------------
+# --- runs that survive: checkpoints within an epoch, signals, resume by identity, full disks
+# ---------------------
 
 def survivor_args(run_dir, *extra):
-    """Two epochs of 4 steps, last.pt at every check point (every step but an epoch's last, and between epochs)."""
+    """Two epochs of 4 steps, last.pt at every check point (every step but an epoch's last, and
+    between epochs)."""
     return synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--epochs", "2", "--checkpoint-seconds", "0",
                           "--run-dir", str(run_dir), *extra)
 
@@ -945,8 +994,8 @@ def assert_same_run(a, b):
     assert all(ma[k] == mb[k] for k in ("last_top1", "last_top5", "best_top1", "between_class_cosine"))
 
 
-# Python that runs projkd.main and sends its own process a signal when train_step is called for the AT-th time
-# (under torchrun, in process RANK only): a kill at a known step, without polling.
+# Python that runs projkd.main and sends its own process a signal when train_step is called for the
+# AT-th time (under torchrun, in process RANK only): a kill at a known step, without polling.
 SIGNALLED = """import os, signal, sys
 sys.path.insert(0, {here!r})
 import projkd
@@ -969,7 +1018,8 @@ def signalled_script(tmp_path, name, at, rank=0):
 
 def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_run, capsys):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the float sums of this process's runs
+    # the float sums of this process's runs
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run([sys.executable, signalled_script(tmp_path, "SIGKILL", at=7), *survivor_args(run_dir)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -984,8 +1034,9 @@ def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_r
                                                  ("SIGINT", 3, 130, (0, 2))])
 def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run, capsys, monkeypatch, name, at,
                                                           status, kept):
-    """SIGTERM and Slurm's SIGUSR1 let the step finish, write last.pt and stop; Ctrl-C (SIGINT) stops at once and
-    keeps what the last check point wrote, in the first epoch too: the run folder stays."""
+    """SIGTERM and Slurm's SIGUSR1 let the step finish, write last.pt and stop; Ctrl-C (SIGINT)
+    stops at once and keeps what the last check point wrote, in the first epoch too: the run folder
+    stays."""
     run_dir, signum, handlers = tmp_path / "run", getattr(signal, name), signal.getsignal(signal.SIGTERM)
     calls, train_step = [], projkd.train_step
 
@@ -1003,7 +1054,8 @@ def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run
     assert err == f"projkd: {why}; continue with the same command plus --resume\n"
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert (last["epoch"], last["steps_done"]) == kept
-    assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv"][:1 + epoch]  # no .lock, nothing temporary
+    # no .lock, nothing temporary
+    assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv"][:1 + epoch]
     assert signal.getsignal(signal.SIGTERM) == handlers  # the handlers are training's alone
     monkeypatch.setattr(projkd, "train_step", train_step)
     assert projkd.main(survivor_args(run_dir, "--resume")) == 0
@@ -1028,7 +1080,8 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(ddp
     assert f"resuming {run_dir} at step 4 of epoch 1" in resumed.stdout
     a = torch.load(straight / "model.pt", weights_only=True)
     b = torch.load(run_dir / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm statistics too: each process kept its own
+    # BatchNorm statistics too: each process kept its own
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_moved_run_resumes_and_knows_its_teacher_by_content(tmp_path, synthetic_teacher, capsys, monkeypatch):
@@ -1078,7 +1131,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(small_disk, capsys, 
     teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 100)).eval()
     images, mean = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.full((1, 3, 1, 1), 0.5)
     path = small_disk / "teacher.tcache"  # 162 views x 8 images x 104 values x 2 bytes: 270 KB
-    with pytest.raises(UserError, match=re.escape(f"cannot write {path} (No space left on device)")):
+    with pytest.raises(UserError, match=re.escape(f"cannot write {path} (No space left on "
+                                                  "device)")):
         teacher_cache.build_teacher_cache(str(path), teacher, images, mean, mean, contextlib.nullcontext(),
                                           torch.contiguous_format, {"key": "k"}, 8)
     assert os.listdir(small_disk) == []
@@ -1086,7 +1140,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(small_disk, capsys, 
 
 @pytest.mark.parametrize("chained", [True, False])
 def test_torch_saves_failure_is_one_line_with_its_cause(tmp_path, monkeypatch, chained):
-    """torch.save raises a RuntimeError from its writer ('unexpected pos'), after the OSError if there was one."""
+    """torch.save raises a RuntimeError from its writer ('unexpected pos'), after the OSError if
+    there was one."""
     torch_error = "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 17"
 
     def failing(obj, f):
@@ -1117,8 +1172,8 @@ def test_the_imagenet_feed_resumes_an_epoch_at_its_step_in_the_same_order():
 
 
 def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
-    """A CUDA graph replays fixed addresses: resuming within an epoch sets the step counter and the epoch's sums
-    in place, like the buffers (test_epoch_buffers_are_refilled_in_place)."""
+    """A CUDA graph replays fixed addresses: resuming within an epoch sets the step counter and the
+    epoch's sums in place, like the buffers (test_epoch_buffers_are_refilled_in_place)."""
     run = small_run(tmp_path, "--synthetic-size", "96")
     tensors = [run.feed.images, run.feed.labels, run.feed.next_step, run.lr,
                *(getattr(run.sums, name) for name in projkd.EpochSums.NAMES)]
@@ -1131,7 +1186,8 @@ def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
     projkd.save_checkpoint(run, 0, steps_done=2)
     run.sums.zero_()
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert set(checkpoint["epoch_state"]) == set(sums)  # by name: loss, ce, distill, correct, student.*
+    # by name: loss, ce, distill, correct, student.*
+    assert set(checkpoint["epoch_state"]) == set(sums)
     projkd.restore(run, checkpoint)
     projkd.restore_epoch_state(run, checkpoint["epoch_state"])
     assert all(torch.equal(t, sums[name]) for name, t in projkd.epoch_state(run).items())
@@ -1141,7 +1197,8 @@ def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
     run.feed.close()
 
 
-# --- distributed training (torchrun, gloo on the CPU) ------------------------------------------------------------
+# --- distributed training (torchrun, gloo on the CPU)
+# ------------------------------------------------------------
 
 
 def ddp_args(synthetic_teacher, run_dir, *extra):
@@ -1161,7 +1218,8 @@ def ddp_run(tmp_path_factory, synthetic_teacher):
 
 def test_two_processes_train_one_model(ddp_run):
     run_dir, out = ddp_run
-    assert "the weights are the same in all 2 processes" in out  # checked by the processes themselves
+    # checked by the processes themselves
+    assert "the weights are the same in all 2 processes" in out
     assert "processes: 2 x batch 16 = global batch 32" in out
     assert out.count("epoch 2/3 ") == 1  # one process logs
     assert sorted(os.listdir(run_dir)) == ["last.pt", "log.csv", "metrics.json", "model.pt"]
@@ -1207,11 +1265,13 @@ def test_imagenet_under_two_processes(tmp_path):
     assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
 
 
-# --- evaluation and the entry points: projkd.py eval, each subcommand's help --------------------------------------
+# --- evaluation and the entry points: projkd.py eval, each subcommand's help
+# --------------------------------------
 
 
 def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, tmp_path, capsys):
-    """eval of a run's model.pt without --dataset: the run's own test set (synthetic, 512 images), not the defaults."""
+    """eval of a run's model.pt without --dataset: the run's own test set (synthetic, 512 images),
+    not the defaults."""
     metrics = json.loads((synthetic_teacher / "metrics.json").read_text())
     assert projkd.main(["eval", "--arch", SMALL_TEACHER, "--ckpt", str(synthetic_teacher / "model.pt"),
                         "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
@@ -1223,9 +1283,11 @@ def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, t
 def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tmp_path, capsys, monkeypatch):
     torch.manual_seed(0)
     fc = MODELS[SMALL_STUDENT](num_classes=10).state_dict()
-    fc["fc.bias"][3] += 100.0  # a "teacher" that answers class 3 to everything: 10% on 10 balanced classes
+    # a "teacher" that answers class 3 to everything: 10% on 10 balanced classes
+    fc["fc.bias"][3] += 100.0
     torch.save(fc, tmp_path / "teacher.pt")
-    monkeypatch.setenv("MAKELEVEL", "1")  # under make: the teacher's evaluation step warns, its runs do not
+    # under make: the teacher's evaluation step warns, its runs do not
+    monkeypatch.setenv("MAKELEVEL", "1")
     args = synthetic_args("--teacher", SMALL_STUDENT, "--student", SMALL_STUDENT, "--method", "kd",
                           "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--run-dir", str(tmp_path / "kd"))
     assert projkd.main(args) == 0
@@ -1233,11 +1295,13 @@ def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tm
     assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(tmp_path / "teacher.pt"), "--dataset",
                         "synthetic", "--synthetic-size", "128", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "top-1 9.38%" in out and f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out  # 3 of 32
+    # 3 of 32
+    assert "top-1 9.38%" in out and f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out
 
 
 def test_subcommands_have_their_own_help(capsys):
-    own = {  # subcommand: the options its help lists, and options of other commands that it must not list
+    # subcommand: the options its help lists, and options of other commands that it must not list
+    own = {
         "eval": ({"--arch", "--ckpt", "--out", "--dataset", "--data-dir", "--device"},
                  {"--alpha", "--student", "--method"}),
         "download": ({"--data-dir", "--dataset"}, {"--alpha", "--student"}),
@@ -1253,16 +1317,18 @@ def test_subcommands_have_their_own_help(capsys):
         assert projkd.main([command, "--help"]) == 0
         out = capsys.readouterr().out
         assert f"python projkd.py {command}" in out
-        listed = set(re.findall(r"^\s+(--[\w-]+)", out, flags=re.M))  # each option's line starts with its name
+        # each option's line starts with its name
+        listed = set(re.findall(r"^\s+(--[\w-]+)", out, flags=re.M))
         wanted, foreign = own.get(command, (set(), set()))
         assert wanted <= listed, (command, sorted(wanted - listed))
         assert not foreign & listed, (command, sorted(foreign & listed))
 
 
 def test_fused_sgd_after_an_overflowing_first_step_equals_plain_sgd():
-    """fp16 on CUDA: fused SGD under a GradScaler. The first step overflows (routine at the scale 2^16) and fused
-    SGD skips it in its kernel; the momentum buffers must already hold zeros then, not the empty memory SGD
-    would have made (deterministic mode fills empty memory with NaN, which shows it)."""
+    """fp16 on CUDA: fused SGD under a GradScaler. The first step overflows (routine at the scale
+    2^16) and fused SGD skips it in its kernel; the momentum buffers must already hold zeros then,
+    not the empty memory SGD would have made (deterministic mode fills empty memory with NaN, which
+    shows it)."""
     cfg = projkd.Config(lr=0.1, momentum=0.9, weight_decay=5e-4)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -1291,8 +1357,8 @@ def test_fused_sgd_after_an_overflowing_first_step_equals_plain_sgd():
 @pytest.mark.parametrize("name,status", [("SIGTERM", 143), ("SIGUSR1", 138)])
 def test_a_signal_during_set_up_stops_at_once_and_leaves_nothing(tmp_path, capsys, monkeypatch, synthetic_teacher,
                                                                  name, status):
-    """The teacher's evaluation (a minute on a CPU) is set-up: a signal then stops the run with the usual one line
-    and status, and the run folder, made for its .lock, is gone."""
+    """The teacher's evaluation (a minute on a CPU) is set-up: a signal then stops the run with the
+    usual one line and status, and the run folder, made for its .lock, is gone."""
     evaluate = projkd.evaluate
 
     def signalled(*args):
@@ -1311,11 +1377,14 @@ def test_a_signal_during_set_up_stops_at_once_and_leaves_nothing(tmp_path, capsy
 
 
 def test_check_points_under_torchrun_are_a_second_of_training_apart(tmp_path, monkeypatch):
-    """Under torchrun every check point is an all_reduce and a host sync: at least a second of training apart
-    (multiprocess_check_seconds), spaced alike on every process from the agreed (slowest) step time."""
-    run = small_run(tmp_path, "--synthetic-size", "160", "--batch-size", "4")  # 40 steps; 40 // 200: every step
+    """Under torchrun every check point is an all_reduce and a host sync: at least a second of
+    training apart (multiprocess_check_seconds), spaced alike on every process from the agreed
+    (slowest) step time."""
+    # 40 steps; 40 // 200: every step
+    run = small_run(tmp_path, "--synthetic-size", "160", "--batch-size", "4")
     run.world_size = 2
-    monkeypatch.setattr(projkd.dist, "all_reduce", lambda t, op=None: None)  # one process: its own numbers
+    # one process: its own numbers
+    monkeypatch.setattr(projkd.dist, "all_reduce", lambda t, op=None: None)
     save_or_stop = projkd.save_or_stop
     checks = []  # (step, seconds per step agreed there)
 
