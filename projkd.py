@@ -1889,8 +1889,7 @@ def finish_run(run):
         f"{os.path.join(cfg.run_dir, 'model.pt')}")
     return metrics
 
-# --- the processes, the log and the files
-# --------------------------------------------------------------------------------------------------
+# --- the processes, the log and the files ---------------------------------------------------------
 
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

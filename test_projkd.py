@@ -1,5 +1,6 @@
-"""Tests for projkd.py, the reference, in the order of its sections: the method, the baselines, feature taps,
-config and CLI, data, the training loop, resume, distributed training, evaluation and the entry points.
+"""Tests for projkd.py, the reference, in the order of its sections: the method, the baselines,
+feature taps, config and CLI, data, the training loop, resume, distributed training, evaluation and
+the entry points.
 CPU only, seconds each: make test (or python -m pytest -q)."""
 import contextlib
 import csv
@@ -48,8 +49,7 @@ from projkd import (
     sp_loss,
 )
 
-# --- method: ProjectorEnsemble and mda_loss
-# ----------------------------------------------------------------------
+# --- method: ProjectorEnsemble and mda_loss -------------------------------------------------------
 
 
 def test_mda_loss_hand_computed():
@@ -91,9 +91,11 @@ def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
     torch.manual_seed(7)
     ens = ProjectorEnsemble(6, 4, q=2, depth=2)
     torch.manual_seed(7)
-    stacks = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU()) for _ in range(2)]
+    stacks = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(),
+                            nn.Linear(4, 4), nn.ReLU()) for _ in range(2)]
     for k, stack in enumerate(stacks):
-        for ours, theirs in zip(ens.projectors[k].state_dict().values(), stack.state_dict().values()):
+        for ours, theirs in zip(ens.projectors[k].state_dict().values(),
+                                stack.state_dict().values()):
             assert torch.equal(ours, theirs)
     assert [tuple(p.shape) for p in ens.parameters()] == [(4, 6), (4,), (4, 4), (4,)] * 2
 
@@ -102,12 +104,14 @@ def test_projector_ensemble_initialises_like_q_linear_stacks_built_in_a_row():
 # layer), as float.hex of float32 values: the plain ModuleList must give the very same bits on the
 # CPU.
 STACKED_OUTPUTS = {
-    1: ["0x1.0749800000000p-8", "0x1.58b1100000000p-3", "0x1.aeabd60000000p-2", "0x1.097bca0000000p-3",
-        "0x1.3c00d20000000p-3", "0x1.1c05da0000000p-4", "0x1.0a04080000000p-1", "0x1.5c3aa60000000p-3",
-        "0x1.4169160000000p-5", "0x1.8866d00000000p-3", "0x1.4ac8ac0000000p-2", "0x0.0p+0"],
+    1: ["0x1.0749800000000p-8", "0x1.58b1100000000p-3", "0x1.aeabd60000000p-2",
+        "0x1.097bca0000000p-3", "0x1.3c00d20000000p-3", "0x1.1c05da0000000p-4",
+        "0x1.0a04080000000p-1", "0x1.5c3aa60000000p-3", "0x1.4169160000000p-5",
+        "0x1.8866d00000000p-3", "0x1.4ac8ac0000000p-2", "0x0.0p+0"],
     3: ["0x1.9595360000000p-3", "0x1.fc43480000000p-3", "0x1.9fd8160000000p-5", "0x0.0p+0",
-        "0x1.6ab2560000000p-3", "0x1.5efae20000000p-3", "0x1.72790a0000000p-5", "0x1.36af360000000p-8",
-        "0x1.7ce7580000000p-3", "0x1.7a324a0000000p-3", "0x1.bc4dfa0000000p-5", "0x0.0p+0"],
+        "0x1.6ab2560000000p-3", "0x1.5efae20000000p-3", "0x1.72790a0000000p-5",
+        "0x1.36af360000000p-8", "0x1.7ce7580000000p-3", "0x1.7a324a0000000p-3",
+        "0x1.bc4dfa0000000p-5", "0x0.0p+0"],
 }
 
 
@@ -130,7 +134,8 @@ def test_relu_projector_outputs_are_nonnegative_and_bad_arguments_fail():
 
 def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     torch.manual_seed(0)
-    cfg, _ = projkd.resolve_config(projkd.Config(teacher=SMALL_TEACHER, student=SMALL_STUDENT, device="cpu"))
+    cfg, _ = projkd.resolve_config(projkd.Config(teacher=SMALL_TEACHER,
+                                                 student=SMALL_STUDENT, device="cpu"))
     student = MODELS[SMALL_STUDENT](num_classes=10)
     teacher = MODELS[SMALL_TEACHER](num_classes=10).eval().requires_grad_(False)
     projectors = projkd.build_loss_module(cfg, 64, 64)
@@ -139,7 +144,8 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     logits = student(x)
     with torch.no_grad():
         teacher_logits = teacher(x)
-    loss, ce, mda = projkd.method_loss(cfg, projectors, projkd.Outputs(student_taps.feature, logits),
+    loss, ce, mda = projkd.method_loss(cfg, projectors,
+                                       projkd.Outputs(student_taps.feature, logits),
                                          projkd.Outputs(teacher_taps.feature, teacher_logits), y)
     # the terms the logs report: CE and MDA before weighting, loss = CE + 25 * MDA
     assert ce == F.cross_entropy(logits, y) and mda == mda_loss(projectors(student_taps.feature),
@@ -152,8 +158,7 @@ def test_gradients_reach_student_and_projectors_but_not_the_teacher():
     assert not teacher_taps.feature.requires_grad
 
 
-# --- baselines: KD, SP, CRD-lite
-# ---------------------------------------------------------------------------------
+# --- baselines: KD, SP, CRD-lite ------------------------------------------------------------------
 
 
 def test_kd_loss_hand_computed():
@@ -202,14 +207,16 @@ def test_crd_lite_matches_crd_nce_and_updates_its_queue():
     # Z is CRD's: the mean of exp(logit) over the first batch's scores, per anchor side
     for side, (anchor, pos, queue) in enumerate([(v_t, v_s, queue_s), (v_s, v_t, queue_t)]):
         logits = torch.cat([(anchor * pos).sum(1, keepdim=True), anchor @ queue.t()], 1) / crd.T
-        assert crd.log_z[side].item() == pytest.approx(torch.exp(logits).mean().log().item(), rel=1e-5)
+        first_log_z = torch.exp(logits).mean().log().item()
+        assert crd.log_z[side].item() == pytest.approx(first_log_z, rel=1e-5)
     expected = (crd_reference_loss(v_t, v_s, queue_s, crd.log_z[0].item(), crd.T)
                 + crd_reference_loss(v_s, v_t, queue_t, crd.log_z[1].item(), crd.T))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     loss.backward()
     assert fs.grad.abs().sum() > 0 and crd.embed_student.weight.grad.abs().sum() > 0
     # the batch went into the queue slots 0..2, the pointer moved on and wraps around
-    assert torch.allclose(crd.queue_student[:3], v_s) and torch.equal(crd.queue_student[3:], queue_s[3:])
+    assert torch.allclose(crd.queue_student[:3], v_s)
+    assert torch.equal(crd.queue_student[3:], queue_s[3:])
     assert crd.queue_next.item() == 3
     z_before = crd.log_z.clone()
     crd(torch.randn(3, 6), torch.randn(3, 10))
@@ -245,8 +252,7 @@ def test_between_class_cosine_hand_computed():
     assert projkd.between_class_cosine(sums) == pytest.approx(2 * 2 ** -0.5 / 3, rel=1e-9)
 
 
-# --- feature taps and the loss wiring
-# ----------------------------------------------------------------------------
+# --- feature taps and the loss wiring -------------------------------------------------------------
 
 
 def test_features_and_logits_on_a_torchvision_model():
@@ -267,8 +273,9 @@ def test_projkd_copied_alone_imports_and_runs(tmp_path):
     code = textwrap.dedent("""
         import sys
         import torch  # torch imports subprocess, which imports fcntl on POSIX: it is in sys.modules
-        sys.modules["fcntl"] = None  # so from here on `import fcntl` raises ImportError, as on Windows
-        from projkd import CRDLite, ProjectorEnsemble, features_and_logits, kd_loss, mda_loss, sp_loss
+        sys.modules["fcntl"] = None  # from here on `import fcntl` raises ImportError, as on Windows
+        from projkd import CRDLite, ProjectorEnsemble, features_and_logits
+        from projkd import kd_loss, mda_loss, sp_loss
         assert "models" not in sys.modules
         class Net(torch.nn.Module):  # a user's own model, from no zoo: conv, pooling, a classifier
             def __init__(self):
@@ -287,15 +294,16 @@ def test_projkd_copied_alone_imports_and_runs(tmp_path):
         print("OK")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
 
 
 def test_projkd_copied_alone_asks_for_models_py_in_one_line(tmp_path):
     shutil.copy(os.path.join(HERE, "projkd.py"), tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "projkd.py", "--student", "vgg8", "--method", "ce"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "projkd.py", "--student", "vgg8", "--method", "ce"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == ("projkd: error: the architectures are in models.py, which is needed "
                              "beside "
@@ -303,17 +311,16 @@ def test_projkd_copied_alone_asks_for_models_py_in_one_line(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["projkd.py"]
     help_alone = subprocess.run([sys.executable, "projkd.py", "--help"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True)
-    assert help_alone.returncode == 0 and "--student" in help_alone.stdout and "architectures" not in \
-        help_alone.stdout
+    assert help_alone.returncode == 0 and "--student" in help_alone.stdout
+    assert "architectures" not in help_alone.stdout
 
 
-# --- config and CLI
-# ----------------------------------------------------------------------------------------------
+# --- config and CLI -------------------------------------------------------------------------------
 
 
 def test_parse_args_types_flags_and_spellings():
-    cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth", "2",
-                             "--deterministic", "--no-resume"])
+    cfg = projkd.parse_args(["--student", "vgg8", "--epochs=3", "--kd-T", "2.5", "--proj_depth",
+                             "2", "--deterministic", "--no-resume"])
     assert (cfg.student, cfg.epochs, cfg.kd_T, cfg.proj_depth, cfg.deterministic, cfg.resume) == \
         ("vgg8", 3, 2.5, 2, True, False)
 
@@ -364,16 +371,19 @@ def test_cli_rejects_bad_input_with_one_line_and_status_2(tmp_path, capsys, argv
 
 def test_protocols_per_dataset_and_explicit_values_win():
     cifar, _ = projkd.resolve_config(projkd.Config(student="vgg8", method="ce", device="cpu"))
-    imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
+    imagenet, notes = projkd.resolve_config(projkd.Config(student="resnet18", method="ce",
+                                                          device="cpu",
                                                           dataset="imagenet", batch_size=512))
-    mobile, _ = projkd.resolve_config(projkd.Config(student="MobileNetV2", method="ce", device="cpu"))
+    mobile, _ = projkd.resolve_config(projkd.Config(student="MobileNetV2",
+                                                    method="ce", device="cpu"))
     pick = ("epochs", "batch_size", "lr", "lr_decay_epochs", "weight_decay", "momentum")
     assert [getattr(cifar, k) for k in pick] == [240, 64, 0.05, "150,180,210", 5e-4, 0.9]
     assert [getattr(imagenet, k) for k in pick] == [100, 512, 0.1, "30,60,90", 1e-4, 0.9]
     assert mobile.lr == 0.01
     assert any("used unchanged at 512 (the linear scaling rule would give 0.2" in n for n in notes)
     explicit, _ = projkd.resolve_config(projkd.Config(student="resnet18", method="ce", device="cpu",
-                                                      dataset="imagenet", epochs=3, lr=0.2, weight_decay=0.0))
+                                                      dataset="imagenet", epochs=3, lr=0.2,
+                                                      weight_decay=0.0))
     assert (explicit.epochs, explicit.lr, explicit.weight_decay) == (3, 0.2, 0.0)
 
 
@@ -393,7 +403,8 @@ def test_help_piped_into_head_ends_quietly():
 
 
 def test_the_cli_process_exits_nonzero_without_a_traceback(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "projkd.py"), "--student", "nope", "--method", "ce"],
+    result = subprocess.run([sys.executable, os.path.join(HERE, "projkd.py"), "--student", "nope",
+                             "--method", "ce"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("projkd: error: unknown architecture 'nope' for --student; "
@@ -407,12 +418,13 @@ def test_importing_projkd_has_no_side_effects(tmp_path):
     # where used
     code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import projkd, tables; "
             "print(sorted(os.listdir('.')), 'matplotlib' in sys.modules, 'models' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip() == "[] False False" and result.stderr == ""
+    result = subprocess.run([sys.executable, "-c", code, HERE], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.strip() == "[] False False"
 
 
-# --- data
-# --------------------------------------------------------------------------------------------------------
+# --- data -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
@@ -457,7 +469,8 @@ def test_crop_flip_offsets_padding_and_flips():
     no, yes = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
     assert torch.equal(crop_flip(images, same, same, no), images)  # the centre crop is the image
     assert torch.equal(crop_flip(images, same, same, yes), images.flip(3))
-    corner = crop_flip(images, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), no)
+    corner = crop_flip(images, torch.zeros(3, dtype=torch.long),
+                       torch.zeros(3, dtype=torch.long), no)
     assert (corner[:, :, :4, :] == 0).all() and (corner[:, :, :, :4] == 0).all()  # zero padding
     assert torch.equal(corner[:, :, 4:, 4:], images[:, :, :28, :28])
     # against a per-image reference: pad, slice, flip
@@ -496,19 +509,19 @@ def test_imagenet_layout_errors_name_the_folder(tmp_path, capsys, layout, messag
     assert not (tmp_path / "run").exists()
 
 
-# --- the training loop
-# -------------------------------------------------------------------------------------------
+# --- the training loop ----------------------------------------------------------------------------
 
 
 def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
     files = sorted(os.listdir(synthetic_teacher))
     assert files == ["last.pt", "log.csv", "metrics.json", "model.pt"]  # and no temporary leftovers
     metrics = json.loads((synthetic_teacher / "metrics.json").read_text())
-    for key in ("config", "seed", "best_top1", "last_top1", "best_top5", "last_top5", "history", "wall_seconds",
-                "images_per_s", "device", "torch", "code", "between_class_cosine"):
+    for key in ("config", "seed", "best_top1", "last_top1", "best_top5", "last_top5", "history",
+                "wall_seconds", "images_per_s", "device", "torch", "code", "between_class_cosine"):
         assert key in metrics, key
     assert metrics["config"]["lr"] == 0.05 and metrics["config"]["student"] == SMALL_TEACHER
-    assert len(metrics["history"]) == 3 and metrics["last_top1"] == metrics["history"][-1]["test_top1"]
+    assert len(metrics["history"]) == 3
+    assert metrics["last_top1"] == metrics["history"][-1]["test_top1"]
     assert metrics["last_top1"] > 30  # learnable: 10 classes, chance is 10%
     rows = list(csv.DictReader(open(synthetic_teacher / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
@@ -520,8 +533,9 @@ def test_teacher_run_leaves_its_artifacts(synthetic_teacher):
 @pytest.mark.parametrize("method", ["pefd", "kd", "sp", "crd"])
 def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsys):
     run_dir = tmp_path / method
-    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", method,
-                          "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--run-dir", str(run_dir),
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
+                          "--method", method, "--teacher-ckpt", str(synthetic_teacher / "model.pt"),
+                          "--run-dir", str(run_dir),
                           # the teacher's data set
                           "--crd-negatives", "64", "--synthetic-size", "512")
     assert projkd.main(args) == 0
@@ -545,8 +559,9 @@ def test_distillation_runs_end_to_end(tmp_path, synthetic_teacher, method, capsy
     rounding = 0.5e-6 * (1 + weights[0] + weights[1])
     weighted = weights[0] * row["train_ce"] + weights[1] * row[f"train_{term}"]
     assert row["train_loss"] == pytest.approx(weighted, rel=1e-5, abs=rounding)
-    assert next(csv.DictReader(open(run_dir / "log.csv")))[f"train_{term}"] == str(row[f"train_{term}"])
-    assert f"loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, {term} {row[f'train_{term}']:.4f})" in out
+    logged = row[f"train_{term}"]
+    assert next(csv.DictReader(open(run_dir / "log.csv")))[f"train_{term}"] == str(logged)
+    assert f"loss {row['train_loss']:.4f} (ce {row['train_ce']:.4f}, {term} {logged:.4f})" in out
 
 
 def test_lr_schedule_steps_after_the_milestones():
@@ -563,7 +578,8 @@ def test_resident_steps_read_the_planned_epoch_batch_by_batch(tmp_path):
     seen = [run.feed.next_batch() for _ in range(run.feed.steps_per_epoch)]
     assert run.feed.steps_per_epoch == 3 and run.feed.next_step.item() == 3
     for i, (images, labels, cached_teacher) in enumerate(seen):
-        assert images.shape == (32, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        assert images.shape == (32, 3, 32, 32)
+        assert images.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(images, expected[32 * i:32 * (i + 1)])
         assert torch.equal(labels, run.data.train_y[plan.order[32 * i:32 * (i + 1)]])
         assert cached_teacher is None
@@ -600,23 +616,29 @@ def test_epoch_buffers_are_refilled_in_place(tmp_path):
 
 
 def test_progress_lines_within_an_epoch(tmp_path, capsys):
-    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--progress-seconds", "1e-9",
-                                      "--synthetic-size", "96", "--run-dir", str(tmp_path / "run"))) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch 1 step")]
+    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
+                                      "--progress-seconds", "1e-9",
+                                      "--synthetic-size", "96", "--run-dir",
+                                      str(tmp_path / "run"))) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("  epoch 1 step")]
     assert [line.split()[3] for line in lines] == ["1/3", "2/3"]
     assert all("img/s" in line and "epoch eta" in line and "run eta" in line for line in lines)
 
 
-def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_their_run(tmp_path, capsys,
-                                                                                            monkeypatch):
+def test_the_config_is_a_block_of_what_is_not_default_and_lines_under_make_name_their_run(
+        tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MAKELEVEL", "1")  # as under make, where several runs share the terminal
     assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir",
                                       str(tmp_path / "resnet8" / "ce-seed1"))) == 0
     out = capsys.readouterr().out.splitlines()
     assert all(line.startswith("[resnet8/ce-seed1] ") for line in out)
-    block = [line.split("] ", 1)[1].split() for line in out[1:out.index(next(x for x in out if "epoch 1/1" in x))]]
-    assert ["--student", "resnet8", "given"] in block and ["--lr", "0.05", "synthetic", "protocol"] in block
-    assert ["--graph", "off", "resolved"] in block and not any(b[0] in ("--alpha", "--q", "--seed") for b in block)
+    first_epoch = out.index(next(x for x in out if "epoch 1/1" in x))
+    block = [line.split("] ", 1)[1].split() for line in out[1:first_epoch]]
+    assert ["--student", "resnet8", "given"] in block
+    assert ["--lr", "0.05", "synthetic", "protocol"] in block
+    assert ["--graph", "off", "resolved"] in block
+    assert not any(b[0] in ("--alpha", "--q", "--seed") for b in block)
     assert not any("amp off on CPU" in line for line in out)  # --amp was not asked for
     # ImageNet's loaders only: nothing to say on CIFAR-style data
     assert not any(b[0] == "--workers" for b in block)
@@ -627,7 +649,8 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     model.pt."""
     state = torch.load(synthetic_teacher / "model.pt", weights_only=True)
     repdistiller_style = tmp_path / "ckpt_epoch_240.pth"
-    torch.save({"epoch": 240, "model": {"module." + k: v for k, v in state.items()}, "accuracy": 1.0},
+    prefixed = {"module." + k: v for k, v in state.items()}
+    torch.save({"epoch": 240, "model": prefixed, "accuracy": 1.0},
                repdistiller_style)
     teacher = models.load_teacher(SMALL_TEACHER, str(repdistiller_style), 10)
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
@@ -641,7 +664,8 @@ def test_teacher_checkpoint_formats(tmp_path, synthetic_teacher):
     ("wrong_classes", "2 mis-shaped tensors, e.g. fc.weight"),
     ("not_a_state_dict", "holds no state_dict"),
 ])
-def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsys, problem, message):
+def test_bad_teacher_checkpoints_fail_cleanly(tmp_path, synthetic_teacher, capsys,
+                                              problem, message):
     path = tmp_path / "teacher.pt"
     if problem == "corrupt":
         path.write_bytes((synthetic_teacher / "model.pt").read_bytes()[:1000])
@@ -666,15 +690,17 @@ def test_a_pickle_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys):
     # a whole module: needs unsafe unpickling
     torch.save({"model": MODELS[SMALL_TEACHER](num_classes=10)}, path)
     assert projkd.main(synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
-                                      "--teacher-ckpt", str(path), "--run-dir", str(tmp_path / "run"))) == 2
+                                      "--teacher-ckpt", str(path), "--run-dir",
+                                      str(tmp_path / "run"))) == 2
     err = capsys.readouterr().err
-    assert f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python objects" in err
+    assert (f"teacher checkpoint {path} is not a readable PyTorch checkpoint (it holds Python "
+            "objects") in err
     assert err.count("\n") == 1 and "weights_only" not in err
 
 
 def test_a_folder_given_as_teacher_checkpoint_is_named_as_a_folder(tmp_path, capsys):
-    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--teacher-ckpt", str(tmp_path),
-                          "--run-dir", str(tmp_path / "run"))
+    args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--teacher-ckpt",
+                          str(tmp_path), "--run-dir", str(tmp_path / "run"))
     assert projkd.main(args) == 2
     err = capsys.readouterr().err
     assert f"--teacher-ckpt {tmp_path} is a folder: pass the checkpoint file itself" in err
@@ -695,7 +721,8 @@ def test_a_bare_cuda_device_gets_the_index_that_set_device_needs(monkeypatch):
 def test_a_gpu_beyond_the_visible_ones_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(tmp_path / "run"))
+    args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir",
+                          str(tmp_path / "run"))
     assert projkd.main(args + ["--device", "cuda:2"]) == 2
     err = capsys.readouterr().err
     assert err == ("projkd: error: --device cuda:2, but 2 CUDA device(s) are visible (cuda:0 to "
@@ -734,14 +761,15 @@ def test_an_existing_run_is_not_overwritten_silently(tmp_path, capsys):
 def test_a_run_dir_that_cannot_be_written_is_one_line_before_any_data_is_read(capsys):
     # /proc takes no new folders, whoever asks (as a read-only file system); --data-dir has no
     # CIFAR-100 either: the run directory's error must come first
-    assert projkd.main(["--student", "vgg8", "--method", "ce", "--device", "cpu", "--data-dir", "/nonexistent",
-                        "--run-dir", "/proc/projkd-test/run"]) == 2
+    assert projkd.main(["--student", "vgg8", "--method", "ce", "--device", "cpu", "--data-dir",
+                        "/nonexistent", "--run-dir", "/proc/projkd-test/run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("projkd: error: cannot write in --run-dir "
                           "/proc/projkd-test/run") and err.count("\n") == 1
 
 
-def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp_path,
+                                                                             capsys, monkeypatch):
     real_open = open
 
     def disk_full(path, mode="r", *args, **kwargs):  # files open, and writing to a .csv fails
@@ -751,19 +779,22 @@ def test_a_write_that_fails_mid_run_is_one_line_and_leaves_no_temporary_file(tmp
         return real_open(path, mode, *args, **kwargs)
     monkeypatch.setattr("builtins.open", disk_full)
     run_dir = tmp_path / "run"
-    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir))) == 2
+    assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce",
+                                      "--run-dir", str(run_dir))) == 2
     err = capsys.readouterr().err
-    assert f"cannot write {run_dir / 'log.csv'} (No space left on device)" in err and err.count("\n") == 1
+    assert f"cannot write {run_dir / 'log.csv'} (No space left on device)" in err
+    assert err.count("\n") == 1
     assert not run_dir.exists() or not [f for f in os.listdir(run_dir) if ".tmp" in f]
 
 
 def test_two_processes_cannot_train_into_one_run_dir(tmp_path, capsys):
     run_dir = tmp_path / "run"
     with projkd.run_dir_lock(str(run_dir)):  # as another process training there would hold it
-        assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir),
-                                          "--resume")) == 2
+        assert projkd.main(synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir",
+                                          str(run_dir), "--resume")) == 2
     err = capsys.readouterr().err
-    assert f"{run_dir} is being trained by another process (pid {os.getpid()})" in err and err.count("\n") == 1
+    assert f"{run_dir} is being trained by another process (pid {os.getpid()})" in err
+    assert err.count("\n") == 1
     assert not run_dir.exists()  # the holder made it, and left it empty
 
 
@@ -783,26 +814,29 @@ def test_imagenet_class_folders_train_a_torchvision_model(tmp_path):
     torch.manual_seed(0)
     torch.save(MODELS["resnet18"](num_classes=3).state_dict(), tmp_path / "teacher.pt")
     run_dir = tmp_path / "run"
-    assert projkd.main(imagenet_args(root, "--teacher", "resnet18", "--teacher-ckpt", str(tmp_path / "teacher.pt"),
+    assert projkd.main(imagenet_args(root, "--teacher", "resnet18", "--teacher-ckpt",
+                                     str(tmp_path / "teacher.pt"),
                                      "--student", "resnet18", "--run-dir", str(run_dir))) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # ImageNet's protocol
     assert metrics["config"]["lr"] == 0.1 and metrics["config"]["weight_decay"] == 1e-4
     assert metrics["config"]["lr_decay_epochs"] == "30,60,90" and metrics["config"]["workers"] == 1
-    MODELS["resnet18"](num_classes=3).load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
-    eval_args = ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--device", "cpu",
-                 "--workers", "0"]
+    MODELS["resnet18"](num_classes=3).load_state_dict(torch.load(run_dir / "model.pt",
+                                                                 weights_only=True))
+    eval_args = ["--dataset", "imagenet", "--data-dir", str(root), "--image-size", "32", "--device",
+                 "cpu", "--workers", "0"]
     teacher_eval, student_eval = tmp_path / "teacher.eval.json", tmp_path / "student.eval.json"
-    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(tmp_path / "teacher.pt"), *eval_args,
-                        "--out", str(teacher_eval)]) == 0
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(tmp_path / "teacher.pt"),
+                        *eval_args, "--out", str(teacher_eval)]) == 0
     assert json.loads(teacher_eval.read_text())["top1"] == pytest.approx(metrics["teacher_top1"])
     # the accuracies recorded are the trained model's: its model.pt, evaluated alone, gives them
     # again
-    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), *eval_args,
-                        "--out", str(student_eval)]) == 0
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"),
+                        *eval_args, "--out", str(student_eval)]) == 0
     student = json.loads(student_eval.read_text())
-    assert metrics["last_top1"] == metrics["history"][-1]["test_top1"] == pytest.approx(student["top1"], abs=1e-3)
-    assert metrics["last_top5"] == metrics["history"][-1]["test_top5"] == pytest.approx(student["top5"], abs=1e-3)
+    last = metrics["history"][-1]
+    assert metrics["last_top1"] == last["test_top1"] == pytest.approx(student["top1"], abs=1e-3)
+    assert metrics["last_top5"] == last["test_top5"] == pytest.approx(student["top5"], abs=1e-3)
     # 3 classes: the top 5 hold every class, so top-5 is 100 whatever the weights. A top-5 that can
     # miss is checked on 10 classes in test_distributed_top1_equals_one_process_evaluating_model_pt.
     assert metrics["last_top5"] == 100.0 >= metrics["last_top1"]
@@ -851,9 +885,10 @@ class FakeCUDA:
             def wait_stream(self, other):
                 pass
 
-        for name, value in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", Graph), ("graph", graph),
-                            ("stream", lambda s: contextlib.nullcontext()),
-                            ("set_device", lambda d: setattr(fake, "current", torch.device(d).index or 0))):
+        for name, value in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", Graph),
+                            ("graph", graph), ("stream", lambda s: contextlib.nullcontext()),
+                            ("set_device",
+                             lambda d: setattr(fake, "current", torch.device(d).index or 0))):
             monkeypatch.setattr(torch.cuda, name, value)
 
     def step(self):
@@ -883,7 +918,8 @@ def test_cuda_graph_step_warms_up_captures_once_and_replays(monkeypatch, capsys,
                   "replay-does-nothing": "the captured graph is empty: its replay did not run the "
                                          "step"}
         out = capsys.readouterr().out
-        assert stepper.failure.startswith(reason[failure]) and "goes on eagerly" in out and out.count("warning") == 1
+        assert stepper.failure.startswith(reason[failure])
+        assert "goes on eagerly" in out and out.count("warning") == 1
 
 
 def test_the_graph_stream_is_made_on_the_step_counters_device(monkeypatch):
@@ -898,7 +934,8 @@ def test_the_graph_stream_is_made_on_the_step_counters_device(monkeypatch):
 
 
 def test_teacher_for_speed_keeps_batchnorm_in_float32():
-    teacher = projkd.teacher_for_speed(MODELS["resnet8"](num_classes=10), torch.bfloat16, torch.contiguous_format)
+    teacher = projkd.teacher_for_speed(MODELS["resnet8"](num_classes=10), torch.bfloat16,
+                                       torch.contiguous_format)
     for m in teacher.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             assert m.weight.dtype == torch.bfloat16
@@ -906,14 +943,14 @@ def test_teacher_for_speed_keeps_batchnorm_in_float32():
             assert m.weight.dtype == m.running_var.dtype == torch.float32
 
 
-# --- resume
-# ------------------------------------------------------------------------------------------------------
+# --- resume ---------------------------------------------------------------------------------------
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_teacher, capsys):
-    common = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--deterministic",
-                            "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--method", "crd",
-                            "--crd-negatives", "64", "--lr-decay-epochs", "1")
+    common = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT,
+                            "--deterministic",
+                            "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--method",
+                            "crd", "--crd-negatives", "64", "--lr-decay-epochs", "1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert projkd.main(common + ["--epochs", "2", "--run-dir", str(straight)]) == 0
     # as if killed after epoch 1
@@ -928,13 +965,16 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, synthetic_tea
         a = torch.load(straight / name, weights_only=True)
         b = torch.load(resumed / name, weights_only=True)
         if name == "last.pt":  # projectors/embeddings, the CRD queue and the optimizer state too
-            assert all(torch.equal(a["loss_module"][k], b["loss_module"][k]) for k in a["loss_module"])
+            assert all(torch.equal(a["loss_module"][k],
+                                   b["loss_module"][k]) for k in a["loss_module"])
             a, b = a["student"], b["student"]
         assert all(torch.equal(a[k], b[k]) for k in a), name
     ma = json.loads((straight / "metrics.json").read_text())
     mb = json.loads((resumed / "metrics.json").read_text())
     keys = ("epoch", "lr", "train_loss", "train_acc", "test_top1", "test_top5")
-    assert [{k: h[k] for k in keys} for h in ma["history"]] == [{k: h[k] for k in keys} for h in mb["history"]]
+    def kept(history):
+        return [{k: h[k] for k in keys} for h in history]
+    assert kept(ma["history"]) == kept(mb["history"])
 
 
 def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
@@ -954,7 +994,8 @@ def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
     for group in run.optimizer.param_groups:
         group.update(fused=True, foreach=None)
     projkd.restore(run, checkpoint)
-    assert all(g["fused"] is True and g["foreach"] is None and g["lr"] is run.lr for g in run.optimizer.param_groups)
+    assert all(g["fused"] is True and g["foreach"] is None and g["lr"] is run.lr
+               for g in run.optimizer.param_groups)
     for p in run.student.parameters():
         assert run.optimizer.state[p]["momentum_buffer"].stride() == p.stride()
     assert run.start_epoch == 1
@@ -962,14 +1003,13 @@ def test_resume_restores_into_this_runs_scaler_and_optimizer_settings(tmp_path):
     run.feed.close()
 
 
-# --- runs that survive: checkpoints within an epoch, signals, resume by identity, full disks
-# ---------------------
+# --- runs that survive: checkpoints within an epoch, signals, resume by identity, full disks ------
 
 def survivor_args(run_dir, *extra):
     """Two epochs of 4 steps, last.pt at every check point (every step but an epoch's last, and
     between epochs)."""
-    return synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--epochs", "2", "--checkpoint-seconds", "0",
-                          "--run-dir", str(run_dir), *extra)
+    return synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--epochs", "2",
+                          "--checkpoint-seconds", "0", "--run-dir", str(run_dir), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -991,7 +1031,8 @@ def assert_same_run(a, b):
     for rows_a, rows_b in ((ma["history"], mb["history"]), (la, lb)):
         assert [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows_a] == \
             [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows_b]
-    assert all(ma[k] == mb[k] for k in ("last_top1", "last_top5", "best_top1", "between_class_cosine"))
+    assert all(ma[k] == mb[k] for k in ("last_top1", "last_top5", "best_top1",
+                                        "between_class_cosine"))
 
 
 # Python that runs projkd.main and sends its own process a signal when train_step is called for the
@@ -1020,7 +1061,8 @@ def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_r
     run_dir = tmp_path / "run"
     # the float sums of this process's runs
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    killed = subprocess.run([sys.executable, signalled_script(tmp_path, "SIGKILL", at=7), *survivor_args(run_dir)],
+    killed = subprocess.run([sys.executable, signalled_script(tmp_path, "SIGKILL", at=7),
+                             *survivor_args(run_dir)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last = torch.load(run_dir / "last.pt", weights_only=True)
@@ -1030,14 +1072,17 @@ def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_r
     assert_same_run(straight_run, run_dir)
 
 
-@pytest.mark.parametrize("name,at,status,kept", [("SIGTERM", 7, 143, (1, 3)), ("SIGUSR1", 2, 138, (0, 2)),
+@pytest.mark.parametrize("name,at,status,kept",
+                         [("SIGTERM", 7, 143, (1, 3)), ("SIGUSR1", 2, 138, (0, 2)),
                                                  ("SIGINT", 3, 130, (0, 2))])
-def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run, capsys, monkeypatch, name, at,
-                                                          status, kept):
+def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run, capsys,
+                                                          monkeypatch, name, at, status, kept):
     """SIGTERM and Slurm's SIGUSR1 let the step finish, write last.pt and stop; Ctrl-C (SIGINT)
     stops at once and keeps what the last check point wrote, in the first epoch too: the run folder
     stays."""
-    run_dir, signum, handlers = tmp_path / "run", getattr(signal, name), signal.getsignal(signal.SIGTERM)
+    run_dir = tmp_path / "run"
+    signum = getattr(signal, name)
+    handlers = signal.getsignal(signal.SIGTERM)
     calls, train_step = [], projkd.train_step
 
     def step(*args):
@@ -1062,16 +1107,18 @@ def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run
     assert_same_run(straight_run, run_dir)
 
 
-def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(ddp_run, synthetic_teacher, tmp_path):
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(
+        ddp_run, synthetic_teacher, tmp_path):
     straight, _ = ddp_run
     run_dir = tmp_path / "run"
     script = signalled_script(tmp_path, "SIGUSR1", at=3, rank=1)  # process 1 alone gets the signal
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-               *ddp_args(synthetic_teacher, run_dir)]
-    stopped = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               script, *ddp_args(synthetic_teacher, run_dir)]
+    stopped = subprocess.run(command, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     # process 0 says it: it stopped at process 1's step
-    assert "projkd: SIGUSR1: stopped after step 3 of epoch 1" in stopped.stderr, stopped.stdout + stopped.stderr
+    said = stopped.stdout + stopped.stderr
+    assert "projkd: SIGUSR1: stopped after step 3 of epoch 1" in stopped.stderr, said
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert (last["epoch"], last["steps_done"], len(last["epoch_state"]["correct"])) == (0, 3, 2)
     assert sorted(os.listdir(run_dir)) == ["last.pt"]
@@ -1084,7 +1131,8 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(ddp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_moved_run_resumes_and_knows_its_teacher_by_content(tmp_path, synthetic_teacher, capsys, monkeypatch):
+def test_a_moved_run_resumes_and_knows_its_teacher_by_content(tmp_path, synthetic_teacher,
+                                                              capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copy(synthetic_teacher / "model.pt", "teacher.pt")
     args = synthetic_args("--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "kd")
@@ -1094,13 +1142,14 @@ def test_a_moved_run_resumes_and_knows_its_teacher_by_content(tmp_path, syntheti
     shutil.copy("teacher.pt", "copy.pt")
     capsys.readouterr()
     # another spelling of another folder, and the same teacher at another path
-    assert projkd.main(args + ["--teacher-ckpt", str(tmp_path / "copy.pt"), "--run-dir", "./moved/b", "--resume",
-                               "--epochs", "2"]) == 0
+    assert projkd.main(args + ["--teacher-ckpt", str(tmp_path / "copy.pt"), "--run-dir",
+                               "./moved/b", "--resume", "--epochs", "2"]) == 0
     assert "resuming ./moved/b after epoch 1" in capsys.readouterr().out
     state = torch.load("teacher.pt", weights_only=True)
     state["fc.bias"] += 1
     torch.save(state, "other.pt")
-    assert projkd.main(args + ["--teacher-ckpt", "other.pt", "--run-dir", "moved/b", "--resume", "--epochs", "3"]) == 2
+    assert projkd.main(args + ["--teacher-ckpt", "other.pt", "--run-dir", "moved/b", "--resume",
+                               "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "another teacher file" in err and "--teacher-ckpt" in err and err.count("\n") == 1
     for teacher in ("teacher.pt", "other.pt"):  # both named
@@ -1112,7 +1161,8 @@ def small_disk(tmp_path):
     """A 256 KiB tmpfs: a disk that fills up (mounting one needs root)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (mount needs root)")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
@@ -1122,18 +1172,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(small_disk, capsys, 
     run_dir = small_disk / "run"
     assert projkd.main(survivor_args(run_dir)) == 2  # resnet8's last.pt takes 600 KB
     err = capsys.readouterr().err
-    assert err == f"projkd: error: cannot write {run_dir}/last.pt (No space left on device); free space or choose " \
-                  "another folder\n"
+    assert err == (f"projkd: error: cannot write {run_dir}/last.pt (No space left on device); "
+                   "free space or choose another folder\n")
     assert os.listdir(small_disk) == []  # nothing was written: not even the run folder stays
     # the teacher cache, full while being built (past the check of free space)
-    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: shutil_usage(total=10 ** 9, used=0,
-                                                                                          free=10 ** 9))
-    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 100)).eval()
-    images, mean = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.full((1, 3, 1, 1), 0.5)
+    plenty = shutil_usage(total=10 ** 9, used=0, free=10 ** 9)
+    monkeypatch.setattr(teacher_cache.shutil, "disk_usage", lambda path: plenty)
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, 100)).eval()
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.full((1, 3, 1, 1), 0.5)
     path = small_disk / "teacher.tcache"  # 162 views x 8 images x 104 values x 2 bytes: 270 KB
     with pytest.raises(UserError, match=re.escape(f"cannot write {path} (No space left on "
                                                   "device)")):
-        teacher_cache.build_teacher_cache(str(path), teacher, images, mean, mean, contextlib.nullcontext(),
+        teacher_cache.build_teacher_cache(str(path), teacher, images, mean, mean,
+                                          contextlib.nullcontext(),
                                           torch.contiguous_format, {"key": "k"}, 8)
     assert os.listdir(small_disk) == []
 
@@ -1166,7 +1219,8 @@ def test_the_imagenet_feed_resumes_an_epoch_at_its_step_in_the_same_order():
     whole = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch)]
     feed.prepare_epoch(3, steps_done=6)
     rest = [feed.next_batch()[0] for _ in range(feed.steps_per_epoch - 6)]
-    assert feed.steps_per_epoch == 10 and all(torch.equal(a, b) for a, b in zip(whole[6:], rest, strict=True))
+    assert feed.steps_per_epoch == 10
+    assert all(torch.equal(a, b) for a, b in zip(whole[6:], rest, strict=True))
     feed.prepare_epoch(4)
     assert not torch.equal(feed.next_batch()[0], whole[0])  # and each epoch has its own order
 
@@ -1197,15 +1251,15 @@ def test_a_resumed_epoch_refills_the_graphs_tensors_in_place(tmp_path):
     run.feed.close()
 
 
-# --- distributed training (torchrun, gloo on the CPU)
-# ------------------------------------------------------------
+# --- distributed training (torchrun, gloo on the CPU) ---------------------------------------------
 
 
 def ddp_args(synthetic_teacher, run_dir, *extra):
-    return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "3", "--device",
+    return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32",
+            "--epochs", "3", "--device",
             "cpu", "--teacher", SMALL_TEACHER, "--student", SMALL_STUDENT, "--method", "crd",
-            "--crd-negatives", "64", "--teacher-ckpt", str(synthetic_teacher / "model.pt"), "--checkpoint-seconds", "0",
-            "--run-dir", str(run_dir), *extra]
+            "--crd-negatives", "64", "--teacher-ckpt", str(synthetic_teacher / "model.pt"),
+            "--checkpoint-seconds", "0", "--run-dir", str(run_dir), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -1231,7 +1285,8 @@ def test_distributed_top1_equals_one_process_evaluating_model_pt(ddp_run, tmp_pa
     run_dir, _ = ddp_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "eval.json"
-    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(run_dir / "model.pt"), "--dataset", "synthetic",
+    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(run_dir / "model.pt"),
+                        "--dataset", "synthetic",
                         "--synthetic-size", "256", "--device", "cpu", "--out", str(out)]) == 0
     single = json.loads(out.read_text())
     assert single["images"] == 64 and single["world_size"] == 1
@@ -1254,33 +1309,40 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
 def test_imagenet_under_two_processes(tmp_path):
     root = write_image_folder(tmp_path / "imagenet", val=3)
     run_dir = tmp_path / "run"
-    result = torchrun(*imagenet_args(root, "--student", "resnet18", "--method", "ce", "--run-dir", str(run_dir)))
+    result = torchrun(*imagenet_args(root, "--student", "resnet18", "--method", "ce",
+                                     "--run-dir", str(run_dir)))
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and "the weights are the same in all 2 processes" in result.stdout
+    assert metrics["world_size"] == 2
+    assert "the weights are the same in all 2 processes" in result.stdout
     out = tmp_path / "eval.json"
-    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"), "--dataset", "imagenet",
-                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+    assert projkd.main(["eval", "--arch", "resnet18", "--ckpt", str(run_dir / "model.pt"),
+                        "--dataset", "imagenet",
+                        "--data-dir", str(root), "--image-size", "32", "--device", "cpu",
+                        "--out", str(out)]) == 0
     single = json.loads(out.read_text())
     assert single["images"] == 9 and single["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
 
 
-# --- evaluation and the entry points: projkd.py eval, each subcommand's help
-# --------------------------------------
+# --- evaluation and the entry points: projkd.py eval, each subcommand's help ----------------------
 
 
 def test_eval_takes_the_runs_data_settings_from_its_metrics(synthetic_teacher, tmp_path, capsys):
     """eval of a run's model.pt without --dataset: the run's own test set (synthetic, 512 images),
     not the defaults."""
     metrics = json.loads((synthetic_teacher / "metrics.json").read_text())
-    assert projkd.main(["eval", "--arch", SMALL_TEACHER, "--ckpt", str(synthetic_teacher / "model.pt"),
+    assert projkd.main(["eval", "--arch", SMALL_TEACHER, "--ckpt",
+                        str(synthetic_teacher / "model.pt"),
                         "--device", "cpu", "--out", str(tmp_path / "eval.json")]) == 0
-    assert "note: dataset=synthetic, synthetic_size=512 from the run's metrics.json" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: dataset=synthetic, synthetic_size=512 from the run's metrics.json" in out
     record = json.loads((tmp_path / "eval.json").read_text())
-    assert record["images"] == 128 and record["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
+    assert record["images"] == 128
+    assert record["top1"] == pytest.approx(metrics["last_top1"], abs=1e-3)
 
 
-def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tmp_path, capsys, monkeypatch):
+def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tmp_path,
+                                                                              capsys, monkeypatch):
     torch.manual_seed(0)
     fc = MODELS[SMALL_STUDENT](num_classes=10).state_dict()
     # a "teacher" that answers class 3 to everything: 10% on 10 balanced classes
@@ -1289,14 +1351,17 @@ def test_a_teacher_near_chance_is_warned_of_once_under_make_by_its_evaluation(tm
     # under make: the teacher's evaluation step warns, its runs do not
     monkeypatch.setenv("MAKELEVEL", "1")
     args = synthetic_args("--teacher", SMALL_STUDENT, "--student", SMALL_STUDENT, "--method", "kd",
-                          "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--run-dir", str(tmp_path / "kd"))
+                          "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--run-dir",
+                          str(tmp_path / "kd"))
     assert projkd.main(args) == 0
     assert "near chance" not in capsys.readouterr().out
-    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(tmp_path / "teacher.pt"), "--dataset",
+    assert projkd.main(["eval", "--arch", SMALL_STUDENT, "--ckpt", str(tmp_path / "teacher.pt"),
+                        "--dataset",
                         "synthetic", "--synthetic-size", "128", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     # 3 of 32
-    assert "top-1 9.38%" in out and f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out
+    assert "top-1 9.38%" in out
+    assert f"warning: {tmp_path / 'teacher.pt'} is near chance (10.0%)" in out
 
 
 def test_subcommands_have_their_own_help(capsys):
@@ -1308,8 +1373,8 @@ def test_subcommands_have_their_own_help(capsys):
         "cache": ({"--teacher", "--teacher-ckpt", "--teacher-cache-file", "--dataset"},
                   {"--alpha", "--student", "--kd-T", "--epochs"}),
         "bench": ({"--pairs", "--out-dir"}, set()),
-        "fetch-teachers": ({"--arch", "--url", "--ckpt", "--out-dir", "--archive", "--dataset", "--data-dir",
-                            "--device"},
+        "fetch-teachers": ({"--arch", "--url", "--ckpt", "--out-dir", "--archive", "--dataset",
+                            "--data-dir", "--device"},
                            {"--alpha", "--student", "--method"}),
     }
     assert set(own) <= set(projkd.COMMANDS)
@@ -1355,8 +1420,8 @@ def test_fused_sgd_after_an_overflowing_first_step_equals_plain_sgd():
 
 
 @pytest.mark.parametrize("name,status", [("SIGTERM", 143), ("SIGUSR1", 138)])
-def test_a_signal_during_set_up_stops_at_once_and_leaves_nothing(tmp_path, capsys, monkeypatch, synthetic_teacher,
-                                                                 name, status):
+def test_a_signal_during_set_up_stops_at_once_and_leaves_nothing(tmp_path, capsys, monkeypatch,
+                                                                 synthetic_teacher, name, status):
     """The teacher's evaluation (a minute on a CPU) is set-up: a signal then stops the run with the
     usual one line and status, and the run folder, made for its .lock, is gone."""
     evaluate = projkd.evaluate
@@ -1371,7 +1436,8 @@ def test_a_signal_during_set_up_stops_at_once_and_leaves_nothing(tmp_path, capsy
     handlers = signal.getsignal(signal.SIGTERM)
     assert projkd.main(args) == status
     err = capsys.readouterr().err
-    assert err == f"projkd: {name}: stopped during set-up, before training began; run the same command again\n"
+    assert err == (f"projkd: {name}: stopped during set-up, before training began; run the same "
+                   "command again\n")
     assert not (tmp_path / "runs").exists()
     assert signal.getsignal(signal.SIGTERM) == handlers
 
