@@ -1470,6 +1470,8 @@ def with_momentum_buffers(optimizer):
     Zeros give the same first step (0.9 * 0 + g is g, with dampening 0), and the buffers exist
     before the CUDA graph is captured."""
     for group in optimizer.param_groups:
+        if group["momentum"] == 0:  # SGD then reads no buffer
+            continue
         for p in group["params"]:
             state = optimizer.state[p]
             if state.get("momentum_buffer") is None:
