@@ -536,7 +536,8 @@ def models_module():
     return models
 
 def check_arch(arch, role, dataset):
-    models, imagenet = models_module().MODELS, models_module().IMAGENET_ARCHS
+    models = models_module().MODELS
+    imagenet = models_module().IMAGENET_ARCHS
     if arch not in models:
         raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of "
                         f"{', '.join(models)}")
@@ -751,7 +752,8 @@ def config_lines(given, cfg):
     auto)."""
     lines = []
     for f in dataclasses.fields(cfg):
-        value, asked = getattr(cfg, f.name), getattr(given, f.name)
+        value = getattr(cfg, f.name)
+        asked = getattr(given, f.name)
         if value != f.default:
             source = "resolved"
             if asked == value:
@@ -1625,9 +1627,11 @@ def run_dir_lock(folder):
     only) while a run trains in it: a folder that cannot be written, or that another process trains
     in, is one line before any data is read, and a run that fails before writing anything leaves no
     folder behind."""
-    made, parent = [], folder  # the folders this makes, outermost first
+    made = []  # the folders this makes, outermost first
+    parent = folder
     while parent and not os.path.isdir(parent):
-        made, parent = [parent] + made, os.path.dirname(parent)
+        made.insert(0, parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
         lock = open(os.path.join(folder, ".lock"), "a+")
@@ -1671,7 +1675,8 @@ def checkpoint_to_resume(cfg):
     if "loss_module" not in checkpoint or "steps_done" not in checkpoint:
         raise UserError(f"{last_path} was written by an older projkd, whose projectors this one "
                         f"cannot load; use --overwrite to start over")
-    saved, sha = checkpoint["config"], checkpoint.get("teacher_sha256")
+    saved = checkpoint["config"]
+    sha = checkpoint.get("teacher_sha256")
     resumable = RESUMABLE_CHANGES + ("teacher_ckpt",) if sha else RESUMABLE_CHANGES
     diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
              if k not in resumable and saved.get(k) != v]
@@ -1995,9 +2000,12 @@ def evaluate(model, data, batch_size, memory_format):
     """Top-1 and top-5 accuracy (%) on the test set and the between-class cosine of the penultimate
     features, in float32. Under torchrun each process evaluates its share and the counts are summed
     over processes, so the result equals one process evaluating the whole set."""
-    was_training, device, taps = model.training, data.mean.device, Taps(model.eval())
+    was_training = model.training
+    device = data.mean.device
+    taps = Taps(model.eval())
     # top-1, top-5 on the device; images counted here
-    hits, n = torch.zeros(2, device=device, dtype=torch.long), 0
+    hits = torch.zeros(2, device=device, dtype=torch.long)
+    n = 0
     class_sums = torch.zeros(data.num_classes, classifier_of(model).in_features, device=device)
     try:
         for images, labels in data.test_batches(batch_size):
@@ -2025,7 +2033,8 @@ def between_class_cosine(class_sums):
     Figure 2). class_sums: num_classes x d sums (or means) of features per class; classes with no
     samples are skipped."""
     means = _unit(class_sums[class_sums.abs().sum(1) > 0].double())
-    sim, n = means @ means.t(), len(means)
+    sim = means @ means.t()
+    n = len(means)
     return ((sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)).item()
 
 def file_sha256(path):
