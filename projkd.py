@@ -1803,9 +1803,9 @@ def save_checkpoint(run, epoch, steps_done=0):
     """last.pt: everything to continue exactly after `steps_done` steps of `epoch` (0: before it),
     written by process 0; within an epoch, every process's epoch_state (under torchrun a collective
     gathers them)."""
-    epoch_rows = None
+    epoch_state_rows = None
     if steps_done:
-        epoch_rows = gathered_epoch_state(run)
+        epoch_state_rows = gathered_epoch_state(run)
     run.last_saved = time.time()
     if _rank() != 0:
         return
@@ -1818,7 +1818,7 @@ def save_checkpoint(run, epoch, steps_done=0):
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     checkpoint = {
         "config": dataclasses.asdict(run.cfg), "epoch": epoch, "steps_done": steps_done,
-        "epoch_state": epoch_rows, "student": run.student.state_dict(),
+        "epoch_state": epoch_state_rows, "student": run.student.state_dict(),
         "loss_module": run.loss_module.state_dict(), "optimizer": optimizer,
         "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
         "teacher_eval": run.teacher_eval,
@@ -2235,6 +2235,8 @@ def main(argv=None):
         if "-h" in argv or "--help" in argv:
             print(cli_help(schema, __doc__, usage))
             return 0
+        # parse_as: a schema whose --help shows a part of what it accepts (cache: every training
+        # option, since one set of flags serves a run and its cache)
         command(parse_args(argv, getattr(schema, "parse_as", schema)))
     except errors_to_report() as e:
         # under torchrun every process meets the same error: say it once
