@@ -152,7 +152,7 @@ def bench_run(teacher_arch, student_arch, teacher_ckpt, bc, device, folder, grap
     with contextlib.redirect_stdout(io.StringIO()):
         run = setup_run(cfg)
     run.lr.fill_(lr_at(run.cfg, 0))
-    run.feed.load(0)
+    run.feed.prepare_epoch(0)
     if cached:
         run.feed.teacher = live_teacher_rows(run)
     return run
@@ -164,7 +164,7 @@ def live_teacher_rows(run):
     rows = []
     for i in range(0, len(run.feed.images), 1000):
         x = normalize(run.feed.images[i:i + 1000].permute(0, 3, 1, 2), run.data.mean, run.data.std)
-        teacher = run.teacher_forward(x.contiguous(memory_format=run.memory_format))
+        teacher = run.live_teacher(x.contiguous(memory_format=run.memory_format))
         rows.append(torch.cat([teacher.feature, teacher.logits], dim=1).to(torch.bfloat16))
     return torch.cat(rows)
 
@@ -175,7 +175,7 @@ def our_loop_images_per_s(run, bc):
     start = time.time()
     for _ in range(bc.steps):
         run.step()
-    run.loss_sum[0].item()  # waits for the last step
+    run.sums.loss.item()  # waits for the last step
     return bc.steps * bc.batch_size / (time.time() - start)
 
 def training_flops_per_image(teacher_arch, student_arch, with_teacher, batch=2):
@@ -206,11 +206,10 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
                         cached=False, deterministic=True)
         losses[graph] = []
         for _ in range(bc.check_steps):
-            run.loss_sum.zero_()
+            run.sums.zero_()
             run.step()
-            losses[graph].append(run.loss_sum[0].item())
-        weights[graph] = {k: v.double().cpu() for k,
-                          v in run.student.state_dict().items() if v.is_floating_point()}
+            losses[graph].append(run.sums.loss.item())
+        weights[graph] = {k: v.double().cpu() for k, v in run.student.state_dict().items() if v.is_floating_point()}
         failure = getattr(run.step, "failure", None) if graph else None
         run.feed.close()
     eager, graphed = np.array(losses[False]), np.array(losses[True])

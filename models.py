@@ -406,7 +406,7 @@ def torchvision_model(name, map_layer, num_classes=1000):
 
 # DenseNet.forward is `F.relu(self.features(x), inplace=True)`, then pooling, and `features` ends with norm5, so a
 # hook on features.norm5 sees the pre-ReLU map. There is no ReLU module to hook, but the ReLU runs in place on the
-# very tensor the hook kept: by the time forward returns, Taps.map holds relu(norm5), with the ReLU in its autograd
+# very tensor the hook kept: by the time forward returns, Taps.feature_map is relu(norm5), with the ReLU in its autograd
 # history, which is the map PEFD's code reads (f1 = relu(features)) and the one pooled into the feature.
 DENSENET_MAP_LAYER = "features.norm5"
 

@@ -33,14 +33,14 @@ from projkd import (
     file_sha256,
     load_data,
     log,
+    memory_format_and_autocast,
+    models_module,
     normalize,
     options_of,
     plan_epoch,
-    precision,
     resolve_config,
     setup_torch,
     teacher_for_speed,
-    zoo,
 )
 
 CACHE_VIEWS = (2 * CROP_PADDING + 1) ** 2 * 2
@@ -299,11 +299,10 @@ def cache_command(cfg):
     device = torch.device(cfg.device)
     setup_torch(device, cfg.deterministic)
     data = load_data(cfg, device)
-    memory_format, amp_dtype, autocast = precision(cfg.amp, device)
-    teacher = teacher_for_speed(zoo().load_teacher(cfg.teacher, cfg.teacher_ckpt,
-                                                   data.num_classes).to(device),
-                                amp_dtype, memory_format)
-    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data,
-                                 autocast, memory_format, cfg.eval_batch_size)
+    memory_format, amp_dtype, autocast = memory_format_and_autocast(cfg.amp, device)
+    teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device)
+    teacher = teacher_for_speed(teacher, amp_dtype, memory_format)
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,
+                                 memory_format, cfg.eval_batch_size)
     os.utime(cache.path)
     log(f"{cache.path}: the teacher cache of {cfg.teacher_ckpt}, up to date")

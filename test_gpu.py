@@ -161,15 +161,15 @@ def steps_of(cfg, n):
     run = projkd.setup_run(cfg)
     try:
         run.lr.fill_(projkd.lr_at(run.cfg, 0))
-        run.feed.load(0)
+        run.feed.prepare_epoch(0)
         start = floats(run.student.state_dict())
         probe = next(run.student.parameters())
         losses, counters, probes = [], [], []
         for _ in range(n):
-            run.loss_sum.zero_()
+            run.sums.zero_()
             run.step()
-            losses.append(run.loss_sum[0].item())
-            counters.append(run.feed.step.item())
+            losses.append(run.sums.loss.item())
+            counters.append(run.feed.next_step.item())
             probes.append(probe.detach().clone())
         return {"losses": losses, "counters": counters, "probes": probes, "start": start,
                 "end": floats(run.student.state_dict()), "step": run.step}
@@ -255,12 +255,10 @@ def cuda_cache(folder, teacher_ckpt):
 
 
 def fast_teacher(teacher_ckpt, device, amp="bf16"):
-    """The teacher as a training run holds it on CUDA (setup_run, setup_teacher): channels_last,
-    weights in the autocast dtype. Returns (teacher, its taps, the autocast context, the memory
-    format)."""
-    memory_format, amp_dtype, autocast = projkd.precision(amp, device)
-    teacher = models.load_teacher(TEACHER, teacher_ckpt, CLASSES).to(device,
-                                                                     memory_format=memory_format)
+    """The teacher as a training run holds it on CUDA (setup_run, setup_teacher): channels_last, weights in the
+    autocast dtype. Returns (teacher, its taps, the autocast context, the memory format)."""
+    memory_format, amp_dtype, autocast = projkd.memory_format_and_autocast(amp, device)
+    teacher = models.load_teacher(TEACHER, teacher_ckpt, CLASSES).to(device, memory_format=memory_format)
     return projkd.teacher_for_speed(teacher, amp_dtype, memory_format), autocast, memory_format
 
 
@@ -401,7 +399,7 @@ def test_resident_feed_batches_equal_the_cpu_reference(cuda_cache):
                                    cache=cuda_cache)
         try:
             for epoch in (0, 1):
-                feed.load(epoch)
+                feed.prepare_epoch(epoch)
                 plan = projkd.plan_epoch(seed, epoch, n, feed.steps_per_epoch * BATCH)
                 views = teacher_cache.view_index(plan.dy, plan.dx, plan.flip).numpy()
                 for step in range(feed.steps_per_epoch):
@@ -409,15 +407,11 @@ def test_resident_feed_batches_equal_the_cpu_reference(cuda_cache):
                     expected, order = reference_batch(cpu_data.train_x, plan, step, rank,
                                                       BATCH // 2)
                     assert images.is_contiguous(memory_format=torch.channels_last)
-                    assert torch.equal(images.cpu(),
-                                       expected), f"rank {rank} epoch {epoch} step {step}: images"
-                    assert torch.equal(labels.cpu(),
-                                       cpu_data.train_y[order]), f"step {step}: labels"
-                    rows = cuda_cache.rows(order.numpy(),
-                                           views[step * BATCH + rank * BATCH // 2:][:BATCH // 2])
-                    assert np.array_equal(teacher.view(torch.int16).cpu().numpy(),
-                                          rows), f"step {step}: rows"
-                assert feed.step.item() == feed.steps_per_epoch
+                    assert torch.equal(images.cpu(), expected), f"rank {rank} epoch {epoch} step {step}: images"
+                    assert torch.equal(labels.cpu(), cpu_data.train_y[order]), f"step {step}: labels"
+                    rows = cuda_cache.rows(order.numpy(), views[step * BATCH + rank * BATCH // 2:][:BATCH // 2])
+                    assert np.array_equal(teacher.view(torch.int16).cpu().numpy(), rows), f"step {step}: rows"
+                assert feed.next_step.item() == feed.steps_per_epoch
         finally:
             feed.close()
     # epochs differ
@@ -521,7 +515,7 @@ def test_a_cpu_run_resumes_on_cuda_with_fused_sgd_and_the_graph(folder, teacher_
         assert isinstance(run.step, projkd.CUDAGraphStep)
         stats = projkd.train_epoch(run, run.start_epoch)
         assert run.step.graph is not None and run.step.failure is None, run.step.failure
-        assert run.feed.step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
+        assert run.feed.next_step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
     finally:
         run.feed.close()
 
@@ -564,7 +558,7 @@ def test_evaluate_on_cuda_in_channels_last_and_bf16_matches_cpu_fp32(bf16_run):
     model.load_state_dict(state)
     reference = projkd.evaluate(model, data, 1000, torch.contiguous_format)
     device = torch.device(CUDA0)
-    memory_format, _, autocast = projkd.precision("bf16", device)
+    memory_format, _, autocast = projkd.memory_format_and_autocast("bf16", device)
     on_gpu = dataclasses.replace(data, mean=data.mean.to(device), std=data.std.to(device),
                                  test_x=data.test_x.to(device), test_y=data.test_y.to(device))
     model = model.to(device, memory_format=memory_format)
@@ -597,7 +591,7 @@ def test_device_cuda1_trains_there_and_its_graph_records(folder, teacher_ckpt):
         assert run.feed.images.device == run.lr.device == torch.device(CUDA1)
         assert isinstance(run.step, projkd.CUDAGraphStep)
         assert run.step.graph is not None and run.step.failure is None, run.step.failure
-        assert run.feed.step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
+        assert run.feed.next_step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
         end = floats(run.student.state_dict())
         assert all(not torch.equal(start[k], end[k]) for k in start if "conv" in k)  # it trained
         assert torch.cuda.memory_allocated(0) == before, "the cuda:1 run allocated on cuda:0"

@@ -52,7 +52,7 @@ def test_architecture_matches_the_repdistiller_zoo(arch, compat):
     taps.remove()
     assert _rel_err(logits, ref[arch]["logits"]) < 1e-4
     assert _rel_err(taps.feature, ref[arch]["pooled"]) < 1e-4
-    assert _rel_err(taps.map, ref[arch]["map"]) < 1e-4
+    assert _rel_err(taps.feature_map, ref[arch]["map"]) < 1e-4
 
 
 def test_every_architecture_takes_num_classes_and_channels_last():
@@ -130,10 +130,10 @@ def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
         logits = model(torch.randn(2, 3, 64, 64))
     taps.remove()
     assert logits.shape == (2, 10) and taps.feature.shape == (2, width)
-    assert taps.map.shape[:2] == (2, width)
+    assert taps.feature_map.shape[:2] == (2, width)
     # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
     # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
-    assert torch.allclose(taps.map.mean((2, 3)), taps.feature, atol=1e-6)
+    assert torch.allclose(taps.feature_map.mean((2, 3)), taps.feature, atol=1e-6)
 
 
 def test_torchvision_densenet_files_load_with_their_old_names():
