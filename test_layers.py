@@ -14,7 +14,8 @@ import pytest
 from conftest import HERE
 
 # Bottom to top: each file may import those before it.
-LAYERS = ["models", "projkd", "teacher_cache", "bench", "figures", "tables", "fetch", "gpu_check"]
+LAYERS = ["models", "projkd", "teacher_cache", "bench", "figures", "tables", "fetch", "gpu_check",
+          "torchrun_signals"]
 # (importer, imported) imports made inside a function rather than at the top of the file.
 LAZY = {
     ("projkd", "models"):
