@@ -20,7 +20,8 @@ from conftest import HERE, IMAGENET_PAIRS, calls, linked_figures, make
 def test_download_without_internet_is_one_line_from_make(tmp_path):
     env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
     result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
-                             f"PY={sys.executable}", "PLAN_COST="], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+                             f"PY={sys.executable}", "PLAN_COST="],
+                            capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
     assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
@@ -312,8 +313,8 @@ def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
 
 
 def test_git_ignores_what_the_readme_has_users_make():
-    made = [".venv/bin/python", ".venv-cpu/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json", "results/x.md",
-            "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
+    made = [".venv/bin/python", ".venv-cpu/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json",
+            "results/x.md", "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
     ignored = subprocess.run(["git", "check-ignore", *made], cwd=HERE, capture_output=True, text=True).stdout.split()
     assert ignored == made
 
