@@ -1665,6 +1665,9 @@ def evaluate_checkpoint(ec):
     sha256 of the file and of the test set."""
     if not ec.arch or not ec.ckpt:
         raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt runs/.../model.pt")
+    if os.path.isdir(ec.ckpt):
+        raise UserError(f"--ckpt {ec.ckpt} is a folder: pass the checkpoint file itself, e.g. "
+                        f"{os.path.join(ec.ckpt, 'model.pt')}")
     if not os.path.isfile(ec.ckpt):
         raise UserError(f"no checkpoint at {ec.ckpt}")
     ec = with_run_data_settings(ec)
