@@ -1681,11 +1681,15 @@ def evaluate_checkpoint(ec):
     if workers is None:
         workers = default_workers()
     ec = dataclasses.replace(ec, eval_batch_size=batch_size, workers=workers)
+    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
+    folder = os.path.dirname(out) or "."
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # before the evaluation, not after it
+        raise UserError(f"cannot write --out {out}: {folder} is not a folder this user can write in; "
+                        f"choose another --out")
     data = load_data(ec, device)
     memory_format = precision("off", device)[0]
     model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
     result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
-    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
     record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
               **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result, "test_set_sha256": test_set_sha256(data),
               "world_size": world, "device": device_name(device), "torch": torch.__version__}
