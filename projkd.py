@@ -393,6 +393,9 @@ RESUMABLE_CHANGES = ("epochs", "device", "amp", "compile", "deterministic", "dat
 class UserError(Exception):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
 
+class WriteError(UserError):
+    """A file that could not be written (a full disk, a read-only folder); the file it replaces is kept."""
+
 def _flag(name):
     return "--" + name.replace("_", "-")
 
@@ -912,7 +915,7 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another folder") from None
+        raise WriteError(f"cannot write {path} ({e.strerror or e}); free space or choose another folder") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -1546,6 +1549,12 @@ def train(cfg):
                 else:
                     save_checkpoint(run, epoch + 1)  # always after the final epoch
             return finish_run(run)
+        except WriteError as e:
+            last = os.path.join(cfg.run_dir, "last.pt")
+            if not os.path.isfile(last):
+                raise
+            raise WriteError(f"{e}; the last check point is kept in {last}: free space, then the same command "
+                             f"with --resume continues from it") from None
         finally:
             for s, handler in previous:  # (None: a handler set outside Python)
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -27,3 +27,26 @@ def test_eval_checks_out_is_writable_before_evaluating(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert f"cannot write --out {out}: {out.parent} is not a folder" in err and "free space" not in err
     assert not evaluated and not out.parent.exists()
+
+
+def test_a_full_disk_mid_run_says_the_last_check_point_is_kept_and_resume_continues(tmp_path, capsys, monkeypatch):
+    real_open, csv_writes = open, []
+
+    def disk_full_at_epoch_2(path, mode="r", *args, **kwargs):  # log.csv after epoch 2: last.pt of epoch 1 is there
+        if "w" in mode and ".csv" in str(path):
+            csv_writes.append(path)
+            if len(csv_writes) == 2:
+                raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", disk_full_at_epoch_2)
+    run_dir = tmp_path / "run"
+    args = synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(run_dir),
+                          "--epochs", "2", "--checkpoint-seconds", "0")
+    assert projkd.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"projkd: error: cannot write {run_dir / 'log.csv'} (No space left on device); free space or "
+                   f"choose another folder; the last check point is kept in {run_dir / 'last.pt'}: free space, "
+                   f"then the same command with --resume continues from it\n")
+    monkeypatch.setattr("builtins.open", real_open)
+    assert projkd.main(args + ["--resume"]) == 0  # as it says
+    assert "resuming" in capsys.readouterr().out
