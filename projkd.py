@@ -1276,12 +1276,13 @@ def setup_run(cfg, notes=()):
     if world > 1 or cfg.dataset == "imagenet":
         notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
                      f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
-    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
-                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
     run, amp_dtype = build_run(cfg, device, world, data)
+    # after the data and the checkpoints are read: an error in them is the first line, with no notes before it
+    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
+                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
     if checkpoint is not None:
         restore(run, checkpoint)
     elif cfg.resume:

@@ -50,3 +50,18 @@ def test_a_full_disk_mid_run_says_the_last_check_point_is_kept_and_resume_contin
     monkeypatch.setattr("builtins.open", real_open)
     assert projkd.main(args + ["--resume"]) == 0  # as it says
     assert "resuming" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("problem", ["batch", "data", "checkpoint"])
+def test_argument_and_file_errors_come_before_the_config_block_and_its_notes(tmp_path, capsys, problem):
+    bad_teacher = tmp_path / "teacher.pt"
+    bad_teacher.write_bytes(b"not a checkpoint")
+    args = {"batch": synthetic_args("--student", SMALL_STUDENT, "--method", "ce", "--batch-size", "100000"),
+            "data": ["--student", SMALL_STUDENT, "--method", "ce", "--device", "cpu",
+                     "--data-dir", str(tmp_path / "none")],
+            "checkpoint": synthetic_args("--teacher", "resnet20", "--teacher-ckpt", str(bad_teacher),
+                                         "--student", SMALL_STUDENT)}[problem]
+    assert projkd.main(args + ["--run-dir", str(tmp_path / "run")]) == 2
+    out, err = capsys.readouterr()
+    assert "config (where not a default" not in out and "note:" not in out  # no scaling-rule note, no config
+    assert err.startswith("projkd: error: ") and err.count("\n") == 1
