@@ -1334,6 +1334,8 @@ def setup_teacher(run, amp_dtype):
     cfg, data, teacher = run.cfg, run.data, run.teacher
     run.teacher_provenance = teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
     if run.teacher_eval is None:
+        images = "test images" if data.test_x is not None else "validation images"
+        log(f"evaluating the teacher {cfg.teacher} on the {images} (once per run) ...")
         run.teacher_eval = evaluate(teacher, data, cfg.eval_batch_size, run.memory_format)
         source = cfg.teacher_weights or cfg.teacher_ckpt
         log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "

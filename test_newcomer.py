@@ -65,3 +65,18 @@ def test_argument_and_file_errors_come_before_the_config_block_and_its_notes(tmp
     out, err = capsys.readouterr()
     assert "config (where not a default" not in out and "note:" not in out  # no scaling-rule note, no config
     assert err.startswith("projkd: error: ") and err.count("\n") == 1
+
+
+def untrained_teacher(tmp_path):
+    path = tmp_path / "teacher.pt"
+    projkd.torch.save(projkd.zoo().MODELS["resnet20"](num_classes=10).state_dict(), path)
+    return path
+
+
+def test_a_line_says_the_teacher_is_being_evaluated_before_its_result(tmp_path, capsys):
+    args = synthetic_args("--teacher", "resnet20", "--teacher-ckpt", str(untrained_teacher(tmp_path)),
+                          "--student", SMALL_STUDENT, "--run-dir", str(tmp_path / "run"))
+    assert projkd.main(args) == 0
+    out = capsys.readouterr().out
+    evaluating = out.index("evaluating the teacher resnet20 on the test images (once per run) ...")
+    assert evaluating < out.index("teacher resnet20 from ")
