@@ -887,6 +887,7 @@ def _rank():
 log_label = ""  # put before each line: set by labelled_log while a run trains
 CHECKS_PER_EPOCH = 200  # check points (check_point) per epoch, where a run writes last.pt or stops
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+COST_STEPS, COST_NOTE_SECONDS = 5, 3600  # a CPU run measured over 5 steps says so if it will take over an hour
 
 class Stopped(KeyboardInterrupt):
     """args: (signal number, message): a run a signal stopped at a check point. Like Ctrl-C, it
@@ -1416,6 +1417,8 @@ def train_epoch(run, epoch):
     run.start_step = 0
     for i in range(first + 1, steps + 1):
         run.step()
+        if i == first + COST_STEPS and epoch == run.start_epoch and run.device.type == "cpu":
+            note_cost_on_cpu(run, epoch, (time.time() - start) / COST_STEPS)
         if i % every or i == steps:  # the clock is read at check points only
             continue
         if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
@@ -1438,6 +1441,14 @@ def train_epoch(run, epoch):
             buffer /= run.world_size
     return {"loss": loss, "ce": ce, "term": term, "acc": 100 * correct / (steps * cfg.batch_size),
             "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
+
+def note_cost_on_cpu(run, epoch, seconds_per_step):
+    """In a CPU run's first lines, its time if over an hour: epochs x seconds per epoch, from its first steps."""
+    per_epoch = seconds_per_step * run.feed.steps_per_epoch
+    epochs = run.cfg.epochs - epoch
+    if per_epoch * epochs > COST_NOTE_SECONDS:
+        log(f"note: about {_duration(per_epoch * epochs)} on this CPU ({epochs} epochs x {_duration(per_epoch)}, "
+            f"measured on its first {COST_STEPS} steps); faster: a GPU (--device cuda), or --epochs 1 for a try")
 
 def check_point(run, epoch, step=0):
     """After `step` steps of `epoch`, the same on every process: last.pt once --checkpoint-seconds have

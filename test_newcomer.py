@@ -2,6 +2,7 @@
 what a run records about itself. Each runs the CLI on small generated data on the CPU."""
 import json
 import os
+import re
 
 import pytest
 
@@ -80,3 +81,20 @@ def test_a_line_says_the_teacher_is_being_evaluated_before_its_result(tmp_path, 
     out = capsys.readouterr().out
     evaluating = out.index("evaluating the teacher resnet20 on the test images (once per run) ...")
     assert evaluating < out.index("teacher resnet20 from ")
+
+
+@pytest.mark.parametrize("over_an_hour", [False, True])
+def test_a_cpu_run_over_an_hour_says_so_in_its_first_lines(tmp_path, capsys, monkeypatch, over_an_hour):
+    if over_an_hour:  # a few seconds here stand for the hour: the threshold is what is tried
+        monkeypatch.setattr(projkd, "COST_NOTE_SECONDS", 0)
+    args = ["--dataset", "synthetic", "--synthetic-size", "192", "--batch-size", "16", "--epochs", "2",  # 12 steps
+            "--device", "cpu", "--student", SMALL_STUDENT, "--method", "ce", "--run-dir", str(tmp_path / "run")]
+    assert projkd.main(args) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "on this CPU" in line]
+    if not over_an_hour:
+        assert not notes
+        return
+    assert len(notes) == 1 and out.index(notes[0]) < out.index("epoch 1/2")
+    assert re.fullmatch(r"note: about \dm\d\ds on this CPU \(2 epochs x \dm\d\ds, measured on its first 5 steps\); "
+                        r"faster: a GPU \(--device cuda\), or --epochs 1 for a try", notes[0])
