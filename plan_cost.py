@@ -8,6 +8,7 @@ epoch, which is the multiply-accumulates of one epoch (the student's forward and
 forward pass on the 50,000 training images, the student's forward pass on the 10,000 test images) over the rate
 this CPU does them at, measured on one training step of the first run's student. It never stops the plan.
 """
+
 import argparse
 import os
 import sys
@@ -28,10 +29,13 @@ def macs(model):
     def count(layer, inputs, output):
         nonlocal total
         if isinstance(layer, nn.Conv2d):
-            per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+            per_output = (
+                layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+            )
             total += output.numel() * per_output
         else:
             total += layer.in_features * layer.out_features
+
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks = [m.register_forward_hook(count) for m in layers]
     with torch.no_grad():
@@ -86,14 +90,20 @@ def main(argv=None):
     if not on_cpu or not args.runs:
         return 0
     runs = [run_of(path) for path in args.runs]
-    cost = {arch: macs(models.MODELS[arch](num_classes=100)) for pair in runs for arch in pair if arch}
+    cost = {
+        arch: macs(models.MODELS[arch](num_classes=100)) for pair in runs for arch in pair if arch
+    }
     rate = measured_rate(runs[0][1])
     seconds = [args.epochs * epoch_macs(teacher, student, cost) / rate for teacher, student in runs]
-    print(f"plan: {len(runs)} runs to do, {args.epochs} epochs each: about {duration(sum(seconds))} on this CPU "
-          f"(one after another; a run {duration(min(seconds))} to {duration(max(seconds))}: epochs x seconds "
-          f"per epoch, this CPU measured now at {rate / 1e9:.0f} GMAC/s)")
-    print("faster: a GPU (DEVICE=auto uses one), many at once on a cluster (make -j 64 cifar-all LAUNCH=\"srun "
-          "--gres=gpu:1\": docs/many-gpus.md), or a short try first (make cifar-all EPOCHS=2 SEEDS=1)")
+    print(
+        f"plan: {len(runs)} runs to do, {args.epochs} epochs each: about {duration(sum(seconds))} on this CPU "
+        f"(one after another; a run {duration(min(seconds))} to {duration(max(seconds))}: epochs x seconds "
+        f"per epoch, this CPU measured now at {rate / 1e9:.0f} GMAC/s)"
+    )
+    print(
+        'faster: a GPU (DEVICE=auto uses one), many at once on a cluster (make -j 64 cifar-all LAUNCH="srun '
+        '--gres=gpu:1": docs/many-gpus.md), or a short try first (make cifar-all EPOCHS=2 SEEDS=1)'
+    )
     sys.stdout.flush()
     return 0
 
