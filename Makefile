@@ -26,32 +26,55 @@ TAG := $(DATASET)$(if $(filter $(if $(ON_IMAGENET),100,240),$(EPOCHS)),,-e$(EPOC
 RUNS := runs/$(TAG)
 TEACHERS := checkpoints/$(if $(ON_IMAGENET),imagenet,$(TAG))
 RESULTS := results$(if $(filter cifar100 imagenet,$(TAG)),,/$(TAG))
-# The stamp of `pip install -r requirements.txt -r requirements-dev.txt` into $(PY): one per interpreter, named by
-# its sys.executable (.deps-installed.d/usr/bin/python3), made again when a requirements file changes. A `touch
-# .deps-installed` instead means: use each PY as it is and install nothing (a GPU machine's own torch).
+# The python: PY from params.mk or the command line. The default, .venv/bin/python, is made here (python3 -m venv)
+# the first time a target needs it, so `make test` and `make cifar-all` are the whole set-up.
+VENV_PY := .venv/bin/python
+# The stamp of `pip install -r requirements.txt -r requirements-dev.txt` into $(PY), made again when a requirements
+# file changes: .venv/.deps-installed for the venv (it goes when .venv does); else one per interpreter, named by its
+# sys.executable (.deps-installed.d/usr/bin/python3). A `touch .deps-installed` instead means: use each PY as it
+# is and install nothing (a GPU machine's own torch).
 ifeq ($(origin DEPS)$(wildcard .deps-installed),undefined)
+ifeq ($(PY),$(VENV_PY))
+DEPS := .venv/.deps-installed
+else
 DEPS := .deps-installed.d$(shell $(PY) -c 'import sys; print(sys.executable)' 2>/dev/null || echo /$(PY))
+endif
 else
 DEPS ?= .deps-installed
 endif
+INSTALL = $(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 # The data every cifar100 (or imagenet) run needs.
 DATA := $(if $(filter cifar100,$(DATASET)),$(DATA_DIR)/cifar-100-python/test)$(if $(ON_IMAGENET),$(DATA_DIR)/val)
 # A training: LAUNCH in front (empty, or srun on a cluster), and on ImageNet torchrun with NPROC processes, one per GPU,
 # through torchrun_signals.py, which passes SIGUSR1 and SIGTERM on to every worker (docs/many-gpus.md).
-RUN := $(LAUNCH) $(PY)$(if $(ON_IMAGENET), torchrun_signals.py --standalone --nproc_per_node=$(NPROC)) projkd.py \
+TORCHRUN := $(if $(ON_IMAGENET), torchrun_signals.py --standalone --nproc_per_node=$(NPROC))
+RUN := $(LAUNCH) $(PY)$(TORCHRUN) projkd.py \
   --dataset $(DATASET) --data-dir $(DATA_DIR) --device $(DEVICE) --epochs $(EPOCHS)
 # The teacher-output cache: one file per teacher checkpoint, built once, read by its pefd, kd and crd runs on
 # CIFAR-style data (their --teacher-cache on). With TEACHER_CACHE=auto only on a GPU: not for DEVICE=cpu, and for
 # DEVICE=auto only under a LAUNCH (which asks for GPUs) or where nvidia-smi lists one (building it on a CPU takes
-# hours; it still pays for itself over a whole pipeline: TEACHER_CACHE=on); never with off.
-GPU_VISIBLE := $(if $(filter auto,$(DEVICE)),$(if $(filter auto,$(TEACHER_CACHE)),$(if $(strip $(LAUNCH)),yes,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes))))
-USE_CACHE := $(if $(ON_IMAGENET),,$(if $(filter on,$(TEACHER_CACHE)),yes,$(if $(filter auto,$(TEACHER_CACHE)),$(if $(filter cpu,$(DEVICE)),,$(if $(filter auto,$(DEVICE)),$(GPU_VISIBLE),yes)))))
+# hours; it still pays for itself over a whole pipeline: TEACHER_CACHE=on); never with off, nor on ImageNet.
+USE_CACHE :=
+ifeq ($(ON_IMAGENET),)
+ifeq ($(TEACHER_CACHE),on)
+USE_CACHE := yes
+else ifeq ($(TEACHER_CACHE)-$(DEVICE),auto-auto)
+USE_CACHE := $(if $(strip $(LAUNCH)),yes,$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo yes))
+else ifeq ($(TEACHER_CACHE),auto)
+USE_CACHE := $(if $(filter cpu,$(DEVICE)),,yes)
+endif
+endif
 TABLE_KIND := $(if $(ON_IMAGENET),imagenet,main)
 # The teachers fetch-teachers installs from TEACHERS_URL on CIFAR-100 (fetch.PUBLISHED_TEACHERS); every other
 # teacher is trained. Short trials (EPOCHS other than 240) fetch them too, into their own $(TEACHERS): they are
 # the paper's teachers whatever the students' EPOCHS, and never depended on it.
 ARCHIVE_TEACHERS := wrn_40_2 vgg13 resnet32x4 ResNet50 resnet56 resnet110
 FETCHED := $(if $(filter cifar100,$(DATASET)),$(if $(filter fetch,$(TEACHERS_FROM)),$(ARCHIVE_TEACHERS)))
+# Under make cifar-all (or ablations) the fetched teachers of its pairs come before every run (order-only
+# prerequisites): offline, make stops on the first one missing before any training starts.
+FIRST_TEACHERS = $(if $(filter cifar-all dataset-all,$(MAKECMDGOALS)),$(TEACHER_ARCHS)) \
+  $(if $(filter ablations,$(MAKECMDGOALS)),$(foreach p,$(ABLATION_PAIRS),$(call teacher_of,$p)))
+FETCHED_FIRST = $(foreach a,$(sort $(filter $(FETCHED),$(FIRST_TEACHERS))),$(TEACHERS)/$a.pt)
 # ImageNet runs every rule of this file in a make of its own: these knobs replace the CIFAR ones there.
 IMAGENET_KNOBS = DATASET=imagenet DATA_DIR=$(IMAGENET_DIR) EPOCHS=$(IMAGENET_EPOCHS) PAIRS="$(IMAGENET_PAIRS)" \
   METHODS="$(IMAGENET_METHODS)" SEEDS="$(IMAGENET_SEEDS)"
@@ -61,8 +84,8 @@ IMAGENET_KNOBS = DATASET=imagenet DATA_DIR=$(IMAGENET_DIR) EPOCHS=$(IMAGENET_EPO
 # (Not a blanket .SECONDARY:, under which a deleted run would not be redone while the tables are up to date.)
 .PRECIOUS: $(TEACHERS)/%.pt $(TEACHERS)/%.tcache $(TEACHERS)/%.eval.json $(RUNS)/%/metrics.json $(RUNS)/%/model.eval.json
 .SECONDEXPANSION:
-.PHONY: help cifar-all dataset-all imagenet-all imagenet-r34-r18 imagenet-r50-mobilenet teachers pair ablations \
-  tables bench smoke test clean
+.PHONY: help cifar-all dataset-all plan-cost download fetch-teachers imagenet-all imagenet-r34-r18 \
+  imagenet-r50-mobilenet teachers pair ablations tables bench smoke docs test clean
 
 # --- names: what a path says about its run -----------------------------------------------------------
 teacher_of = $(word 1,$(subst :, ,$1))
@@ -80,6 +103,13 @@ stem_variant = $(filter-out $(call stem_method,$1) seed%,$(call stem_words,$1))
 variant_flags = $(foreach v,$1,$(if $(filter q%,$v),--q $(v:q%=%),$(if $(filter depth%,$v),--proj-depth $(v:depth%=%),--proj-act $v)))
 # The teacher-output cache file a run reads, if any.
 stem_cache = $(if $(USE_CACHE),$(if $(filter pefd kd crd,$(call stem_method,$1)),$(TEACHERS)/$(call stem_teacher,$1).tcache))
+# A run's own flags, from its stem: its teacher and the teacher's cache (if any), its student, method, projector
+# variant and seed.
+stem_teacher_ckpt = $(TEACHERS)/$(call stem_teacher,$1).pt
+teacher_flags = $(if $(call stem_teacher,$1),--teacher $(call stem_teacher,$1) --teacher-ckpt $(call stem_teacher_ckpt,$1))
+cache_flags = $(if $(call stem_cache,$1),--teacher-cache on --teacher-cache-file $(call stem_cache,$1))
+student_flags = --student $(call stem_student,$1) --method $(call stem_method,$1) \
+  $(call variant_flags,$(call stem_variant,$1)) --seed $(call stem_seed,$1)
 
 # --- what each target needs ------------------------------------------------------------------------------
 TEACHER_ARCHS = $(sort $(foreach p,$(PAIRS),$(call teacher_of,$p)))
@@ -95,6 +125,14 @@ teacher_evals = $(foreach a,$1,$(TEACHERS)/$a.eval.json)
 MAIN_EVALS = $(call evals_of,$(MAIN_RUNS)) $(call teacher_evals,$(TEACHER_ARCHS))
 ABLATION_EVALS = $(call evals_of,$(call ablation_runs,$(ABLATION_PAIRS)))
 TABLES = $(RESULTS)/$(DATASET).md $(RESULTS)/$(DATASET).csv
+# The cost before the work: on CIFAR-100, where runs are still to do, plan_cost.py says first what they would take
+# on this machine's CPU (nothing on a GPU).
+RUNS_TO_DO = $(filter-out $(wildcard $(MAIN_RUNS)),$(MAIN_RUNS))
+PLAN_COST = $(if $(filter cifar100,$(DATASET)),$(if $(RUNS_TO_DO),plan-cost))
+MAIN_TABLE_FLAGS = --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) \
+  --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)"
+ABLATION_TABLE_FLAGS = --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" \
+  --seeds "$(SEEDS)" --kind ablations
 
 ## help: list the targets
 help:
@@ -102,7 +140,18 @@ help:
 
 ## cifar-all: everything for the paper's Table 4 -> results/cifar100.md and .csv
 # (dataset-all is the same for any DATASET: imagenet-all runs it with the ImageNet knobs.)
-cifar-all dataset-all: $(MAIN_RUNS) $(MAIN_EVALS) $(TABLES)
+cifar-all dataset-all: $(PLAN_COST) $(MAIN_RUNS) $(MAIN_EVALS) $(TABLES)
+
+# The estimate of the runs still to do on a CPU (epochs x seconds per epoch, this CPU measured), and how to go
+# faster. It never stops the plan.
+plan-cost: | $(DEPS)
+	@$(PY) plan_cost.py --device $(DEVICE) --epochs $(EPOCHS) $(RUNS_TO_DO)
+
+## download: CIFAR-100 into DATA_DIR (online; offline it says what to fetch by hand)
+download: $(DATA_DIR)/cifar-100-python/test
+
+## fetch-teachers: the paper's teachers of PAIRS (T=vgg13: that one) into checkpoints/cifar100/, verified
+fetch-teachers: $(foreach a,$(filter $(FETCHED),$(or $(T),$(TEACHER_ARCHS))),$(TEACHERS)/$a.pt)
 
 ## imagenet-all: the paper's Table 1: 4 pairs x (PEFD, KD) and the Student row on ImageNet -> results/imagenet.md and .csv
 imagenet-all:
@@ -131,9 +180,9 @@ ablations: $(ABLATION_EVALS) $(RESULTS)/ablations.md
 
 ## tables: write the tables and their figures from whatever has finished so far (unfinished runs show as missing); trains and evaluates nothing
 tables: | $(RESULTS) $(DEPS)
-	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(TABLES)" --figures $(RESULTS)/figures
+	$(PY) tables.py $(MAIN_TABLE_FLAGS) --out "$(TABLES)" --figures $(RESULTS)/figures
 ifneq ($(DATASET),imagenet)
-	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $(RESULTS)/ablations.md --figures $(RESULTS)/figures
+	$(PY) tables.py $(ABLATION_TABLE_FLAGS) --out $(RESULTS)/ablations.md --figures $(RESULTS)/figures
 endif
 
 ## bench: measure training throughput (projkd.py bench) -> results/bench.json, bench.md, figures/bench.png; runs every time
@@ -200,12 +249,24 @@ endif
 # trained longer than its students, as real ones are), then the pipeline itself; lr / 10 for the last epochs.
 SMOKE = DATASET=synthetic SEEDS="1 2" DEVICE=cpu PAIRS=resnet20:resnet8 ABLATION_PAIRS=resnet20:resnet8 \
   ABLATION_VARIANTS="q0 depth2 gelu" TEACHERS=checkpoints/synthetic-e2 EVAL_EXTRA="--synthetic-size 512"
-smoke:
-	OMP_NUM_THREADS=1 $(MAKE) teachers $(SMOKE) EPOCHS=8 EXTRA="--synthetic-size 512 --batch-size 32 --lr-decay-epochs 6"
-	OMP_NUM_THREADS=1 $(MAKE) -j2 cifar-all ablations $(SMOKE) EPOCHS=2 \
-	  EXTRA="--synthetic-size 512 --batch-size 32 --lr-decay-epochs 1"
-	@echo "smoke: the whole chain ran. Its numbers only show that it works: 2 epochs on 512 generated images, 128" \
-	  "test images (one is 0.8 points), 2 seeds; they say nothing about the methods (docs/pipeline.md: make smoke)."
+SMOKE_TEACHER = EPOCHS=8 EXTRA="--synthetic-size 512 --batch-size 32 --lr-decay-epochs 6"
+SMOKE_PIPELINE = EPOCHS=2 EXTRA="--synthetic-size 512 --batch-size 32 --lr-decay-epochs 1"
+SMOKE_RESULTS = results/synthetic-e2
+# Its start, to tell at the end whether anything ran: a table newer than it was made again.
+SMOKE_STARTED = runs/.smoke-started
+SMOKE_RAN = find $(SMOKE_RESULTS)/synthetic.md $(SMOKE_RESULTS)/ablations.md -newer $(SMOKE_STARTED) 2>/dev/null
+smoke: | runs
+	@touch $(SMOKE_STARTED)
+	OMP_NUM_THREADS=1 $(MAKE) teachers $(SMOKE) $(SMOKE_TEACHER)
+	OMP_NUM_THREADS=1 $(MAKE) -j2 cifar-all ablations $(SMOKE) $(SMOKE_PIPELINE)
+	@if [ -z "$$($(SMOKE_RAN))" ]; then echo "smoke: up to date, nothing ran (make clean first to run it again)"; \
+	else echo "smoke: the whole chain ran. Its numbers only show that it works: 2 epochs on 512 generated" \
+	  "images, 128 test images (one is 0.8 points), 2 seeds; they say nothing about the methods" \
+	  "(docs/pipeline.md: make smoke)."; fi
+
+## docs: make smoke, then the docs' smoke table (docs/pipeline.md) and docs/smoke-curves.png from its results
+docs: smoke
+	$(PY) smoke_docs.py --results $(SMOKE_RESULTS) --doc docs/pipeline.md --figure docs/smoke-curves.png
 
 ## test: install the requirements (and requirements-dev.txt's ruff) into $(PY) if needed, then lint and test (CPU)
 test: | $(DEPS)
@@ -214,17 +275,17 @@ test: | $(DEPS)
 
 ## clean: remove the smoke pipeline's files (runs/synthetic*, ...); real runs are only removed by hand
 clean:
-	rm -rf runs/synthetic* checkpoints/synthetic* results/synthetic* .pytest_cache __pycache__
+	rm -rf runs/synthetic* runs/.smoke-started checkpoints/synthetic* results/synthetic* .pytest_cache __pycache__
 
 # --- rules ---------------------------------------------------------------------------------------------
 
 # One pattern rule with two targets: a single run of its recipe writes both. (Naming the runs in an explicit
 # rule too, as cifar-all does, keeps Make from treating them as intermediates that need not exist.)
 $(RESULTS)/%.md $(RESULTS)/%.csv: $(MAIN_RUNS) $(MAIN_EVALS) | $(RESULTS) $(DEPS)
-	$(PY) tables.py --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)" --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv" --figures $(RESULTS)/figures
+	$(PY) tables.py $(MAIN_TABLE_FLAGS) --out "$(RESULTS)/$*.md $(RESULTS)/$*.csv" --figures $(RESULTS)/figures
 
 $(RESULTS)/ablations.md: $(call ablation_runs,$(ABLATION_PAIRS)) $(ABLATION_EVALS) | $(RESULTS) $(DEPS)
-	$(PY) tables.py --runs $(RUNS) --pairs "$(ABLATION_PAIRS)" --variants "$(ABLATION_VARIANTS)" --seeds "$(SEEDS)" --kind ablations --out $@ --figures $(RESULTS)/figures
+	$(PY) tables.py $(ABLATION_TABLE_FLAGS) --out $@ --figures $(RESULTS)/figures
 
 # A teacher checkpoint that exists is used as is (one copied in by hand, say: docs/teachers.md); otherwise it is, on CIFAR-100
 # with TEACHERS_FROM=fetch, RepDistiller's, fetched and checked against its published accuracy (it needs internet,
@@ -250,8 +311,9 @@ $(TEACHERS)/%.tcache: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
 
 # Every run, from its stem; a distillation run depends on its teacher's checkpoint. Its teacher's cache (USE_CACHE)
 # only has to exist when it starts: a cache rebuilt for one run to redo must not make the finished ones out of date.
-$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$(TEACHERS)/$$(call stem_teacher,$$*).pt) | $$(call stem_cache,$$*) $(DEPS) $(DATA) $(PREFLIGHT_JSON)
-	$(RUN) $(if $(call stem_teacher,$*),--teacher $(call stem_teacher,$*) --teacher-ckpt $(TEACHERS)/$(call stem_teacher,$*).pt) $(if $(call stem_cache,$*),--teacher-cache on --teacher-cache-file $(call stem_cache,$*)) --student $(call stem_student,$*) --method $(call stem_method,$*) $(call variant_flags,$(call stem_variant,$*)) --seed $(call stem_seed,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
+$(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$$(call stem_teacher_ckpt,$$*)) \
+    | $$(call stem_cache,$$*) $(DEPS) $(DATA) $(FETCHED_FIRST) $(PREFLIGHT_JSON)
+	$(RUN) $(call teacher_flags,$*) $(call cache_flags,$*) $(call student_flags,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
 
 # The evaluation step: the file a user deploys (a run's model.pt, a teacher checkpoint), loaded alone and evaluated
 # once on the test set (ImageNet: val/) in float32, on the run's device; the tables read these, not the training
@@ -273,9 +335,17 @@ $(DATA_DIR)/val:
 	@echo "make: no ImageNet in $(DATA_DIR)/: put its train/ and val/ class folders there, or set IMAGENET_DIR (docs/imagenet.md)" >&2; exit 2
 
 .deps-installed.d/%: requirements.txt requirements-dev.txt
-	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	$(INSTALL)
 	mkdir -p $(@D)
 	touch $@
 
-$(sort $(TEACHERS) $(RESULTS) results):
+.venv/.deps-installed: requirements.txt requirements-dev.txt | $(VENV_PY)
+	$(INSTALL)
+	touch $@
+
+# torch with its CUDA wheels is over 5 GB: a venv of its own keeps it out of the system python.
+$(VENV_PY):
+	python3 -m venv .venv
+
+$(sort $(TEACHERS) $(RESULTS) results runs):
 	mkdir -p $@

@@ -2,8 +2,14 @@
 #   make cifar-all EPOCHS=2 SEEDS=1        make -j4 cifar-all DEVICE=cuda:1
 # (Comments sit above the values: a trailing comment would put spaces into the value.)
 
-# The Python that runs projkd.py (the one `make install` filled from requirements.txt).
+# The Python that runs everything: by default .venv/bin/python, which make creates (python3 -m venv .venv) and
+# fills from requirements.txt the first time; or another with torch (a conda env's, the system's): PY=/its/python.
+# After `touch .deps-installed` nothing is installed, and the default is python3 as it is (a GPU node's own torch).
+ifeq ($(wildcard .deps-installed),)
+PY ?= .venv/bin/python
+else
 PY ?= python3
+endif
 
 # Teacher:student pairs of the paper's CIFAR-100 Table 4, the columns of results/cifar100.md.
 PAIRS ?= wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2

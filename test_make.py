@@ -20,7 +20,8 @@ from conftest import HERE, IMAGENET_PAIRS, calls, linked_figures, make
 def test_download_without_internet_is_one_line_from_make(tmp_path):
     env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}  # offline, surely
     result = subprocess.run(["make", "--no-print-directory", "cifar-all", f"DATA_DIR={tmp_path}/data", "DEPS=",
-                             f"PY={sys.executable}"], capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+                             f"PY={sys.executable}", "PLAN_COST="],
+                            capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"projkd: error: downloading CIFAR-100 into {tmp_path}/data failed" in result.stderr
     assert not (tmp_path / "data").exists()  # nothing half-downloaded left behind
@@ -263,7 +264,11 @@ def touch(path):
     open(path, "w").close()
 def value(flag):
     return args[args.index(flag) + 1]
-if "--run-dir" in args:
+if args[0] == "plan_cost.py":
+    pass
+elif "fetch-teachers" in args and os.environ.get("OFFLINE"):
+    sys.exit("projkd: error: offline: put vgg13's ckpt_epoch_240.pth at " + value("--out-dir") + "/vgg13.pt")
+elif "--run-dir" in args:
     touch(os.path.join(value("--run-dir"), "model.pt"))
     touch(os.path.join(value("--run-dir"), "metrics.json"))
 elif "cache" in args:
@@ -309,8 +314,8 @@ def test_make_plan_teacher_cache_only_for_pefd_kd_crd_on_a_gpu():
 
 
 def test_git_ignores_what_the_readme_has_users_make():
-    made = [".venv/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json", "results/x.md",
-            "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
+    made = [".venv/bin/python", ".venv-cpu/bin/python", "data/cifar-100-python/train", "runs/x/metrics.json",
+            "results/x.md", "checkpoints/cifar100/vgg13.pt", ".deps-installed"]
     ignored = subprocess.run(["git", "check-ignore", *made], cwd=HERE, capture_output=True, text=True).stdout.split()
     assert ignored == made
 
@@ -443,3 +448,76 @@ def test_make_installs_into_each_interpreter_once_and_not_past_a_touched_marker(
     assert make_test(venv) == [f"{venv} {install}", f"{venv} {lint}", f"{venv} {tests}"]  # and new requirements
     (tmp_path / ".deps-installed").touch()  # use it as it is
     assert make_test(own_torch) == [f"{own_torch} {lint}", f"{own_torch} {tests}"]
+
+
+def stand_in_python3(folder, log):
+    """A PATH whose python3 makes a venv of stand-in interpreters (STAND_IN_INTERPRETER), as `python3 -m venv`."""
+    venv_python = STAND_IN_INTERPRETER.format(log=log).replace("\\", "\\\\")
+    fake = folder / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/bin/sh
+echo "python3 $*" >> {log}
+if [ "$1 $2" = "-m venv" ]; then
+  mkdir -p "$3/bin" && cat > "$3/bin/python" <<'END'
+{venv_python}END
+  chmod +x "$3/bin/python"
+fi
+""")
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+def test_make_with_no_py_makes_a_venv_once_and_uses_it(tmp_path):
+    for name in ("Makefile", "params.mk", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    log = tmp_path / "calls.log"
+    env = stand_in_python3(tmp_path, log)
+    venv = ".venv/bin/python"
+    install = "-m pip install -r requirements.txt -r requirements-dev.txt"
+    assert make("test", cwd=tmp_path, env=env).returncode == 0
+    assert [c.replace(str(tmp_path) + "/", "") for c in calls(log)] == [
+        "python3 -m venv .venv", f"{venv} {install}", f"{venv} -m ruff check .", f"{venv} -m pytest -q"]
+    log.write_text("")
+    assert make("test", cwd=tmp_path, env=env).returncode == 0  # made once: the venv and its install are kept
+    assert [c.replace(str(tmp_path) + "/", "") for c in calls(log)] == [
+        f"{venv} -m ruff check .", f"{venv} -m pytest -q"]
+    log.write_text("")
+    (tmp_path / ".deps-installed").touch()  # use python3 as it is: no venv, no install
+    assert make("test", cwd=tmp_path, env=env).returncode == 0
+    assert calls(log) == ["python3 -m ruff check .", "python3 -m pytest -q"]
+
+
+def test_make_cifar_all_says_its_cost_and_fails_on_a_missing_teacher_before_any_training(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    (tmp_path / "data" / "cifar-100-python").mkdir(parents=True)
+    (tmp_path / "data" / "cifar-100-python" / "test").touch()
+    knobs = [f"PY={python}", "DEPS=", f"DATA_DIR={tmp_path}/data", "PAIRS=vgg13:vgg8 resnet20:resnet8",
+             "METHODS=pefd ce", "SEEDS=1", f"RUNS={tmp_path}/runs", f"TEACHERS={tmp_path}/ckpt",
+             f"RESULTS={tmp_path}/results"]
+    offline = make("-j4", "cifar-all", *knobs, env={**os.environ, "OFFLINE": "1"})
+    assert offline.returncode != 0 and "projkd: error: offline: put vgg13's" in offline.stderr
+    done = calls(log)
+    assert done[0].startswith("plan_cost.py --device auto --epochs 240 ")  # the cost first, of every run to do
+    assert sorted(done[0].split()[5:]) == sorted(
+        f"{tmp_path}/runs/{r}/metrics.json" for r in ("vgg8/ce-seed1", "resnet8/ce-seed1",
+                                                      "vgg13-vgg8/pefd-seed1", "resnet20-resnet8/pefd-seed1"))
+    assert [c.split()[0] for c in done[1:]] == ["projkd.py"] and "fetch-teachers" in done[1]  # no training began
+    # online, the fetched teacher comes before every run, the cost is said once and not again when all is done
+    assert make("-j4", "cifar-all", *knobs).returncode == 0
+    again = calls(log)[len(done):]
+    fetch = next(i for i, c in enumerate(again) if "fetch-teachers" in c)
+    assert fetch < min(i for i, c in enumerate(again) if "--run-dir" in c)
+    before = len(calls(log))
+    assert make("cifar-all", *knobs).returncode == 0 and len(calls(log)) == before
+
+
+def test_make_smoke_says_when_it_is_up_to_date(tmp_path):
+    python, log = stand_in_python(tmp_path)
+    for name in ("Makefile", "params.mk"):
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    first = make("smoke", f"PY={python}", "DEPS=", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "smoke: the whole chain ran." in first.stdout and "up to date" not in first.stdout
+    again = make("smoke", f"PY={python}", "DEPS=", cwd=tmp_path)
+    assert again.returncode == 0 and "smoke: up to date, nothing ran" in again.stdout
+    assert "the whole chain ran" not in again.stdout
