@@ -1028,6 +1028,12 @@ def train(cfg):
                 else:
                     save_checkpoint(run, epoch + 1)  # always after the final epoch
             return finish_run(run)
+        except WriteError as e:
+            last = os.path.join(resolved.run_dir, "last.pt")
+            if not os.path.isfile(last):
+                raise
+            raise WriteError(f"{e}; the last check point is kept in {last}: free space, then the "
+                             f"same command with --resume continues from it") from None
         finally:
             run.feed.close()
 
@@ -1050,6 +1056,8 @@ def train_epoch(run, epoch):
     run.resumed_steps = 0
     for i in range(first + 1, steps + 1):
         run.step()
+        if i == first + COST_STEPS and epoch == run.start_epoch and run.device.type == "cpu":
+            note_cost_on_cpu(run, epoch, (time.time() - start) / COST_STEPS)
         if i != next_check or i == steps:  # the clock is read at check points only
             continue
         if cfg.progress_seconds and time.time() - last_report >= cfg.progress_seconds:
@@ -1077,6 +1085,16 @@ def train_epoch(run, epoch):
     return {"loss": loss, "ce": totals["ce"] / batches, "distill": totals["distill"] / batches,
             "acc": 100 * totals["correct"] / (steps * cfg.batch_size),
             "images_per_s": (steps - first) * cfg.batch_size / (time.time() - start)}
+
+def note_cost_on_cpu(run, epoch, seconds_per_step):
+    """In a CPU run's first lines, its time if over an hour: epochs x seconds per epoch, from its
+    first steps."""
+    per_epoch = seconds_per_step * run.feed.steps_per_epoch
+    epochs = run.cfg.epochs - epoch
+    if per_epoch * epochs > COST_NOTE_SECONDS:
+        log(f"note: about {_duration(per_epoch * epochs)} on this CPU ({epochs} epochs x "
+            f"{_duration(per_epoch)}, measured on its first {COST_STEPS} steps); faster: a GPU "
+            f"(--device cuda), or --epochs 1 for a try")
 
 def log_progress(run, epoch, step, seconds_per_step):
     """A progress line within an epoch: the mean loss so far (a host sync), speed and time left."""
@@ -1408,12 +1426,14 @@ def prepare_run(cfg, notes, given):
     if world > 1 or cfg.dataset == "imagenet":
         notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
                      f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
-    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
-                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
     run, amp_dtype = build_run(cfg, device, world, data)
+    # after the data and the checkpoints are read: an error in them is the first line, with no
+    # notes before it
+    log("\n".join(["config (where not a default; all of it goes into metrics.json):",
+                   *config_lines(given, cfg), *(f"note: {note}" for note in notes)]))
     if checkpoint is not None:
         restore(run, checkpoint)
     elif cfg.resume:
@@ -1488,6 +1508,10 @@ def setup_teacher(run, amp_dtype):
     data = run.data
     run.teacher_provenance = teacher_provenance(cfg.teacher_ckpt, cfg.teacher_weights)
     if run.teacher_eval is None:
+        images = "test images"
+        if data.test_x is None:
+            images = "validation images"
+        log(f"evaluating the teacher {cfg.teacher} on the {images} (once per run) ...")
         run.teacher_eval = evaluate(run.teacher, data, cfg.eval_batch_size, run.memory_format)
         source = cfg.teacher_weights or cfg.teacher_ckpt
         log(f"teacher {cfg.teacher} from {source}: test top-1 {run.teacher_eval['top1']:.2f}% "
@@ -1581,6 +1605,9 @@ def default_workers():
 # --- the bookkeeping: the lock, resuming, the epoch's state, check points, signals ----------------
 
 # check points per epoch (save_or_stop), where a run writes last.pt or stops
+# A CPU run measured over its first 5 steps says so in its first lines if it will take over an hour.
+COST_STEPS = 5
+COST_NOTE_SECONDS = 3600
 CHECKS_PER_EPOCH = 200
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
@@ -1924,6 +1951,10 @@ def labelled_log(run_dir):
     finally:
         log_label = ""
 
+class WriteError(UserError):
+    """A file that could not be written (a full disk, a read-only folder); the file it replaces is
+    kept."""
+
 def atomic_write(path, write):
     """write(tmp_path), then rename: a killed process never leaves a half-written file under `path`,
     and a write that fails (a full disk, a read-only folder) is one line naming the file and leaves
@@ -1933,8 +1964,8 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or choose another "
-                        "folder") from None
+        raise WriteError(f"cannot write {path} ({e.strerror or e}); free space or choose another "
+                         "folder") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -2125,8 +2156,16 @@ def evaluate_checkpoint(ec):
     if not ec.arch or not ec.ckpt:
         raise UserError("eval needs --arch and --ckpt, e.g. eval --arch vgg8 --ckpt "
                         "runs/.../model.pt")
+    if os.path.isdir(ec.ckpt):
+        raise UserError(f"--ckpt {ec.ckpt} is a folder: pass the checkpoint file itself, e.g. "
+                        f"{os.path.join(ec.ckpt, 'model.pt')}")
     if not os.path.isfile(ec.ckpt):
         raise UserError(f"no checkpoint at {ec.ckpt}")
+    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
+    out_folder = os.path.dirname(out) or "."
+    if not (os.path.isdir(out_folder) and os.access(out_folder, os.W_OK)):  # before evaluating
+        raise UserError(f"cannot write --out {out}: {out_folder} is not a folder this user can "
+                        f"write in; choose another --out")
     ec = with_run_data_settings(ec)
     if ec.dataset not in PROTOCOLS:
         raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
@@ -2144,7 +2183,6 @@ def evaluate_checkpoint(ec):
     model = models_module().frozen_model(ec.arch, state_dict, data.num_classes, ec.ckpt)
     model = model.to(device, memory_format=memory_format)
     result = evaluate(model, data, ec.eval_batch_size, memory_format)
-    out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
     record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
               **{k: getattr(ec, k) for k in DATA_OPTIONS}, **result,
               "test_set_sha256": test_set_sha256(data),
