@@ -209,7 +209,8 @@ def graph_check(teacher_arch, student_arch, teacher_ckpt, bc, device, folder):
             run.sums.zero_()
             run.step()
             losses[graph].append(run.sums.loss.item())
-        weights[graph] = {k: v.double().cpu() for k, v in run.student.state_dict().items() if v.is_floating_point()}
+        state = run.student.state_dict()
+        weights[graph] = {k: v.double().cpu() for k, v in state.items() if v.is_floating_point()}
         failure = getattr(run.step, "failure", None) if graph else None
         run.feed.close()
     eager, graphed = np.array(losses[False]), np.array(losses[True])

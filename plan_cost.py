@@ -1,12 +1,14 @@
-"""The cost of a Make plan before the work: what the CIFAR-100 runs still to do would take on this machine's CPU.
+"""The cost of a Make plan before the work: what the CIFAR-100 runs still to do would take on this
+machine's CPU.
 
-    python plan_cost.py --device auto --epochs 240 runs/cifar100/vgg13-vgg8/pefd-seed1/metrics.json ...
+    python plan_cost.py --device auto --epochs 240 runs/cifar100/vgg13-vgg8/pefd-seed1/metrics.json
 
-`make cifar-all` runs it first, with the runs it still has to do. On a GPU (--device cuda..., or auto where CUDA
-is present) it says nothing. On a CPU it says the whole plan's time: for each run, epochs x its seconds per
-epoch, which is the multiply-accumulates of one epoch (the student's forward and backward pass and the teacher's
-forward pass on the 50,000 training images, the student's forward pass on the 10,000 test images) over the rate
-this CPU does them at, measured on one training step of the first run's student. It never stops the plan.
+`make cifar-all` runs it first, with the runs it still has to do. On a GPU (--device cuda..., or
+auto where CUDA is present) it says nothing. On a CPU it says the whole plan's time: for each run,
+epochs x its seconds per epoch, which is the multiply-accumulates of one epoch (the student's
+forward and backward pass and the teacher's forward pass on the 50,000 training images, the
+student's forward pass on the 10,000 test images) over the rate this CPU does them at, measured on
+one training step of the first run's student. It never stops the plan.
 """
 
 import argparse
@@ -23,7 +25,8 @@ TRAIN_IMAGES, TEST_IMAGES, BATCH = 50_000, 10_000, 64
 
 
 def macs(model):
-    """Multiply-accumulates of one forward pass of one 32x32 image through the convolutions and linear layers."""
+    """Multiply-accumulates of one forward pass of one 32x32 image through the convolutions and
+    linear layers."""
     total = 0
 
     def count(layer, inputs, output):
@@ -46,7 +49,8 @@ def macs(model):
 
 
 def measured_rate(arch, steps=2):
-    """Multiply-accumulates per second of this CPU on a training step (forward, backward: 3x the forward's)."""
+    """Multiply-accumulates per second of this CPU on a training step (forward, backward: 3x the
+    forward's)."""
     model = models.MODELS[arch](num_classes=100).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     images, labels = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 100, (BATCH,))
@@ -61,7 +65,8 @@ def measured_rate(arch, steps=2):
 
 
 def run_of(path):
-    """(teacher or None, student) of a run's metrics.json path: <pair>/<method>-seed<N>/metrics.json."""
+    """(teacher or None, student) of a run's metrics.json path:
+    <pair>/<method>-seed<N>/metrics.json."""
     pair = os.path.normpath(path).split(os.sep)[-3]
     teacher, _, student = pair.rpartition("-")
     return teacher or None, student
@@ -96,13 +101,15 @@ def main(argv=None):
     rate = measured_rate(runs[0][1])
     seconds = [args.epochs * epoch_macs(teacher, student, cost) / rate for teacher, student in runs]
     print(
-        f"plan: {len(runs)} runs to do, {args.epochs} epochs each: about {duration(sum(seconds))} on this CPU "
-        f"(one after another; a run {duration(min(seconds))} to {duration(max(seconds))}: epochs x seconds "
-        f"per epoch, this CPU measured now at {rate / 1e9:.0f} GMAC/s)"
+        f"plan: {len(runs)} runs to do, {args.epochs} epochs each: about "
+        f"{duration(sum(seconds))} on this CPU (one after another; a run "
+        f"{duration(min(seconds))} to {duration(max(seconds))}: epochs x seconds per epoch, "
+        f"this CPU measured now at {rate / 1e9:.0f} GMAC/s)"
     )
     print(
-        'faster: a GPU (DEVICE=auto uses one), many at once on a cluster (make -j 64 cifar-all LAUNCH="srun '
-        '--gres=gpu:1": docs/many-gpus.md), or a short try first (make cifar-all EPOCHS=2 SEEDS=1)'
+        'faster: a GPU (DEVICE=auto uses one), many at once on a cluster (make -j 64 cifar-all '
+        'LAUNCH="srun --gres=gpu:1": docs/many-gpus.md), or a short try first '
+        '(make cifar-all EPOCHS=2 SEEDS=1)'
     )
     sys.stdout.flush()
     return 0

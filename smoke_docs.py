@@ -1,9 +1,11 @@
-"""The docs' numbers and picture from `make smoke`'s own output, so that they cannot go stale: `make docs` runs
-make smoke, then this, which writes docs/pipeline.md's smoke table (between its two marker lines) from the smoke
-pipeline's results/synthetic-e2/synthetic.csv, and copies its curves figure to docs/smoke-curves.png.
+"""The docs' numbers and picture from `make smoke`'s own output, so that they cannot go stale:
+`make docs` runs make smoke, then this, which writes docs/pipeline.md's smoke table (between its two
+marker lines) from the smoke pipeline's results/synthetic-e2/synthetic.csv, and copies its curves
+figure to docs/smoke-curves.png.
 
-    python smoke_docs.py --results results/synthetic-e2 --doc docs/pipeline.md --figure docs/smoke-curves.png
-    python smoke_docs.py ... --check      # exit 1 if the docs differ from those results (test_smoke_docs.py)
+    python smoke_docs.py --results results/synthetic-e2 --doc docs/pipeline.md \
+        --figure docs/smoke-curves.png
+    python smoke_docs.py ... --check   # exit 1 if the docs differ from those results
 """
 
 import argparse
@@ -13,7 +15,8 @@ import os
 import shutil
 import sys
 
-BEGIN = "<!-- smoke table: written by `make docs` from make smoke's synthetic.csv; do not edit by hand -->"
+BEGIN = ("<!-- smoke table: written by `make docs` from make smoke's synthetic.csv; "
+         "do not edit by hand -->")
 END = "<!-- end of the smoke table -->"
 ROWS = (
     "Teacher",
@@ -27,7 +30,8 @@ FIGURE = "resnet20-resnet8-curves.png"
 
 
 def smoke_table(csv_text):
-    """Markdown: each row of the smoke pipeline's last-epoch table, top-1 (%) mean ± std (n seeds)."""
+    """Markdown: each row of the smoke pipeline's last-epoch table, top-1 (%) mean ± std (n
+    seeds)."""
     rows = [r for r in csv.DictReader(io.StringIO(csv_text)) if r["table"] == "last"]
     by_name = {r["row"]: r for r in rows}
     pair = f"{rows[0]['teacher']} → {rows[0]['student']}" if rows else "?"

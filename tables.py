@@ -343,8 +343,8 @@ PREFLIGHT_JSON = os.path.join("results", "gpu-preflight.json")  # gpu_check.py p
 
 
 def preflight_condition(found, path=PREFLIGHT_JSON):
-    """Whether the GPU was checked before the runs trained (make's preflight), for runs on CUDA only:
-    '' when none ran there."""
+    """Whether the GPU was checked before the runs trained (make's preflight), for runs on CUDA
+    only: '' when none ran there."""
     if not any(str(m.get("config", {}).get("device", "")).startswith("cuda") for m in found):
         return ""
     try:
@@ -354,7 +354,8 @@ def preflight_condition(found, path=PREFLIGHT_JSON):
         return "; GPU preflight: none recorded"
     if report.get("status") == "off":
         return "; GPU preflight: off (PREFLIGHT=off: the GPU was not checked before the runs)"
-    return f"; GPU preflight: {report.get('status')} on {report.get('gpu')} with torch {report.get('torch')}"
+    return (f"; GPU preflight: {report.get('status')} on {report.get('gpu')} "
+            f"with torch {report.get('torch')}")
 
 
 def conditions(found):

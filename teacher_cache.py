@@ -300,9 +300,10 @@ def cache_command(cfg):
     setup_torch(device, cfg.deterministic)
     data = load_data(cfg, device)
     memory_format, amp_dtype, autocast = memory_format_and_autocast(cfg.amp, device)
-    teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes).to(device)
+    teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes)
+    teacher = teacher.to(device)
     teacher = teacher_for_speed(teacher, amp_dtype, memory_format)
-    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data, autocast,
-                                 memory_format, cfg.eval_batch_size)
+    cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data,
+                                 autocast, memory_format, cfg.eval_batch_size)
     os.utime(cache.path)
     log(f"{cache.path}: the teacher cache of {cfg.teacher_ckpt}, up to date")

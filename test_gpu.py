@@ -255,10 +255,12 @@ def cuda_cache(folder, teacher_ckpt):
 
 
 def fast_teacher(teacher_ckpt, device, amp="bf16"):
-    """The teacher as a training run holds it on CUDA (setup_run, setup_teacher): channels_last, weights in the
-    autocast dtype. Returns (teacher, its taps, the autocast context, the memory format)."""
+    """The teacher as a training run holds it on CUDA (setup_run, setup_teacher): channels_last,
+    weights in the autocast dtype. Returns (teacher, its taps, the autocast context, the memory
+    format)."""
     memory_format, amp_dtype, autocast = projkd.memory_format_and_autocast(amp, device)
-    teacher = models.load_teacher(TEACHER, teacher_ckpt, CLASSES).to(device, memory_format=memory_format)
+    teacher = models.load_teacher(TEACHER, teacher_ckpt, CLASSES)
+    teacher = teacher.to(device, memory_format=memory_format)
     return projkd.teacher_for_speed(teacher, amp_dtype, memory_format), autocast, memory_format
 
 
@@ -407,10 +409,13 @@ def test_resident_feed_batches_equal_the_cpu_reference(cuda_cache):
                     expected, order = reference_batch(cpu_data.train_x, plan, step, rank,
                                                       BATCH // 2)
                     assert images.is_contiguous(memory_format=torch.channels_last)
-                    assert torch.equal(images.cpu(), expected), f"rank {rank} epoch {epoch} step {step}: images"
-                    assert torch.equal(labels.cpu(), cpu_data.train_y[order]), f"step {step}: labels"
-                    rows = cuda_cache.rows(order.numpy(), views[step * BATCH + rank * BATCH // 2:][:BATCH // 2])
-                    assert np.array_equal(teacher.view(torch.int16).cpu().numpy(), rows), f"step {step}: rows"
+                    where = f"rank {rank} epoch {epoch} step {step}"
+                    assert torch.equal(images.cpu(), expected), f"{where}: images"
+                    assert torch.equal(labels.cpu(), cpu_data.train_y[order]), f"{where}: labels"
+                    first = step * BATCH + rank * BATCH // 2
+                    rows = cuda_cache.rows(order.numpy(), views[first:][:BATCH // 2])
+                    cached = teacher.view(torch.int16).cpu().numpy()
+                    assert np.array_equal(cached, rows), f"{where}: rows"
                 assert feed.next_step.item() == feed.steps_per_epoch
         finally:
             feed.close()
@@ -515,7 +520,8 @@ def test_a_cpu_run_resumes_on_cuda_with_fused_sgd_and_the_graph(folder, teacher_
         assert isinstance(run.step, projkd.CUDAGraphStep)
         stats = projkd.train_epoch(run, run.start_epoch)
         assert run.step.graph is not None and run.step.failure is None, run.step.failure
-        assert run.feed.next_step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
+        assert run.feed.next_step.item() == run.feed.steps_per_epoch
+        assert math.isfinite(stats["loss"])
     finally:
         run.feed.close()
 
@@ -591,7 +597,8 @@ def test_device_cuda1_trains_there_and_its_graph_records(folder, teacher_ckpt):
         assert run.feed.images.device == run.lr.device == torch.device(CUDA1)
         assert isinstance(run.step, projkd.CUDAGraphStep)
         assert run.step.graph is not None and run.step.failure is None, run.step.failure
-        assert run.feed.next_step.item() == run.feed.steps_per_epoch and math.isfinite(stats["loss"])
+        assert run.feed.next_step.item() == run.feed.steps_per_epoch
+        assert math.isfinite(stats["loss"])
         end = floats(run.student.state_dict())
         assert all(not torch.equal(start[k], end[k]) for k in start if "conv" in k)  # it trained
         assert torch.cuda.memory_allocated(0) == before, "the cuda:1 run allocated on cuda:0"

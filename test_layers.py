@@ -15,7 +15,7 @@ from conftest import HERE
 
 # Bottom to top: each file may import those before it.
 LAYERS = ["models", "projkd", "teacher_cache", "bench", "figures", "tables", "fetch", "gpu_check",
-          "torchrun_signals"]
+          "torchrun_signals", "plan_cost", "smoke_docs"]
 # (importer, imported) imports made inside a function rather than at the top of the file.
 LAZY = {
     ("projkd", "models"):

@@ -1,5 +1,6 @@
-"""Tests for what a newcomer meets first in projkd.py (issue 24): its messages, in the order a run gives them, and
-what a run records about itself. Each runs the CLI on small generated data on the CPU."""
+"""Tests for what a newcomer meets first in projkd.py (issue 24): its messages, in the order a run
+gives them, and what a run records about itself. Each runs the CLI on small generated data on the
+CPU."""
 
 import re
 
@@ -21,7 +22,8 @@ def test_eval_of_a_folder_names_the_folder(tmp_path, capsys):
 
 def test_eval_checks_out_is_writable_before_evaluating(tmp_path, capsys, monkeypatch):
     ckpt = tmp_path / "model.pt"
-    projkd.torch.save(projkd.zoo().MODELS[SMALL_STUDENT](num_classes=10).state_dict(), ckpt)
+    model = projkd.models_module().MODELS[SMALL_STUDENT](num_classes=10)
+    projkd.torch.save(model.state_dict(), ckpt)
     evaluated = []
     monkeypatch.setattr(
         projkd, "load_data", lambda *a: evaluated.append(a)
@@ -83,8 +85,9 @@ def test_a_full_disk_mid_run_says_the_last_check_point_is_kept_and_resume_contin
     assert projkd.main(args) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"projkd: error: cannot write {run_dir / 'log.csv'} (No space left on device); free space or "
-        f"choose another folder; the last check point is kept in {run_dir / 'last.pt'}: free space, "
+        f"projkd: error: cannot write {run_dir / 'log.csv'} (No space left on device); free "
+        f"space or choose another folder; the last check point is kept in "
+        f"{run_dir / 'last.pt'}: free space, "
         f"then the same command with --resume continues from it\n"
     )
     monkeypatch.setattr("builtins.open", real_open)
@@ -126,7 +129,7 @@ def test_argument_and_file_errors_come_before_the_config_block_and_its_notes(
 
 def untrained_teacher(tmp_path):
     path = tmp_path / "teacher.pt"
-    projkd.torch.save(projkd.zoo().MODELS["resnet20"](num_classes=10).state_dict(), path)
+    projkd.torch.save(projkd.models_module().MODELS["resnet20"](num_classes=10).state_dict(), path)
     return path
 
 

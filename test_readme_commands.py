@@ -1,5 +1,6 @@
-"""The commands of the README and the docs run as written after `make test`: each is tried with a stand-in for
-the long part (make -n for make; the parser and the resolved config for a training; --help for a subcommand)."""
+"""The commands of the README and the docs run as written after `make test`: each is tried with a
+stand-in for the long part (make -n for make; the parser and the resolved config for a training;
+--help for a subcommand)."""
 
 import os
 import re

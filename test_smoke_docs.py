@@ -1,4 +1,5 @@
-"""Tests for smoke_docs.py: the docs' smoke table is made from make smoke's results, and matches them."""
+"""Tests for smoke_docs.py: the docs' smoke table is made from make smoke's results, and matches
+them."""
 
 import os
 

@@ -59,12 +59,12 @@ def test_signals_to_torchrun_reach_every_worker_and_the_resumed_run_equals_a_str
     assert stopped.returncode in (128 + signal.SIGUSR1, 128 + signal.SIGTERM), out
     assert "stopped after step" in stopped.stderr and "Traceback" not in out, out
     last = torch.load(run_dir / "last.pt", weights_only=True)
-    assert last["epoch"] == 0 and last["step"] >= 3, out
-    assert len(last["epoch_rows"]) == 2  # both processes' sums
+    assert last["epoch"] == 0 and last["steps_done"] >= 3, out
+    assert len(last["epoch_state"]["loss"]) == 2  # both processes' sums
     assert sorted(os.listdir(run_dir)) == ["last.pt"]  # no .lock
     resumed = launch(projkd_py, *run_args(run_dir, "--resume"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resuming {run_dir} at step {last['step'] + 1} of epoch 1" in resumed.stdout
+    assert f"resuming {run_dir} at step {last['steps_done'] + 1} of epoch 1" in resumed.stdout
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (tmp_path / "straight", run_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
     timings = ("seconds", "images_per_s", "plan_wait_s")
