@@ -23,6 +23,10 @@ errors are WeightsError, which projkd's CLI prints as one line. Getting those fi
 
 This file imports no other file of projkd: copy it with projkd.py, or alone for the architectures.
 """
+import contextlib
+import difflib
+import hashlib
+import logging
 import os
 import re
 from collections import OrderedDict
@@ -477,12 +481,150 @@ TORCHVISION_WEIGHTS = {arch: (file, "https://download.pytorch.org/models/" + fil
 
 
 # -----------------------------------------------------------------------------
+# timm architectures by name: `timm:NAME` (e.g. timm:resnet18, timm:convnext_tiny.fb_in1k), built by
+# timm.create_model, imported only when such a name is used. build_model gives a zoo or a timm model the
+# interface above: timm's classifier is the final nn.Linear (checked), and `map_layer` is the submodule whose
+# output is the map forward_features returns, or None where that is no C x H x W map (a ViT's tokens).
+
+TIMM_PREFIX = "timm:"
+
+
+class ModelError(Exception):
+    """An architecture that cannot be built, or weights that cannot be read or do not fit it; projkd's CLI
+    prints it as one line."""
+
+
+def is_timm(arch):
+    return arch.startswith(TIMM_PREFIX)
+
+
+def import_timm(arch):
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"{arch} needs timm, which is not installed: pip install timm "
+                         f"(requirements-dev.txt names the version tested)") from None
+    return timm
+
+
+def check_timm_name(arch):
+    """One line with timm's close matches when `arch` names no timm model."""
+    timm = import_timm(arch)
+    name = arch[len(TIMM_PREFIX):]
+    if timm.is_model(name):
+        return
+    base = name.split(".")[0]
+    stem = re.match(r"[a-z]*", base).group()  # resnet in resnet19, convnext in convnext_tinyy
+    pool = timm.list_models(f"*{stem}*") if stem else []
+    close = difflib.get_close_matches(base, pool or timm.list_models(), n=5, cutoff=0.5)
+    hint = f"close matches: {', '.join(TIMM_PREFIX + c for c in close)}" if close else "none is close"
+    raise ModelError(f"timm has no model {name!r} ({hint}; timm.list_models('*{stem}*') lists them)")
+
+
+def timm_model(arch, num_classes, image_size=None, pretrained=False):
+    """timm.create_model for `timm:NAME`, at image_size for the models built for one size (ViTs), with timm's
+    pretrained weights of NAME when asked (a new head where num_classes differs from theirs)."""
+    timm = import_timm(arch)
+    check_timm_name(arch)
+    name = arch[len(TIMM_PREFIX):]
+    hub_log = logging.getLogger("huggingface_hub")  # offline, it says each retry of each file: one line here
+    hub_level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                                      img_size=image_size)
+        except TypeError as e:  # a model that takes any size has no img_size argument
+            if "img_size" not in str(e):
+                raise
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    except Exception as e:  # a bad tag, or a download that failed: offline, a proxy, no weights published
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not pretrained or "pretrained tag" in reason:
+            raise ModelError(f"timm cannot build {name} ({reason})") from None
+        raise ModelError(f"timm's pretrained weights for {name} could not be loaded ({reason}); where you "
+                         f"are online, save them (docs/your-own.md) and pass the file as --weights FILE") from None
+    finally:
+        hub_log.setLevel(hub_level)
+    image_size = image_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    find_map_layer(model, arch, image_size)
+    return model
+
+
+def classifier_name(model):
+    """The name of the model's final nn.Linear, as in its state_dict keys."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no nn.Linear classifier")
+    return names[-1]
+
+
+def find_map_layer(model, arch, image_size):
+    """One image through the model, in eval mode and without gradients (nothing of it changes): checks that it
+    takes image_size pixels and that its logits are its final nn.Linear of its pooled feature, then sets
+    model.map_layer to the outermost submodule that returns forward_features' map (None for tokens)."""
+    outputs, feature = {}, []
+
+    def keep(module, args, output, name):
+        outputs.setdefault(name, output)
+    hooks = [m.register_forward_hook(partial(keep, name=name)) for name, m in model.named_modules() if name]
+    classifier = model.get_submodule(classifier_name(model))
+    hooks.append(classifier.register_forward_pre_hook(lambda module, args: feature.append(args[0])))
+    was_training = model.training
+    x = torch.zeros(1, 3, image_size, image_size)
+    try:
+        with torch.no_grad():
+            features = model.eval().forward_features(x)
+            logits = model(x)  # (its outputs come second: `outputs` keeps the first of each module)
+    except RuntimeError as e:
+        raise ModelError(f"{arch} cannot take {image_size} x {image_size} images "
+                         f"({str(e).splitlines()[0]}); pass another --image-size") from None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not torch.allclose(classifier(feature[-1]), logits, atol=1e-5):
+        raise ModelError(f"{arch}'s output is not its final nn.Linear ({classifier_name(model)}) of its "
+                         f"pooled feature, which projkd needs (a distilled or multi-head model?)")
+    model.map_shape = tuple(features.shape[1:])
+    model.map_layer = None
+    if features.dim() == 4:
+        # the same tensor object: the module computed forward_features' result (or returned it unchanged)
+        same = [name for name, output in outputs.items() if output is features]
+        model.map_layer = min(same, key=lambda name: name.count("."), default=None)
+
+
+def require_map_layer(model, arch):
+    """The map_layer of a model for --method sp, or one line saying it has no last-stage map."""
+    if getattr(model, "map_layer", None) is None:
+        shape = getattr(model, "map_shape", ())
+        what = " x ".join(map(str, shape))
+        if len(shape) == 2:
+            what = f"{shape[0]} tokens of width {shape[1]}"
+        raise ModelError(f"{arch} has no last-stage C x H x W map for --method sp (its forward_features "
+                         f"give {what}); use --method pefd, kd or crd")
+    return model.map_layer
+
+
+def build_model(arch, num_classes, image_size=None, pretrained=False):
+    """A zoo model (MODELS[arch]) or a timm one (`timm:NAME`), with num_classes classes. pretrained: timm's
+    weights for NAME; the zoo's own pretrained teachers are files (load_teacher)."""
+    if is_timm(arch):
+        return timm_model(arch, num_classes, image_size, pretrained)
+    if pretrained:
+        raise ModelError(f"--pretrained takes timm's weights, for timm: architectures; start {arch} from a "
+                         f"file with --weights FILE")
+    return MODELS[arch](num_classes=num_classes)
+
+
+# -----------------------------------------------------------------------------
 # weights: the files this zoo loads, in the formats they are published in (ours, RepDistiller's, mdistiller's,
 # torchvision's), always with torch.load(weights_only=True)
 
 
-class WeightsError(Exception):
-    """A weight file that cannot be read, or does not fit its architecture; projkd's CLI prints it as one line."""
+class WeightsError(ModelError):
+    """A weight file that cannot be read, or does not fit its architecture; projkd's CLI prints it as one
+    line."""
 
 
 def load_checkpoint_file(path, what):
@@ -511,9 +653,26 @@ def normalise_keys(state_dict):
     return out
 
 
+def read_safetensors(path, what):
+    """A .safetensors file's tensors (timm's published format: a plain state_dict, never code)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsError(f"{what} {path} is a safetensors file, which needs the safetensors package: "
+                           f"pip install safetensors (timm brings it)") from None
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own kinds for a truncated or foreign file
+        raise WeightsError(f"{what} {path} is not a readable safetensors file "
+                           f"({str(e).splitlines()[0]})") from None
+
+
 def read_state_dict(path, what="checkpoint"):
-    """The state_dict in our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision weight
-    file or any plain state_dict, loaded with weights_only=True."""
+    """The state_dict in our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision
+    weight file, a timm checkpoint ({'state_dict': ...}) or any plain state_dict, loaded with
+    weights_only=True; or a .safetensors file."""
+    if path.endswith(".safetensors"):
+        return normalise_keys(read_safetensors(path, what))
     ckpt = load_checkpoint_file(path, what)
     if isinstance(ckpt, dict):
         ckpt = next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
@@ -522,9 +681,9 @@ def read_state_dict(path, what="checkpoint"):
     return normalise_keys(ckpt)
 
 
-def frozen_model(arch, state, num_classes, source, what="checkpoint"):
-    """MODELS[arch] with `state` loaded strictly, in eval mode and without gradients."""
-    model = MODELS[arch](num_classes=num_classes)
+def frozen_model(arch, state, num_classes, source, what="checkpoint", image_size=None):
+    """build_model(arch) with `state` loaded strictly, in eval mode and without gradients."""
+    model = build_model(arch, num_classes, image_size)
     ours = model.state_dict()
     # Compared before loading: load_state_dict raises a bare RuntimeError on a shape mismatch, strict or not.
     # torchvision's published files have no BatchNorm num_batches_tracked; loading fills them in.
@@ -565,6 +724,10 @@ def require_teacher_file(arch, path):
     if os.path.isdir(path):
         raise WeightsError(f"--teacher-ckpt {path} is a folder: pass the checkpoint file itself, e.g. "
                            f"{os.path.join(path, 'ckpt_epoch_240.pth')} (RepDistiller's) or {arch}.pt")
+    if is_timm(arch):
+        raise WeightsError(f"no teacher checkpoint at {path}: fine-tune one on your data, e.g. python projkd.py "
+                           f"--dataset folder --data-dir DIR --student {arch} --method ce --pretrained, and "
+                           f"pass its model.pt as --teacher-ckpt (make own does both: docs/your-own.md)")
     if arch in TORCHVISION_WEIGHTS:
         file, url = TORCHVISION_WEIGHTS[arch]
         raise WeightsError(f"no teacher checkpoint at {path}: get torchvision's {file} from {url} and put it there, "
@@ -574,11 +737,73 @@ def require_teacher_file(arch, path):
                        f"--method ce, then copy its model.pt there (make teachers does both)")
 
 
-def load_teacher(arch, path, num_classes, weights=""):
+def load_teacher(arch, path, num_classes, weights="", image_size=None):
     """A frozen teacher from our model.pt, a RepDistiller/mdistiller checkpoint ({'model': ...}), a torchvision
-    weight file or a plain state_dict at `path`; or torchvision's published `weights` (a name) when given."""
+    weight file, a timm or plain state_dict (.safetensors too) at `path`; or torchvision's published `weights`
+    (a name) when given. image_size: the size a timm model is built for (those made for one, as ViTs)."""
     if weights:
+        if is_timm(arch):
+            raise WeightsError(f"--teacher-weights names torchvision's weights; a {arch} teacher is a file: "
+                               f"--teacher-ckpt FILE (timm's, safetensors or .pt, or a model.pt of ours)")
         state = torchvision_state_dict(arch, weights, os.path.join("checkpoints", "imagenet", f"{arch}.pt"))
         return frozen_model(arch, state, num_classes, weights, "torchvision weights")
     require_teacher_file(arch, path)
-    return frozen_model(arch, read_state_dict(path, "teacher checkpoint"), num_classes, path, "teacher checkpoint")
+    state = read_state_dict(path, "teacher checkpoint")
+    return frozen_model(arch, state, num_classes, path, "teacher checkpoint", image_size)
+
+
+# -----------------------------------------------------------------------------
+# start weights: the trained model from timm's pretrained weights (build_model(..., pretrained=True)) or from
+# a file, with a new head where the class count differs, and where those weights came from
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_start_weights(model, arch, path):
+    """Every tensor of the file at `path` (a timm or plain state_dict, .safetensors or .pt) into `model`, in
+    place; the classifier's only where its shape fits (else the model's own new head is kept). Returns the
+    provenance: the file, its sha256, whether the head is new."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"no weights file at {path} (--weights)")
+    state = read_state_dict(path, "weights file")
+    ours = model.state_dict()
+    head = classifier_name(model)
+    head_keys = [f"{head}.weight", f"{head}.bias"]
+    new_head = any(k in state and state[k].shape != ours[k].shape for k in head_keys if k in ours)
+    if new_head:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")
+               and not (new_head and k in head_keys)]
+    unexpected = [k for k in state if k not in ours]
+    misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or misshaped:
+        raise WeightsError(f"weights file {path} does not fit {arch} ({len(missing)} missing, "
+                           f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, e.g. "
+                           f"{(missing + unexpected + misshaped)[0]}); wrong architecture, or another "
+                           f"--image-size than the file's?")
+    model.load_state_dict(state, strict=False)
+    return {"how": "a weights file", "arch": arch, "file": path, "sha256": sha256_of(path),
+            "new_head": new_head}
+
+
+def timm_provenance(model, arch, num_classes):
+    """Where timm's pretrained weights of a model came from: its name, tag, hub and the cached file's
+    sha256 (where timm's cache has one)."""
+    import timm
+
+    cfg = model.pretrained_cfg
+    record = {"how": "timm's pretrained weights, by name", "arch": arch, "tag": cfg.get("tag"),
+              "hub": cfg.get("hf_hub_id") or cfg.get("url"), "timm": timm.__version__,
+              "new_head": num_classes != cfg.get("num_classes")}
+    with contextlib.suppress(Exception):  # the hub's cache layout, or a url-fetched file: no sha256 then
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(cfg["hf_hub_id"], cfg.get("hf_hub_filename") or "model.safetensors")
+        if isinstance(cached, str):
+            record["sha256"] = sha256_of(cached)
+    return record
