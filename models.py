@@ -576,7 +576,7 @@ def find_map_layer(model, arch, image_size):
         with torch.no_grad():
             features = model.eval().forward_features(x)
             logits = model(x)  # (its outputs come second: `outputs` keeps the first of each module)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, ValueError) as e:  # timm's size checks are asserts, torch's errors
         raise ModelError(f"{arch} cannot take {image_size} x {image_size} images "
                          f"({str(e).splitlines()[0]}); pass another --image-size") from None
     finally:
