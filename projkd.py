@@ -297,21 +297,27 @@ class Distiller(nn.Module):
 @dataclass
 class Config:
     # what to train
-    teacher: str = ""  # teacher architecture (a key of models.MODELS); unused by --method ce
-    student: str = ""  # student architecture (a key of models.MODELS)
+    teacher: str = ""  # teacher architecture (a key of models.MODELS, or timm:NAME); unused by --method ce
+    student: str = ""  # student architecture (a key of models.MODELS, or timm:NAME)
     method: str = "pefd"  # pefd | kd | sp | crd | ce (ce: the student alone, e.g. to pretrain a teacher)
     teacher_ckpt: str = ""  # teacher weights (ours, RepDistiller's, mdistiller's or torchvision's);
                             # default checkpoints/<dataset>/<teacher>.pt
     teacher_weights: str = ""  # instead of a file, torchvision's ImageNet weights by name, e.g.
                                # IMAGENET1K_V1 (downloads: online only)
+    pretrained: bool = False  # start the trained model (--student) from timm's pretrained weights of its
+                              # timm:NAME, with a new head where the class count differs (downloads once)
+    weights: str = ""  # start the trained model from this file instead: a timm or plain state_dict,
+                       # .safetensors or .pt (a new head where the class count differs)
     # data
-    dataset: str = "cifar100"  # cifar100 | imagenet | synthetic (small, generated, learnable: for smoke runs and tests)
-    data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet: the folder
-                            # holding train/ and val/
+    dataset: str = "cifar100"  # cifar100 | imagenet | folder (your own: ImageNet's loader and protocol)
+                               # | synthetic (small, generated, learnable: for smoke runs and tests)
+    data_dir: str = "data"  # cifar100: the folder holding cifar-100-python/; imagenet, folder: the
+                            # folder holding train/<class>/ and val/<class>/
     download: bool = False  # download CIFAR-100 with torchvision if it is not in --data-dir
     synthetic_size: int = 2048  # training images of --dataset synthetic; its test set is a quarter of that
     synthetic_classes: int = 10  # classes of --dataset synthetic
-    image_size: int = 224  # imagenet: the training crop, and the evaluation crop after resizing to 256/224 of it
+    image_size: int = 224  # imagenet, folder: the training crop, and the evaluation crop after resizing
+                           # to 256/224 of it
     workers: int = None  # imagenet: loader processes per GPU; default: this machine's CPUs over its GPUs in use
     # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's protocol
     epochs: int = None  # training epochs: 240 on CIFAR-100, 100 on ImageNet
@@ -372,6 +378,8 @@ CIFAR100_PROTOCOL = {"epochs": 240, "batch_size": 64, "lr": 0.05, "lr_decay_epoc
 PROTOCOLS = {"cifar100": CIFAR100_PROTOCOL, "synthetic": dict(CIFAR100_PROTOCOL),
              "imagenet": {"epochs": 100, "batch_size": 256, "lr": 0.1, "lr_decay_epochs": "30,60,90",
                           "weight_decay": 1e-4, "eval_batch_size": 250}}
+PROTOCOLS["folder"] = dict(PROTOCOLS["imagenet"])  # your own class folders: ImageNet's (docs/your-own.md)
+FOLDER_DATASETS = ("imagenet", "folder")  # class folders, read by DataLoader workers at --image-size
 METHODS = ("pefd", "kd", "sp", "crd", "ce")
 CACHED_TEACHER_METHODS = ("pefd", "kd", "crd")  # those that need only the teacher's feature and logits, not its maps
 RESIDENT_DATASETS = ("cifar100", "synthetic")  # small enough to live on the GPU as uint8, augmented there
@@ -435,7 +443,8 @@ def cli_help(schema, doc, usage):
         with contextlib.suppress(ImportError):  # copied alone, without models.py
             imagenet = zoo().IMAGENET_ARCHS
             cifar = [a for a in zoo().MODELS if a not in imagenet]
-            text = f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; ImageNet {', '.join(imagenet)}"
+            text = (f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; ImageNet "
+                    f"{', '.join(imagenet)}; and any of timm's as timm:NAME (docs/your-own.md)")
             lines += ["", *textwrap.wrap(text, width, subsequent_indent="  ")]
     return "\n".join(lines)
 
@@ -488,14 +497,31 @@ def zoo():
     import models
     return models
 
-def check_arch(arch, role, dataset):
+def check_arch(arch, role, dataset, image_size=32):
     models, imagenet = zoo().MODELS, zoo().IMAGENET_ARCHS
+    if zoo().is_timm(arch):  # any dataset and size; models.py says if timm is missing or the name unknown
+        zoo().check_timm_name(arch)
+        return
     if arch not in models:
-        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}")
+        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}, "
+                        f"or timm:NAME")
+    if dataset == "folder":
+        check_folder_arch(arch, image_size)
+        return
     if (arch in imagenet) != (dataset == "imagenet"):
         kind, other = ("an ImageNet", "a CIFAR") if arch in imagenet else ("a CIFAR (32x32)", "an ImageNet")
         raise UserError(f"{arch} is {kind} architecture and --dataset {dataset} needs {other} one "
                         f"(ImageNet: {', '.join(imagenet)})")
+
+def check_folder_arch(arch, image_size):
+    """Your own class folders take ImageNet and timm architectures at any --image-size, the CIFAR zoo at 32."""
+    if arch not in zoo().IMAGENET_ARCHS and image_size != 32:
+        raise UserError(f"{arch} is a CIFAR (32x32) architecture and --image-size is {image_size}: pass "
+                        f"--image-size 32, or take an ImageNet or timm:NAME architecture")
+
+def input_size(cfg):
+    """The side of the images the models see: 32 on CIFAR-style data, --image-size on class folders."""
+    return cfg.image_size if cfg.dataset in FOLDER_DATASETS else 32
 
 def resolve_device(name, world_size):
     """The torch.device for --device `name`; under torchrun each process takes cuda:LOCAL_RANK."""
@@ -528,23 +554,25 @@ def check_roles(cfg, command):
     if command == "train" and not cfg.student:
         raise UserError("--student is required, e.g. --student vgg8 (see --help for the architectures)")
     if command == "train":
-        check_arch(cfg.student, "student", cfg.dataset)
+        check_arch(cfg.student, "student", cfg.dataset, cfg.image_size)
     if needs_teacher and not cfg.teacher:
         raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student vgg8"
                         if command == "train" else "the teacher cache needs --teacher, e.g. --teacher vgg13")
     if needs_teacher:
-        check_arch(cfg.teacher, "teacher", cfg.dataset)
+        check_arch(cfg.teacher, "teacher", cfg.dataset, cfg.image_size)
     if cfg.teacher_weights and cfg.teacher_ckpt:
         raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; pass one")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
+    if cfg.pretrained and cfg.weights:
+        raise UserError("--pretrained and --weights both name the trained model's start weights; pass one")
     return needs_teacher
 
 def with_protocol(cfg, notes):
     """The options left at None from the dataset's protocol, then every number checked against its range."""
     protocol = PROTOCOLS[cfg.dataset]
     defaults = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
-    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
+    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset not in FOLDER_DATASETS:
         defaults["lr"] = 0.01
         notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
     lr, batch, paper_batch = defaults.get("lr"), cfg.batch_size or protocol["batch_size"], protocol["batch_size"]
@@ -634,12 +662,12 @@ def resolve_config(cfg, command="train"):
     teacher = cfg.teacher if needs_teacher else ""
     ckpt = cfg.teacher_ckpt
     if not ckpt and needs_teacher and not cfg.teacher_weights:
-        ckpt = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+        ckpt = os.path.join("checkpoints", cfg.dataset, f"{path_name(cfg.teacher)}.pt")
     cache_file = cfg.teacher_cache_file
     if cache and not cache_file:
         cache_file = os.path.splitext(ckpt)[0] + ".tcache"
     workers = cfg.workers
-    if cfg.dataset == "imagenet" and workers is None:
+    if cfg.dataset in FOLDER_DATASETS and workers is None:
         workers = default_workers()
     run_dir = cfg.run_dir
     if command == "train" and not run_dir:
@@ -673,9 +701,15 @@ def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.p
         parts.append(proj_act)
     return "-".join(parts)
 
+def path_name(arch):
+    """An architecture's name as a file or folder name: timm_resnet18 for timm:resnet18 (no colon, which Make
+    and Windows cannot take in a path)."""
+    return arch.replace(":", "_")
+
 def run_path(runs, teacher, student, method, seed, **projector):
     """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N> for a model
     trained alone (shared by every pair with that student, and also how teachers are trained)."""
+    teacher, student = path_name(teacher), path_name(student)
     folder = student if method == "ce" else f"{teacher}-{student}"
     return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
 
@@ -761,7 +795,7 @@ def make_synthetic(n_train, num_classes, seed=0):
 
     return (*draw(n_train), *draw(max(n_train // 4, num_classes)))
 
-def load_imagenet(root, image_size=224):
+def load_imagenet(root, image_size=224, name="ImageNet", doc="docs/imagenet.md"):
     """(train_set, val_set): torchvision ImageFolders of root/train and root/val (one folder per class, the class
     folders' sorted names being the labels) yielding uint8 C x H x W tensors, with the paper's augmentation:
     RandomResizedCrop + horizontal flip for training, Resize(256/224 of the crop) + CenterCrop for evaluation.
@@ -770,7 +804,7 @@ def load_imagenet(root, image_size=224):
     from torchvision.datasets import ImageFolder
     train_layout = os.path.join(root, "train", "<class>", "<image>")
     val_layout = os.path.join(root, "val", "<class>", "<image>")
-    layout = f"{train_layout} and {val_layout} with the same class folders in both (docs/imagenet.md)"
+    layout = f"{train_layout} and {val_layout} with the same class folders in both ({doc})"
     resize = round(image_size * 256 / 224)
     transforms = {"train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]),
                   "val": T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])}
@@ -778,7 +812,7 @@ def load_imagenet(root, image_size=224):
     for split, transform in transforms.items():
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
-            raise UserError(f"ImageNet not found: no folder {folder}; --data-dir must hold {layout}")
+            raise UserError(f"{name} not found: no folder {folder}; --data-dir must hold {layout}")
         try:
             sets[split] = ImageFolder(folder, transform=transform)
         except (FileNotFoundError, OSError) as e:
@@ -788,6 +822,9 @@ def load_imagenet(root, image_size=224):
         raise UserError(f"{root}: train/ has {len(sets['train'].classes)} class folders and val/ "
                         f"{len(sets['val'].classes)}, or they differ in name; expected {layout}")
     return sets["train"], sets["val"]
+
+FOLDER_NAMES = {"imagenet": ("ImageNet", "docs/imagenet.md"), "folder": ("a class-folder data set",
+                                                                       "docs/your-own.md")}
 
 @dataclass
 class Data:
@@ -825,8 +862,8 @@ def load_data(cfg, device):
     def channels(values):
         return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
-    if cfg.dataset == "imagenet":
-        train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size)
+    if cfg.dataset in FOLDER_DATASETS:
+        train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size, *FOLDER_NAMES[cfg.dataset])
         shard = torch.utils.data.Subset(val_set, range(_rank(), len(val_set), _world_size()))  # none twice
         val_loader = image_loader(shard, cfg.eval_batch_size, cfg.workers, device)
         return Data(len(train_set.classes), channels(IMAGENET_MEAN), channels(IMAGENET_STD), train_set=train_set,
@@ -1194,6 +1231,7 @@ class Run:
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
     teacher_provenance: Optional[dict] = None  # where the teacher's weights came from (teacher_provenance)
+    student_start: Optional[dict] = None  # where the student's start weights came from (build_student)
 
 @contextlib.contextmanager
 def run_dir_lock(folder):
@@ -1270,7 +1308,7 @@ def setup_run(cfg, notes=()):
     if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
         zoo().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
     notes = list(notes) or again
-    if world > 1 or cfg.dataset == "imagenet":
+    if world > 1 or cfg.dataset in FOLDER_DATASETS:
         notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
                      f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
     log("\n".join(["config (where not a default; all of it goes into metrics.json):",
@@ -1278,7 +1316,7 @@ def setup_run(cfg, notes=()):
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
-    run, amp_dtype = build_run(cfg, device, world, data)
+    run, amp_dtype = build_run(cfg, device, world, data, resuming=checkpoint is not None)
     if checkpoint is not None:
         restore(run, checkpoint)
     elif cfg.resume:
@@ -1290,13 +1328,17 @@ def setup_run(cfg, notes=()):
         restore_epoch_tensors(run, checkpoint["epoch_rows"])
     return run
 
-def build_run(cfg, device, world, data):
+def build_run(cfg, device, world, data, resuming=False):
     """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
     memory_format, amp_dtype, autocast = precision(cfg.amp, device)
     teacher = None if cfg.method == "ce" else zoo().load_teacher(
-        cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights).to(device, memory_format=memory_format)
+        cfg.teacher, cfg.teacher_ckpt, data.num_classes, cfg.teacher_weights,
+        input_size(cfg)).to(device, memory_format=memory_format)
     torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
-    student = zoo().MODELS[cfg.student](num_classes=data.num_classes)
+    student, start = build_student(cfg, data.num_classes, resuming)
+    if cfg.method == "sp":  # before any step: one line where a model has no last-stage map
+        for arch, model in ((cfg.student, student), (cfg.teacher, teacher)):
+            zoo().require_map_layer(model, arch)
     student = nn.SyncBatchNorm.convert_sync_batchnorm(student) if cfg.sync_bn and world > 1 else student
     aux = build_aux(cfg, classifier_of(student).in_features,
                     classifier_of(teacher).in_features if teacher is not None else 0).to(device)
@@ -1306,8 +1348,25 @@ def build_run(cfg, device, world, data):
                                 fused=device.type == "cuda")
     run = Run(cfg, device, world, data, student, aux, Distiller(cfg, student, aux, autocast), teacher, optimizer,
               torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr, autocast, memory_format,
-              loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device))
+              loss_sum=torch.zeros(3, device=device), correct=torch.zeros((), dtype=torch.long, device=device),
+              student_start=start)
     return run, amp_dtype
+
+def build_student(cfg, num_classes, resuming):
+    """The student and where its start weights came from: --seed's initialisation, timm's pretrained weights
+    (--pretrained) or a file (--weights), with a new head where the class count differs. Resuming, last.pt
+    holds its weights: nothing is downloaded or read, and the provenance comes back from last.pt."""
+    pretrained = cfg.pretrained and not resuming
+    student = zoo().build_model(cfg.student, num_classes, input_size(cfg), pretrained)
+    start = {"how": f"initialised from --seed {cfg.seed}"}
+    if pretrained:
+        start = zoo().timm_provenance(student, cfg.student, num_classes)
+    if cfg.weights and not resuming:
+        start = zoo().load_start_weights(student, cfg.student, cfg.weights)
+    if not resuming and (cfg.pretrained or cfg.weights):
+        head = "a new head" if start["new_head"] else "its head"
+        log(f"student {cfg.student} starts from {cfg.weights or start['how']} with {head}")
+    return student, start
 
 def setup_feed(run, rank, cache):
     """The distiller wrapped (DDP, torch.compile), the data feed, and the step: eager, or its CUDA
@@ -1372,6 +1431,7 @@ def restore(run, checkpoint):
     run.start_epoch, run.start_step = checkpoint["epoch"], checkpoint.get("step", 0)
     run.best, run.history = checkpoint["best"], checkpoint["history"]
     run.teacher_eval = checkpoint["teacher_eval"]
+    run.student_start = checkpoint.get("student_start", run.student_start)
     where = f"at step {run.start_step + 1} of epoch {run.start_epoch + 1}" if run.start_step else \
         f"after epoch {run.start_epoch}"
     if run.data.train_x is None:  # LoaderFeed
@@ -1490,7 +1550,8 @@ def save_checkpoint(run, epoch, step=0):
     save({"config": dataclasses.asdict(run.cfg), "epoch": epoch, "step": step, "epoch_rows": rows,
           "student": run.student.state_dict(), "aux": run.aux.state_dict(), "optimizer": optimizer,
           "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
-          "teacher_eval": run.teacher_eval,  # and the teacher file's identity, checked on resuming:
+          "teacher_eval": run.teacher_eval, "student_start": run.student_start,
+          # and the teacher file's identity, checked on resuming:
           "teacher_sha256": (run.teacher_provenance or {}).get("sha256")},
          os.path.join(run.cfg.run_dir, "last.pt"))
 
@@ -1511,7 +1572,7 @@ def finish_run(run):
                "last_top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
                "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
                "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"), "epochs": cfg.epochs,
-               "teacher_provenance": run.teacher_provenance,
+               "teacher_provenance": run.teacher_provenance, "student_start": run.student_start,
                "wall_seconds": round(wall_seconds, 1),
                "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
                "world_size": run.world_size, "device": device_name(run.device), "torch": torch.__version__,
@@ -1626,7 +1687,7 @@ DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size") 
 
 @dataclass
 class EvalOptions:
-    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS)
+    arch: str = ""  # the checkpoint's architecture (a key of models.MODELS, or timm:NAME)
     ckpt: str = ""  # our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision weight file or any state_dict
     out: str = ""  # the result as JSON; default: the checkpoint's path with the suffix .eval.json
 
@@ -1670,7 +1731,7 @@ def evaluate_checkpoint(ec):
     ec = with_run_data_settings(ec)
     if ec.dataset not in PROTOCOLS:
         raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
-    check_arch(ec.arch, "arch", ec.dataset)
+    check_arch(ec.arch, "arch", ec.dataset, ec.image_size)
     device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
     _, world = setup_torch(device)
     batch_size = ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"]
@@ -1680,7 +1741,8 @@ def evaluate_checkpoint(ec):
     ec = dataclasses.replace(ec, eval_batch_size=batch_size, workers=workers)
     data = load_data(ec, device)
     memory_format = precision("off", device)[0]
-    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt)
+    model = zoo().frozen_model(ec.arch, zoo().read_state_dict(ec.ckpt), data.num_classes, ec.ckpt,
+                               image_size=input_size(ec))
     result = evaluate(model.to(device, memory_format=memory_format), data, ec.eval_batch_size, memory_format)
     out = ec.out or os.path.splitext(ec.ckpt)[0] + ".eval.json"
     record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
@@ -1705,6 +1767,9 @@ DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 
 def download_command(cfg):
     """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official archive)."""
+    if cfg.dataset == "folder":
+        raise UserError(f"--dataset folder is your own images: arrange them as {cfg.data_dir}/train/<class>/ "
+                        f"and {cfg.data_dir}/val/<class>/ (docs/your-own.md)")
     if cfg.dataset == "imagenet":
         raise UserError(f"ImageNet cannot be downloaded for you: get ILSVRC2012's train and val images from "
                         f"image-net.org and arrange them as {cfg.data_dir}/train/<class>/ and "
@@ -1745,7 +1810,7 @@ def command_of(argv):
 def errors_to_report():
     """The exceptions main() prints as one line: ours, and models.py's weight errors where models.py is here."""
     try:
-        return (UserError, zoo().WeightsError)
+        return (UserError, zoo().ModelError)
     except ImportError:  # this file copied alone
         return (UserError,)
 
