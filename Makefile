@@ -259,3 +259,5 @@ $(DATA_DIR)/val:
 
 $(sort $(TEACHERS) $(RESULTS) results):
 	mkdir -p $@
+
+include own.mk
