@@ -503,8 +503,7 @@ def check_arch(arch, role, dataset, image_size=32):
         zoo().check_timm_name(arch)
         return
     if arch not in models:
-        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}, "
-                        f"or timm:NAME")
+        raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of {', '.join(models)}")
     if dataset == "folder":
         check_folder_arch(arch, image_size)
         return
