@@ -1,5 +1,6 @@
-"""Your own models and data: timm architectures (`timm:NAME`), start weights (--pretrained, --weights),
---dataset folder, and `make own`, on generated class folders with timm's tiny test models at 32 pixels."""
+"""Your own models and data: timm architectures (`timm:NAME`), start weights (--pretrained,
+--weights), --dataset folder, and `make own`, on generated class folders with timm's tiny test
+models at 32 pixels."""
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ CLASSES = ("ant", "bee", "cat")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Models this small gain nothing from a second thread, and on a busy machine its spinning costs seconds."""
+    """Models this small gain nothing from a second thread, and on a busy machine its spinning costs
+    seconds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -39,14 +41,15 @@ def folder(tmp_path_factory):
 
 
 def folder_args(root, *extra):
-    return ["--dataset", "folder", "--data-dir", str(root), "--image-size", "32", "--batch-size", "4",
-            "--epochs", "1", "--device", "cpu", "--workers", "0", "--crd-negatives", "16", *extra]
+    return ["--dataset", "folder", "--data-dir", str(root), "--image-size", "32",
+            "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--workers", "0",
+            "--crd-negatives", "16", *extra]
 
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
-    """A timm:test_resnet state_dict for the three classes (its weights need not be trained: the tests check
-    the wiring, not accuracy)."""
+    """A timm:test_resnet state_dict for the three classes (its weights need not be trained: the
+    tests check the wiring, not accuracy)."""
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     torch.manual_seed(0)
     save_file(models.build_model(TEACHER, len(CLASSES), 32).state_dict(), str(path))
@@ -59,14 +62,17 @@ def train(tmp_path, root, *extra, name="run"):
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("method,student", [("pefd", VIT), ("kd", VIT), ("sp", EFFNET), ("crd", EFFNET)])
-def test_every_method_trains_timm_models_on_class_folders(method, student, folder, teacher_file, tmp_path):
+@pytest.mark.parametrize("method,student",
+                         [("pefd", VIT), ("kd", VIT), ("sp", EFFNET), ("crd", EFFNET)])
+def test_every_method_trains_timm_models_on_class_folders(method, student, folder, teacher_file,
+                                                          tmp_path):
     _, metrics = train(tmp_path, folder, "--teacher", TEACHER, "--teacher-ckpt", str(teacher_file),
                        "--student", student, "--method", method)
     epoch = metrics["history"][0]
     term = epoch[f"train_{projkd.LOSS_TERMS[method]}"]
-    assert term > 0 and torch.isfinite(torch.tensor(epoch["train_loss"]))  # the method's own term is wired
-    assert metrics["config"]["dataset"] == "folder" and metrics["config"]["lr"] == 0.1  # ImageNet's protocol
+    # the method's own term is wired, and the folder protocol is ImageNet's
+    assert term > 0 and torch.isfinite(torch.tensor(epoch["train_loss"]))
+    assert metrics["config"]["dataset"] == "folder" and metrics["config"]["lr"] == 0.1
     assert metrics["teacher_provenance"]["sha256"] == projkd.file_sha256(str(teacher_file))
     assert metrics["student_start"] == {"how": "initialised from --seed 1"}
 
@@ -81,14 +87,17 @@ def test_the_maps_sp_reads_are_what_forward_features_returns():
             logits = model(x)
             expected = model.forward_head(model.forward_features(x), pre_logits=True)
         taps.remove()
-        assert torch.allclose(taps.feature, expected, atol=1e-6), arch  # the pooled penultimate feature
+        # the pooled penultimate feature
+        assert torch.allclose(taps.feature, expected, atol=1e-6), arch
         assert torch.allclose(projkd.classifier_of(model)(taps.feature), logits, atol=1e-6)
         if layer is not None:
             assert torch.equal(taps.map, model.forward_features(x))
 
 
-def test_resume_is_bit_identical_and_eval_gives_the_runs_last_accuracy(folder, teacher_file, tmp_path):
-    # (no --deterministic: on the CPU the sums are the same anyway, and it imports torch._dynamo: seconds)
+def test_resume_is_bit_identical_and_eval_gives_the_runs_last_accuracy(folder, teacher_file,
+                                                                       tmp_path):
+    # (no --deterministic: on the CPU the sums are the same anyway, and it imports torch._dynamo,
+    # which takes seconds)
     pair = ["--teacher", TEACHER, "--teacher-ckpt", str(teacher_file), "--student", VIT]
     whole, metrics = train(tmp_path, folder, *pair, "--epochs", "2", name="whole")
     train(tmp_path, folder, *pair, name="halves")
@@ -99,11 +108,11 @@ def test_resume_is_bit_identical_and_eval_gives_the_runs_last_accuracy(folder, t
                                        plan_wait_s=r["plan_wait_s"])
                                   for h, r in zip(metrics["history"], resumed["history"])]
     # the model file alone, its data settings from the run's metrics.json
-    record = projkd.main(["eval", "--arch", VIT, "--ckpt", str(whole / "model.pt"), "--data-dir", str(folder),
-                          "--device", "cpu", "--workers", "0"])
-    assert record == 0
+    assert projkd.main(["eval", "--arch", VIT, "--ckpt", str(whole / "model.pt"),
+                        "--data-dir", str(folder), "--device", "cpu", "--workers", "0"]) == 0
     evaluated = json.loads((whole / "model.eval.json").read_text())
-    assert abs(evaluated["top1"] - metrics["last_top1"]) < 1e-3 and evaluated["images"] == 2 * len(CLASSES)
+    assert abs(evaluated["top1"] - metrics["last_top1"]) < 1e-3  # log.csv's rounding
+    assert evaluated["images"] == 2 * len(CLASSES)
 
 
 @pytest.mark.parametrize("suffix,classes", [(".safetensors", 1000), (".pt", 3)])
@@ -115,8 +124,8 @@ def test_weights_file_gives_exactly_its_weights_with_a_new_head(suffix, classes,
         torch.save({"state_dict": source}, path)  # as timm's train.py saves (its args aside)
     else:
         save_file(source, path)
-    cfg = projkd.parse_args(folder_args(folder, "--student", VIT, "--method", "ce", "--weights", path,
-                                        "--run-dir", str(tmp_path / "run")))
+    cfg = projkd.parse_args(folder_args(folder, "--student", VIT, "--method", "ce",
+                                        "--weights", path, "--run-dir", str(tmp_path / "run")))
     run = projkd.setup_run(cfg)
     state = run.student.state_dict()
     assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("head."))
@@ -127,8 +136,8 @@ def test_weights_file_gives_exactly_its_weights_with_a_new_head(suffix, classes,
 
 
 def hub_stand_in(cache, arch, state):
-    """timm's download of `arch`'s pretrained weights, as the Hugging Face cache keeps it: the stand-in where
-    a download would be (with HF_HUB_OFFLINE the hub reads only this)."""
+    """timm's download of `arch`'s pretrained weights, as the Hugging Face cache keeps it: the
+    stand-in where a download would be (with HF_HUB_OFFLINE the hub reads only this)."""
     name = models.build_model(arch, 3, 32).pretrained_cfg["hf_hub_id"]
     repo = os.path.join(cache, "models--" + name.replace("/", "--"))
     os.makedirs(os.path.join(repo, "refs"))
@@ -147,14 +156,15 @@ def test_pretrained_gives_timms_file_of_that_name_with_a_new_head(folder, tmp_pa
     file = hub_stand_in(str(tmp_path / "hub"), TEACHER, published)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    run_dir, metrics = train(tmp_path, folder, "--student", TEACHER, "--method", "ce", "--pretrained",
-                             "--lr", "0")
+    run_dir, metrics = train(tmp_path, folder, "--student", TEACHER, "--method", "ce",
+                             "--pretrained", "--lr", "0")
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in published.items()
                if not k.startswith("fc.") and "running" not in k and "num_batches" not in k)
     assert state["fc.weight"].shape == (3, 96)
     start = metrics["student_start"]
-    assert (start["tag"], start["hub"], start["new_head"]) == ("r160_in1k", "timm/test_resnet.r160_in1k", True)
+    assert (start["tag"], start["hub"], start["new_head"]) == (
+        "r160_in1k", "timm/test_resnet.r160_in1k", True)
     assert start["sha256"] == projkd.file_sha256(file)
 
 
@@ -168,12 +178,16 @@ def one_line_error(capsys, argv):
 @pytest.mark.parametrize("extra,message", [
     (["--student", "timm:resnet19"], "timm has no model 'resnet19' (close matches: timm:resnet18"),
     (["--student", VIT, "--image-size", "8"], "timm:test_vit cannot take 8 x 8 images"),
-    (["--student", "resnet8", "--image-size", "64"], "resnet8 is a CIFAR (32x32) architecture and --image-size"),
-    (["--student", "resnet8", "--pretrained"], "--pretrained takes timm's weights, for timm: architectures"),
-    (["--student", VIT, "--teacher", TEACHER, "--method", "sp"], "timm:test_vit has no last-stage C x H x W map"),
+    (["--student", "resnet8", "--image-size", "64"],
+     "resnet8 is a CIFAR (32x32) architecture and --image-size"),
+    (["--student", "resnet8", "--pretrained"],
+     "--pretrained takes timm's weights, for timm: architectures"),
+    (["--student", VIT, "--teacher", TEACHER, "--method", "sp"],
+     "timm:test_vit has no last-stage C x H x W map"),
     (["--student", VIT, "--weights", "nowhere.pt"], "no weights file at nowhere.pt"),
 ])
-def test_wrong_names_sizes_and_weights_are_one_line(extra, message, folder, teacher_file, tmp_path, capsys):
+def test_wrong_names_sizes_and_weights_are_one_line(extra, message, folder, teacher_file, tmp_path,
+                                                    capsys):
     run_dir = tmp_path / "run"
     argv = folder_args(folder, "--run-dir", str(run_dir), "--method", "ce", *extra)
     if "--teacher" in extra:
@@ -185,11 +199,13 @@ def test_wrong_names_sizes_and_weights_are_one_line(extra, message, folder, teac
 def test_a_file_of_another_model_or_size_is_one_line(folder, tmp_path, capsys):
     path = tmp_path / "vit48.safetensors"
     save_file(models.build_model(VIT, 3, 48).state_dict(), str(path))  # another position embedding
-    err = one_line_error(capsys, folder_args(folder, "--student", VIT, "--method", "ce", "--weights", str(path),
+    err = one_line_error(capsys, folder_args(folder, "--student", VIT, "--method", "ce",
+                                             "--weights", str(path),
                                              "--run-dir", str(tmp_path / "run")))
     assert "does not fit timm:test_vit" in err and "pos_embed" in err
-    err = one_line_error(capsys, ["eval", "--arch", TEACHER, "--ckpt", str(path), "--dataset", "folder",
-                                  "--data-dir", str(folder), "--image-size", "32", "--device", "cpu"])
+    err = one_line_error(capsys, ["eval", "--arch", TEACHER, "--ckpt", str(path),
+                                  "--dataset", "folder", "--data-dir", str(folder),
+                                  "--image-size", "32", "--device", "cpu"])
     assert "does not fit timm:test_resnet with 3 classes" in err
 
 
@@ -198,24 +214,28 @@ def test_offline_pretrained_and_missing_timm_are_one_line(folder, tmp_path, caps
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    argv = folder_args(folder, "--student", TEACHER, "--method", "ce", "--run-dir", str(tmp_path / "run"))
+    argv = folder_args(folder, "--student", TEACHER, "--method", "ce",
+                       "--run-dir", str(tmp_path / "run"))
     err = one_line_error(capsys, argv + ["--pretrained"])
-    assert "timm's pretrained weights for test_resnet could not be loaded" in err and "--weights FILE" in err
-    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError, as where it is missing
+    assert "timm's pretrained weights for test_resnet could not be loaded" in err
+    assert "--weights FILE" in err
+    # `import timm` raises ImportError, as where it is not installed
+    monkeypatch.setitem(sys.modules, "timm", None)
     err = one_line_error(capsys, argv)
     assert "timm:test_resnet needs timm, which is not installed: pip install timm" in err
 
 
 def test_projkd_and_models_copied_alone_train_and_tap_a_timm_model(folder, tmp_path):
-    """Copied with models.py into an empty folder: a timm student trains on class folders, and the pieces
-    offered for copying read its feature."""
+    """Copied with models.py into an empty folder: a timm student trains on class folders, and the
+    pieces offered for copying read its feature."""
     for name in ("projkd.py", "models.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path)
     code = textwrap.dedent(f"""
         import torch
         import projkd, models
-        argv = ["--dataset", "folder", "--data-dir", {str(folder)!r}, "--image-size", "32", "--batch-size", "4",
-                "--epochs", "1", "--device", "cpu", "--workers", "0", "--student", "{VIT}", "--method", "ce"]
+        argv = ["--dataset", "folder", "--data-dir", {str(folder)!r}, "--image-size", "32",
+                "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--workers", "0",
+                "--student", "{VIT}", "--method", "ce"]
         assert projkd.main(argv) == 0
         model = models.build_model("{VIT}", 3, 32)
         feature, logits = projkd.features_and_logits(model, torch.randn(2, 3, 32, 32))
@@ -225,18 +245,19 @@ def test_projkd_and_models_copied_alone_train_and_tap_a_timm_model(folder, tmp_p
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
     assert (tmp_path / "runs" / "folder" / "timm_test_vit" / "ce-seed1" / "model.pt").exists()
 
 
-# --- make own ----------------------------------------------------------------------------------------------
+# --- make own ------------------------------------------------------------------------------------
 
 
 def own_knobs(root, folder, *extra):
-    return [f"PY={sys.executable}", "DEPS=", f"DATA_DIR={folder}", f"TEACHER={TEACHER}", f"STUDENT={VIT}",
-            "SEEDS=1", "DEVICE=cpu", "OWN_IMAGE_SIZE=32", f"OWN_RUNS={root}/runs", f"OWN_TEACHERS={root}/ckpt",
-            f"OWN_RESULTS={root}/results",
+    return [f"PY={sys.executable}", "DEPS=", f"DATA_DIR={folder}", f"TEACHER={TEACHER}",
+            f"STUDENT={VIT}", "SEEDS=1", "DEVICE=cpu", "OWN_IMAGE_SIZE=32", f"OWN_RUNS={root}/runs",
+            f"OWN_TEACHERS={root}/ckpt", f"OWN_RESULTS={root}/results",
             "TEACHER_EXTRA=--epochs 1 --batch-size 4 --workers 0",
             "OWN_EXTRA=--epochs 1 --batch-size 4 --workers 0", *extra]
 
@@ -247,22 +268,24 @@ def test_make_own_plans_every_run_evaluation_and_the_table(folder, tmp_path):
     assert len(trainings) == 1 + 2 * 3  # the teacher; PEFD, KD and the student alone for two seeds
     assert "--student timm:test_resnet --method ce --pretrained --seed 1" in trainings[0]
     runs = f"{tmp_path}/runs"
-    assert any(f"--method kd  --seed 2 --run-dir {runs}/timm_test_resnet-timm_test_vit/kd-seed2" in t
-               for t in trainings)
+    kd_run = f"{runs}/timm_test_resnet-timm_test_vit/kd-seed2"
+    assert any(f"--method kd  --seed 2 --run-dir {kd_run}" in t for t in trainings)
     assert sum("projkd.py eval" in line for line in plan) == 6 + 1  # each student, and the teacher
     assert plan[-1].startswith(f"{sys.executable} tables.py --kind main --runs {runs}")
     given = make("-n", "own", *own_knobs(tmp_path, folder, "TEACHER_CKPT=" + str(folder / "train")))
     assert "--method ce --pretrained" not in given.stdout  # a teacher given is used as it is
     usage = make("own", f"PY={sys.executable}", "DEPS=")
-    assert usage.returncode == 2 and "usage: make own DATA_DIR=DIR TEACHER=timm:NAME" in usage.stderr
+    assert usage.returncode == 2
+    assert "usage: make own DATA_DIR=DIR TEACHER=timm:NAME" in usage.stderr
 
 
 def test_make_own_runs_end_to_end_and_redoes_nothing(folder, tmp_path):
-    """The whole chain with PEFD alone (the plan above has the other runs, made by the same rules), with the
-    teacher's pretrained weights from a stand-in of the hub's cache."""
+    """The whole chain with PEFD alone (the plan above has the other runs, made by the same rules),
+    with the teacher's pretrained weights from a stand-in of the hub's cache."""
     torch.manual_seed(3)
     hub_stand_in(str(tmp_path / "hub"), TEACHER, models.build_model(TEACHER, 1000, 32).state_dict())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "OMP_NUM_THREADS": "1"}
     knobs = own_knobs(tmp_path, folder, "OWN_METHODS=pefd")
     first = make("-j2", "own", *knobs, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -270,8 +293,11 @@ def test_make_own_runs_end_to_end_and_redoes_nothing(folder, tmp_path):
     assert "| PEFD |" in table and "| Teacher |" in table
     assert "missing" not in table.split("## ")[1]
     assert "timm:test_resnet (trained here, sha256" in table
-    assert (tmp_path / "results" / "figures" / "timm_test_resnet-timm_test_vit-curves.png").is_file()
-    teacher_run = json.loads((tmp_path / "runs" / "timm_test_resnet" / "ce-seed1" / "metrics.json").read_text())
+    figures = tmp_path / "results" / "figures"
+    assert (figures / "timm_test_resnet-timm_test_vit-curves.png").is_file()
+    teacher_run = tmp_path / "runs" / "timm_test_resnet" / "ce-seed1" / "metrics.json"
+    teacher_run = json.loads(teacher_run.read_text())
     assert teacher_run["student_start"]["hub"] == "timm/test_resnet.r160_in1k"  # from the stand-in
     again = make("own", *knobs, env=env)
-    assert again.returncode == 0 and "projkd.py" not in again.stdout  # every target a file, all made
+    # every target a file, all made
+    assert again.returncode == 0 and "projkd.py" not in again.stdout
