@@ -260,4 +260,4 @@ $(DATA_DIR)/val:
 $(sort $(TEACHERS) $(RESULTS) results):
 	mkdir -p $@
 
-include own.mk
+-include own.mk
