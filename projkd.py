@@ -1149,10 +1149,10 @@ class CUDAGraphStep:
 
     def capture(self):
         """Captures the step, then replays it once: that replay is the step's first run. The counter
-        is read twice (host syncs, once per run): a capture records the step without running it, so
-        the counter must not move during the capture, and must move by exactly one in the replay. A
-        counter that moved during the capture means the step's kernels went to another device or
-        stream and ran there eagerly: the graph is empty, and this step is done."""
+        is read three times (host syncs, once per run): a capture records the step without running
+        it, so the counter must not move during the capture, and must move by exactly one in the
+        replay. A counter that moved during the capture means the step's kernels went to another
+        device or stream and ran there eagerly: the graph is empty, and this step is done."""
         graph = torch.cuda.CUDAGraph()
         before = self.step_counter.item()
         try:
@@ -1805,9 +1805,9 @@ def save_or_stop(run, epoch, steps_done=0, seconds_per_step=0.0):
         flags = torch.tensor([float(save), float(stop), seconds_per_step], dtype=torch.float64,
                              device=run.device)
         dist.all_reduce(flags, dist.ReduceOp.MAX)
-        save = bool(flags[0].item())
-        stop = int(flags[1].item())
-        seconds_per_step = flags[2].item()
+        save_flag, stop_flag, seconds_per_step = flags.tolist()  # one host sync, not three
+        save = bool(save_flag)
+        stop = int(stop_flag)
     if save or stop:
         save_checkpoint(run, epoch, steps_done)
     if stop:
