@@ -75,3 +75,10 @@ def test_each_make_command_plans_as_written(doc, command):
         pytest.skip("needs CUDA; test_gpu_check.py plans it")
     planned = make("-n", *words[1:], "DEPS=", "DATA=")
     assert planned.returncode == 0, (doc, command, planned.stderr)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_the_docs_quote_no_unfilled_figure(doc):
+    """A measured time or number is written in, never left as a placeholder (TIME_EPOCH, ...)."""
+    text = open(os.path.join(HERE, doc)).read()
+    assert re.findall(r"\bTIME_[A-Z]+\b", text) == []

@@ -19,17 +19,27 @@ LAUNCHER = os.path.join(HERE, "torchrun_signals.py")
 
 # projkd.main, in a worker that sends torchrun (its parent) SIGUSR1 and then SIGTERM when process 1
 # starts its third step: Slurm's warning and the time limit's end, to torchrun's pid, mid-epoch.
-SIGNALS_TO_TORCHRUN = """import os, signal, sys
+# That worker then waits (at most a minute) until both have come back to it through the launcher,
+# so that the test does not depend on how fast the rest of the epoch is.
+SIGNALS_TO_TORCHRUN = """import os, signal, sys, time
 sys.path.insert(0, {here!r})
 import projkd
-calls, train_step = [], projkd.train_step
+calls, received = [], []
+train_step, handle = projkd.train_step, projkd.StopSignals.handle
+def handle_and_note(self, signum, frame):
+    received.append(signum)
+    return handle(self, signum, frame)
 def step(*args):
     calls.append(1)
     if len(calls) == 3 and os.environ["RANK"] == "1":
         os.kill(os.getppid(), signal.SIGUSR1)
         os.kill(os.getppid(), signal.SIGTERM)
+        waited_until = time.time() + 60
+        while len(received) < 2 and time.time() < waited_until:
+            time.sleep(0.01)
     return train_step(*args)
 projkd.train_step = step
+projkd.StopSignals.handle = handle_and_note
 sys.exit(projkd.main(sys.argv[1:]))
 """
 
