@@ -1016,9 +1016,13 @@ def train(cfg):
         run = prepare_run(resolved, notes, given=cfg)
         run.stop_signals = stop_signals
         stop_signals.training = True  # from now on a signal stops the run at the next check point
+        begin_segment(run)
         try:
             for epoch in range(run.start_epoch, resolved.epochs):
-                start = time.time()
+                # an epoch resumed within counts the seconds it had trained before its stop
+                start = time.time() - run.resumed_seconds
+                run.resumed_seconds = 0.0
+                run.epoch_clock = start
                 stats = train_epoch(run, epoch)
                 result = evaluate(run.student, run.data, resolved.eval_batch_size,
                                   run.memory_format)
@@ -1401,6 +1405,12 @@ class Run:
     step: Optional[object] = None  # one training step (build_step): train_step, or its CUDA graph
     start_epoch: int = 0
     resumed_steps: int = 0  # the steps of start_epoch done before a stop within it
+    resumed_seconds: float = 0.0  # and the seconds they took
+    epoch_clock: float = 0.0  # when this epoch began (time.time()), less its resumed_seconds
+    # the training sessions of this run before this one (last.pt's), and this one (begin_segment)
+    segments: list = dataclasses.field(default_factory=list)
+    segment: Optional[dict] = None
+    segment_clock: float = 0.0  # when this session's training began (time.time())
     last_saved: float = dataclasses.field(default_factory=time.time)  # when last.pt was written
     stop_signals: Optional["StopSignals"] = None  # its signum: a signal that asked the run to stop
     history: list = dataclasses.field(default_factory=list)
@@ -1748,6 +1758,9 @@ def restore(run, checkpoint):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], run.device)
     run.start_epoch = checkpoint["epoch"]
     run.resumed_steps = checkpoint["steps_done"]
+    # (a last.pt of an earlier projkd has neither: its sessions' time is not known)
+    run.resumed_seconds = checkpoint.get("epoch_seconds", 0.0)
+    run.segments = checkpoint.get("segments", [])
     run.best = checkpoint["best"]
     run.history = checkpoint["history"]
     run.teacher_eval = checkpoint["teacher_eval"]
@@ -1809,7 +1822,10 @@ def save_or_stop(run, epoch, steps_done=0, seconds_per_step=0.0):
         save = bool(save_flag)
         stop = int(stop_flag)
     if save or stop:
-        save_checkpoint(run, epoch, steps_done)
+        ended_by = None
+        if stop:
+            ended_by = signal.Signals(stop).name
+        save_checkpoint(run, epoch, steps_done, ended_by)
     if stop:
         if run.world_size > 1:
             dist.barrier()  # process 0 has written last.pt before any process exits
@@ -1826,13 +1842,16 @@ def multiprocess_check_seconds(cfg):
     --checkpoint-seconds (a test's 0) asks for more."""
     return min(1.0, cfg.checkpoint_seconds)
 
-def save_checkpoint(run, epoch, steps_done=0):
+def save_checkpoint(run, epoch, steps_done=0, ended_by=None):
     """last.pt: everything to continue exactly after `steps_done` steps of `epoch` (0: before it),
     written by process 0; within an epoch, every process's epoch_state (under torchrun a collective
-    gathers them)."""
+    gathers them) and the seconds the epoch has taken so far. ended_by: the signal that stops the
+    run here, if one does."""
     epoch_state_rows = None
+    epoch_seconds = 0.0
     if steps_done:
         epoch_state_rows = gathered_epoch_state(run)
+        epoch_seconds = time.time() - run.epoch_clock
     run.last_saved = time.time()
     if _rank() != 0:
         return
@@ -1848,11 +1867,30 @@ def save_checkpoint(run, epoch, steps_done=0):
         "epoch_state": epoch_state_rows, "student": run.student.state_dict(),
         "loss_module": run.loss_module.state_dict(), "optimizer": optimizer,
         "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
-        "teacher_eval": run.teacher_eval,
+        "teacher_eval": run.teacher_eval, "epoch_seconds": epoch_seconds,
+        "segments": segments_so_far(run, epoch, steps_done, ended_by),
         # the teacher file's identity, checked on resuming
         "teacher_sha256": (run.teacher_provenance or {}).get("sha256"),
     }
     save(checkpoint, os.path.join(run.cfg.run_dir, "last.pt"))
+
+def begin_segment(run):
+    """This session's record, from where it begins: a run resumed twice trained in three."""
+    run.segment_clock = time.time()
+    run.segment = {"began_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "from": {"epochs": run.start_epoch, "steps": run.resumed_steps}}
+
+def segments_so_far(run, epoch, steps_done, ended_by):
+    """The run's sessions, this one as far as `steps_done` steps of `epoch`: where each began and
+    got to ({"epochs": done, "steps": of the next}), its seconds of training (and evaluation), and
+    what ended it: "done", a signal's name, or None in a last.pt (a session listed with None was
+    killed, interrupted or failed after that check point; the next session took its later steps
+    again)."""
+    if run.segment is None:  # a loop driven without train()
+        return list(run.segments)
+    this_session = {**run.segment, "to": {"epochs": epoch, "steps": steps_done},
+                    "seconds": round(time.time() - run.segment_clock, 3), "ended_by": ended_by}
+    return run.segments + [this_session]
 
 def record_epoch(run, epoch, stats, result, seconds):
     """The epoch's line in the history (log.csv, written now) and in the log; the best top-1."""
@@ -1902,7 +1940,9 @@ def finish_run(run):
         log(f"the weights are the same in all {len(sums)} processes (checksum "
             f"{sums[0].item():.6f})")
     images_per_epoch = run.feed.steps_per_epoch * cfg.batch_size
+    # every epoch's seconds, the part before a stop included: the sessions' training time
     wall_seconds = sum(h["seconds"] for h in history)
+    segments = segments_so_far(run, cfg.epochs, 0, "done")
     train_seconds = sum(images_per_epoch / h["images_per_s"] for h in history)
     teacher = run.teacher_eval or {}
     metrics = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "last_top1": last["test_top1"],
@@ -1910,16 +1950,19 @@ def finish_run(run):
                "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
                "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"),
                "epochs": cfg.epochs, "teacher_provenance": run.teacher_provenance,
-               "wall_seconds": round(wall_seconds, 1),
+               "wall_seconds": round(wall_seconds, 1), "segments": segments,
                "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
                "world_size": run.world_size, "device": device_name(run.device),
                "torch": torch.__version__, "code": code_version(), "history": history}
     if _rank() == 0:
         save(run.student.state_dict(), os.path.join(cfg.run_dir, "model.pt"))
         save(metrics, os.path.join(cfg.run_dir, "metrics.json"))
+    took = _duration(wall_seconds)
+    if len(segments) > 1:
+        took += f" in {len(segments)} sessions"
     log(f"done: {cfg.student} ({cfg.method}) last top-1 {last['test_top1']:.2f}% top-5 "
         f"{last['test_top5']:.2f}%, best top-1 {best['top1']:.2f}% (epoch {best['epoch']}), "
-        f"{_duration(wall_seconds)}, {metrics['images_per_s']:,.0f} img/s -> "
+        f"{took}, {metrics['images_per_s']:,.0f} img/s -> "
         f"{os.path.join(cfg.run_dir, 'model.pt')}")
     return metrics
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import pytest
@@ -1070,6 +1071,10 @@ def test_a_run_killed_within_an_epoch_resumes_bit_identical(tmp_path, straight_r
     assert projkd.main(survivor_args(run_dir, "--resume")) == 0
     assert f"resuming {run_dir} at step 3 of epoch 2" in capsys.readouterr().out
     assert_same_run(straight_run, run_dir)
+    # the killed session is listed as far as its last check point, with nothing that ended it
+    killed_session, resumed = json.loads((run_dir / "metrics.json").read_text())["segments"]
+    assert killed_session["to"] == resumed["from"] == {"epochs": 1, "steps": 2}
+    assert (killed_session["ended_by"], resumed["ended_by"]) == (None, "done")
 
 
 @pytest.mark.parametrize("name,at,status,kept",
@@ -1105,6 +1110,35 @@ def test_a_signal_within_an_epoch_stops_the_run_to_resume(tmp_path, straight_run
     monkeypatch.setattr(projkd, "train_step", train_step)
     assert projkd.main(survivor_args(run_dir, "--resume")) == 0
     assert_same_run(straight_run, run_dir)
+
+
+def test_a_resumed_run_counts_the_time_of_every_session_and_lists_them(tmp_path, monkeypatch,
+                                                                       capsys):
+    """wall_seconds and the done line sum every epoch's seconds, the part before a stop included,
+    and metrics.json lists the sessions: where each began and got to, its seconds, what ended it."""
+    run_dir = tmp_path / "run"
+    calls, train_step = [], projkd.train_step
+
+    def slow_step(*args):  # 0.3 s a step: the first session's time is known from below
+        calls.append(1)
+        time.sleep(0.3)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args)
+    monkeypatch.setattr(projkd, "train_step", slow_step)
+    assert projkd.main(survivor_args(run_dir)) == 143
+    monkeypatch.setattr(projkd, "train_step", train_step)
+    assert projkd.main(survivor_args(run_dir, "--resume")) == 0
+    assert " in 2 sessions, " in capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    first, second = metrics["segments"]
+    assert (first["from"], first["to"]) == ({"epochs": 0, "steps": 0}, {"epochs": 1, "steps": 3})
+    assert (second["from"], second["to"]) == (first["to"], {"epochs": 2, "steps": 0})
+    assert (first["ended_by"], second["ended_by"]) == ("SIGTERM", "done")
+    assert first["seconds"] >= 7 * 0.3
+    stopped_epoch = metrics["history"][1]["seconds"]
+    assert stopped_epoch >= 3 * 0.3 and stopped_epoch > second["seconds"]  # its three slow steps
+    assert metrics["wall_seconds"] == pytest.approx(first["seconds"] + second["seconds"], abs=0.5)
 
 
 def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resumes(
