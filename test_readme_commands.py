@@ -2,6 +2,7 @@
 stand-in for the long part (make -n for make; the parser and the resolved config for a training;
 --help for a subcommand)."""
 
+import glob
 import os
 import re
 import shlex
@@ -11,14 +12,9 @@ import pytest
 import projkd
 from conftest import HERE, make
 
-DOCS = [
-    "README.md",
-    "docs/pipeline.md",
-    "docs/protocol.md",
-    "docs/teachers.md",
-    "docs/speed.md",
-    "docs/imagenet.md",
-]
+DOCS = ["README.md"] + sorted(
+    os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "docs", "*.md"))
+)
 VENV_PYTHON = (
     ".venv/bin/python"  # what `make test` makes, with no PY given (the Makefile's VENV_PY)
 )
@@ -44,7 +40,7 @@ def test_the_docs_name_the_python_that_make_test_makes():
         re.search(r"^VENV_PY := (.*)$", open(os.path.join(HERE, "Makefile")).read(), re.M)[1]
         == VENV_PYTHON
     )
-    bare = [(doc, c) for doc, c in ALL if re.match(r"(python3?|srun python) projkd\.py", c)]
+    bare = [(doc, c) for doc, c in ALL if re.match(r"(srun )?python3? \S+\.py", c)]
     assert not bare  # `python` after the set-up has no torch: the venv's is named
     readme = [c for doc, c in ALL if doc == "README.md"]
     assert readme[:2] == ["make test", "make smoke"]  # the set-up, then a first result
