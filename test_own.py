@@ -69,7 +69,7 @@ def test_every_method_trains_timm_models_on_class_folders(method, student, folde
     _, metrics = train(tmp_path, folder, "--teacher", TEACHER, "--teacher-ckpt", str(teacher_file),
                        "--student", student, "--method", method)
     epoch = metrics["history"][0]
-    term = epoch[f"train_{projkd.LOSS_TERMS[method]}"]
+    term = epoch[f"train_{projkd.DISTILL_LOSS_NAMES[method]}"]
     # the method's own term is wired, and the folder protocol is ImageNet's
     assert term > 0 and torch.isfinite(torch.tensor(epoch["train_loss"]))
     assert metrics["config"]["dataset"] == "folder" and metrics["config"]["lr"] == 0.1
@@ -91,17 +91,21 @@ def test_the_maps_sp_reads_are_what_forward_features_returns():
         assert torch.allclose(taps.feature, expected, atol=1e-6), arch
         assert torch.allclose(projkd.classifier_of(model)(taps.feature), logits, atol=1e-6)
         if layer is not None:
-            assert torch.equal(taps.map, model.forward_features(x))
+            assert torch.equal(taps.feature_map, model.forward_features(x))
 
 
 def test_resume_is_bit_identical_and_eval_gives_the_runs_last_accuracy(folder, teacher_file,
-                                                                       tmp_path):
+                                                                       tmp_path, capsys):
     # (no --deterministic: on the CPU the sums are the same anyway, and it imports torch._dynamo,
     # which takes seconds)
     pair = ["--teacher", TEACHER, "--teacher-ckpt", str(teacher_file), "--student", VIT]
     whole, metrics = train(tmp_path, folder, *pair, "--epochs", "2", name="whole")
     train(tmp_path, folder, *pair, name="halves")
+    capsys.readouterr()
     halves, resumed = train(tmp_path, folder, *pair, "--epochs", "2", "--resume", name="halves")
+    # the data set named as given, not as ImageNet
+    assert (f"resuming {halves} after epoch 1 (--dataset folder: in the same order of images, "
+            "with new random crops and flips)") in capsys.readouterr().out
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, halves))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["history"] == [dict(h, seconds=r["seconds"], images_per_s=r["images_per_s"],
@@ -223,6 +227,23 @@ def test_offline_pretrained_and_missing_timm_are_one_line(folder, tmp_path, caps
     monkeypatch.setitem(sys.modules, "timm", None)
     err = one_line_error(capsys, argv)
     assert "timm:test_resnet needs timm, which is not installed: pip install timm" in err
+
+
+def test_a_timm_teachers_cache_is_built_at_32_pixels_and_refused_on_class_folders(folder, tmp_path,
+                                                                                  capsys):
+    """The cache holds a teacher's outputs of CIFAR-style 32-pixel views: a ViT teacher, made for
+    one size, is made for that one; class folders' random crops have no cache, said in one line."""
+    path = tmp_path / "vit.safetensors"
+    save_file(models.build_model(VIT, 10, 32).state_dict(), str(path))
+    cache = tmp_path / "vit.tcache"
+    assert projkd.main(["cache", "--teacher", VIT, "--teacher-ckpt", str(path),
+                        "--dataset", "synthetic", "--synthetic-size", "32", "--device", "cpu",
+                        "--teacher-cache-file", str(cache)]) == 0
+    assert cache.is_file()
+    err = one_line_error(capsys, ["cache", "--teacher", VIT, "--teacher-ckpt", str(path),
+                                  "--dataset", "folder", "--data-dir", str(folder),
+                                  "--image-size", "32", "--device", "cpu"])
+    assert "the teacher cache is for CIFAR-style data (cifar100, synthetic)" in err
 
 
 def test_projkd_and_models_copied_alone_train_and_tap_a_timm_model(folder, tmp_path):
