@@ -13,7 +13,7 @@ unchanged.
     torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet \\
         --teacher resnet34 --student resnet18                    # ImageNet, the paper's protocol
     python projkd.py --dataset folder --data-dir DIR --teacher timm:NAME --teacher-ckpt T.pt \\
-        --student timm:resnet18                              # your own (docs/your-own.md)
+        --student timm:resnet18                                  # your own (docs/your-own.md)
     python projkd.py eval --arch vgg8 --ckpt runs/cifar100/vgg13-vgg8/pefd-seed1/model.pt
     python projkd.py --help                  # every option; subcommands: eval, cache, bench, ...
 
