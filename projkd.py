@@ -12,6 +12,8 @@ unchanged.
     python projkd.py --student vgg13 --method ce                 # a model alone (a teacher)
     torchrun --nproc_per_node=8 projkd.py --dataset imagenet --data-dir /data/imagenet \\
         --teacher resnet34 --student resnet18                    # ImageNet, the paper's protocol
+    python projkd.py --dataset folder --data-dir DIR --teacher timm:NAME --teacher-ckpt T.pt \\
+        --student timm:resnet18                                  # your own (docs/your-own.md)
     python projkd.py eval --arch vgg8 --ckpt runs/cifar100/vgg13-vgg8/pefd-seed1/model.pt
     python projkd.py --help                  # every option; subcommands: eval, cache, bench, ...
 
@@ -331,28 +333,35 @@ def option(default, help):
 @dataclass
 class Config:
     # what to train
-    teacher: str = option("", "teacher architecture (a key of models.MODELS); unused by --method "
-                              "ce")
-    student: str = option("", "student architecture (a key of models.MODELS)")
+    teacher: str = option("", "teacher architecture (a key of models.MODELS, or timm:NAME); unused "
+                              "by --method ce")
+    student: str = option("", "student architecture (a key of models.MODELS, or timm:NAME)")
     method: str = option("pefd", "pefd | kd | sp | crd | ce (ce: the student alone, e.g. to "
                                  "pretrain a teacher)")
     teacher_ckpt: str = option("", "teacher weights (ours, RepDistiller's, mdistiller's or "
                                    "torchvision's); default checkpoints/<dataset>/<teacher>.pt")
     teacher_weights: str = option("", "instead of a file, torchvision's ImageNet weights by name, "
                                       "e.g. IMAGENET1K_V1 (downloads: online only)")
+    pretrained: bool = option(False, "start the trained model (--student) from timm's pretrained "
+                                     "weights of its timm:NAME, with a new head where the class "
+                                     "count differs (downloads once)")
+    weights: str = option("", "start the trained model from this file instead: a timm or plain "
+                              "state_dict, .safetensors or .pt (a new head where the class count "
+                              "differs)")
     # data
-    dataset: str = option("cifar100", "cifar100 | imagenet | synthetic (small, generated, "
-                                      "learnable: for smoke runs and tests)")
-    data_dir: str = option("data", "cifar100: the folder holding cifar-100-python/; imagenet: the "
-                                   "folder holding train/ and val/")
+    dataset: str = option("cifar100", "cifar100 | imagenet | folder (your own class folders: "
+                                      "ImageNet's loader and protocol) | synthetic (small, "
+                                      "generated, learnable: for smoke runs and tests)")
+    data_dir: str = option("data", "cifar100: the folder holding cifar-100-python/; imagenet, "
+                                   "folder: the folder holding train/<class>/ and val/<class>/")
     download: bool = option(False, "download CIFAR-100 with torchvision if it is not in --data-dir")
     synthetic_size: int = option(2048, "training images of --dataset synthetic; its test set is a "
                                        "quarter of that")
     synthetic_classes: int = option(10, "classes of --dataset synthetic")
-    image_size: int = option(224, "imagenet: the training crop, and the evaluation crop after "
-                                  "resizing to 256/224 of it")
-    workers: int = option(None, "imagenet: loader processes per GPU; default: this machine's CPUs "
-                                "over its GPUs in use")
+    image_size: int = option(224, "imagenet, folder: the training crop, and the evaluation crop "
+                                  "after resizing to 256/224 of it")
+    workers: int = option(None, "imagenet, folder: loader processes per GPU; default: this "
+                                "machine's CPUs over its GPUs in use")
     # optimisation: SGD with step decay, as in the paper and RepDistiller; None takes the dataset's
     # protocol
     epochs: int = option(None, "training epochs: 240 on CIFAR-100, 100 on ImageNet")
@@ -427,6 +436,10 @@ PROTOCOLS = {"cifar100": CIFAR100_PROTOCOL, "synthetic": dict(CIFAR100_PROTOCOL)
              "imagenet": {"epochs": 100, "batch_size": 256, "lr": 0.1,
                           "lr_decay_epochs": "30,60,90", "weight_decay": 1e-4,
                           "eval_batch_size": 250}}
+# your own class folders: ImageNet's protocol, a start for fine-tuning (docs/your-own.md)
+PROTOCOLS["folder"] = dict(PROTOCOLS["imagenet"])
+# class folders, read by DataLoader workers at --image-size
+FOLDER_DATASETS = ("imagenet", "folder")
 METHODS = ("pefd", "kd", "sp", "crd", "ce")
 # those that need only the teacher's feature and logits, not its maps
 CACHED_TEACHER_METHODS = ("pefd", "kd", "crd")
@@ -510,7 +523,8 @@ def cli_help(schema, doc, usage):
             models = models_module()
             cifar = [a for a in models.MODELS if a not in models.IMAGENET_ARCHS]
             parser.epilog = (f"architectures (--teacher, --student): CIFAR {', '.join(cifar)}; "
-                             f"ImageNet {', '.join(models.IMAGENET_ARCHS)}")
+                             f"ImageNet {', '.join(models.IMAGENET_ARCHS)}; and any of timm's as "
+                             f"timm:NAME (docs/your-own.md)")
     first_paragraph = doc.strip().split("\n\n")[0]
     return "\n".join([*textwrap.wrap(first_paragraph, width), "", parser.format_help()])
 
@@ -535,18 +549,41 @@ def models_module():
                         "copy it there too") from None
     return models
 
-def check_arch(arch, role, dataset):
+def check_arch(arch, role, dataset, image_size=32):
+    """One line where `arch` is no architecture, or not one for `dataset` (and, on class folders,
+    for --image-size)."""
     models = models_module().MODELS
     imagenet = models_module().IMAGENET_ARCHS
+    # any dataset and size: models.py says in one line if timm is missing or the name unknown
+    if models_module().is_timm(arch):
+        models_module().check_timm_name(arch)
+        return
     if arch not in models:
         raise UserError(f"unknown architecture {arch!r} for --{role}; choose one of "
                         f"{', '.join(models)}")
+    if dataset == "folder":
+        check_folder_arch(arch, image_size)
+        return
     if (arch in imagenet) != (dataset == "imagenet"):
         kind, other = ("a CIFAR (32x32)", "an ImageNet")  # a pair: what it is, what is needed
         if arch in imagenet:
             kind, other = ("an ImageNet", "a CIFAR")
         raise UserError(f"{arch} is {kind} architecture and --dataset {dataset} needs {other} one "
                         f"(ImageNet: {', '.join(imagenet)})")
+
+def check_folder_arch(arch, image_size):
+    """Your own class folders take ImageNet and timm architectures at any --image-size, the CIFAR
+    zoo at 32 only."""
+    if arch not in models_module().IMAGENET_ARCHS and image_size != 32:
+        raise UserError(f"{arch} is a CIFAR (32x32) architecture and --image-size is {image_size}: "
+                        f"pass --image-size 32, or take an ImageNet or timm:NAME architecture")
+
+def input_size(cfg):
+    """The side of the images the models see: 32 on CIFAR-style data, --image-size on class
+    folders."""
+    if cfg.dataset in FOLDER_DATASETS:
+        return cfg.image_size
+    return 32
 
 def resolve_device(name, world_size):
     """The torch.device for --device `name`; under torchrun each process takes cuda:LOCAL_RANK."""
@@ -591,19 +628,22 @@ def check_roles(cfg, command):
         raise UserError("--student is required, e.g. --student vgg8 (see --help for the "
                         "architectures)")
     if command == "train":
-        check_arch(cfg.student, "student", cfg.dataset)
+        check_arch(cfg.student, "student", cfg.dataset, cfg.image_size)
     if needs_teacher and not cfg.teacher:
         raise UserError(f"--method {cfg.method} needs --teacher, e.g. --teacher vgg13 --student "
                         "vgg8"
                         if command == "train" else "the teacher cache needs --teacher, e.g. "
                                                    "--teacher vgg13")
     if needs_teacher:
-        check_arch(cfg.teacher, "teacher", cfg.dataset)
+        check_arch(cfg.teacher, "teacher", cfg.dataset, cfg.image_size)
     if cfg.teacher_weights and cfg.teacher_ckpt:
         raise UserError("--teacher-weights and --teacher-ckpt both name the teacher's weights; "
                         "pass one")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
+    if cfg.pretrained and cfg.weights:
+        raise UserError("--pretrained and --weights both name the trained model's start weights; "
+                        "pass one")
     return needs_teacher
 
 def with_protocol(cfg):
@@ -612,7 +652,7 @@ def with_protocol(cfg):
     notes = []
     protocol = PROTOCOLS[cfg.dataset]
     defaults = {k: v for k, v in protocol.items() if getattr(cfg, k) is None}
-    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset != "imagenet":
+    if cfg.lr is None and cfg.student in LOW_LR_STUDENTS and cfg.dataset not in FOLDER_DATASETS:
         defaults["lr"] = 0.01
         notes.append(f"lr 0.01 (the paper's value for {cfg.student} students)")
     paper_batch = protocol["batch_size"]
@@ -714,7 +754,7 @@ def resolve_files(cfg, command, needs_teacher, cache):
     teacher = cfg.teacher if needs_teacher else ""
     ckpt = cfg.teacher_ckpt
     if not ckpt and needs_teacher and not cfg.teacher_weights:
-        ckpt = os.path.join("checkpoints", cfg.dataset, f"{cfg.teacher}.pt")
+        ckpt = os.path.join("checkpoints", cfg.dataset, f"{path_name(cfg.teacher)}.pt")
     cache_file = cfg.teacher_cache_file
     if cache and not cache_file:
         cache_file = os.path.splitext(ckpt)[0] + ".tcache"
@@ -740,7 +780,7 @@ def resolve_config(cfg, command="train"):
     cache = use_teacher_cache(cfg, command, device)
     files, file_notes = resolve_files(cfg, command, needs_teacher, cache)
     workers = cfg.workers
-    if cfg.dataset == "imagenet" and workers is None:
+    if cfg.dataset in FOLDER_DATASETS and workers is None:
         workers = default_workers()
     cfg = dataclasses.replace(cfg, device=str(device), amp=amp, graph=graph, workers=workers,
                               teacher_cache="on" if cache else "off", **files)
@@ -775,10 +815,17 @@ def run_name(method, q=Config.q, proj_depth=Config.proj_depth, proj_act=Config.p
         parts.append(proj_act)
     return "-".join(parts)
 
+def path_name(arch):
+    """An architecture's name as a file or folder name: timm_resnet18 for timm:resnet18 (no colon,
+    which Make and Windows cannot take in a path)."""
+    return arch.replace(":", "_")
+
 def run_path(runs, teacher, student, method, seed, **projector):
     """Where a run lives: <runs>/<teacher>-<student>/<name>-seed<N>, or <runs>/<student>/ce-seed<N>
     for a model trained alone (shared by every pair with that student, and also how teachers are
     trained)."""
+    teacher = path_name(teacher)
+    student = path_name(student)
     folder = student if method == "ce" else f"{teacher}-{student}"
     return os.path.join(runs, folder, f"{run_name(method, **projector)}-seed{seed}")
 
@@ -872,17 +919,17 @@ def make_synthetic(n_train, num_classes, seed=0):
 
     return (*draw(n_train), *draw(max(n_train // 4, num_classes)))
 
-def load_imagenet(root, image_size=224):
+def load_imagenet(root, image_size=224, name="ImageNet", doc="docs/imagenet.md"):
     """(train_set, val_set): torchvision ImageFolders of root/train and root/val (one folder per
     class, the class folders' sorted names being the labels) yielding uint8 C x H x W tensors, with
     the paper's augmentation: RandomResizedCrop + horizontal flip for training, Resize(256/224 of
-    the crop) + CenterCrop for evaluation. Normalisation is left to the GPU."""
+    the crop) + CenterCrop for evaluation. Normalisation is left to the GPU. name, doc: what the
+    errors call the data set, and the page they point to."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     train_layout = os.path.join(root, "train", "<class>", "<image>")
     val_layout = os.path.join(root, "val", "<class>", "<image>")
-    layout = (f"{train_layout} and {val_layout} with the same class folders in both "
-              f"(docs/imagenet.md)")
+    layout = f"{train_layout} and {val_layout} with the same class folders in both ({doc})"
     resize = round(image_size * 256 / 224)
     transforms = {
         "train": T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
@@ -893,7 +940,7 @@ def load_imagenet(root, image_size=224):
     for split, transform in transforms.items():
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
-            raise UserError(f"ImageNet not found: no folder {folder}; --data-dir must hold "
+            raise UserError(f"{name} not found: no folder {folder}; --data-dir must hold "
                             f"{layout}")
         try:
             sets[split] = ImageFolder(folder, transform=transform)
@@ -905,6 +952,10 @@ def load_imagenet(root, image_size=224):
         raise UserError(f"{root}: train/ has {len(sets['train'].classes)} class folders and val/ "
                         f"{len(sets['val'].classes)}, or they differ in name; expected {layout}")
     return sets["train"], sets["val"]
+
+# the class-folder data sets by name: what their errors call them, the page they point to
+FOLDER_NAMES = {"imagenet": ("ImageNet", "docs/imagenet.md"),
+                "folder": ("--dataset folder", "docs/your-own.md")}
 
 @dataclass
 class Data:
@@ -944,8 +995,9 @@ def load_data(cfg, device):
     def channels(values):
         return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
-    if cfg.dataset == "imagenet":
-        train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size)
+    if cfg.dataset in FOLDER_DATASETS:
+        name, doc = FOLDER_NAMES[cfg.dataset]
+        train_set, val_set = load_imagenet(cfg.data_dir, cfg.image_size, name, doc)
         # none twice
         shard = torch.utils.data.Subset(val_set, range(_rank(), len(val_set), _world_size()))
         val_loader = image_loader(shard, cfg.eval_batch_size, cfg.workers, device)
@@ -1417,6 +1469,7 @@ class Run:
     best: dict = dataclasses.field(default_factory=lambda: {"top1": -1.0, "top5": -1.0, "epoch": 0})
     teacher_eval: Optional[dict] = None
     teacher_provenance: Optional[dict] = None  # where the teacher's weights came from
+    student_start: Optional[dict] = None  # where the student's start weights came from
 
 def setup_run(cfg):
     """A Run ready for its first step, from options as parsed: for tools and tests that drive the
@@ -1433,13 +1486,13 @@ def prepare_run(cfg, notes, given):
     if cfg.method != "ce" and not cfg.teacher_weights:  # before the data, which takes a while
         models_module().require_teacher_file(cfg.teacher, cfg.teacher_ckpt)
     notes = list(notes)
-    if world > 1 or cfg.dataset == "imagenet":
+    if world > 1 or cfg.dataset in FOLDER_DATASETS:
         notes.append(f"processes: {world} x batch {cfg.batch_size // world} = global batch "
                      f"{cfg.batch_size}; lr {cfg.lr} as given (never rescaled by batch size)")
     data = load_data(cfg, device)
     if data.n_train < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {data.n_train} training images")
-    run, amp_dtype = build_run(cfg, device, world, data)
+    run, amp_dtype = build_run(cfg, device, world, data, resuming=checkpoint is not None)
     # after the data and the checkpoints are read: an error in them is the first line, with no
     # notes before it
     log("\n".join(["config (where not a default; all of it goes into metrics.json):",
@@ -1460,16 +1513,20 @@ def prepare_run(cfg, notes, given):
         restore_epoch_state(run, checkpoint["epoch_state"])
     return run
 
-def build_run(cfg, device, world, data):
-    """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype."""
+def build_run(cfg, device, world, data, resuming=False):
+    """The Run: teacher, student, projectors and optimizer on the device; and the autocast dtype.
+    resuming: last.pt will restore the student, whose start weights are not read again."""
     memory_format, amp_dtype, autocast = memory_format_and_autocast(cfg.amp, device)
     teacher = None
     if cfg.method != "ce":
         teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes,
-                                               cfg.teacher_weights)
+                                               cfg.teacher_weights, input_size(cfg))
         teacher = teacher.to(device, memory_format=memory_format)
     torch.manual_seed(cfg.seed)  # after the teacher: every method gets the same initial student
-    student = models_module().MODELS[cfg.student](num_classes=data.num_classes)
+    student, start = build_student(cfg, data.num_classes, resuming)
+    if cfg.method == "sp":  # before any step: one line where a model has no last-stage map
+        models_module().require_map_layer(student, cfg.student)
+        models_module().require_map_layer(teacher, cfg.teacher)
     if cfg.sync_bn and world > 1:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     d_teacher = 0
@@ -1484,8 +1541,28 @@ def build_run(cfg, device, world, data):
               loss_module=loss_module, distiller=Distiller(cfg, student, loss_module, autocast),
               teacher=teacher, optimizer=optimizer,
               scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16), lr=lr,
-              autocast=autocast, memory_format=memory_format, sums=EpochSums(device))
+              autocast=autocast, memory_format=memory_format, sums=EpochSums(device),
+              student_start=start)
     return run, amp_dtype
+
+def build_student(cfg, num_classes, resuming):
+    """The student and where its start weights came from: --seed's initialisation, timm's
+    pretrained weights (--pretrained) or a file (--weights), with a new head where the class count
+    differs. Resuming, last.pt holds its weights: nothing is downloaded or read, and the provenance
+    comes back from last.pt."""
+    pretrained = cfg.pretrained and not resuming
+    student = models_module().build_model(cfg.student, num_classes, input_size(cfg), pretrained)
+    start = {"how": f"initialised from --seed {cfg.seed}"}
+    if pretrained:
+        start = models_module().timm_provenance(student, cfg.student, num_classes)
+    if cfg.weights and not resuming:
+        start = models_module().load_start_weights(student, cfg.student, cfg.weights)
+    if not resuming and (cfg.pretrained or cfg.weights):
+        head = "its head"
+        if start["new_head"]:
+            head = "a new head"
+        log(f"student {cfg.student} starts from {cfg.weights or start['how']} with {head}")
+    return student, start
 
 def build_optimizer(cfg, parameters, lr, fused):
     """SGD with momentum, its buffers made now (with_momentum_buffers). fused on CUDA: one kernel
@@ -1764,11 +1841,13 @@ def restore(run, checkpoint):
     run.best = checkpoint["best"]
     run.history = checkpoint["history"]
     run.teacher_eval = checkpoint["teacher_eval"]
+    run.student_start = checkpoint.get("student_start", run.student_start)
     where = f"after epoch {run.start_epoch}"
     if run.resumed_steps:
         where = f"at step {run.resumed_steps + 1} of epoch {run.start_epoch + 1}"
     if run.data.train_x is None:  # LoaderFeed
-        where += " (ImageNet: in the same order of images, with new random crops and flips)"
+        name = FOLDER_NAMES[run.cfg.dataset][0]
+        where += f" ({name}: in the same order of images, with new random crops and flips)"
     saved_epochs = checkpoint["config"]["epochs"]
     if run.cfg.epochs != saved_epochs:
         where += f"; note: extending it from {saved_epochs} to {run.cfg.epochs} epochs"
@@ -1867,7 +1946,8 @@ def save_checkpoint(run, epoch, steps_done=0, ended_by=None):
         "epoch_state": epoch_state_rows, "student": run.student.state_dict(),
         "loss_module": run.loss_module.state_dict(), "optimizer": optimizer,
         "scaler": run.scaler.state_dict(), "rng": rng, "best": run.best, "history": run.history,
-        "teacher_eval": run.teacher_eval, "epoch_seconds": epoch_seconds,
+        "teacher_eval": run.teacher_eval, "student_start": run.student_start,
+        "epoch_seconds": epoch_seconds,
         "segments": segments_so_far(run, epoch, steps_done, ended_by),
         # the teacher file's identity, checked on resuming
         "teacher_sha256": (run.teacher_provenance or {}).get("sha256"),
@@ -1950,6 +2030,7 @@ def finish_run(run):
                "best_epoch": best["epoch"], "between_class_cosine": last["between_class_cosine"],
                "teacher_top1": teacher.get("top1"), "teacher_top5": teacher.get("top5"),
                "epochs": cfg.epochs, "teacher_provenance": run.teacher_provenance,
+               "student_start": run.student_start,
                "wall_seconds": round(wall_seconds, 1), "segments": segments,
                "images_per_s": round(images_per_epoch * len(history) / train_seconds, 1),
                "world_size": run.world_size, "device": device_name(run.device),
@@ -2153,7 +2234,8 @@ DATA_OPTIONS = ("dataset", "synthetic_size", "synthetic_classes", "image_size")
 
 @dataclass
 class EvalOptions:
-    arch: str = option("", "the checkpoint's architecture (a key of models.MODELS)")
+    arch: str = option("", "the checkpoint's architecture (a key of models.MODELS, or "
+                           "timm:NAME)")
     ckpt: str = option("", "our model.pt, a RepDistiller/mdistiller checkpoint, a torchvision "
                            "weight file or any state_dict")
     out: str = option("", "the result as JSON; default: the checkpoint's path with the suffix "
@@ -2212,7 +2294,7 @@ def evaluate_checkpoint(ec):
     ec = with_run_data_settings(ec)
     if ec.dataset not in PROTOCOLS:
         raise UserError(f"unknown --dataset {ec.dataset!r}; choose {', '.join(PROTOCOLS)}")
-    check_arch(ec.arch, "arch", ec.dataset)
+    check_arch(ec.arch, "arch", ec.dataset, ec.image_size)
     device = resolve_device(ec.device, int(os.environ.get("WORLD_SIZE", "1")))
     _, world = setup_torch(device)
     batch_size = ec.eval_batch_size or PROTOCOLS[ec.dataset]["eval_batch_size"]
@@ -2223,7 +2305,8 @@ def evaluate_checkpoint(ec):
     data = load_data(ec, device)
     memory_format = memory_format_and_autocast("off", device)[0]
     state_dict = models_module().read_state_dict(ec.ckpt)
-    model = models_module().frozen_model(ec.arch, state_dict, data.num_classes, ec.ckpt)
+    model = models_module().frozen_model(ec.arch, state_dict, data.num_classes, ec.ckpt,
+                                         image_size=input_size(ec))
     model = model.to(device, memory_format=memory_format)
     result = evaluate(model, data, ec.eval_batch_size, memory_format)
     record = {"arch": ec.arch, "ckpt": ec.ckpt, "sha256": file_sha256(ec.ckpt),
@@ -2251,6 +2334,10 @@ DownloadConfig = options_of("DownloadConfig", None, ("dataset", "data_dir"))
 def download_command(cfg):
     """`projkd.py download`: CIFAR-100 into --data-dir (torchvision's download of the official
     archive)."""
+    if cfg.dataset == "folder":
+        raise UserError(f"--dataset folder is your own images: arrange them as "
+                        f"{cfg.data_dir}/train/<class>/ and {cfg.data_dir}/val/<class>/ "
+                        f"(docs/your-own.md)")
     if cfg.dataset == "imagenet":
         raise UserError("ImageNet cannot be downloaded for you: get ILSVRC2012's train and val "
                         "images from image-net.org and arrange them as "
@@ -2297,10 +2384,10 @@ def command_of(argv):
     return getattr(module, function_name), getattr(module, schema_name), usage, argv[1:]
 
 def errors_to_report():
-    """The exceptions main() prints as one line: ours, and models.py's weight errors where models.py
-    is here."""
+    """The exceptions main() prints as one line: ours, and models.py's (an architecture or its
+    weights) where models.py is here."""
     try:
-        return (UserError, models_module().WeightsError)
+        return (UserError, models_module().ModelError)
     except UserError:  # this file copied alone
         return (UserError,)
 

@@ -31,6 +31,7 @@ from projkd import (
     crop_flip,
     device_name,
     file_sha256,
+    input_size,
     load_data,
     log,
     memory_format_and_autocast,
@@ -300,7 +301,9 @@ def cache_command(cfg):
     setup_torch(device, cfg.deterministic)
     data = load_data(cfg, device)
     memory_format, amp_dtype, autocast = memory_format_and_autocast(cfg.amp, device)
-    teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes)
+    # at the size the cache's images have (a timm teacher built for one size, as a ViT, needs it)
+    teacher = models_module().load_teacher(cfg.teacher, cfg.teacher_ckpt, data.num_classes,
+                                           image_size=input_size(cfg))
     teacher = teacher.to(device)
     teacher = teacher_for_speed(teacher, amp_dtype, memory_format)
     cache = ensure_teacher_cache(cfg.teacher_cache_file, cache_identity(cfg, data), teacher, data,

@@ -1,5 +1,5 @@
-"""Tests for models.py: every architecture against the RepDistiller zoo (as data in testdata/), their shared
-interface, and the ImageNet architectures with their torchvision files."""
+"""Tests for models.py: every architecture against the RepDistiller zoo (as data in testdata/),
+their shared interface, and the ImageNet architectures with their torchvision files."""
 import importlib.util
 import json
 import os
@@ -64,20 +64,26 @@ def test_every_architecture_takes_num_classes_and_channels_last():
         assert feature.shape == (2, projkd.classifier_of(model).in_features), arch
 
 
-# Feature width (the classifier's in_features, also the map's channels) of each ImageNet architecture.
-IMAGENET_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "densenet201": 1920, "mobilenet_v1": 1024}
+# Feature width (the classifier's in_features, also the map's channels) of each ImageNet
+# architecture.
+IMAGENET_WIDTHS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "densenet201": 1920,
+                   "mobilenet_v1": 1024}
 
 
-# The PEFD authors' MobileNet (github.com/chenyd7/PEFD, models/MobileNet.py) as (key, shape): its start, the
-# model1/model2 boundary and its end. Their checkpoints load only if ours has exactly these names.
+# The PEFD authors' MobileNet (github.com/chenyd7/PEFD, models/MobileNet.py) as (key, shape): its
+# start, the model1/model2 boundary and its end. Their checkpoints load only if ours has exactly
+# these names.
 MOBILENET_V1_KEYS = {
-    "head": [("model1.0.0.weight", (32, 3, 3, 3)), ("model1.0.1.weight", (32,)), ("model1.0.1.bias", (32,)),
+    "head": [("model1.0.0.weight", (32, 3, 3, 3)), ("model1.0.1.weight", (32,)),
+             ("model1.0.1.bias", (32,)),
              ("model1.0.1.running_mean", (32,)), ("model1.0.1.running_var", (32,)),
              ("model1.0.1.num_batches_tracked", ()), ("model1.1.0.weight", (32, 1, 3, 3))],
     "boundary": [("model1.11.4.num_batches_tracked", ()), ("model2.0.0.weight", (512, 1, 3, 3))],
-    "tail": [("model2.1.3.weight", (1024, 1024, 1, 1)), ("model2.1.4.weight", (1024,)), ("model2.1.4.bias", (1024,)),
+    "tail": [("model2.1.3.weight", (1024, 1024, 1, 1)), ("model2.1.4.weight", (1024,)),
+             ("model2.1.4.bias", (1024,)),
              ("model2.1.4.running_mean", (1024,)), ("model2.1.4.running_var", (1024,)),
-             ("model2.1.4.num_batches_tracked", ()), ("fc.weight", (1000, 1024)), ("fc.bias", (1000,))],
+             ("model2.1.4.num_batches_tracked", ()), ("fc.weight", (1000, 1024)),
+             ("fc.bias", (1000,))],
 }
 
 
@@ -111,13 +117,15 @@ def test_mobilenet_v1_logits_feature_and_map_at_224_and_64():
 def test_imagenet_archs_name_models_and_their_torchvision_files():
     import torchvision
 
-    assert len(set(IMAGENET_ARCHS)) == len(IMAGENET_ARCHS) == 5 and set(IMAGENET_ARCHS) == set(IMAGENET_WIDTHS)
+    assert len(set(IMAGENET_ARCHS)) == len(IMAGENET_ARCHS) == 5
+    assert set(IMAGENET_ARCHS) == set(IMAGENET_WIDTHS)
     assert set(IMAGENET_ARCHS) <= set(MODELS)
     with open(os.path.join(COMPAT, "repdistiller_spec.json")) as f:
         assert not set(json.load(f)) & set(IMAGENET_ARCHS)  # RepDistiller's zoo is CIFAR
     assert set(TORCHVISION_WEIGHTS) == set(IMAGENET_ARCHS) - {"mobilenet_v1"}
     for arch, (file, url) in TORCHVISION_WEIGHTS.items():
-        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url and url.endswith("/" + file)
+        assert url == torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+        assert url.endswith("/" + file)
 
 
 @pytest.mark.parametrize("arch", list(IMAGENET_WIDTHS))
@@ -131,15 +139,19 @@ def test_imagenet_architecture_classifies_and_taps_feature_and_map(arch):
     taps.remove()
     assert logits.shape == (2, 10) and taps.feature.shape == (2, width)
     assert taps.feature_map.shape[:2] == (2, width)
-    # The map is the one pooled into the feature. For densenet201 that holds only because torchvision's forward
-    # applies its final ReLU in place, to the very tensor the features.norm5 hook kept.
+    # The map is the one pooled into the feature. For densenet201 that holds only because
+    # torchvision's forward applies its final ReLU in place, to the very tensor the features.norm5
+    # hook kept.
     assert torch.allclose(taps.feature_map.mean((2, 3)), taps.feature, atol=1e-6)
 
 
 def test_torchvision_densenet_files_load_with_their_old_names():
     state = MODELS["densenet201"](num_classes=10).state_dict()
-    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
-           if not k.endswith("num_batches_tracked")}  # as torchvision's published file has them
+    # as torchvision's published file has them
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+           for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert any(".norm.1." in k for k in old)
-    model = models.frozen_model("densenet201", models.normalise_keys(old), 10, "densenet201-c1103571.pth")
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items() if k in old or "norm1" in k)
+    model = models.frozen_model("densenet201", models.normalise_keys(old), 10,
+                                "densenet201-c1103571.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()
+               if k in old or "norm1" in k)
