@@ -468,10 +468,19 @@ def test_make_fetches_the_archives_teachers_and_trains_the_others(tmp_path):
 
 
 def test_make_and_fetch_name_the_same_archive():
-    makefile, params = (open(os.path.join(HERE, f)).read() for f in ("Makefile", "params.mk"))
+    makefile = open(os.path.join(HERE, "Makefile")).read()
     archive_teachers = re.search(r"^ARCHIVE_TEACHERS := (.*)$", makefile, re.M)[1].split()
     assert archive_teachers == list(fetch.PUBLISHED_TEACHERS)
-    assert re.search(r"^TEACHERS_URL \?= (.*)$", params, re.M)[1] == fetch.TEACHERS_URL
+    fetches = [line for line in plan_lines("fetch-teachers") if "projkd.py fetch-teachers " in line]
+    assert len(fetches) == 4 and all(f"--url {fetch.TEACHERS_URL} " in f for f in fetches)
+
+
+@pytest.mark.parametrize("name", ["Makefile", "params.mk"])
+def test_make_files_keep_to_100_columns(name):
+    lines = open(os.path.join(HERE, name)).read().splitlines()
+    # a recipe's tab shows as 8 columns
+    wide = [i + 1 for i, line in enumerate(lines) if len(line.expandtabs(8)) > 100]
+    assert wide == [], f"{name}: lines over 100 columns"
 
 
 def test_make_imagenet_all_with_stand_in_commands_redoes_nothing(tmp_path):
