@@ -4,7 +4,10 @@ Every file sits in a layer and imports only from the layers below it, at the top
 projkd.py, the reference, reaches models.py lazily (so that it copies alone), and has the one upward
 import the design allows: training opens the teacher cache. The subcommand table (projkd.COMMANDS)
 names the tools' modules as strings, imported with importlib when a subcommand runs; that is the
-other way up, and not an import statement."""
+other way up, and not an import statement.
+
+The tools' command lines are checked here too, as one house rule across them: every option in every
+--help has a description."""
 import ast
 import glob
 import importlib
@@ -122,7 +125,9 @@ def test_a_lazy_import_of_a_lower_layer_and_a_new_file_fail_the_layer_check(tmp_
 def described_options(help_text):
     """{option: its description without argparse's "(default: ...)"} of each entry in a --help's
     "options:" and "positional arguments:" sections."""
-    entries, name, section = {}, None, False
+    entries = {}
+    name = None
+    section = False
     for line in help_text.splitlines():
         if line.endswith(":") and not line.startswith(" "):
             section = line in ("options:", "positional arguments:")
