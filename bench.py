@@ -37,6 +37,7 @@ from projkd import (
     make_synthetic,
     mda_loss,
     normalize,
+    option,
     resolve_device,
     save,
     setup_run,
@@ -49,17 +50,18 @@ BF16_PEAK_FLOPS = {"GH200": 989e12, "H200 NVL": 835e12, "H200": 989e12, "H100 PC
 
 @dataclass
 class BenchConfig:
-    pairs: str = "vgg13:vgg8 resnet32x4:resnet8x4"  # teacher:student pairs, each timed with PEFD;
-                                                    # on the CPU: resnet20:resnet8
-    batch_size: int = 64  # the paper's CIFAR-100 batch
-    steps: int = None  # timed steps of each variant of our loop: 400 on CUDA, 3 on the CPU
-    classic_steps: int = None  # timed steps of the classic loop: 150 on CUDA, 3 on the CPU
-    warmup: int = None  # untimed steps before each timing: 30 on CUDA, 1 on the CPU
-    workers: int = None  # DataLoader processes of the classic loop: min(8, CPUs), RepDistiller's
-                         # default being 8
-    check_steps: int = 200  # the graph-against-eager check: steps compared (CUDA only)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    out_dir: str = "results"  # bench.json and bench.md go here
+    pairs: str = option("vgg13:vgg8 resnet32x4:resnet8x4",
+                        "teacher:student pairs, each timed with PEFD; on the CPU: "
+                        "resnet20:resnet8")
+    batch_size: int = option(64, "the paper's CIFAR-100 batch")
+    steps: int = option(None, "timed steps of each variant of our loop: 400 on CUDA, 3 on the CPU")
+    classic_steps: int = option(None, "timed steps of the classic loop: 150 on CUDA, 3 on the CPU")
+    warmup: int = option(None, "untimed steps before each timing: 30 on CUDA, 1 on the CPU")
+    workers: int = option(None, "DataLoader processes of the classic loop: min(8, CPUs), "
+                                "RepDistiller's default being 8")
+    check_steps: int = option(200, "the graph-against-eager check: steps compared (CUDA only)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    out_dir: str = option("results", "bench.json and bench.md go here")
 
 class _PILImages(torch.utils.data.Dataset):
     """uint8 CHW images as PIL images through a torchvision transform: how KD codebases read

@@ -34,6 +34,7 @@ from projkd import (
     atomic_write,
     evaluate_checkpoint,
     file_sha256,
+    option,
     options_of,
     save,
     teacher_provenance,
@@ -45,11 +46,11 @@ from projkd import (
 
 @dataclass
 class WeightsConfig:
-    arch: str = ""  # an architecture torchvision publishes ImageNet weights of: resnet18 | resnet34
-                    # | resnet50 | densenet201
-    weights: str = "IMAGENET1K_V1"  # which of torchvision's weights (IMAGENET1K_V1: the
-                                    # paper's teachers)
-    out: str = ""  # where the plain state_dict goes; default checkpoints/imagenet/<arch>.pt
+    arch: str = option("", "an architecture torchvision publishes ImageNet weights of: resnet18 | "
+                           "resnet34 | resnet50 | densenet201")
+    weights: str = option("IMAGENET1K_V1", "which of torchvision's weights (IMAGENET1K_V1: the "
+                                           "paper's teachers)")
+    out: str = option("", "where the plain state_dict goes; default checkpoints/imagenet/<arch>.pt")
 
 
 def fetch_weights(wc):
@@ -95,16 +96,16 @@ TEACHER_TOLERANCE = 0.1
 
 @dataclass
 class TeachersOptions:
-    arch: str = ""  # the teachers, space-separated, of wrn_40_2 vgg13 resnet32x4 ResNet50 resnet56
-                    # resnet110; default all
-    url: str = TEACHERS_URL  # the archive (mdistiller's copy of RepDistiller's teachers); another
-                             # mirror's URL or a local file works the same
-    ckpt: str = ""  # instead of the archive, a checkpoint you copied in by hand: checked the same
-                    # way (one --arch)
-    out_dir: str = ""  # where <arch>.pt and <arch>.json are installed; default
-                       # checkpoints/<dataset>
-    archive: str = ""  # where a download is kept: resumed when interrupted, reused by later
-                       # fetches; default checkpoints/<its file name>
+    arch: str = option("", "the teachers, space-separated, of wrn_40_2 vgg13 resnet32x4 ResNet50 "
+                           "resnet56 resnet110; default all")
+    url: str = option(TEACHERS_URL, "the archive (mdistiller's copy of RepDistiller's teachers); "
+                                    "another mirror's URL or a local file works the same")
+    ckpt: str = option("", "instead of the archive, a checkpoint you copied in by hand: checked "
+                           "the same way (one --arch)")
+    out_dir: str = option("", "where <arch>.pt and <arch>.json are installed; default "
+                              "checkpoints/<dataset>")
+    archive: str = option("", "where a download is kept: resumed when interrupted, reused by later "
+                              "fetches; default checkpoints/<its file name>")
 
 
 # The data and the device a teacher is evaluated on mean the same as for `projkd.py eval`.

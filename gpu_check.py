@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 import models
-from projkd import UserError, code_version, file_sha256, parse_args, save
+from projkd import UserError, cli_help, code_version, file_sha256, option, parse_args, save
 from teacher_cache import read_cache_header
 
 # the steps' records, logs and the tests' junit xml
@@ -53,22 +53,23 @@ RUNS_TOP1_TOLERANCE = 5.0
 
 @dataclass
 class StartOptions:
-    budget: float = 480.0  # seconds the whole check may take: 8 minutes on one H100/H200
+    budget: float = option(480.0, "seconds the whole check may take: 8 minutes on one H100/H200")
 
 
 @dataclass
 class StepOptions:
-    timeout: float = 120.0  # seconds this step may take (less if the check's budget has less left)
-    needs: str = ""  # comma-separated steps that must have passed, if they ran (else this one is
-                     # skipped)
+    timeout: float = option(120.0, "seconds this step may take (less if the check's budget has "
+                                   "less left)")
+    needs: str = option("", "comma-separated steps that must have passed, if they ran (else this "
+                            "one is skipped)")
 
 
 @dataclass
 class TeacherOptions:
-    arch: str = "vgg13"  # the teacher architecture (a key of models.MODELS)
-    classes: int = 100  # its number of classes
-    seed: int = 0  # seeds its random initialisation
-    out: str = ""  # where its state_dict goes; a <out>.json beside it says how it was made
+    arch: str = option("vgg13", "the teacher architecture (a key of models.MODELS)")
+    classes: int = option(100, "its number of classes")
+    seed: int = option(0, "seeds its random initialisation")
+    out: str = option("", "where its state_dict goes; a <out>.json beside it says how it was made")
 
 
 def record_path(name):
@@ -289,7 +290,7 @@ def difference_report(reference, other, reference_losses, other_losses, unit="st
 
 # --- report: results/gpu-check.md and .json -------------------------------------------------------
 
-def option(command, flag):
+def flag_value(command, flag):
     """The value after `flag` in a recorded command (the steps' commands are the record of what
     ran)."""
     return command[command.index(flag) + 1] if flag in command[:-1] else None
@@ -341,13 +342,14 @@ def step_rows(records):
 def run_summary(record):
     """A short run's numbers from its metrics.json: per-epoch seconds and images/s, top-1, what it
     ran with."""
-    command, run_dir = record["command"], option(record["command"], "--run-dir")
+    command, run_dir = record["command"], flag_value(record["command"], "--run-dir")
     metrics = read_json(os.path.join(run_dir, "metrics.json"))
-    summary = {"name": record["name"], "run_dir": run_dir, "dataset": option(command, "--dataset"),
-               "data_dir": option(command, "--data-dir"),
-               "synthetic_size": option(command, "--synthetic-size"),
-               "teacher_cache": option(command, "--teacher-cache"),
-               "graph": option(command, "--graph"), "finished": metrics is not None}
+    summary = {"name": record["name"], "run_dir": run_dir,
+               "dataset": flag_value(command, "--dataset"),
+               "data_dir": flag_value(command, "--data-dir"),
+               "synthetic_size": flag_value(command, "--synthetic-size"),
+               "teacher_cache": flag_value(command, "--teacher-cache"),
+               "graph": flag_value(command, "--graph"), "finished": metrics is not None}
     if metrics is None:
         return summary
     history = metrics["history"]
@@ -365,7 +367,7 @@ def run_summary(record):
 
 
 def cache_summary(record):
-    path = option(record["command"], "--teacher-cache-file")
+    path = flag_value(record["command"], "--teacher-cache-file")
     header = read_cache_header(path) if path else None
     if header is None:
         return {"file": path, "built": False}
@@ -512,9 +514,10 @@ PREFLIGHT_CHECKS = {
 
 @dataclass
 class PreflightOptions:
-    out: str = PREFLIGHT_JSON  # the report: made once per GPU model and torch version
-    timeout: float = 180.0  # seconds the checks may take
-    off: bool = False  # PREFLIGHT=off: record that the checks were skipped, and check nothing
+    out: str = option(PREFLIGHT_JSON, "the report: made once per GPU model and torch version")
+    timeout: float = option(180.0, "seconds the checks may take")
+    off: bool = option(False, "PREFLIGHT=off: record that the checks were skipped, and check "
+                              "nothing")
 
 
 def preflight_verdicts(rows):
@@ -607,13 +610,21 @@ def main(argv=None):
             raise UserError(f"usage: gpu_check.py COMMAND [options], COMMAND one of {names} (make "
                             "gpu-check runs "
                             f"them in order)")
+        schema = StepOptions if argv[0] == "step" else COMMANDS[argv[0]][1]
+        options = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+        if "-h" in options or "--help" in options:
+            usage = f"python3 gpu_check.py {argv[0]} [options]"
+            if argv[0] == "step":
+                usage = "python3 gpu_check.py step NAME [options] -- COMMAND ..."
+            print(cli_help(schema, __doc__, usage))
+            return 0
         if argv[0] == "step":
             rest = argv[2:]
             split = rest.index("--") if "--" in rest else len(rest)
             step(parse_args(rest[:split], StepOptions), argv[1] if len(argv) > 1 else "",
                  rest[split + 1:])
             return 0
-        command, schema = COMMANDS[argv[0]]
+        command = COMMANDS[argv[0]][0]
         return command(parse_args(argv[1:], schema)) or 0
     except UserError as e:
         line = str(e) if str(e).startswith("gpu-check:") else f"gpu-check: error: {e}"

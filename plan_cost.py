@@ -87,8 +87,15 @@ def duration(seconds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=240)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="the runs' device, as make's DEVICE: only a CPU (cpu, or auto without "
+        "CUDA) gets an estimate (default: auto)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=240, help="training epochs of each run (default: 240)"
+    )
     parser.add_argument("runs", nargs="*", help="the metrics.json of each run still to do")
     args = parser.parse_args(argv)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())

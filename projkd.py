@@ -2412,16 +2412,16 @@ def main(argv=None):
             print(f"projkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or Stopped by SIGTERM or SIGUSR1 after writing last.pt
-        signum, why, kept = signal.SIGINT, "interrupted", True
-        if isinstance(e, Stopped):
-            signum, why, kept = e.signum, e.why, e.kept
-        if not kept or "--resume" in argv or command is not train:
+        stop = e
+        if not isinstance(e, Stopped):
+            stop = Stopped(signal.SIGINT, "interrupted")
+        if not stop.kept or "--resume" in argv or command is not train:
             again = "run the same command again"
         else:
             again = "continue with the same command plus --resume"
         if os.environ.get("RANK", "0") == "0":
-            print(f"projkd: {why}; {again}", file=sys.stderr)
-        return 128 + signum
+            print(f"projkd: {stop.why}; {again}", file=sys.stderr)
+        return 128 + stop.signum
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -64,8 +64,12 @@ def main(argv=None):
     parser.add_argument(
         "--results", default="results/synthetic-e2", help="make smoke's results folder"
     )
-    parser.add_argument("--doc", default="docs/pipeline.md")
-    parser.add_argument("--figure", default="docs/smoke-curves.png")
+    parser.add_argument(
+        "--doc", default="docs/pipeline.md", help="the doc whose smoke table is written"
+    )
+    parser.add_argument(
+        "--figure", default="docs/smoke-curves.png", help="where the smoke curves figure is copied"
+    )
     parser.add_argument(
         "--check", action="store_true", help="write nothing; exit 1 if the docs differ"
     )

@@ -33,31 +33,29 @@ import sys
 from dataclasses import dataclass
 
 import figures
-from projkd import Config, UserError, cli_help, parse_args, run_name, run_path, save
+from projkd import Config, UserError, cli_help, option, parse_args, run_name, run_path, save
 
 
 @dataclass
 class TableConfig:
-    runs: str = "runs/cifar100"  # the folder that holds the run directories (make's RUNS)
-    # teacher:student columns
-    pairs: str = (
-        "wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 ResNet50:MobileNetV2"
-    )
-    methods: str = "ce kd sp crd pefd"  # rows of the main table (imagenet: columns), besides
-                                        # the teacher
-    variants: str = "q0 q1 q2 q4 depth2 depth3 depth4 gelu none"  # ablation rows besides PEFD
-                                                                  # itself (make's
-                                                                  # ABLATION_VARIANTS)
-    seeds: str = "1 2 3"  # the seeds every cell should have
-    kind: str = "main"  # main (Table 4) | ablations (Figures 3-4, Table 5: projector number, depth,
-                        # activation) | imagenet (Table 1) | bench
-    teachers: str = ""  # the folder of the teacher checkpoints, whose <arch>.eval.json give the
-                        # teacher row (make's TEACHERS)
-    out: str = ""  # files to write, space-separated, each .md or .csv; empty prints markdown
-    figures: str = ""  # folder for the figures (PNG, needs matplotlib), linked from the markdown;
-                       # empty: none
-    bench: str = "results/bench.json"  # --kind bench: projkd.py bench's report, drawn as
-                                       # <figures>/bench.png
+    runs: str = option("runs/cifar100", "the folder that holds the run directories (make's RUNS)")
+    pairs: str = option("wrn_40_2:wrn_16_2 vgg13:vgg8 resnet32x4:resnet8x4 ResNet50:vgg8 "
+                        "ResNet50:MobileNetV2", "teacher:student columns")
+    methods: str = option("ce kd sp crd pefd", "rows of the main table (imagenet: columns), "
+                                               "besides the teacher")
+    variants: str = option("q0 q1 q2 q4 depth2 depth3 depth4 gelu none",
+                           "ablation rows besides PEFD itself (make's ABLATION_VARIANTS)")
+    seeds: str = option("1 2 3", "the seeds every cell should have")
+    kind: str = option("main", "main (Table 4) | ablations (Figures 3-4, Table 5: projector "
+                               "number, depth, activation) | imagenet (Table 1) | bench")
+    teachers: str = option("", "the folder of the teacher checkpoints, whose <arch>.eval.json "
+                               "give the teacher row (make's TEACHERS)")
+    out: str = option("", "files to write, space-separated, each .md or .csv; empty prints "
+                          "markdown")
+    figures: str = option("", "folder for the figures (PNG, needs matplotlib), linked from the "
+                              "markdown; empty: none")
+    bench: str = option("results/bench.json", "--kind bench: projkd.py bench's report, drawn as "
+                                              "<figures>/bench.png")
 
 
 ROW_NAMES = {

@@ -4,10 +4,15 @@ Every file sits in a layer and imports only from the layers below it, at the top
 projkd.py, the reference, reaches models.py lazily (so that it copies alone), and has the one upward
 import the design allows: training opens the teacher cache. The subcommand table (projkd.COMMANDS)
 names the tools' modules as strings, imported with importlib when a subcommand runs; that is the
-other way up, and not an import statement."""
+other way up, and not an import statement.
+
+The tools' command lines are checked here too, as one house rule across them: every option in every
+--help has a description."""
 import ast
 import glob
+import importlib
 import os
+import re
 
 import pytest
 
@@ -113,3 +118,60 @@ def test_a_lazy_import_of_a_lower_layer_and_a_new_file_fail_the_layer_check(tmp_
     assert "helpers.py is in no layer: add it to LAYERS" in problems
     assert not [p for p in problems if p.startswith("bench.py")]
     assert any(p.startswith("projkd.py:1 imports teacher_cache at the top") for p in problems)
+
+
+# --- every tool's --help describes every option --------------------------------------------------
+
+def described_options(help_text):
+    """{option: its description without argparse's "(default: ...)"} of each entry in a --help's
+    "options:" and "positional arguments:" sections."""
+    entries = {}
+    name = None
+    section = False
+    for line in help_text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            section = line in ("options:", "positional arguments:")
+            name = None
+            continue
+        if not section or not line.strip():
+            continue
+        # argparse puts the option at column 2 and its help 2 or more spaces after it
+        entry = re.match(r"^  (\S.*?)(?:\s{2,}(.*))?$", line)
+        if entry and not line.startswith("   "):
+            name = entry.group(1)
+            entries[name] = entry.group(2) or ""
+        elif name:
+            entries[name] += " " + line.strip()
+    return {name: re.sub(r"\(default: .*\)$", "", text.strip()).strip()
+            for name, text in entries.items()}
+
+
+def test_described_options_reads_argparse_help():
+    text = ("usage: x\n\npositional arguments:\n  runs        the runs\n\noptions:\n"
+            "  --pairs STR   (default: 'a b')\n  --synthetic-classes INT\n"
+            "                classes of it (default: 10)\n  --x, --no-x  on or\n"
+            "                off (default: off)\n")
+    assert described_options(text) == {"runs": "the runs", "--pairs STR": "",
+                                       "--synthetic-classes INT": "classes of it",
+                                       "--x, --no-x": "on or off"}
+
+
+# each tool's command lines that take options: the module, then its subcommand if any
+HELPS = ["projkd", "projkd eval", "projkd cache", "projkd bench", "projkd fetch-weights",
+         "projkd fetch-teachers", "projkd download", "tables", "plan_cost", "smoke_docs",
+         "gpu_check start", "gpu_check step", "gpu_check random-teacher", "gpu_check report",
+         "gpu_check preflight"]
+
+
+@pytest.mark.parametrize("line", HELPS)
+def test_every_tools_help_describes_every_option(line, capsys):
+    module, *command = line.split()
+    main = importlib.import_module(module).main
+    try:
+        status = main([*command, "--help"])
+    except SystemExit as e:  # plain argparse exits after its help
+        status = e.code
+    assert status == 0
+    options = described_options(capsys.readouterr().out)
+    assert options or command == ["report"]
+    assert [name for name, text in options.items() if not text] == []
