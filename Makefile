@@ -171,6 +171,8 @@ TABLES = $(RESULTS)/$(DATASET).md $(RESULTS)/$(DATASET).csv
 # they would take on this machine's CPU (nothing on a GPU).
 RUNS_TO_DO = $(filter-out $(wildcard $(MAIN_RUNS)),$(MAIN_RUNS))
 PLAN_COST = $(if $(filter cifar100,$(DATASET)),$(if $(RUNS_TO_DO),plan-cost))
+# Under -j too, cifar-all's fetches and runs wait for the estimate (other goals have none)
+COST_FIRST = $(if $(filter cifar-all dataset-all,$(MAKECMDGOALS)),$(PLAN_COST))
 MAIN_TABLE_FLAGS = --kind $(TABLE_KIND) --runs $(RUNS) --teachers $(TEACHERS) \
   --pairs "$(PAIRS)" --methods "$(METHODS)" --seeds "$(SEEDS)"
 FIGURES = --figures $(RESULTS)/figures
@@ -387,7 +389,7 @@ $(TEACHERS)/%.pt: $$(if $$(wildcard $$@),,$(RUNS)/%/ce-seed$(TEACHER_SEED)/metri
 	mv $@.tmp $@
 endif
 FETCH_TEACHERS = $(PY) projkd.py fetch-teachers
-$(FETCHED:%=$(TEACHERS)/%.pt): $(TEACHERS)/%.pt: | $(TEACHERS) $(DEPS) $(DATA)
+$(FETCHED:%=$(TEACHERS)/%.pt): $(TEACHERS)/%.pt: | $(TEACHERS) $(DEPS) $(DATA) $(COST_FIRST)
 	$(FETCH_TEACHERS) --arch $* --url $(TEACHERS_URL) --out-dir $(TEACHERS) $(DATA_DEVICE_FLAGS)
 
 # A teacher's outputs on all 162 crop/flip views of every training image: one file per checkpoint.
@@ -400,7 +402,7 @@ $(TEACHERS)/%.tcache: $(TEACHERS)/%.pt | $(DEPS) $(DATA)
 # cache (USE_CACHE) only has to exist when it starts: a cache rebuilt for one run to redo must not
 # make the finished ones out of date.
 $(RUNS)/%/metrics.json: $$(if $$(call stem_teacher,$$*),$$(call stem_teacher_ckpt,$$*)) \
-    | $$(call stem_cache,$$*) $(DEPS) $(DATA) $(FETCHED_FIRST) $(PREFLIGHT_JSON)
+    | $$(call stem_cache,$$*) $(DEPS) $(DATA) $(FETCHED_FIRST) $(PREFLIGHT_JSON) $(COST_FIRST)
 	$(RUN) $(call run_flags,$*) --run-dir $(RUNS)/$* --resume $(EXTRA)
 
 # The evaluation step: the file a user deploys (a run's model.pt, a teacher checkpoint), loaded

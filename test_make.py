@@ -475,7 +475,7 @@ def test_make_and_fetch_name_the_same_archive():
     assert len(fetches) == 4 and all(f"--url {fetch.TEACHERS_URL} " in f for f in fetches)
 
 
-@pytest.mark.parametrize("name", ["Makefile", "params.mk"])
+@pytest.mark.parametrize("name", ["Makefile", "params.mk", "own.mk"])
 def test_make_files_keep_to_100_columns(name):
     lines = open(os.path.join(HERE, name)).read().splitlines()
     # a recipe's tab shows as 8 columns
