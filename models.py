@@ -728,21 +728,29 @@ def read_state_dict(path, what="checkpoint"):
     return normalise_keys(ckpt)
 
 
+def unfitting_tensors(ours, state, optional=()):
+    """What keeps `state` from loading into a model whose state_dict is `ours`: "N missing, N
+    unexpected, N mis-shaped tensors, e.g. NAME", or None where it fits. Compared before loading:
+    load_state_dict raises a bare RuntimeError on a shape mismatch, strict or not. BatchNorm's
+    num_batches_tracked (torchvision's published files have none; loading fills them in) and the
+    `optional` keys may be missing."""
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")
+               and k not in optional]
+    unexpected = [k for k in state if k not in ours]
+    misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if not (missing or unexpected or misshaped):
+        return None
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped "
+            f"tensors, e.g. {(missing + unexpected + misshaped)[0]}")
+
+
 def frozen_model(arch, state, num_classes, source, what="checkpoint", image_size=None):
     """build_model(arch) with `state` loaded strictly, in eval mode and without gradients."""
     model = build_model(arch, num_classes, image_size)
-    ours = model.state_dict()
-    # Compared before loading: load_state_dict raises a bare RuntimeError on a shape mismatch,
-    # strict or not. torchvision's published files have no BatchNorm num_batches_tracked; loading
-    # fills them in.
-    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in ours]
-    misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
-    if missing or unexpected or misshaped:
+    unfitting = unfitting_tensors(model.state_dict(), state)
+    if unfitting:
         raise WeightsError(f"{what} {source} does not fit {arch} with {num_classes} classes "
-                           f"({len(missing)} missing, {len(unexpected)} unexpected, "
-                           f"{len(misshaped)} mis-shaped tensors, e.g. "
-                           f"{(missing + unexpected + misshaped)[0]}); wrong architecture or file?")
+                           f"({unfitting}); wrong architecture or file?")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -836,18 +844,14 @@ def load_start_weights(model, arch, path):
     head = classifier_name(model)
     head_keys = [f"{head}.weight", f"{head}.bias"]
     new_head = any(k in state and state[k].shape != ours[k].shape for k in head_keys if k in ours)
+    new_head_keys = ()
     if new_head:
         state = {k: v for k, v in state.items() if k not in head_keys}
-    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")
-               and not (new_head and k in head_keys)]
-    unexpected = [k for k in state if k not in ours]
-    misshaped = [k for k in ours if k in state and state[k].shape != ours[k].shape]
-    if missing or unexpected or misshaped:
-        raise WeightsError(f"weights file {path} does not fit {arch} ({len(missing)} missing, "
-                           f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors, "
-                           f"e.g. {(missing + unexpected + misshaped)[0]}); wrong architecture, or "
-                           f"another "
-                           f"--image-size than the file's?")
+        new_head_keys = head_keys
+    unfitting = unfitting_tensors(ours, state, optional=new_head_keys)
+    if unfitting:
+        raise WeightsError(f"weights file {path} does not fit {arch} ({unfitting}); wrong "
+                           f"architecture, or another --image-size than the file's?")
     model.load_state_dict(state, strict=False)
     return {"how": "a weights file", "arch": arch, "file": path, "sha256": sha256_of(path),
             "new_head": new_head}

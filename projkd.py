@@ -1072,13 +1072,12 @@ def train(cfg):
         try:
             for epoch in range(run.start_epoch, resolved.epochs):
                 # an epoch resumed within counts the seconds it had trained before its stop
-                start = time.time() - run.resumed_seconds
+                run.epoch_clock = time.time() - run.resumed_seconds
                 run.resumed_seconds = 0.0
-                run.epoch_clock = start
                 stats = train_epoch(run, epoch)
                 result = evaluate(run.student, run.data, resolved.eval_batch_size,
                                   run.memory_format)
-                record_epoch(run, epoch, stats, result, time.time() - start)
+                record_epoch(run, epoch, stats, result, time.time() - run.epoch_clock)
                 if epoch + 1 < resolved.epochs:
                     save_or_stop(run, epoch + 1)
                 else:
